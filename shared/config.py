@@ -1,0 +1,423 @@
+"""The run configuration: one YAML file, mlx_lm's keys at the top, our own in sections.
+
+An existing `mlx_lm lora` config runs unchanged. Precedence: command line > file > defaults
+(`resolve()`). The resolved config is logged once and stored in every checkpoint.
+
+    model: mlx-community/SmolLM2-135M-Instruct   # mlx_lm keys, same meaning as in mlx_lm
+    data: data/
+    iters: 2000
+    ...
+    training:        {warmup_steps: 50, max_grad_norm: 0.0, lambda_weight: 0.0, streaming: auto}
+    early_stopping:  {enabled: true, patience: 5, min_delta: 0.01}
+    grad_spike:      {threshold: 1000.0, patience: 3, robust_z: 50.0}
+    checkpoints:     {keep_last: 3, async_save: false}
+    logging:         {max_bytes: 50000000, backups: 5}
+    debug:           {inject: "crash@120"}
+    supervisor:      {heartbeat_timeout: 120, ...}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+from shared.errors import ConfigError
+
+
+def _f(default: Any, help: str) -> Any:
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class LoraParameters:
+    rank: int = _f(8, "LoRA rank (mlx_lm default 8)")
+    scale: float = _f(20.0, "LoRA scale (mlx_lm default 20.0)")
+    dropout: float = _f(0.0, "dropout on the LoRA input")
+    keys: list[str] | None = _f(None, "module keys to adapt, e.g. [self_attn.q_proj]; default all linear")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    warmup_steps: int = _f(50, "linear LR warmup steps when no lr_schedule is given")
+    max_grad_norm: float = _f(0.0, "clip the gradient to this global norm; 0 disables")
+    lambda_weight: float = _f(0.0, "weight of the per-example distrust term; 0 = plain CE")
+    distrust_alpha: float = _f(2.7, "alpha in d = alpha * (ln(1 - auth_weight) + prov_entropy)^2")
+    streaming: Literal["auto", "true", "false"] = _f(
+        "auto", "stream the training file from disk; auto = when it is larger than 256 MB"
+    )
+    streaming_threshold_mb: int = _f(256, "file size above which streaming=auto streams")
+    max_malformed_fraction: float = _f(0.5, "a data file with more malformed lines is an error")
+    compile: bool = _f(True, "compile the training step with mx.compile")
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    enabled: bool = _f(True, "stop when validation (or smoothed training) loss stops improving")
+    patience: int = _f(5, "evaluations without an improvement of min_delta before stopping")
+    min_delta: float = _f(0.01, "smallest decrease of the loss that counts as an improvement")
+    warmup_steps: int = _f(50, "evaluations at or before this step are ignored")
+
+
+@dataclass(frozen=True)
+class GradSpike:
+    threshold: float = _f(1000.0, "abort when the gradient norm exceeds this ...")
+    patience: int = _f(3, "... for this many consecutive steps")
+    robust_z: float = _f(50.0, "or when it exceeds median + robust_z * MAD of recent norms")
+    window: int = _f(100, "how many recent gradient norms the robust statistics use")
+    min_history: int = _f(50, "robust test starts after this many steps")
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    keep_last: int = _f(3, "keep this many newest checkpoints (plus the best)")
+    async_save: bool = _f(False, "write checkpoint files in a background thread")
+
+
+@dataclass(frozen=True)
+class LoggingOptions:
+    max_bytes: int = _f(50_000_000, "rotate a JSON log file when it grows past this size")
+    backups: int = _f(5, "rotated log files kept per log")
+
+
+@dataclass(frozen=True)
+class Debug:
+    inject: str = _f(
+        "",
+        "fault injection, e.g. 'crash@120', 'hang@50', 'nan@30', 'spike@40', 'oom@60', "
+        "'checkpoint_crash@250'; comma-separated; add ':once' to fire only in attempt 1",
+    )
+
+
+@dataclass(frozen=True)
+class SupervisorOptions:
+    heartbeat_timeout: float = _f(120.0, "seconds without a heartbeat before the worker is hung")
+    startup_timeout: float = _f(600.0, "heartbeat timeout while the model loads or compiles")
+    stall_timeout: float = _f(1800.0, "seconds of heartbeats without a new step: stalled")
+    stop_timeout: float = _f(120.0, "seconds a stopping worker gets to save before SIGKILL")
+    backoff_initial: float = _f(5.0, "first restart delay in seconds")
+    backoff_max: float = _f(300.0, "largest restart delay in seconds")
+    max_failures: int = _f(5, "failures without progress within failure_window: give up")
+    failure_window: float = _f(1800.0, "seconds over which max_failures is counted")
+    progress_reset_steps: int = _f(50, "steps gained after a restart that reset the backoff")
+    max_rollbacks: int = _f(3, "rollbacks after non-finite loss or gradient spikes: give up")
+    lr_backoff: float = _f(0.5, "learning-rate factor applied at each rollback")
+    memory_limit_mb: float = _f(0.0, "planned restart when worker memory exceeds this; 0 = off")
+    memory_growth: float = _f(0.5, "planned restart when memory grows by this fraction; 0 = off")
+    on_exit: str = _f("", "shell command run when the supervisor reaches a final state")
+    caffeinate: bool = _f(True, "macOS: keep the machine from idle sleep while training")
+    openblas: Literal["auto", "true", "false"] = _f(
+        "auto", "Linux: preload Debian's OpenBLAS for the worker when present"
+    )
+    sample_interval: float = _f(5.0, "seconds between memory samples of the worker")
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- mlx_lm lora keys (same names, same meaning) ---
+    model: str = _f("", "local model directory (or Hugging Face repo already in the cache)")
+    data: str = _f("", "directory with train.jsonl and valid.jsonl (or val.jsonl)")
+    fine_tune_type: Literal["lora", "dora", "full"] = _f("lora", "lora, dora or full")
+    num_layers: int = _f(16, "layers to fine-tune from the top; -1 for all")
+    batch_size: int = _f(4, "micro-batch size (examples per forward pass)")
+    iters: int = _f(2000, "optimizer steps to train for")
+    learning_rate: float = _f(1e-5, "peak learning rate")
+    optimizer: Literal["adam", "adamw", "sgd", "adafactor", "muon"] = _f("adam", "optimizer")
+    optimizer_config: dict[str, Any] = _f({}, "per-optimizer keyword arguments, as in mlx_lm")
+    lora_parameters: LoraParameters = field(default_factory=LoraParameters)
+    max_seq_length: int = _f(2048, "longer sequences are truncated")
+    grad_checkpoint: bool = _f(False, "gradient checkpointing (less memory, more compute)")
+    grad_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    val_batches: int = _f(50, "validation batches per evaluation (fixed subset); -1 = all")
+    steps_per_report: int = _f(10, "steps between progress lines")
+    steps_per_eval: int = _f(250, "steps between evaluations")
+    save_every: int = _f(250, "steps between checkpoints")
+    seed: int = _f(0, "seed for initialisation, data order and dropout")
+    mask_prompt: bool = _f(False, "exclude the prompt from the loss (chat/completions data)")
+    lr_schedule: dict[str, Any] | None = _f(None, "mlx_lm schedule {name, arguments, warmup}")
+    adapter_path: str = _f("", "also copy the final adapters here (mlx_lm's key)")
+    prompt_feature: str = _f("prompt", "key of the prompt in completions data")
+    completion_feature: str = _f("completion", "key of the completion in completions data")
+    text_feature: str = _f("text", "key of the text in text data")
+    chat_feature: str = _f("messages", "key of the messages in chat data")
+    trust_remote_code: bool = _f(False, "allow custom model code (mlx_lm's key)")
+    # --- our sections ---
+    training: TrainingOptions = field(default_factory=TrainingOptions)
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    grad_spike: GradSpike = field(default_factory=GradSpike)
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
+    logging: LoggingOptions = field(default_factory=LoggingOptions)
+    debug: Debug = field(default_factory=Debug)
+    supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accumulation_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Identity of what is trained; supervisor/logging/debug/batch split changes are allowed."""
+        d = self.to_dict()
+        for k in ("supervisor", "logging", "debug", "steps_per_report", "batch_size",
+                  "grad_accumulation_steps", "grad_checkpoint", "adapter_path", "learning_rate",
+                  "lr_schedule", "iters", "checkpoints", "steps_per_eval", "save_every",
+                  "val_batches", "early_stopping", "grad_spike"):
+            d.pop(k, None)
+        d["training"].pop("streaming", None)
+        d["training"].pop("compile", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# mlx_lm keys we accept and ignore (they concern mlx_lm's own CLI, not training semantics).
+IGNORED_MLX_LM_KEYS = {
+    "train": "training is what overnight does",
+    "test": "run `mlx_lm lora --test` on the final adapters",
+    "test_batches": "run `mlx_lm lora --test` on the final adapters",
+    "resume_adapter_file": "overnight resumes from its own checkpoints",
+    "clear_cache_threshold": "not needed",
+    "report_to": "use `overnight report` (and TensorBoard if installed)",
+    "project_name": "not needed",
+    "config": "not needed",
+    "wired_limit": "not needed",
+}
+UNSUPPORTED_MLX_LM_KEYS = {
+    "hf_dataset": "Hugging Face datasets need the network at run time; export them to JSONL",
+}
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _unknown(key: str, where: str, candidates: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"{where}: unknown key {key!r}{hint}")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = get_origin(hint)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if isinstance(value, bool) and "true" in allowed:
+            value = "true" if value else "false"
+        if value not in allowed:
+            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}")
+        return value
+    if origin in (type(int | None),) or (origin is not None and type(None) in get_args(hint)):
+        if value is None:
+            return None
+        inner = [a for a in get_args(hint) if a is not type(None)][0]
+        return _coerce(value, inner, where)
+    if hint is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, get_args(hint)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return value
+    if is_dataclass(hint):
+        return _build(hint, value, where)
+    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    hints = get_type_hints(cls)
+    names = _field_names(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown(str(key), f"{where}.{key}" if where else str(key), names)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    try:
+        # mlx_lm's loader also reads 1e-5 as a float (plain YAML 1.1 reads it as a string).
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve(
+    file_values: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    source: str = "config",
+) -> Config:
+    """Merge command line > file > defaults, validate every key, return a frozen Config.
+
+    `overrides` maps dotted keys ("lora_parameters.rank") to values from the command line.
+    """
+    merged: dict[str, Any] = json.loads(json.dumps(file_values or {}, default=str))
+    ignored = []
+    for key in list(merged):
+        if key in UNSUPPORTED_MLX_LM_KEYS:
+            raise ConfigError(f"{source}: key {key!r} is not supported: {UNSUPPORTED_MLX_LM_KEYS[key]}")
+        if key in IGNORED_MLX_LM_KEYS:
+            ignored.append(key)
+            merged.pop(key)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(merged, dotted, value)
+    try:
+        config = _build(Config, merged, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    _check_ranges(config, source)
+    return config
+
+
+def _check_ranges(c: Config, source: str) -> None:
+    def need(ok: bool, key: str, what: str, got: Any) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {key}: expected {what}, got {got!r}")
+
+    need(bool(c.model), "model", "a model directory", c.model)
+    need(bool(c.data), "data", "a data directory", c.data)
+    need(c.batch_size >= 1, "batch_size", "an integer >= 1", c.batch_size)
+    need(c.grad_accumulation_steps >= 1, "grad_accumulation_steps", "an integer >= 1",
+         c.grad_accumulation_steps)
+    need(c.iters >= 1, "iters", "an integer >= 1", c.iters)
+    need(c.learning_rate > 0, "learning_rate", "a number > 0", c.learning_rate)
+    need(c.num_layers == -1 or c.num_layers >= 1, "num_layers", "-1 or >= 1", c.num_layers)
+    need(c.lora_parameters.rank >= 1, "lora_parameters.rank", "an integer >= 1",
+         c.lora_parameters.rank)
+    need(0 <= c.lora_parameters.dropout < 1, "lora_parameters.dropout", "0 <= x < 1",
+         c.lora_parameters.dropout)
+    need(c.max_seq_length >= 2, "max_seq_length", "an integer >= 2", c.max_seq_length)
+    need(c.val_batches == -1 or c.val_batches >= 0, "val_batches", "-1 or >= 0", c.val_batches)
+    for key in ("steps_per_report", "steps_per_eval", "save_every"):
+        need(getattr(c, key) >= 1, key, "an integer >= 1", getattr(c, key))
+    need(c.training.lambda_weight >= 0, "training.lambda_weight", "a number >= 0",
+         c.training.lambda_weight)
+    need(c.training.warmup_steps >= 0, "training.warmup_steps", "an integer >= 0",
+         c.training.warmup_steps)
+    need(c.checkpoints.keep_last >= 1, "checkpoints.keep_last", "an integer >= 1",
+         c.checkpoints.keep_last)
+    need(c.grad_spike.patience >= 1, "grad_spike.patience", "an integer >= 1", c.grad_spike.patience)
+    need(0 < c.supervisor.lr_backoff <= 1, "supervisor.lr_backoff", "0 < x <= 1",
+         c.supervisor.lr_backoff)
+    if c.lr_schedule is not None:
+        need(isinstance(c.lr_schedule.get("name"), str), "lr_schedule.name",
+             "a mlx.optimizers schedule name", c.lr_schedule.get("name"))
+        need(isinstance(c.lr_schedule.get("arguments"), list), "lr_schedule.arguments",
+             "a list", c.lr_schedule.get("arguments"))
+
+
+def load(path: Path, overrides: dict[str, Any] | None = None) -> Config:
+    return resolve(load_yaml(path), overrides, source=str(path))
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    """Rebuild a Config stored in a checkpoint or run record."""
+    return resolve(d, source="stored config")
+
+
+def help_table() -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every key, for docs and `overnight config --help`."""
+    rows = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            if is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
+
+    walk(Config, "")
+    return rows

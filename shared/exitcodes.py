@@ -1,0 +1,64 @@
+"""Worker exit codes and the failure classes the supervisor derives from them.
+
+Both sides import this table; nobody compares against a bare number.
+
+| code | ExitCode        | meaning                                                        |
+|------|-----------------|----------------------------------------------------------------|
+| 0    | COMPLETED       | all steps done (or the run was already complete)                |
+| 1    | CRASH           | an uncaught exception (Python's own code for it)               |
+| 20   | EARLY_STOPPED   | early stopping fired; a checkpoint was saved first             |
+| 21   | GRAD_SPIKE      | gradient norm spiked; a checkpoint was saved first             |
+| 22   | NON_FINITE      | loss or gradient went NaN/Inf; nothing was saved               |
+| 23   | GRACEFUL_STOP   | SIGTERM: the current step finished and a checkpoint was saved  |
+| 78   | BAD_CONFIG      | config or data is unusable (EX_CONFIG from sysexits.h)         |
+"""
+
+from __future__ import annotations
+
+from enum import Enum, IntEnum
+
+
+class ExitCode(IntEnum):
+    COMPLETED = 0
+    CRASH = 1
+    EARLY_STOPPED = 20
+    GRAD_SPIKE = 21
+    NON_FINITE = 22
+    GRACEFUL_STOP = 23
+    BAD_CONFIG = 78
+
+    @classmethod
+    def from_returncode(cls, code: int) -> ExitCode | None:
+        """The ExitCode for a process return code, or None for unknown codes and signals."""
+        try:
+            return cls(code)
+        except ValueError:
+            return None
+
+
+class FailureClass(str, Enum):
+    """How one worker attempt ended, as the supervisor classifies it."""
+
+    COMPLETED = "completed"
+    EARLY_STOPPED = "early_stopped"
+    GRAD_SPIKE = "grad_spike"
+    NON_FINITE = "non_finite"
+    BAD_CONFIG = "bad_config"
+    GRACEFUL_STOP = "graceful_stop"
+    CRASH = "crash"
+    OOM = "oom"
+    GPU_WATCHDOG = "gpu_watchdog"
+    HANG = "hang"
+    STALL = "stall"
+    PLANNED_RESTART = "planned_restart"
+
+
+EXIT_TO_CLASS: dict[ExitCode, FailureClass] = {
+    ExitCode.COMPLETED: FailureClass.COMPLETED,
+    ExitCode.CRASH: FailureClass.CRASH,
+    ExitCode.EARLY_STOPPED: FailureClass.EARLY_STOPPED,
+    ExitCode.GRAD_SPIKE: FailureClass.GRAD_SPIKE,
+    ExitCode.NON_FINITE: FailureClass.NON_FINITE,
+    ExitCode.GRACEFUL_STOP: FailureClass.GRACEFUL_STOP,
+    ExitCode.BAD_CONFIG: FailureClass.BAD_CONFIG,
+}

@@ -1,0 +1,112 @@
+"""The run directory: one place for everything a run writes.
+
+    RUN_DIR/
+      run.json                    supervisor's run record (atomic, rewritten on every change)
+      config.yaml                 the config the run was started with (copy)
+      COMPLETE                    marker: the run finished; resuming does nothing
+      adapters/                   final adapters in mlx_lm layout (adapters.safetensors, adapter_config.json)
+      checkpoints/step-0000250/   one directory per checkpoint (see shared/checkpoint.py)
+      checkpoints/quarantine/     invalid checkpoints moved aside by the supervisor, never deleted
+      logs/worker.jsonl           worker structlog events (JSON lines)
+      logs/supervisor.jsonl       supervisor structlog events (JSON lines)
+      logs/worker-<attempt>.log   raw stdout/stderr of each worker attempt
+      logs/metrics.jsonl          one line per optimizer step (loss, grad norm, lr, tokens/s, memory)
+      sock/                       mode 0700: ipc:// endpoints for telemetry and control
+      supervisor.lock             flock held by the running supervisor (contains its PID)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+CHECKPOINT_PREFIX = "step-"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.checkpoints / "quarantine"
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def worker_log(self) -> Path:
+        return self.logs / "worker.jsonl"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.logs / "supervisor.jsonl"
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.logs / "metrics.jsonl"
+
+    def attempt_output(self, attempt: int) -> Path:
+        return self.logs / f"worker-{attempt}.log"
+
+    @property
+    def record(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def config_copy(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def complete_marker(self) -> Path:
+        return self.root / "COMPLETE"
+
+    @property
+    def sockets(self) -> Path:
+        # A Unix socket path is limited to ~104 bytes (macOS) / 108 (Linux); deep run
+        # directories get a private directory under the temp dir instead.
+        inside = self.root.resolve() / "sock"
+        if len(str(inside)) + len("/telemetry") < 100:
+            return inside
+        digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / f"overnight-{os.getuid()}-{digest}"
+
+    @property
+    def telemetry_endpoint(self) -> str:
+        return f"ipc://{self.sockets / 'telemetry'}"
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.sockets / 'control'}"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "supervisor.lock"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+    def create(self) -> None:
+        for d in (self.root, self.checkpoints, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def create_socket_dir(self) -> None:
+        """ipc:// sockets live in a directory only the user can enter."""
+        self.sockets.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.sockets, 0o700)
+
+    @property
+    def is_complete(self) -> bool:
+        return self.complete_marker.exists()

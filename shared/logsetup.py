@@ -1,0 +1,87 @@
+"""Configure structlog once per process: JSON lines to a rotating file, people-readable console.
+
+Events are snake_case facts (`worker_spawned`, `checkpoint_saved`) with data as fields.
+`run_id`, `pid` and (in the worker) `attempt`/`step` are bound with contextvars so that every
+line carries them.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+_SHARED: list[Any] = [
+    structlog.contextvars.merge_contextvars,
+    structlog.stdlib.add_log_level,
+    structlog.stdlib.add_logger_name,
+    structlog.processors.TimeStamper(fmt="iso", utc=True),
+    structlog.processors.StackInfoRenderer(),
+]
+
+
+
+
+def configure(
+    source: str,
+    json_path: Path | None,
+    console: bool = True,
+    level: str = "info",
+    max_bytes: int = 50_000_000,
+    backups: int = 5,
+    console_stream: Any = None,
+) -> None:
+    """Set up logging for a process; `source` ("worker"/"supervisor"/"cli") is on every line."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    root.setLevel(getattr(logging, level.upper()))
+    pre_chain = [*_SHARED, structlog.stdlib.ExtraAdder()]
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.handlers.RotatingFileHandler(
+            json_path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+        fh.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=pre_chain,
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.dict_tracebacks,
+                    structlog.processors.JSONRenderer(),
+                ],
+            )
+        )
+        root.addHandler(fh)
+    if console:
+        stream = console_stream or sys.stderr
+        colors = hasattr(stream, "isatty") and stream.isatty() and "NO_COLOR" not in os.environ
+        ch = logging.StreamHandler(stream)
+        ch.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=pre_chain,
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False),
+                ],
+            )
+        )
+        root.addHandler(ch)
+    structlog.configure(
+        processors=[*_SHARED, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(source=source, pid=os.getpid())
+
+
+def get(name: str = "overnight") -> Any:
+    return structlog.get_logger(name)

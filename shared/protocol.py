@@ -1,0 +1,263 @@
+"""Wire messages between worker, supervisor and CLI: versioned JSON, validated on both ends.
+
+Telemetry flows worker -> supervisor over ZeroMQ PUB/SUB (the supervisor binds SUB, the
+worker connects PUB). PUB/SUB drops messages around a (re)connect, so no message is
+essential: every Heartbeat carries the worker's full current state.
+
+Control flows CLI -> supervisor over REQ/REP (`ControlRequest` / `ControlReply`).
+
+Every message is a frozen dataclass with a `type` tag; `decode()` is the only way in and
+raises ProtocolError for anything malformed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any, ClassVar, Union, get_type_hints
+
+from shared.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+class Phase(str, Enum):
+    """What the worker is doing; hang timeouts are longer while loading/compiling."""
+
+    STARTING = "starting"
+    LOADING = "loading"
+    COMPILING = "compiling"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    CHECKPOINTING = "checkpointing"
+    STOPPING = "stopping"
+
+
+@dataclass(frozen=True)
+class _Message:
+    TYPE: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Enum):
+                d[k] = v.value
+            elif isinstance(v, float) and not math.isfinite(v):
+                d[k] = str(v)  # JSON has no NaN/Inf; keep them readable ("nan", "inf")
+        d["type"] = self.TYPE
+        d["v"] = PROTOCOL_VERSION
+        return d
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Heartbeat(_Message):
+    """Sent every second from the worker's telemetry thread, whatever the main thread does.
+
+    {"type":"heartbeat","v":1,"run_id":"r1","pid":123,"attempt":2,"seq":17,"time":1.7e9,
+     "phase":"training","step":120,"total_steps":2000,"last_step_time":1.7e9,
+     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2,"dropped":0}
+    """
+
+    TYPE: ClassVar[str] = "heartbeat"
+    run_id: str
+    pid: int
+    attempt: int
+    seq: int
+    time: float
+    phase: Phase
+    step: int
+    total_steps: int
+    last_step_time: float
+    active_mb: float
+    peak_mb: float
+    rss_mb: float
+    dropped: int
+
+
+@dataclass(frozen=True)
+class StepMetrics(_Message):
+    """One per optimizer step.
+
+    {"type":"metrics","v":1,"run_id":"r1","attempt":1,"step":120,"time":1.7e9,"loss":2.31,
+     "grad_norm":0.82,"lr":1e-5,"tokens":4096,"tokens_per_sec":812.5,"step_seconds":5.04,
+     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2}
+    """
+
+    TYPE: ClassVar[str] = "metrics"
+    run_id: str
+    attempt: int
+    step: int
+    time: float
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    tokens_per_sec: float
+    step_seconds: float
+    active_mb: float
+    peak_mb: float
+    rss_mb: float
+
+
+@dataclass(frozen=True)
+class EvalResult(_Message):
+    """After each validation pass.
+
+    {"type":"eval","v":1,"run_id":"r1","attempt":1,"step":250,"val_loss":1.9,
+     "best_val_loss":1.9,"best_step":250,"seconds":3.2}
+    """
+
+    TYPE: ClassVar[str] = "eval"
+    run_id: str
+    attempt: int
+    step: int
+    val_loss: float
+    best_val_loss: float
+    best_step: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class CheckpointSaved(_Message):
+    """After a checkpoint directory is complete (manifest written, renamed, fsynced).
+
+    {"type":"checkpoint","v":1,"run_id":"r1","attempt":1,"step":250,
+     "path":"/runs/x/checkpoints/step-0000250","seconds":0.4,"bytes":123456}
+    """
+
+    TYPE: ClassVar[str] = "checkpoint"
+    run_id: str
+    attempt: int
+    step: int
+    path: str
+    seconds: float
+    bytes: int
+
+
+@dataclass(frozen=True)
+class WorkerStopping(_Message):
+    """Sent (best effort) just before the worker exits on purpose; says why.
+
+    {"type":"stopping","v":1,"run_id":"r1","attempt":1,"step":812,"exit_code":21,
+     "reason":"grad_spike","detail":"grad norm 3.1e4 > 1000 for 3 steps","first_bad_step":810}
+    """
+
+    TYPE: ClassVar[str] = "stopping"
+    run_id: str
+    attempt: int
+    step: int
+    exit_code: int
+    reason: str
+    detail: str
+    first_bad_step: int = -1
+
+
+@dataclass(frozen=True)
+class ControlRequest(_Message):
+    """CLI -> supervisor. {"type":"control","v":1,"command":"status"}
+
+    Commands: "status", "stop", "checkpoint".
+    """
+
+    TYPE: ClassVar[str] = "control"
+    COMMANDS: ClassVar[tuple[str, ...]] = ("status", "stop", "checkpoint")
+    command: str
+
+    def __post_init__(self) -> None:
+        if self.command not in self.COMMANDS:
+            raise ProtocolError(
+                f"control: expected command in {list(self.COMMANDS)}, got {self.command!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ControlReply(_Message):
+    """supervisor -> CLI. {"type":"reply","v":1,"ok":true,"error":"","data":{...}}"""
+
+    TYPE: ClassVar[str] = "reply"
+    ok: bool
+    error: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+Message = Union[
+    Heartbeat, StepMetrics, EvalResult, CheckpointSaved, WorkerStopping, ControlRequest,
+    ControlReply,
+]
+_TYPES: dict[str, type[_Message]] = {
+    cls.TYPE: cls
+    for cls in (
+        Heartbeat, StepMetrics, EvalResult, CheckpointSaved, WorkerStopping, ControlRequest,
+        ControlReply,
+    )
+}
+_NUMERIC = (int, float)
+
+
+def _coerce(cls_name: str, name: str, hint: Any, value: Any) -> Any:
+    if hint is float:
+        if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+            return float(value)
+        if isinstance(value, bool) or not isinstance(value, _NUMERIC):
+            raise ProtocolError(f"{cls_name}.{name}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProtocolError(f"{cls_name}.{name}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ProtocolError(f"{cls_name}.{name}: expected true/false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ProtocolError(f"{cls_name}.{name}: expected a string, got {value!r}")
+        return value
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            allowed = [m.value for m in hint]
+            raise ProtocolError(
+                f"{cls_name}.{name}: expected one of {allowed}, got {value!r}"
+            ) from None
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{cls_name}.{name}: expected an object, got {value!r}")
+    return value
+
+
+def decode(raw: bytes | str) -> Message:
+    """Parse and validate one message; raise ProtocolError naming the problem."""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}")
+    try:
+        obj = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"message is not JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"expected a JSON object, got {type(obj).__name__}")
+    version = obj.pop("v", None)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"expected protocol version {PROTOCOL_VERSION}, got {version!r}")
+    tag = obj.pop("type", None)
+    cls = _TYPES.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {tag!r}; expected one of {sorted(_TYPES)}")
+    hints = get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in obj:
+            has_default = f.default is not MISSING or f.default_factory is not MISSING
+            if not has_default:
+                raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _coerce(cls.__name__, f.name, hints[f.name], obj.pop(f.name))
+    if obj:
+        raise ProtocolError(f"{cls.__name__}: unexpected fields {sorted(obj)}")
+    return cls(**kwargs)  # type: ignore[return-value]

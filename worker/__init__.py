@@ -1,0 +1,1 @@
+"""The MLX training process: one fine-tuning attempt, resumable from a checkpoint."""
