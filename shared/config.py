@@ -18,6 +18,7 @@ An existing `mlx_lm lora` config runs unchanged. Precedence: command line > file
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -34,7 +35,9 @@ from shared.errors import ConfigError
 
 def _f(default: Any, help: str) -> Any:
     if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: json.loads(json.dumps(default)), metadata={"help": help})
+        return field(
+            default_factory=lambda: json.loads(json.dumps(default)), metadata={"help": help}
+        )
     return field(default=default, metadata={"help": help})
 
 
@@ -43,7 +46,9 @@ class LoraParameters:
     rank: int = _f(8, "LoRA rank (mlx_lm default 8)")
     scale: float = _f(20.0, "LoRA scale (mlx_lm default 20.0)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
-    keys: list[str] | None = _f(None, "module keys to adapt, e.g. [self_attn.q_proj]; default all linear")
+    keys: list[str] | None = _f(
+        None, "module keys to adapt, e.g. [self_attn.q_proj]; default: all linear layers"
+    )
 
 
 @dataclass(frozen=True)
@@ -218,7 +223,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if origin in (type(int | None),) or (origin is not None and type(None) in get_args(hint)):
         if value is None:
             return None
-        inner = [a for a in get_args(hint) if a is not type(None)][0]
+        inner = next(a for a in get_args(hint) if a is not type(None))
         return _coerce(value, inner, where)
     if hint is bool:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
@@ -228,10 +233,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is int:
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = int(value)
-            except ValueError:
-                pass
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -239,10 +242,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -346,7 +347,8 @@ def resolve(
     ignored = []
     for key in list(merged):
         if key in UNSUPPORTED_MLX_LM_KEYS:
-            raise ConfigError(f"{source}: key {key!r} is not supported: {UNSUPPORTED_MLX_LM_KEYS[key]}")
+            reason = UNSUPPORTED_MLX_LM_KEYS[key]
+            raise ConfigError(f"{source}: key {key!r} is not supported: {reason}")
         if key in IGNORED_MLX_LM_KEYS:
             ignored.append(key)
             merged.pop(key)
@@ -387,7 +389,8 @@ def _check_ranges(c: Config, source: str) -> None:
          c.training.warmup_steps)
     need(c.checkpoints.keep_last >= 1, "checkpoints.keep_last", "an integer >= 1",
          c.checkpoints.keep_last)
-    need(c.grad_spike.patience >= 1, "grad_spike.patience", "an integer >= 1", c.grad_spike.patience)
+    need(c.grad_spike.patience >= 1, "grad_spike.patience", "an integer >= 1",
+         c.grad_spike.patience)
     need(0 < c.supervisor.lr_backoff <= 1, "supervisor.lr_backoff", "0 < x <= 1",
          c.supervisor.lr_backoff)
     if c.lr_schedule is not None:

@@ -4,13 +4,13 @@
       run.json                    supervisor's run record (atomic, rewritten on every change)
       config.yaml                 the config the run was started with (copy)
       COMPLETE                    marker: the run finished; resuming does nothing
-      adapters/                   final adapters in mlx_lm layout (adapters.safetensors, adapter_config.json)
+      adapters/                   final adapters, mlx_lm layout (--adapter-path works)
       checkpoints/step-0000250/   one directory per checkpoint (see shared/checkpoint.py)
       checkpoints/quarantine/     invalid checkpoints moved aside by the supervisor, never deleted
       logs/worker.jsonl           worker structlog events (JSON lines)
       logs/supervisor.jsonl       supervisor structlog events (JSON lines)
       logs/worker-<attempt>.log   raw stdout/stderr of each worker attempt
-      logs/metrics.jsonl          one line per optimizer step (loss, grad norm, lr, tokens/s, memory)
+      logs/metrics.jsonl          one line per optimizer step (loss, grad norm, lr, tok/s, memory)
       sock/                       mode 0700: ipc:// endpoints for telemetry and control
       supervisor.lock             flock held by the running supervisor (contains its PID)
 """

@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
-from typing import Any, ClassVar, Union, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 from shared.errors import ProtocolError
 
@@ -186,10 +186,10 @@ class ControlReply(_Message):
     data: dict[str, Any] = field(default_factory=dict)
 
 
-Message = Union[
-    Heartbeat, StepMetrics, EvalResult, CheckpointSaved, WorkerStopping, ControlRequest,
-    ControlReply,
-]
+Message = (
+    Heartbeat | StepMetrics | EvalResult | CheckpointSaved | WorkerStopping | ControlRequest
+    | ControlReply
+)
 _TYPES: dict[str, type[_Message]] = {
     cls.TYPE: cls
     for cls in (

@@ -41,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         module = importlib.import_module(module_name)
-        add = getattr(module, f"add_{name.replace('-', '_')}_arguments", None) or module.add_arguments
+        specific = f"add_{name.replace('-', '_')}_arguments"
+        add = getattr(module, specific, None) or module.add_arguments
         add(p)
         p.set_defaults(_module=module_name, _command=name)
     return parser
