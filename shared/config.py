@@ -118,12 +118,21 @@ class SupervisorOptions:
     lr_backoff: float = _f(0.5, "learning-rate factor applied at each rollback")
     memory_limit_mb: float = _f(0.0, "planned restart when worker memory exceeds this; 0 = off")
     memory_growth: float = _f(0.5, "planned restart when memory grows by this fraction; 0 = off")
+    memory_growth_samples: int = _f(3, "... above the baseline for this many samples in a row")
+    memory_warmup_steps: int = _f(20, "steps after a (re)start before the memory baseline is taken")
+    min_available_mb: float = _f(
+        0.0, "planned restart when system available memory falls below this; 0 = off"
+    )
     on_exit: str = _f("", "shell command run when the supervisor reaches a final state")
     caffeinate: bool = _f(True, "macOS: keep the machine from idle sleep while training")
     openblas: Literal["auto", "true", "false"] = _f(
         "auto", "Linux: preload Debian's OpenBLAS for the worker when present"
     )
     sample_interval: float = _f(5.0, "seconds between memory samples of the worker")
+    worker_command: list[str] = _f(
+        [], "command that starts the worker, before 'train'; default: this Python's "
+        "-m supervisor.cli (tests use a scripted fake worker)"
+    )
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,25 @@ _SHARED: list[Any] = [
 
 
 
+def _drop_console_noise(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """The console is one process's own output: its pid, run id and source go without saying."""
+    for key in ("pid", "run_id", "source", "logger"):
+        event_dict.pop(key, None)
+    return event_dict
+
+
+class _SkipEvents(logging.Filter):
+    """Keep chatty events (already shown another way) off the console; files get them all."""
+
+    def __init__(self, events: frozenset[str]):
+        super().__init__()
+        self.events = events
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        return not (isinstance(msg, dict) and msg.get("event") in self.events)
+
+
 def configure(
     source: str,
     json_path: Path | None,
@@ -35,6 +54,7 @@ def configure(
     max_bytes: int = 50_000_000,
     backups: int = 5,
     console_stream: Any = None,
+    console_skip: frozenset[str] = frozenset(),
 ) -> None:
     """Set up logging for a process; `source` ("worker"/"supervisor"/"cli") is on every line."""
     root = logging.getLogger()
@@ -63,12 +83,18 @@ def configure(
         stream = console_stream or sys.stderr
         colors = hasattr(stream, "isatty") and stream.isatty() and "NO_COLOR" not in os.environ
         ch = logging.StreamHandler(stream)
+        if console_skip:
+            ch.addFilter(_SkipEvents(console_skip))
         ch.setFormatter(
             structlog.stdlib.ProcessorFormatter(
                 foreign_pre_chain=pre_chain,
                 processors=[
                     structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                    structlog.dev.ConsoleRenderer(colors=colors, sort_keys=False),
+                    _drop_console_noise,
+                    structlog.dev.ConsoleRenderer(
+                        colors=colors, sort_keys=False,
+                        exception_formatter=structlog.dev.plain_traceback,
+                    ),
                 ],
             )
         )

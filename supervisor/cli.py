@@ -1,8 +1,9 @@
 """`overnight`: one command line for the worker, the supervisor and the morning after.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and
-`main(args) -> int`; modules are imported only when their command runs, so `overnight status`
-never pays for importing MLX.
+`main(args) -> int` (or `add_<cmd>_arguments` / `main_<cmd>` when a module serves several
+commands). Only the module of the command being run is imported, so `overnight status` never
+pays for importing MLX, and command modules keep MLX imports inside functions.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; only `command`'s module is imported (all of them when None)."""
     parser = argparse.ArgumentParser(
         prog="overnight",
         description="Keep an MLX fine-tuning job alive through the night.",
@@ -40,16 +42,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, module_name, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module_name, _command=name)
+        if command is not None and name != command:
+            continue
         module = importlib.import_module(module_name)
         specific = f"add_{name.replace('-', '_')}_arguments"
         add = getattr(module, specific, None) or module.add_arguments
         add(p)
-        p.set_defaults(_module=module_name, _command=name)
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    known = {name for name, _, _ in COMMANDS}
+    for arg in argv:
+        if not arg.startswith("-"):
+            return arg if arg in known else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    command = _command_in(argv)
+    parser = build_parser(command or "")
     args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
     entry = getattr(module, f"main_{args._command.replace('-', '_')}", None) or module.main

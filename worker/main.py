@@ -1,0 +1,191 @@
+"""`overnight train CONFIG.yaml`: one worker attempt, in the foreground.
+
+    overnight train config.yaml --run-dir runs/my-run            # resumes if it can
+    overnight train config.yaml --fresh                          # start over
+    overnight train config.yaml --resume runs/x/checkpoints/step-0000250
+    overnight train --demo                                       # tiny built-in model
+
+The supervisor runs this same entry point as its child, adding --telemetry, --attempt,
+--run-id and (after failures) --set/--lr-scale/--skip-steps. Command line > YAML > defaults.
+Exit codes: shared/exitcodes.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from shared import config as cfg
+from shared import logsetup
+from shared.errors import ConfigError
+from shared.fsutil import atomic_write_bytes
+from shared.layout import RunDir
+
+# --flag -> dotted config key; the flags of mlx_lm lora and of the trainer we grew from.
+FLAG_KEYS: dict[str, tuple[str, type]] = {
+    "model": ("model", str),
+    "data": ("data", str),
+    "fine_tune_type": ("fine_tune_type", str),
+    "optimizer": ("optimizer", str),
+    "num_layers": ("num_layers", int),
+    "lora_layers": ("num_layers", int),
+    "batch_size": ("batch_size", int),
+    "iters": ("iters", int),
+    "max_steps": ("iters", int),
+    "learning_rate": ("learning_rate", float),
+    "lora_rank": ("lora_parameters.rank", int),
+    "val_batches": ("val_batches", int),
+    "steps_per_report": ("steps_per_report", int),
+    "steps_per_eval": ("steps_per_eval", int),
+    "save_every": ("save_every", int),
+    "grad_accumulation_steps": ("grad_accumulation_steps", int),
+    "max_seq_length": ("max_seq_length", int),
+    "seed": ("seed", int),
+    "adapter_path": ("adapter_path", str),
+    "lambda_weight": ("training.lambda_weight", float),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", type=Path, help="YAML config (mlx_lm lora keys work)")
+    parser.add_argument("--run-dir", type=Path, help="default: runs/<config name>")
+    parser.add_argument("--demo", action="store_true",
+                        help="train the built-in tiny model on a built-in corpus (no config)")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", default="auto", metavar="auto|PATH",
+                        help="auto (default): newest valid checkpoint; or a checkpoint dir")
+    resume.add_argument("--auto-resume", dest="resume", action="store_const", const="auto",
+                        help="alias of --resume auto")
+    resume.add_argument("--fresh", action="store_true",
+                        help="start over (existing checkpoints are moved aside, not deleted)")
+    for flag, (_, typ) in FLAG_KEYS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"opt_{flag}", type=typ,
+                            metavar=typ.__name__.upper())
+    parser.add_argument("--grad-checkpoint", dest="opt_grad_checkpoint", action="store_const",
+                        const=True)
+    parser.add_argument("--mask-prompt", dest="opt_mask_prompt", action="store_const", const=True)
+    parser.add_argument("--no-streaming", action="store_true",
+                        help="load the whole training set into memory")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, e.g. --set early_stopping.patience=3")
+    sup = parser.add_argument_group("used by the supervisor")
+    sup.add_argument("--telemetry", metavar="ENDPOINT", help="ZeroMQ endpoint to publish to")
+    sup.add_argument("--attempt", type=int, default=1)
+    sup.add_argument("--run-id", help="default: RUN_DIR/run_id (created once)")
+    sup.add_argument("--lr-scale", type=float, help="learning-rate multiplier (rollbacks)")
+    sup.add_argument("--skip-steps", type=int, default=0,
+                     help="after resuming, skip this many steps' worth of data")
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for flag, (key, _) in FLAG_KEYS.items():
+        value = getattr(args, f"opt_{flag}", None)
+        if value is not None:
+            out[key] = value
+    for flag in ("grad_checkpoint", "mask_prompt"):
+        if getattr(args, f"opt_{flag}", None):
+            out[flag] = True
+    if args.no_streaming:
+        out["training.streaming"] = "false"
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+class _Stopper:
+    """Signal handlers and the parent watch: flags read by the loop between steps."""
+
+    def __init__(self, controls: Any):
+        self.controls = controls
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_term)
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, self._on_usr1)
+        parent = os.environ.get("OVERNIGHT_PARENT_PID", "")
+        if parent.isdigit():
+            threading.Thread(target=self._watch_parent, args=(int(parent),), daemon=True,
+                             name="parent-watch").start()
+
+    def _on_term(self, signum: int, _frame: Any) -> None:
+        self.controls.stop_requested = True
+        self.controls.stop_reason = f"signal {signal.Signals(signum).name}"
+
+    def _on_usr1(self, _signum: int, _frame: Any) -> None:
+        self.controls.checkpoint_requested = True
+
+    def _watch_parent(self, pid: int) -> None:
+        # Linux also gets a parent-death signal from the supervisor; macOS has none, so poll.
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != pid:
+                self.controls.stop_requested = True
+                self.controls.stop_reason = "supervisor went away"
+                return
+
+
+def run_id_for(run: RunDir, given: str | None) -> str:
+    if given:
+        return given
+    if env := os.environ.get("OVERNIGHT_RUN_ID"):
+        return env
+    path = run.root / "run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    rid = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    atomic_write_bytes(path, (rid + "\n").encode())
+    return rid
+
+
+def demo_setup(base: Path) -> tuple[Path, Path]:
+    from worker.tinymodel import make_corpus, make_tiny_model
+
+    make_tiny_model(base / "model")
+    make_corpus(base / "data", n_train=256, n_valid=32)
+    config = base / "demo.yaml"
+    config.write_text(
+        f"model: {base / 'model'}\ndata: {base / 'data'}\n"
+        "iters: 60\nbatch_size: 4\nlearning_rate: 1.0e-3\nsteps_per_report: 10\n"
+        "steps_per_eval: 20\nsave_every: 20\nval_batches: 4\nnum_layers: -1\n"
+        "lora_parameters: {rank: 8, scale: 20.0, dropout: 0.0}\n"
+        "training: {warmup_steps: 5}\n"
+    )
+    return config, base / "run"
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.demo:
+        base = Path(tempfile.mkdtemp(prefix="overnight-demo-"))
+        args.config, demo_run = demo_setup(base)
+        args.run_dir = args.run_dir or demo_run
+        print(f"demo: tiny model, corpus and run directory in {base}", file=sys.stderr)
+    if args.config is None:
+        raise ConfigError("train: a CONFIG.yaml is required (or --demo)")
+    config = cfg.load(args.config, overrides_from(args))
+    run = RunDir((args.run_dir or Path("runs") / args.config.stem).resolve())
+    run.create()
+    # The progress line already shows what the progress and phase events say.
+    logsetup.configure("worker", run.worker_log, max_bytes=config.logging.max_bytes,
+                       backups=config.logging.backups,
+                       console_skip=frozenset({"progress", "phase_changed"}))
+    run_id = run_id_for(run, args.run_id)
+    structlog.contextvars.bind_contextvars(run_id=run_id, attempt=args.attempt)
+    from worker.session import Session
+
+    session = Session(config, run, run_id, args)
+    return int(session.run())

@@ -1,0 +1,101 @@
+"""Early stopping and gradient-spike detection: pure, serialisable, no MLX.
+
+Both are plain objects with `to_dict()` / `from_dict()` so their state goes into every
+checkpoint and a resumed run stops (or not) exactly when the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from shared.config import EarlyStopping, GradSpike
+
+
+@dataclass
+class EarlyStopper:
+    """Stop after `patience` evaluations without an improvement of `min_delta`.
+
+    Watches the validation loss, or the smoothed training loss when there is no validation
+    set. Evaluations at or before `warmup_steps` neither count as bad nor set the best.
+    """
+
+    options: EarlyStopping
+    best: float = math.inf
+    best_step: int = -1
+    bad_evals: int = 0
+
+    def observe(self, step: int, value: float) -> bool:
+        """Record one evaluation; True when training should stop."""
+        if not self.options.enabled or step <= self.options.warmup_steps:
+            return False
+        if value < self.best - self.options.min_delta:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            return False
+        self.bad_evals += 1
+        return self.bad_evals >= self.options.patience
+
+    def to_dict(self) -> dict[str, Any]:
+        best = self.best if math.isfinite(self.best) else None
+        return {"best": best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+
+    @classmethod
+    def from_dict(cls, options: EarlyStopping, d: dict[str, Any]) -> EarlyStopper:
+        best = d.get("best")
+        return cls(options, math.inf if best is None else float(best), int(d["best_step"]),
+                   int(d["bad_evals"]))
+
+
+@dataclass
+class SpikeDetector:
+    """Abort when the gradient norm is a spike for `patience` consecutive steps.
+
+    A spike is a norm above the absolute `threshold`, or (after `min_history` steps) above
+    median + robust_z * MAD of the last `window` norms — robust statistics, so a few large
+    values early on do not hide a later explosion.
+    """
+
+    options: GradSpike
+    history: deque[float] = field(default_factory=deque)
+    consecutive: int = 0
+    first_bad_step: int = -1
+
+    def observe(self, step: int, norm: float) -> str | None:
+        """Record one step's gradient norm; a reason string when training should abort."""
+        o = self.options
+        reason = None
+        if norm > o.threshold:
+            reason = f"gradient norm {norm:.3g} > threshold {o.threshold:g}"
+        elif len(self.history) >= o.min_history:
+            h = np.asarray(self.history)
+            med = float(np.median(h))
+            mad = float(np.median(np.abs(h - med))) or 1e-12
+            limit = med + o.robust_z * mad
+            if norm > limit:
+                reason = f"gradient norm {norm:.3g} > median {med:.3g} + {o.robust_z:g} x MAD"
+        if reason is None:
+            self.consecutive = 0
+            self.first_bad_step = -1
+            self.history.append(norm)
+            while len(self.history) > o.window:
+                self.history.popleft()
+            return None
+        if self.consecutive == 0:
+            self.first_bad_step = step
+        self.consecutive += 1
+        if self.consecutive >= o.patience:
+            return f"{reason} for {self.consecutive} consecutive steps"
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"history": list(self.history), "consecutive": self.consecutive,
+                "first_bad_step": self.first_bad_step}
+
+    @classmethod
+    def from_dict(cls, options: GradSpike, d: dict[str, Any]) -> SpikeDetector:
+        return cls(options, deque(float(x) for x in d["history"]), int(d["consecutive"]),
+                   int(d["first_bad_step"]))

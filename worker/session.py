@@ -1,0 +1,345 @@
+"""One worker attempt from start to exit: pick the checkpoint, build everything, train, finish.
+
+Kept apart from the loop (worker/train.py) so the loop stays a loop, and from the command
+line (worker/main.py) so the command line stays parsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from shared import checkpoint as ckpt
+from shared import protocol as p
+from shared.config import Config
+from shared.errors import CheckpointError, ConfigError, DataError, OvernightError
+from shared.exitcodes import ExitCode
+from shared.fsutil import atomic_write_json, fsync_dir
+from shared.layout import RunDir
+from worker.inject import ENV as INJECT_ENV
+from worker.inject import Injector
+from worker.progress import Progress
+from worker.reporting import FanOut, RunReporter, TelemetryReporter
+from worker.telemetry import LiveStatus, Telemetry
+from worker.train import Controls, Outcome, Trainer, TrainState
+
+log = structlog.get_logger("worker")
+
+
+class Session:
+    def __init__(self, config: Config, run: RunDir, run_id: str, args: argparse.Namespace):
+        self.config = config
+        self.run_dir = run
+        self.run_id = run_id
+        self.args = args
+        self.controls = Controls()
+        self.status = LiveStatus(run_id, args.attempt, config.iters)
+        self.telemetry: Telemetry | None = None
+        self.reporter: Any = None
+        self.trainer: Trainer | None = None
+
+    # -------------------------------------------------------------- outer boundary
+    def run(self) -> ExitCode:
+        from worker.main import _Stopper
+
+        _Stopper(self.controls).install()
+        if self.args.telemetry:
+            self.telemetry = Telemetry(self.args.telemetry, self.status)
+        log.info("worker_started", pid=os.getpid(), attempt=self.args.attempt,
+                 run_dir=str(self.run_dir.root), telemetry=self.args.telemetry)
+        try:
+            outcome = self._run()
+        except (ConfigError, DataError, CheckpointError) as e:
+            outcome = Outcome(ExitCode.BAD_CONFIG, "bad_config", str(e))
+            print(f"overnight train: {e}", file=sys.stderr, flush=True)
+        except OvernightError as e:
+            outcome = Outcome(ExitCode.CRASH, "crash", str(e))
+            print(f"overnight train: {e}", file=sys.stderr, flush=True)
+        except BaseException:
+            log.exception("worker_crashed", step=self.status.step)
+            self._send_stopping(Outcome(ExitCode.CRASH, "crash", "uncaught exception"))
+            self._close()
+            raise
+        self._send_stopping(outcome)
+        self._close()
+        return outcome.code
+
+    def _send_stopping(self, o: Outcome) -> None:
+        step = self.trainer.state.step if self.trainer is not None else self.status.step
+        msg = p.WorkerStopping(run_id=self.run_id, attempt=self.args.attempt, step=step,
+                               exit_code=int(o.code), reason=o.reason, detail=o.detail,
+                               first_bad_step=o.first_bad_step)
+        if self.reporter is not None:
+            self.reporter.stopping(msg)
+        else:
+            level = "info" if o.code in (ExitCode.COMPLETED, ExitCode.GRACEFUL_STOP) else "error"
+            getattr(log, level)("worker_stopping", reason=o.reason, exit_code=int(o.code),
+                                detail=o.detail)
+            if self.telemetry is not None:
+                self.telemetry.send(msg)
+
+    def _close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+        elif self.telemetry is not None:
+            self.telemetry.close()
+
+    def _phase(self, phase: p.Phase) -> None:
+        self.status.phase = phase
+        log.info("phase_changed", phase=phase.value, step=self.status.step)
+
+    # -------------------------------------------------------------- the attempt
+    def _run(self) -> Outcome:
+        c, run, args = self.config, self.run_dir, self.args
+        if run.is_complete and not args.fresh:
+            log.info("run_already_complete", marker=str(run.complete_marker))
+            print(f"overnight train: run in {run.root} is already complete; nothing to do "
+                  "(--fresh starts over)", file=sys.stderr)
+            return Outcome(ExitCode.COMPLETED, "completed", "run was already complete")
+        if args.fresh:
+            self._move_previous_aside()
+        chosen = self._choose_checkpoint()
+        stored: dict[str, Any] | None = None
+        if chosen is not None:
+            stored = ckpt.validate(chosen).state
+            c = self._reconcile(c, stored, chosen)
+        self.config = c
+        if self.controls.stop_requested:
+            return Outcome(ExitCode.GRACEFUL_STOP, "graceful_stop", "stopped before loading")
+
+        self._phase(p.Phase.LOADING)
+        log.info("config_resolved", config=c.to_dict(), config_hash=c.hash())
+        import mlx.core as mx
+        from mlx_lm.utils import maybe_set_recommended_wired_limit
+
+        from worker import model as models
+        from worker.batching import EpochPlan, fixed_subset
+        from worker.checkpointing import CheckpointWriter, restore
+        from worker.data import find_valid_file, load_split
+        from worker.monitors import EarlyStopper, SpikeDetector
+
+        maybe_set_recommended_wired_limit()
+        mx.random.seed(c.seed)
+        model, tokenizer = models.load_base(c)
+        models.make_trainable(model, c)
+        lr_scale = args.lr_scale if args.lr_scale is not None else (
+            float(stored["lr_scale"]) if stored else 1.0)
+        optimizer = models.make_optimizer(c, lr_scale)
+        optimizer.init(model.trainable_parameters())
+
+        data_dir = Path(c.data).expanduser()
+        if not (data_dir / "train.jsonl").is_file():
+            raise DataError(f"data: {data_dir / 'train.jsonl'} not found")
+        lam = c.training.lambda_weight
+        train_set = load_split(data_dir / "train.jsonl", tokenizer, c, lam)
+        self._log_scan(train_set)
+        valid_path = find_valid_file(data_dir)
+        valid_set = None
+        if valid_path is None:
+            log.info("validation_skipped", reason=f"no valid.jsonl or val.jsonl in {data_dir}")
+        else:
+            valid_set = load_split(valid_path, tokenizer, c, 0.0)
+            self._log_scan(valid_set)
+
+        state = TrainState(lr_scale=lr_scale)
+        stopper = EarlyStopper(c.early_stopping)
+        spikes = SpikeDetector(c.grad_spike)
+        progress = Progress(c.iters)
+        if chosen is not None and stored is not None:
+            restore(chosen, model, optimizer)
+            self._check_data(stored, train_set)
+            state = TrainState(
+                step=stored["step"], data_position=stored["data_position"] + args.skip_steps,
+                lr_scale=lr_scale, tokens_total=stored.get("tokens_total", 0),
+                train_seconds=stored.get("train_seconds", 0.0),
+                best_val=stored["best"]["val_loss"], best_step=stored["best"]["step"],
+                val_examples=stored.get("val_examples", -1),
+                last_val=stored.get("last_val_loss"),
+            )
+            stopper = EarlyStopper.from_dict(c.early_stopping, stored["early_stopping"])
+            spikes = SpikeDetector.from_dict(c.grad_spike, stored["grad_spike"])
+            progress.losses.extend(stored["loss_history"])
+            progress.step_seconds.extend(stored.get("step_seconds", []))
+            progress.tokens.extend(stored.get("step_tokens", []))
+            progress.val = state.last_val
+            progress.best_val = state.best_val
+            progress.step = progress.last_checkpoint_step = state.step
+            log.info("resumed", checkpoint=str(chosen), step=state.step,
+                     data_position=state.data_position, skip_steps=args.skip_steps,
+                     lr_scale=lr_scale)
+        if args.skip_steps and chosen is None:
+            state.data_position += args.skip_steps
+        if valid_set is not None and state.val_examples < 0:
+            per = c.val_batches * c.batch_size if c.val_batches >= 0 else -1
+            state.val_examples = len(valid_set) if per < 0 else min(per, len(valid_set))
+        val_subset = (fixed_subset(len(valid_set), state.val_examples, c.seed)
+                      if valid_set is not None else None)
+
+        plan = EpochPlan(train_set.lengths, c.effective_batch, c.seed)
+        self.status.step = state.step
+        reporters: list[Any] = [RunReporter(progress, run.metrics_log, c.steps_per_report)]
+        if self.telemetry is not None:
+            reporters.append(TelemetryReporter(self.telemetry, self.status))
+        self.reporter = FanOut(*reporters)
+        spec = os.environ.get(INJECT_ENV) or c.debug.inject
+        trainer = Trainer(
+            config=c, run_id=self.run_id, attempt=args.attempt, model=model,
+            optimizer=optimizer, train_set=train_set, valid_set=valid_set,
+            val_subset=val_subset if val_subset is not None else _empty(),
+            plan=plan, state=state, stopper=stopper, spikes=spikes,
+            writer=CheckpointWriter(run.checkpoints, c.checkpoints.keep_last,
+                                    c.checkpoints.async_save),
+            reporter=self.reporter, progress=progress, controls=self.controls,
+            injector=Injector(spec, run.root / "inject"),
+            adapter_config=models.adapter_config(c),
+            state_extra={"versions": _versions(), "data": {
+                "train_fingerprint": train_set.index.fingerprint,
+                "train_examples": len(train_set),
+                "malformed_lines": train_set.index.report.malformed,
+            }},
+            last_saved_step=state.step,
+        )
+        self.trainer = trainer
+        outcome = trainer.run()
+        trainer.writer.wait()
+        if outcome.code in (ExitCode.COMPLETED, ExitCode.EARLY_STOPPED):
+            self._finish(trainer, outcome)
+        return outcome
+
+    # -------------------------------------------------------------- helpers
+    def _choose_checkpoint(self) -> Path | None:
+        resume = self.args.resume
+        if self.args.fresh:
+            return None
+        if resume != "auto":
+            path = Path(resume).expanduser().resolve()
+            result = ckpt.validate(path)
+            if not result.ok:
+                raise CheckpointError(f"--resume {resume}: {result.reason}")
+            return path
+
+        def skipped(info: ckpt.CheckpointInfo, reason: str) -> None:
+            log.warning("checkpoint_invalid_skipped", path=str(info.path), reason=reason)
+
+        found = ckpt.newest_valid(self.run_dir.checkpoints, on_invalid=skipped)
+        if found is None:
+            log.info("starting_fresh", reason="no valid checkpoint")
+            return None
+        return found[0].path
+
+    def _reconcile(self, c: Config, stored: dict[str, Any], path: Path) -> Config:
+        """The config of a resumed run must train the same thing; the batch split may change."""
+        if stored["config_hash"] != c.hash():
+            old = stored.get("config", {})
+            new = c.to_dict()
+            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(
+                f"{path.name} was written with a different config (changed: {keys}); "
+                "use --fresh to start over, or restore the original config"
+            )
+        effective = stored["batch"]["effective"]
+        if c.effective_batch != effective:
+            if effective % c.batch_size:
+                raise ConfigError(
+                    f"batch_size: {c.batch_size} does not divide the run's effective batch "
+                    f"{effective} (batch_size x grad_accumulation_steps must stay {effective})"
+                )
+            accum = effective // c.batch_size
+            log.info("effective_batch_kept", effective=effective, batch_size=c.batch_size,
+                     grad_accumulation_steps=accum)
+            c = dataclasses.replace(c, grad_accumulation_steps=accum)
+        return c
+
+    def _check_data(self, stored: dict[str, Any], train_set: Any) -> None:
+        before = stored.get("data", {}).get("train_fingerprint")
+        if before and before != train_set.index.fingerprint:
+            raise DataError(
+                f"{train_set.index.path} changed since the checkpoint was written "
+                "(fingerprint differs): the data position would be meaningless; "
+                "restore the file or use --fresh"
+            )
+
+    def _log_scan(self, examples: Any) -> None:
+        r = examples.index.report
+        event = "data_loaded" if r.malformed == 0 else "data_lines_skipped"
+        level = "info" if r.malformed == 0 else "warning"
+        getattr(log, level)(event, path=str(r.path), examples=r.good, malformed=r.malformed,
+                            blank=r.blank, first_problems=r.examples[:5],
+                            format=examples.index.fmt, streaming=examples.streaming)
+
+    def _move_previous_aside(self) -> None:
+        run = self.run_dir
+        if not (run.checkpoints.exists() and any(run.checkpoints.iterdir())) \
+                and not run.is_complete:
+            return
+        dest = run.root / "previous" / time.strftime("%Y%m%dT%H%M%S")
+        dest.mkdir(parents=True)
+        for item in (run.checkpoints, run.adapters, run.complete_marker,
+                     run.root / "inject"):
+            if item.exists():
+                os.replace(item, dest / item.name)
+        run.checkpoints.mkdir()
+        fsync_dir(run.root)
+        log.info("previous_run_moved_aside", to=str(dest))
+
+    def _finish(self, trainer: Trainer, outcome: Outcome) -> None:
+        run = self.run_dir
+        last = trainer.writer.last
+        assert last is not None
+        publish_adapters(last.path, run.adapters)
+        if self.config.adapter_path:
+            publish_adapters(last.path, Path(self.config.adapter_path).expanduser().resolve())
+        s = trainer.state
+        atomic_write_json(run.complete_marker, {
+            "status": outcome.reason, "step": s.step, "total_steps": self.config.iters,
+            "final_checkpoint": str(last.path), "adapters": str(run.adapters),
+            "best_step": s.best_step, "best_val_loss": s.best_val, "time": time.time(),
+        })
+        log.info("run_complete", status=outcome.reason, step=s.step,
+                 adapters=str(run.adapters), best_step=s.best_step, best_val_loss=s.best_val)
+
+
+def publish_adapters(checkpoint: Path, dest: Path) -> None:
+    """Place adapters.safetensors + adapter_config.json at dest, replacing it atomically."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    for name in (ckpt.ADAPTERS, ckpt.ADAPTER_CONFIG):
+        shutil.copy2(checkpoint / name, tmp / name)
+        with open(tmp / name, "rb") as f:
+            os.fsync(f.fileno())
+    fsync_dir(tmp)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("mlx", "mlx-lm", "mlx-overnight"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def _empty() -> Any:
+    import numpy as np
+
+    return np.arange(0)

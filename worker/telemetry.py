@@ -1,0 +1,113 @@
+"""Telemetry for the supervisor: a ZeroMQ PUB socket fed by one background thread.
+
+ZeroMQ sockets are not thread-safe, so exactly one thread (this one) owns the socket: the
+training thread only appends to a bounded deque, which never blocks. The thread sends a
+Heartbeat every `interval` seconds carrying the full current state (PUB/SUB loses messages
+around connects; nothing may depend on one message arriving) and drains queued messages with
+non-blocking sends. When the supervisor is slow or gone, messages are dropped and counted —
+training never waits for telemetry.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import psutil
+
+from shared import protocol as p
+
+QUEUE_LIMIT = 10_000
+SEND_HWM = 1_000
+
+
+@dataclass
+class LiveStatus:
+    """What the heartbeat reports; written by the training thread, read by the sender."""
+
+    run_id: str
+    attempt: int
+    total_steps: int
+    phase: p.Phase = p.Phase.STARTING
+    step: int = 0
+    last_step_time: float = 0.0
+    active_mb: float = 0.0
+    peak_mb: float = 0.0
+
+
+class Telemetry:
+    def __init__(self, endpoint: str, status: LiveStatus, interval: float = 1.0):
+        import zmq
+
+        self.status = status
+        self.interval = interval
+        self.dropped = 0
+        self._queue: deque[bytes] = deque()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.PUB)
+        self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self._sock.setsockopt(zmq.LINGER, 500)  # flush the last messages briefly on exit
+        self._sock.connect(endpoint)
+        self._proc = psutil.Process(os.getpid())
+        self._seq = 0
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+        self._thread.start()
+
+    def send(self, message: p._Message) -> None:
+        data = message.to_json()
+        with self._lock:
+            if len(self._queue) >= QUEUE_LIMIT:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(data)
+        self._wake.set()
+
+    def heartbeat(self) -> p.Heartbeat:
+        s = self.status
+        self._seq += 1
+        return p.Heartbeat(
+            run_id=s.run_id, pid=os.getpid(), attempt=s.attempt, seq=self._seq,
+            time=time.time(), phase=s.phase, step=s.step, total_steps=s.total_steps,
+            last_step_time=s.last_step_time, active_mb=s.active_mb, peak_mb=s.peak_mb,
+            rss_mb=self._proc.memory_info().rss / 2**20, dropped=self.dropped,
+        )
+
+    def _send_now(self, data: bytes) -> None:
+        import zmq
+
+        try:
+            self._sock.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
+
+    def _run(self) -> None:
+        next_beat = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self._send_now(self.heartbeat().to_json())
+                next_beat = now + self.interval
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        break
+                    data = self._queue.popleft()
+                self._send_now(data)
+            self._wake.wait(timeout=max(0.0, next_beat - time.monotonic()))
+            self._wake.clear()
+
+    def close(self) -> None:
+        """Send what is queued plus a final heartbeat, then stop the thread."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=2.0)
+        while self._queue:
+            self._send_now(self._queue.popleft())
+        self._send_now(self.heartbeat().to_json())
+        self._sock.close()

@@ -1,0 +1,334 @@
+"""The training loop: mlx_lm's shape (one flat step loop with `if step % every == 0` blocks),
+plus what an unattended night needs — exact resume, fixed-subset validation, early stopping,
+spike/non-finite aborts, checkpoints on every kind of stop.
+
+A step is one optimizer update over one effective batch (micro-batch x accumulation). The
+gradient of each micro-batch is the gradient of a weighted *sum* of token losses; they are
+added up and divided once by the batch's total weight, so accumulation is the same math as
+one big batch. Dropout randomness is seeded from (seed, step, micro-batch), so a resumed run
+draws the same masks as an uninterrupted one without saving generator state.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import numpy as np
+import psutil
+
+from shared import protocol as p
+from shared.config import Config
+from shared.exitcodes import ExitCode
+from worker.batching import EpochPlan, collate, micro_batches
+from worker.checkpointing import CheckpointWriter, SavedCheckpoint, snapshot
+from worker.data import Examples
+from worker.inject import Injector
+from worker.loss import weighted_ce_sums
+from worker.monitors import EarlyStopper, SpikeDetector
+from worker.progress import Progress
+from worker.reporting import Reporter
+
+
+@dataclass
+class Controls:
+    """Set asynchronously (signal handlers, parent watch); read between steps."""
+
+    stop_requested: bool = False
+    stop_reason: str = ""
+    checkpoint_requested: bool = False
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights and optimizer moments that resume needs."""
+
+    step: int = 0
+    data_position: int = 0
+    lr_scale: float = 1.0
+    tokens_total: int = 0
+    train_seconds: float = 0.0
+    best_val: float | None = None
+    best_step: int = -1
+    val_examples: int = -1
+    last_val: float | None = None
+    loss_history: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    code: ExitCode
+    reason: str
+    detail: str = ""
+    first_bad_step: int = -1
+
+
+@dataclass
+class Trainer:
+    config: Config
+    run_id: str
+    attempt: int
+    model: Any
+    optimizer: Any
+    train_set: Examples
+    valid_set: Examples | None
+    val_subset: np.ndarray
+    plan: EpochPlan
+    state: TrainState
+    stopper: EarlyStopper
+    spikes: SpikeDetector
+    writer: CheckpointWriter
+    reporter: Reporter
+    progress: Progress
+    controls: Controls
+    injector: Injector
+    adapter_config: dict[str, Any]
+    state_extra: dict[str, Any]  # fingerprints and versions, stored verbatim in checkpoints
+    last_saved_step: int = 0
+    _proc: Any = None
+
+    # ------------------------------------------------------------------ step machinery
+    def _build_step_functions(self) -> None:
+        import mlx.core as mx
+        import mlx.nn as nn
+        import mlx.optimizers as optim
+        from mlx.utils import tree_map
+
+        model, optimizer, c = self.model, self.optimizer, self.config
+        if c.grad_checkpoint:
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.layers[0])
+        loss_and_grad = nn.value_and_grad(model, weighted_ce_sums)
+
+        def micro(tokens: Any, spans: Any, weights: Any) -> Any:
+            (wce, (wtok, ntok)), grads = loss_and_grad(model, tokens, spans, weights)
+            return wce, wtok, ntok, grads
+
+        def finish(grads: Any, total_weight: Any) -> Any:
+            grads = tree_map(lambda g: g / total_weight, grads)
+            sq = [mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads)]
+            return grads, mx.sqrt(sum(sq[1:], sq[0]))
+
+        def apply(grads: Any) -> None:
+            if c.training.max_grad_norm > 0:
+                grads, _ = optim.clip_grad_norm(grads, c.training.max_grad_norm)
+            optimizer.update(model, grads)
+
+        if c.training.compile:
+            # value_and_grad swaps traced arrays into the model: model.state is an output too.
+            io = [model.state, mx.random.state]
+            micro = partial(mx.compile, inputs=io, outputs=io)(micro)
+            finish = mx.compile(finish)
+            state = [model.state, optimizer.state]
+            apply = partial(mx.compile, inputs=state, outputs=state)(apply)
+        self._micro, self._finish, self._apply = micro, finish, apply
+        self._add = lambda a, b: tree_map(lambda x, y: x + y, a, b)
+
+    def _memory(self) -> tuple[float, float, float]:
+        import mlx.core as mx
+
+        if self._proc is None:
+            self._proc = psutil.Process(os.getpid())
+        rss = self._proc.memory_info().rss / 2**20
+        return mx.get_active_memory() / 2**20, mx.get_peak_memory() / 2**20, rss
+
+    def _compute_step(self, step: int) -> tuple[Any, float, float, int]:
+        """Gradients of the effective batch at the current data position."""
+        import mlx.core as mx
+
+        c = self.config
+        group = self.plan.group(self.state.data_position)
+        acc = None
+        wce_total = wtok_total = ntok_total = None
+        for j, idx in enumerate(micro_batches(group, c.batch_size)):
+            mb = collate([self.train_set.get(int(i)) for i in idx], c.max_seq_length)
+            mx.random.seed((c.seed * 1_000_003 + step * 1_009 + j) % 2**63)
+            wce, wtok, ntok, grads = self._micro(
+                mx.array(mb.tokens), mx.array(mb.spans), mx.array(mb.weights)
+            )
+            acc = grads if acc is None else self._add(acc, grads)
+            wce_total = wce if wce_total is None else wce_total + wce
+            wtok_total = wtok if wtok_total is None else wtok_total + wtok
+            ntok_total = ntok if ntok_total is None else ntok_total + ntok
+            # A sync point per micro-batch keeps at most one micro-batch's graph alive.
+            mx.eval(acc, wce_total, wtok_total, ntok_total)
+        grads, norm = self._finish(acc, wtok_total)
+        loss = wce_total / wtok_total
+        mx.eval(grads, norm, loss)
+        return grads, float(loss.item()), float(norm.item()), int(ntok_total.item())
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> float:
+        import mlx.core as mx
+
+        c = self.config
+        assert self.valid_set is not None
+        self.model.eval()
+        order = self.val_subset[np.argsort(self.valid_set.lengths[self.val_subset],
+                                           kind="stable")]
+        total = mx.array(0.0)
+        ntok = mx.array(0.0)
+        for idx in micro_batches(order, c.batch_size):
+            mb = collate([self.valid_set.get(int(i)) for i in idx], c.max_seq_length)
+            ones = mx.ones((len(idx),), mx.float32)
+            wce, (_, n) = weighted_ce_sums(self.model, mx.array(mb.tokens),
+                                           mx.array(mb.spans), ones)
+            total, ntok = total + wce, ntok + n
+            mx.eval(total, ntok)
+        self.model.train()
+        return float((total / ntok).item())
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self, reason: str) -> dict[str, Any]:
+        s, c = self.state, self.config
+        return {
+            "step": s.step,
+            "total_steps": c.iters,
+            "data_position": s.data_position,
+            "groups_per_epoch": self.plan.groups_per_epoch,
+            "rng": {"scheme": "seed(seed*1000003 + step*1009 + micro_batch)", "seed": c.seed},
+            "early_stopping": self.stopper.to_dict(),
+            "grad_spike": self.spikes.to_dict(),
+            "best": {"val_loss": s.best_val, "step": s.best_step},
+            "last_val_loss": s.last_val,
+            "val_examples": s.val_examples,
+            "batch": {"batch_size": c.batch_size,
+                      "grad_accumulation_steps": c.grad_accumulation_steps,
+                      "effective": c.effective_batch},
+            "config_hash": c.hash(),
+            "config": c.to_dict(),
+            "lr_scale": s.lr_scale,
+            "lr": float(self.optimizer.learning_rate.item()),
+            "loss_history": list(self.progress.losses),
+            "step_seconds": list(self.progress.step_seconds),
+            "step_tokens": list(self.progress.tokens),
+            "tokens_total": s.tokens_total,
+            "train_seconds": s.train_seconds,
+            "reason": reason,
+            "run_id": self.run_id,
+            "attempt": self.attempt,
+            "time": time.time(),
+            **self.state_extra,
+        }
+
+    def save(self, reason: str) -> None:
+        self.reporter.phase(p.Phase.CHECKPOINTING, self.state.step)
+        adapters, opt_state = snapshot(self.model, self.optimizer)
+        best = self.state.best_step if self.state.best_step >= 0 else None
+        self.writer.before_manifest = self.injector.checkpoint_hook(self.state.step)
+
+        def on_saved(saved: SavedCheckpoint) -> None:
+            self.reporter.checkpoint(p.CheckpointSaved(
+                run_id=self.run_id, attempt=self.attempt, step=saved.step,
+                path=str(saved.path), seconds=saved.seconds, bytes=saved.bytes))
+
+        self.writer.save(self.state.step, adapters, opt_state, self.adapter_config,
+                         self.trainer_state(reason), best, on_saved)
+        self.last_saved_step = self.state.step
+        self.reporter.phase(p.Phase.TRAINING, self.state.step)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> Outcome:
+        import mlx.core as mx
+
+        c, s = self.config, self.state
+        self._build_step_functions()
+        self.model.train()
+        self.reporter.phase(p.Phase.COMPILING, s.step)
+        first = True
+        while s.step < c.iters:
+            if self.controls.stop_requested:
+                return self._stop_gracefully()
+            step = s.step + 1
+            self.injector.before_step(step)
+            tic = time.perf_counter()
+            grads, loss, norm, ntok = self._compute_step(step)
+            if self.injector.loss_is_nan(step):
+                loss = math.nan
+            norm *= self.injector.spike_factor(step, c.grad_spike.patience)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                return Outcome(ExitCode.NON_FINITE, "non_finite",
+                               f"{what} is {loss if what == 'loss' else norm} at step {step}",
+                               first_bad_step=step)
+            spike = self.spikes.observe(step, norm)
+            if spike is not None:
+                # This step's update is not applied; the checkpoint holds the last one.
+                self.save("grad_spike")
+                return Outcome(ExitCode.GRAD_SPIKE, "grad_spike", spike,
+                               first_bad_step=self.spikes.first_bad_step)
+            self._apply(grads)
+            mx.eval(self.model.state, self.optimizer.state)
+            # The update stores schedule(step before it): the rate this step used.
+            lr = float(self.optimizer.learning_rate.item())
+            seconds = time.perf_counter() - tic
+            s.step, s.data_position = step, s.data_position + 1
+            s.tokens_total += ntok
+            s.train_seconds += seconds
+            if first:
+                self.reporter.phase(p.Phase.TRAINING, step)
+                first = False
+            active, peak, rss = self._memory()
+            self.reporter.step(p.StepMetrics(
+                run_id=self.run_id, attempt=self.attempt, step=step, time=time.time(),
+                loss=loss, grad_norm=norm, lr=lr, tokens=ntok,
+                tokens_per_sec=ntok / seconds if seconds > 0 else 0.0, step_seconds=seconds,
+                active_mb=active, peak_mb=peak, rss_mb=rss))
+
+            stop_early = False
+            new_best = False
+            if step % c.steps_per_eval == 0 or step == c.iters:
+                stop_early, new_best = self._evaluate_and_watch(step)
+            if stop_early:
+                self.save("early_stop")
+                return Outcome(ExitCode.EARLY_STOPPED, "early_stopped",
+                               f"no improvement of {c.early_stopping.min_delta} in "
+                               f"{c.early_stopping.patience} evaluations "
+                               f"(best {self.stopper.best:.4f} at step {self.stopper.best_step})")
+            if step == c.iters:
+                self.save("final")
+                return Outcome(ExitCode.COMPLETED, "completed", f"{step} steps")
+            if self.controls.stop_requested:
+                return self._stop_gracefully()
+            if step % c.save_every == 0 or new_best or self.controls.checkpoint_requested:
+                reason = ("periodic" if step % c.save_every == 0
+                          else "best" if new_best else "requested")
+                self.controls.checkpoint_requested = False
+                self.save(reason)
+        return Outcome(ExitCode.COMPLETED, "completed", f"{s.step} steps (already done)")
+
+    def _evaluate_and_watch(self, step: int) -> tuple[bool, bool]:
+        """(stop early?, new best validation loss?)"""
+        s = self.state
+        if self.valid_set is None:
+            return self.stopper.observe(step, self.progress.loss_avg), False
+        self.reporter.phase(p.Phase.EVALUATING, step)
+        tic = time.perf_counter()
+        val = self.evaluate()
+        s.last_val = val
+        new_best = s.best_val is None or val < s.best_val
+        if new_best:
+            s.best_val, s.best_step = val, step
+        self.reporter.evaluation(p.EvalResult(
+            run_id=self.run_id, attempt=self.attempt, step=step, val_loss=val,
+            best_val_loss=s.best_val if s.best_val is not None else val,
+            best_step=s.best_step, seconds=time.perf_counter() - tic))
+        self.reporter.phase(p.Phase.TRAINING, step)
+        return self.stopper.observe(step, val), new_best
+
+    def _stop_gracefully(self) -> Outcome:
+        if self.state.step != self.last_saved_step:
+            self.save("graceful_stop")
+        return Outcome(ExitCode.GRACEFUL_STOP, "graceful_stop",
+                       self.controls.stop_reason or "stop requested", -1)
+
+
+def _leaves(tree: Any) -> list[Any]:
+    from mlx.utils import tree_flatten
+
+    return [v for _, v in tree_flatten(tree)]
