@@ -24,6 +24,9 @@ def load_base(c: Config) -> tuple[Any, Any]:
     from mlx_lm.utils import load
 
     path = Path(c.model).expanduser()
+    looks_local = c.model.startswith(("/", ".", "~")) or c.model.count("/") > 1
+    if looks_local and not path.is_dir():
+        raise ConfigError(f"model: {c.model!r} is not a directory")
     try:
         return load(
             str(path) if path.exists() else c.model,

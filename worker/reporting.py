@@ -87,7 +87,10 @@ class TelemetryReporter:
         self.status = status
 
     def phase(self, phase: p.Phase, step: int) -> None:
+        changed = phase != self.status.phase
         self.status.phase, self.status.step = phase, step
+        if changed:
+            self.telemetry.beat_now()
 
     def step(self, m: p.StepMetrics) -> None:
         s = self.status

@@ -59,10 +59,8 @@ class Session:
             outcome = self._run()
         except (ConfigError, DataError, CheckpointError) as e:
             outcome = Outcome(ExitCode.BAD_CONFIG, "bad_config", str(e))
-            print(f"overnight train: {e}", file=sys.stderr, flush=True)
         except OvernightError as e:
             outcome = Outcome(ExitCode.CRASH, "crash", str(e))
-            print(f"overnight train: {e}", file=sys.stderr, flush=True)
         except BaseException:
             log.exception("worker_crashed", step=self.status.step)
             self._send_stopping(Outcome(ExitCode.CRASH, "crash", "uncaught exception"))
@@ -70,6 +68,9 @@ class Session:
             raise
         self._send_stopping(outcome)
         self._close()
+        if outcome.code in (ExitCode.BAD_CONFIG, ExitCode.CRASH):
+            # Last on stderr: the one line a person (or the supervisor) needs.
+            print(f"overnight train: {outcome.detail}", file=sys.stderr, flush=True)
         return outcome.code
 
     def _send_stopping(self, o: Outcome) -> None:
@@ -94,6 +95,8 @@ class Session:
 
     def _phase(self, phase: p.Phase) -> None:
         self.status.phase = phase
+        if self.telemetry is not None:
+            self.telemetry.beat_now()
         log.info("phase_changed", phase=phase.value, step=self.status.step)
 
     # -------------------------------------------------------------- the attempt

@@ -56,8 +56,14 @@ class Telemetry:
         self._sock.connect(endpoint)
         self._proc = psutil.Process(os.getpid())
         self._seq = 0
+        self._beat_due = False
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
         self._thread.start()
+
+    def beat_now(self) -> None:
+        """Send a heartbeat soon (on a phase change: the supervisor's timeouts depend on it)."""
+        self._beat_due = True
+        self._wake.set()
 
     def send(self, message: p._Message) -> None:
         data = message.to_json()
@@ -90,7 +96,8 @@ class Telemetry:
         next_beat = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_beat:
+            if now >= next_beat or self._beat_due:
+                self._beat_due = False
                 self._send_now(self.heartbeat().to_json())
                 next_beat = now + self.interval
             while True:

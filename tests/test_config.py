@@ -1,0 +1,129 @@
+"""shared/config.py: mlx_lm configs run unchanged; mistakes get one line naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared import config as cfg
+from shared.errors import ConfigError
+from tests.conftest import overnight
+
+MLX_LM_CONFIG = """
+model: mlx-community/SmolLM2-135M-Instruct
+train: true
+fine_tune_type: lora
+optimizer: adamw
+optimizer_config:
+  adamw: {weight_decay: 0.01}
+data: data/
+seed: 0
+num_layers: 8
+batch_size: 4
+iters: 1000
+val_batches: 25
+learning_rate: 1e-5
+steps_per_report: 10
+steps_per_eval: 200
+resume_adapter_file: null
+adapter_path: adapters
+save_every: 100
+test: false
+test_batches: 100
+max_seq_length: 2048
+grad_checkpoint: false
+grad_accumulation_steps: 2
+mask_prompt: true
+lr_schedule:
+  name: cosine_decay
+  warmup: 100
+  warmup_init: 1e-7
+  arguments: [1e-5, 1000, 1e-7]
+lora_parameters:
+  keys: [self_attn.q_proj, self_attn.v_proj]
+  rank: 8
+  scale: 20.0
+  dropout: 0.0
+"""
+
+
+def test_an_mlx_lm_lora_config_runs_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "lora.yaml"
+    path.write_text(MLX_LM_CONFIG)
+    c = cfg.load(path)
+    assert c.learning_rate == 1e-5  # mlx_lm reads 1e-5 as a float; so do we
+    assert c.optimizer == "adamw" and c.optimizer_config["adamw"]["weight_decay"] == 0.01
+    assert c.lora_parameters.keys == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert c.effective_batch == 8
+    assert c.lr_schedule is not None and c.lr_schedule["name"] == "cosine_decay"
+
+
+def test_defaults_come_from_the_earlier_trainer() -> None:
+    c = cfg.resolve({"model": "m", "data": "d"})
+    assert (c.iters, c.training.warmup_steps, c.save_every, c.steps_per_eval, c.val_batches) \
+        == (2000, 50, 250, 250, 50)
+    assert (c.lora_parameters.rank, c.lora_parameters.scale) == (8, 20.0)  # mlx_lm's
+    assert (c.early_stopping.patience, c.early_stopping.min_delta) == (5, 0.01)
+    assert (c.grad_spike.threshold, c.grad_spike.patience) == (1000.0, 3)
+
+
+def test_command_line_beats_file_beats_defaults() -> None:
+    c = cfg.resolve({"model": "m", "data": "d", "batch_size": 8, "lora_parameters": {"rank": 4}},
+                    {"batch_size": "2"})
+    assert c.batch_size == 2 and c.lora_parameters.rank == 4 and c.iters == 2000
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"lerning_rate": 1e-4}, "lerning_rate: unknown key 'lerning_rate'; did you mean "
+                                 "'learning_rate'?"),
+        ({"early_stopping": {"patiense": 3}}, "early_stopping.patiense: unknown key 'patiense';"
+                                              " did you mean 'patience'?"),
+        ({"batch_size": "four"}, "batch_size: expected an integer, got 'four'"),
+        ({"batch_size": 0}, "batch_size: expected an integer >= 1, got 0"),
+        ({"fine_tune_type": "qlora"}, "fine_tune_type: expected one of ['lora', 'dora', "
+                                      "'full'], got 'qlora'"),
+        ({"hf_dataset": {"path": "x"}}, "key 'hf_dataset' is not supported"),
+        ({"supervisor": {"lr_backoff": 2}}, "supervisor.lr_backoff: expected 0 < x <= 1"),
+    ],
+)
+def test_bad_values_name_the_key(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        cfg.resolve({"model": "m", "data": "d", **values}, source="run.yaml")
+    assert str(e.value).startswith("run.yaml: ")
+    assert message in str(e.value)
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: m\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        cfg.load(path)
+
+
+def test_config_hash_ignores_what_may_change_between_attempts() -> None:
+    a = cfg.resolve({"model": "m", "data": "d"})
+    b = cfg.resolve({"model": "m", "data": "d", "batch_size": 1, "grad_accumulation_steps": 4,
+                     "supervisor": {"heartbeat_timeout": 5}})
+    c = cfg.resolve({"model": "m", "data": "d", "lora_parameters": {"rank": 16}})
+    assert a.hash() == b.hash() != c.hash()
+
+
+def test_cli_bad_config_is_one_line_and_exit_78(tmp_path: Path) -> None:
+    path = tmp_path / "typo.yaml"
+    path.write_text("model: m\ndata: d\nbatch_szie: 4\n")
+    result = overnight("train", str(path), "--run-dir", str(tmp_path / "run"), timeout=60)
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert lines == [f"overnight train: {path}: batch_szie: unknown key 'batch_szie'; "
+                     "did you mean 'batch_size'?"]
+
+
+def test_cli_bad_argument_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("model: m\ndata: d\n")
+    result = overnight("train", str(path), "--set", "nonsense", timeout=60)
+    assert result.returncode == 78
+    assert result.stderr.strip() == "overnight train: --set: expected KEY=VALUE, got 'nonsense'"
