@@ -326,3 +326,19 @@ def test_missing_model_is_one_clear_line(tmp_path: Path, corpus: Path) -> None:
     assert result.stderr.strip().splitlines()[-1] == (
         f"overnight train: model: {str(tmp_path / 'nope')!r} is not a directory")
     assert "Traceback" not in result.stderr
+
+
+def test_async_checkpoints_give_the_same_result(tmp_path: Path, tiny_model: Path,
+                                                corpus: Path) -> None:
+    runs = {}
+    for mode in ("sync", "async"):
+        config = write_config(tmp_path / f"{mode}.yaml", tiny_model, corpus, iters=30,
+                              save_every=5, checkpoints={"async_save": mode == "async"})
+        runs[mode] = tmp_path / mode
+        done = overnight("train", str(config), "--run-dir", str(runs[mode]))
+        assert done.returncode == 0, done.stderr
+        for info in ckpt.list_checkpoints(runs[mode] / "checkpoints"):
+            assert ckpt.validate(info.path).ok
+    assert max_abs_diff(adapters(runs["sync"]), adapters(runs["async"])) == 0.0
+    saved = [e["step"] for e in events(runs["async"], "checkpoint_saved")]
+    assert saved == [5, 10, 15, 20, 25, 30]
