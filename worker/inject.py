@@ -14,6 +14,10 @@ written (and fsynced) before it fires, so the restarted worker trains through th
 | oom                | an MLX allocation failure on stderr, then abort                    |
 | gpu_watchdog       | the macOS GPU watchdog error on stderr, then abort                 |
 | checkpoint_crash   | SIGKILL while writing this step's checkpoint, before the manifest  |
+
+`oom` reproduces how an MLX out-of-memory ends on a Mac (Metal's allocation error, then
+abort) rather than exhausting memory for real: on a shared machine that takes everything else
+down with it, and under an address-space limit the MLX CPU build segfaults instead of raising.
 """
 
 from __future__ import annotations
