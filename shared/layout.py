@@ -2,6 +2,7 @@
 
     RUN_DIR/
       run.json                    supervisor's run record (atomic, rewritten on every change)
+      run_id                      the run's id, created once
       config.yaml                 the config the run was started with (copy)
       COMPLETE                    marker: the run finished; resuming does nothing
       adapters/                   final adapters, mlx_lm layout (--adapter-path works)
@@ -19,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +109,17 @@ class RunDir:
         """ipc:// sockets live in a directory only the user can enter."""
         self.sockets.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.sockets, 0o700)
+
+    def ensure_run_id(self, prefix: str) -> str:
+        """The run's id, created once (RUN_DIR/run_id) and shared by supervisor and worker."""
+        from shared.fsutil import atomic_write_bytes
+
+        path = self.root / "run_id"
+        if path.is_file():
+            return path.read_text().strip()
+        rid = f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
+        atomic_write_bytes(path, (rid + "\n").encode())
+        return rid
 
     @property
     def is_complete(self) -> bool:

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ import structlog
 from shared import config as cfg
 from shared import logsetup
 from shared.errors import ConfigError
-from shared.fsutil import atomic_write_bytes
 from shared.layout import RunDir
 
 # --flag -> dotted config key; the flags of mlx_lm lora and of the trainer we grew from.
@@ -139,17 +137,8 @@ class _Stopper:
                 return
 
 
-def run_id_for(run: RunDir, given: str | None) -> str:
-    if given:
-        return given
-    if env := os.environ.get("OVERNIGHT_RUN_ID"):
-        return env
-    path = run.root / "run_id"
-    if path.is_file():
-        return path.read_text().strip()
-    rid = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    atomic_write_bytes(path, (rid + "\n").encode())
-    return rid
+def run_id_for(run: RunDir, given: str | None, prefix: str) -> str:
+    return given or os.environ.get("OVERNIGHT_RUN_ID") or run.ensure_run_id(prefix)
 
 
 def demo_setup(base: Path) -> tuple[Path, Path]:
@@ -183,7 +172,7 @@ def main(args: argparse.Namespace) -> int:
     logsetup.configure("worker", run.worker_log, max_bytes=config.logging.max_bytes,
                        backups=config.logging.backups,
                        console_skip=frozenset({"progress", "phase_changed"}))
-    run_id = run_id_for(run, args.run_id)
+    run_id = run_id_for(run, args.run_id, args.config.stem)
     structlog.contextvars.bind_contextvars(run_id=run_id, attempt=args.attempt)
     from worker.session import Session
 

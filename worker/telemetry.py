@@ -6,6 +6,11 @@ Heartbeat every `interval` seconds carrying the full current state (PUB/SUB lose
 around connects; nothing may depend on one message arriving) and drains queued messages with
 non-blocking sends. When the supervisor is slow or gone, messages are dropped and counted —
 training never waits for telemetry.
+
+The socket is an XPUB, which is a PUB that also sees subscriptions arrive: until the
+supervisor's subscription has reached us (a few ms after connecting), messages stay queued
+instead of being sent into the void, so the first phase changes of an attempt — and the
+reason of a worker that exits at once on a bad config — are not lost to the slow joiner.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from shared import protocol as p
 
 QUEUE_LIMIT = 10_000
 SEND_HWM = 1_000
+UNSUBSCRIBED_POLL = 0.01  # seconds between looks for the subscription while waiting for it
+CLOSE_WAIT_FOR_SUBSCRIBER = 1.0  # seconds a closing worker waits to deliver its last words
 
 
 @dataclass
@@ -50,13 +57,14 @@ class Telemetry:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUB)
+        self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self._sock.setsockopt(zmq.LINGER, 500)  # flush the last messages briefly on exit
         self._sock.connect(endpoint)
         self._proc = psutil.Process(os.getpid())
         self._seq = 0
-        self._beat_due = False
+        self._beat_due = True
+        self.subscribed = False
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
         self._thread.start()
 
@@ -92,29 +100,51 @@ class Telemetry:
         except zmq.Again:
             self.dropped += 1
 
+    def _check_subscription(self) -> bool:
+        """Read subscription messages (b"\\x01" + topic) that XPUB hands us."""
+        import zmq
+
+        while True:
+            try:
+                msg = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return self.subscribed
+            if msg[:1] == b"\x01":
+                self.subscribed = True
+
+    def _flush(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                data = self._queue.popleft()
+            self._send_now(data)
+
     def _run(self) -> None:
         next_beat = 0.0
         while not self._stop.is_set():
+            if not self._check_subscription():
+                # Nobody listening yet: keep everything queued (heartbeats are re-made).
+                self._wake.wait(timeout=UNSUBSCRIBED_POLL)
+                continue
             now = time.monotonic()
             if now >= next_beat or self._beat_due:
                 self._beat_due = False
                 self._send_now(self.heartbeat().to_json())
                 next_beat = now + self.interval
-            while True:
-                with self._lock:
-                    if not self._queue:
-                        break
-                    data = self._queue.popleft()
-                self._send_now(data)
+            self._flush()
             self._wake.wait(timeout=max(0.0, next_beat - time.monotonic()))
             self._wake.clear()
 
     def close(self) -> None:
-        """Send what is queued plus a final heartbeat, then stop the thread."""
+        """Deliver what is queued plus a final heartbeat (briefly waiting for a late
+        subscriber), then stop the thread."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=2.0)
-        while self._queue:
-            self._send_now(self._queue.popleft())
+        deadline = time.monotonic() + CLOSE_WAIT_FOR_SUBSCRIBER
+        while not self._check_subscription() and time.monotonic() < deadline:
+            time.sleep(UNSUBSCRIBED_POLL)
+        self._flush()
         self._send_now(self.heartbeat().to_json())
         self._sock.close()

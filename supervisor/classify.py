@@ -1,0 +1,165 @@
+"""Classify how a worker attempt ended, from its exit status, what the supervisor did to it,
+its last telemetry, its stderr and the memory samples. Pure: no processes, no clock.
+
+Order of evidence (first match wins):
+1. The supervisor stopped the worker (hang, stall, memory, user): that is the class, unless
+   the worker completed or early-stopped meanwhile.
+2. A deliberate exit code (shared/exitcodes.py): completed, early-stopped, gradient spike,
+   non-finite, graceful stop, bad config.
+3. Known MLX/Metal failures in stderr: out of memory, GPU watchdog, other command-buffer
+   aborts (crash).
+4. SIGKILL the supervisor did not send, with memory near the limit: OOM (kernel / jetsam).
+5. Anything else: crash (signal or unexpected exit code).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from dataclasses import dataclass
+
+from shared.exitcodes import EXIT_TO_CLASS, ExitCode, FailureClass
+from supervisor.state import StopReason
+
+# Metal / MLX messages, as they appear in the worker's stderr.
+OOM_PATTERNS = (
+    re.compile(r"kIOGPUCommandBufferCallbackErrorOutOfMemory"),
+    re.compile(r"\[metal::malloc\] Resource limit \(.*\) exceeded"),
+    re.compile(r"\[metal::malloc\].*(?:Unable to allocate|exceeded|out of memory)", re.I),
+    re.compile(r"\[malloc(?:_or_wait)?\] Unable to allocate", re.I),
+    re.compile(r"std::bad_alloc|MemoryError"),
+)
+GPU_WATCHDOG_PATTERN = re.compile(r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity")
+COMMAND_BUFFER_PATTERN = re.compile(r"command buffer|kIOGPUCommandBufferCallbackError", re.I)
+
+# Memory within this fraction of the limit at the last sample counts as "near the limit".
+NEAR_LIMIT = 0.9
+# System available memory below this fraction of the total counts as memory pressure.
+LOW_AVAILABLE = 0.05
+
+_STOP_CLASS = {
+    StopReason.HANG: FailureClass.HANG,
+    StopReason.STALL: FailureClass.STALL,
+    StopReason.MEMORY: FailureClass.PLANNED_RESTART,
+    StopReason.USER: FailureClass.GRACEFUL_STOP,
+}
+
+
+@dataclass(frozen=True)
+class ExitFacts:
+    """Everything known about one ended attempt."""
+
+    returncode: int  # Popen convention: negative = killed by that signal
+    stop_reason: StopReason | None = None  # set when the supervisor asked it to stop
+    killed_by_supervisor: bool = False  # the supervisor sent SIGKILL after stop_timeout
+    stopping_reason: str = ""  # WorkerStopping.reason, if one arrived
+    stopping_detail: str = ""
+    first_bad_step: int = -1
+    stderr_tail: str = ""
+    memory_mb: float = 0.0  # the worker's memory at the last sample (max of RSS and MLX)
+    memory_limit_mb: float = 0.0
+    available_fraction: float = 1.0  # system available / total at the last sample
+    stop_detail: str = ""  # why the supervisor stopped it, e.g. "no heartbeat for 121 s"
+
+
+@dataclass(frozen=True)
+class Classification:
+    failure: FailureClass
+    detail: str
+    exit_code: int | None
+    signal: int | None
+    first_bad_step: int = -1
+
+    @property
+    def signal_name(self) -> str | None:
+        if self.signal is None:
+            return None
+        try:
+            return signal.Signals(self.signal).name
+        except ValueError:
+            return f"signal {self.signal}"
+
+
+def _status(rc: int) -> tuple[int | None, int | None, str]:
+    if rc < 0:
+        try:
+            name = signal.Signals(-rc).name
+        except ValueError:
+            name = f"signal {-rc}"
+        return None, -rc, f"killed by {name}"
+    return rc, None, f"exit code {rc}"
+
+
+def _first_line(text: str, pattern: re.Pattern[str]) -> str:
+    for line in text.splitlines():
+        if pattern.search(line):
+            return line.strip()[:300]
+    return ""
+
+
+def _oom_line(text: str) -> str:
+    for p in OOM_PATTERNS:
+        line = _first_line(text, p)
+        if line:
+            return line
+    return ""
+
+
+def classify(f: ExitFacts) -> Classification:
+    exit_code, sig, status = _status(f.returncode)
+
+    def result(failure: FailureClass, detail: str) -> Classification:
+        return Classification(failure, detail, exit_code, sig, f.first_bad_step)
+
+    code = ExitCode.from_returncode(exit_code) if exit_code is not None else None
+    if code in (ExitCode.COMPLETED, ExitCode.EARLY_STOPPED):
+        return result(EXIT_TO_CLASS[code], f.stopping_detail or status)
+
+    if f.stop_reason is not None:
+        how = "killed after stop_timeout" if f.killed_by_supervisor else status
+        if f.stop_reason is StopReason.USER:
+            return result(FailureClass.GRACEFUL_STOP, f"worker {how}")
+        why = f.stop_detail or f.stop_reason.value
+        return result(_STOP_CLASS[f.stop_reason], f"{why}; {how}")
+
+    if code is not None and code is not ExitCode.CRASH:
+        detail = f.stopping_detail or f.stopping_reason
+        if not detail and code is ExitCode.BAD_CONFIG:
+            # Telemetry sent right after connecting can be lost (PUB/SUB slow joiner); the
+            # worker's one-line error on stderr is the message then.
+            detail = _last_error_line(f.stderr_tail)
+        detail = detail or status
+        return result(EXIT_TO_CLASS[code], detail)
+
+    oom = _oom_line(f.stderr_tail)
+    if oom:
+        return result(FailureClass.OOM, f"{status}: {oom}")
+    watchdog = _first_line(f.stderr_tail, GPU_WATCHDOG_PATTERN)
+    if watchdog:
+        return result(
+            FailureClass.GPU_WATCHDOG,
+            f"{status}: {watchdog} (macOS GPU watchdog: long GPU work while the display is on)",
+        )
+    if sig == signal.SIGKILL and _near_limit(f):
+        return result(
+            FailureClass.OOM,
+            f"{status} with memory near the limit ({f.memory_mb:.0f} MB, "
+            f"{f.available_fraction:.0%} of system memory available)",
+        )
+    buffer = _first_line(f.stderr_tail, COMMAND_BUFFER_PATTERN)
+    if buffer:
+        return result(FailureClass.CRASH, f"{status}: Metal command buffer abort: {buffer}")
+    last = _last_error_line(f.stderr_tail)
+    return result(FailureClass.CRASH, f"{status}: {last}" if last else status)
+
+
+def _near_limit(f: ExitFacts) -> bool:
+    if f.memory_limit_mb > 0 and f.memory_mb >= NEAR_LIMIT * f.memory_limit_mb:
+        return True
+    return f.available_fraction < LOW_AVAILABLE
+
+
+def _last_error_line(text: str) -> str:
+    """The most telling line of a traceback or abort message: the last non-empty one."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""

@@ -1,0 +1,220 @@
+"""`overnight run CONFIG.yaml [--run-dir DIR]`: the supervisor daemon.
+
+    overnight run configs/mini.yaml                 # run dir: ./runs/mini
+    overnight status runs/mini                      # from another terminal
+    overnight stop runs/mini                        # checkpoint, then stop
+
+Start-up: create the run dir, lock it (a second supervisor refuses, naming the holder's
+PID), open or continue the run record, stop any orphaned worker of this run, bind the
+telemetry (SUB) and control (REP) sockets in a 0700 directory, then hand over to the loop.
+
+Exit status: 0 whenever the supervisor reached a final decision (finished, early_stopped,
+stopped, gave_up: the reason is in run.json and on the last log line); 1 only when the
+supervisor itself failed, so a service manager restarts only a broken supervisor. A config
+it cannot read at all, or a locked run dir, exits 78 (EX_CONFIG) before anything starts:
+use `RestartPreventExitStatus=78` (systemd). Stopping takes up to `stop_timeout` (default
+120 s) while the worker saves: give the service manager `TimeoutStopSec` (systemd) /
+`ExitTimeOut` (launchd) of at least stop_timeout + 30 s, or a checkpoint is cut in half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+import zmq
+
+from shared import config as config_mod
+from shared import logsetup
+from shared.errors import OvernightError
+from shared.layout import RunDir
+from supervisor import spawn
+from supervisor.attempt import AttemptRunner
+from supervisor.control import ControlServer
+from supervisor.lock import RunLock
+from supervisor.loop import Supervisor
+from supervisor.policy import Policy
+from supervisor.record import RunRecord
+from supervisor.state import AlreadyComplete, Begin, State
+
+try:
+    from supervisor import sdnotify
+except ImportError:  # pragma: no cover
+    sdnotify = None  # type: ignore[assignment]
+
+COMPLETE_STATES = ("finished", "early_stopped")
+ON_EXIT_TIMEOUT = 60.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="the run's YAML config (with a supervisor: "
+                                                  "section for these settings)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="run directory (default: ./runs/<config name>)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
+                        help="console and JSON log level")
+
+
+def main(args: argparse.Namespace) -> int:
+    config_path = args.config.resolve()
+    config = config_mod.load(config_path)  # ConfigError: one line, exit 78, nothing started
+    run = RunDir((args.run_dir or Path("runs") / config_path.stem).resolve())
+    run.create()
+    lock = RunLock(run.lock)
+    lock.acquire()  # RunDirLocked: one line naming the holder's PID
+    try:
+        return _run(config, config_path, run, args.log_level)
+    finally:
+        lock.release()
+
+
+def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str) -> int:
+    opts = config.supervisor
+    logsetup.configure("supervisor", run.supervisor_log, console=True, level=level,
+                       max_bytes=config.logging.max_bytes, backups=config.logging.backups)
+    run_id = run.ensure_run_id(config_path.stem)
+    record = RunRecord.open(run.record, run_id, run.root, config_path, config.to_dict(),
+                            config.hash())
+    structlog.contextvars.bind_contextvars(run_id=record.run_id)
+    log = logsetup.get("supervisor")
+    log.info("supervisor_started", run_dir=str(run.root), config_path=str(config_path),
+             starts=record.data["supervisor"]["starts"], previous_state=record.data["state"])
+    log.info("config_resolved", config=config.to_dict(), config_hash=config.hash())
+    _copy_config(config_path, run, log)
+    _adopt_previous(record, run, opts.stop_timeout, log)
+
+    run.create_socket_dir()
+    for endpoint in (run.telemetry_endpoint, run.control_endpoint):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(endpoint.removeprefix("ipc://"))  # stale: we hold the lock
+    ctx: zmq.Context[Any] = zmq.Context()
+    telemetry = ctx.socket(zmq.SUB)
+    telemetry.setsockopt(zmq.LINGER, 0)
+    telemetry.setsockopt(zmq.SUBSCRIBE, b"")
+    telemetry.setsockopt(zmq.RCVHWM, 10_000)
+    telemetry.bind(run.telemetry_endpoint)
+    control = ControlServer(ctx, run.control_endpoint, target=None)  # type: ignore[arg-type]
+    log.info("sockets_bound", telemetry=run.telemetry_endpoint, control=run.control_endpoint)
+    if sdnotify is not None:
+        # Ready = holding the run and answering control requests; also on the path where
+        # the run is already complete and no worker starts (else systemd calls it failed).
+        sdnotify.ready()
+
+    base_env = sdnotify.child_environment() if sdnotify is not None else dict(os.environ)
+    runner = AttemptRunner(
+        config=config, config_path=config_path, run=run, record=record,
+        spawner=spawn.PopenSpawner(),
+        policy=Policy(opts, high_water=int(record.data.get("high_water_step") or 0),
+                      rollbacks=int(record.data.get("rollbacks") or 0)),
+        env=spawn.worker_env(base_env, opts.openblas, log),
+        command=list(opts.worker_command) or [sys.executable, "-m", "supervisor.cli"],
+        log=log,
+    )
+    sup = Supervisor(runner=runner, record=record, telemetry=telemetry, control=control, log=log)
+    control.target = sup
+    caffeinate = spawn.start_caffeinate(opts.caffeinate, log)
+    complete = run.is_complete or record.data.get("state") in COMPLETE_STATES
+    if complete:
+        log.info("run_already_complete", state=record.data.get("state"))
+    try:
+        final = sup.run(AlreadyComplete() if complete else Begin())
+    except BaseException:
+        log.exception("supervisor_failed")
+        _emergency_stop(runner, opts.stop_timeout, log)
+        raise
+    finally:
+        if sdnotify is not None:
+            sdnotify.stopping()
+        control.close()
+        telemetry.close(linger=0)
+        ctx.term()
+        if caffeinate is not None:
+            caffeinate.terminate()
+    reason = record.data.get("reason", "")
+    _on_exit(opts.on_exit, final, reason, record, run, log)
+    print(f"overnight run: {final.value}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _copy_config(config_path: Path, run: RunDir, log: Any) -> None:
+    target = run.config_copy
+    if target.exists() and filecmp.cmp(config_path, target, shallow=False):
+        return
+    if target.exists():
+        log.warning("config_changed", config_path=str(config_path), copy=str(target))
+    shutil.copyfile(config_path, target)
+
+
+def _adopt_previous(record: RunRecord, run: RunDir, stop_timeout: float, log: Any) -> None:
+    """A previous supervisor died: stop its orphaned worker, close its open attempt."""
+    for proc in spawn.find_orphans(run.root):
+        log.warning("orphan_found", worker_pid=proc.pid, cmdline=" ".join(proc.cmdline()[:12]))
+        how = spawn.stop_process(proc, stop_timeout, log)
+        log.info("orphan_stopped", worker_pid=proc.pid, how=how)
+    current = record.current
+    if current is not None and current.get("ended") is None:
+        record.end_attempt({
+            "classification": None, "action": "abandoned",
+            "action_reason": "the supervisor ended while this attempt ran; a restarted "
+                             "supervisor stopped it (if still running) and resumes the run",
+        })
+        log.info("attempt_abandoned", attempt=current["attempt"])
+
+
+def _emergency_stop(runner: AttemptRunner, stop_timeout: float, log: Any) -> None:
+    """The supervisor itself failed: do not leave the worker behind."""
+    proc = runner.proc
+    if proc is None or proc.poll() is not None:
+        return
+    import signal
+
+    proc.signal(signal.SIGTERM)
+    proc.signal_group(signal.SIGCONT)
+    deadline = time.monotonic() + stop_timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    if proc.poll() is None:
+        proc.signal_group(signal.SIGKILL)
+    log.info("worker_stopped_on_failure", worker_pid=proc.pid)
+
+
+def _on_exit(command: str, final: State, reason: str, record: RunRecord, run: RunDir,
+             log: Any) -> None:
+    """The optional `supervisor.on_exit` shell command, e.g. a notification."""
+    if not command:
+        return
+    env = dict(os.environ, OVERNIGHT_STATE=final.value, OVERNIGHT_REASON=reason,
+               OVERNIGHT_RUN_ID=record.run_id, OVERNIGHT_RUN_DIR=str(run.root),
+               OVERNIGHT_FINAL_STEP=str(record.data.get("final_step", "")))
+    try:
+        done = subprocess.run(command, shell=True, env=env, timeout=ON_EXIT_TIMEOUT,
+                              stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        log.info("on_exit_ran", command=command, returncode=done.returncode,
+                 output=(done.stdout + done.stderr).decode(errors="replace")[-500:])
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("on_exit_failed", command=command, error=str(e))
+
+
+def _standalone(argv: list[str] | None = None) -> int:
+    """`python -m supervisor.daemon CONFIG ...`: the run command without the CLI registry."""
+    parser = argparse.ArgumentParser(prog="overnight run")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except OvernightError as e:
+        print(f"overnight run: {e}", file=sys.stderr)
+        return 78
+
+
+if __name__ == "__main__":
+    sys.exit(_standalone())

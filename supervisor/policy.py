@@ -1,0 +1,225 @@
+"""The recovery policy: given how an attempt ended, restart (how, with what, after how long),
+finish, or give up — and say why. Pure: the clock value and the random source are passed in.
+
+| class                          | action                                                      |
+|--------------------------------|-------------------------------------------------------------|
+| completed / early_stopped      | finish / early-stop                                         |
+| graceful_stop, or user stop    | stop                                                        |
+| bad_config                     | give up at once with the worker's message                   |
+| crash, hang, stall             | restart, same settings                                      |
+| gpu_watchdog                   | restart, same settings; the report says: let the display sleep |
+| oom                            | restart with half the micro-batch and twice the accumulation |
+|                                | (same effective batch); at micro-batch 1 gradient           |
+|                                | checkpointing; after that give up                           |
+| non_finite / grad_spike        | roll back before the first bad step, lr_scale *= lr_backoff, |
+|                                | skip the offending data; give up after max_rollbacks        |
+| planned_restart (memory)       | restart at once, not counted as a failure                   |
+
+Budgets count progress, not only failures: an attempt *progressed* when it reached a step
+the run never reached before (the high-water mark). Failures since the last progress are
+kept; `max_failures` of them within `failure_window` seconds give up (crash loop), and the
+same failure twice in a row without progress and with unchanged settings gives up at once
+(a deterministic failure). The backoff grows exponentially (with +-20 % jitter) per failure
+without progress and resets after an attempt gained `progress_reset_steps` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.config import SupervisorOptions
+from shared.exitcodes import FailureClass
+from supervisor.state import Verdict
+
+RESTARTED_SAME = frozenset(
+    {FailureClass.CRASH, FailureClass.HANG, FailureClass.STALL, FailureClass.GPU_WATCHDOG}
+)
+ROLLBACK = frozenset({FailureClass.NON_FINITE, FailureClass.GRAD_SPIKE})
+GPU_WATCHDOG_ADVICE = (
+    "the macOS GPU watchdog kills long GPU command buffers while the display is on; let the "
+    "display sleep (the supervisor never holds a display-awake assertion, only "
+    "`caffeinate -i`) or shorten steps (smaller batch_size or max_seq_length)"
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Worker settings the supervisor changes and persists (run.json "overrides")."""
+
+    batch_size: int
+    grad_accumulation_steps: int
+    grad_checkpoint: bool
+    lr_scale: float | None = None  # None: whatever the checkpoint (or 1.0) says
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Settings:
+        return cls(
+            int(d["batch_size"]), int(d["grad_accumulation_steps"]), bool(d["grad_checkpoint"]),
+            None if d.get("lr_scale") is None else float(d["lr_scale"]),
+        )
+
+    def diff(self, other: Settings) -> dict[str, Any]:
+        """{key: [old, new]} for each setting that differs in `other`."""
+        a, b = self.to_dict(), other.to_dict()
+        return {k: [a[k], b[k]] for k in a if a[k] != b[k]}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the policy needs to know about the attempt that ended."""
+
+    failure: FailureClass
+    detail: str
+    start_step: int  # the step it resumed from
+    end_step: int  # the last step it reported
+    first_bad_step: int = -1
+    stop_requested: bool = False  # the user (or a signal) asked the supervisor to stop
+    lr_scale: float = 1.0  # the learning-rate scale in effect during the attempt
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    action: str  # finish, early_stop, stop, give_up, restart, reduce_batch, rollback, ...
+    reason: str
+    delay: float = 0.0
+    settings: Settings | None = None  # the settings for the next attempt
+    rollback_before: int | None = None  # resume from a checkpoint with step < this
+    bad_until: int = -1  # skip data up to and including this step after a rollback
+    counted: bool = False  # counted as a failure against the budgets
+
+
+@dataclass
+class Policy:
+    opts: SupervisorOptions
+    rng: random.Random = field(default_factory=random.Random)
+    high_water: int = 0  # highest step the run ever reached
+    rollbacks: int = 0
+    failures: list[float] = field(default_factory=list)  # times of failures since progress
+    last_failure: tuple[FailureClass, Settings] | None = None
+    streak: int = 0  # consecutive failures without sustained progress (backoff exponent)
+
+    def decide(self, o: Outcome, settings: Settings, now: float) -> Decision:
+        progressed = o.end_step > self.high_water
+        self.high_water = max(self.high_water, o.end_step)
+        if progressed:
+            self.failures.clear()
+            self.last_failure = None
+        if o.end_step - o.start_step >= self.opts.progress_reset_steps:
+            self.streak = 0
+
+        f = o.failure
+        if f is FailureClass.COMPLETED:
+            return Decision(Verdict.FINISH, "finish", "all steps done")
+        if f is FailureClass.EARLY_STOPPED:
+            return Decision(Verdict.EARLY_STOP, "early_stop", f"early stopping: {o.detail}")
+        if o.stop_requested:
+            return Decision(Verdict.STOP, "stop", f"stopped on request ({o.detail})")
+        if f is FailureClass.GRACEFUL_STOP:
+            return Decision(Verdict.STOP, "stop", f"worker stopped gracefully ({o.detail})")
+        if f is FailureClass.BAD_CONFIG:
+            return Decision(Verdict.GIVE_UP, "give_up", f"bad config or data: {o.detail}")
+
+        repeated = self._repeated(f, settings, progressed)
+        if repeated:
+            return repeated
+        self.last_failure = (f, settings)
+
+        if f is FailureClass.PLANNED_RESTART:
+            return Decision(Verdict.RESTART, "planned_restart", o.detail, 0.0, settings)
+
+        self.failures = [t for t in self.failures if now - t <= self.opts.failure_window]
+        self.failures.append(now)
+        if len(self.failures) >= self.opts.max_failures:
+            return Decision(
+                Verdict.GIVE_UP, "give_up",
+                f"crash loop: {len(self.failures)} failures within "
+                f"{self.opts.failure_window:.0f} s without progress (last: {f.value}: {o.detail})",
+                counted=True,
+            )
+        delay = self._backoff()
+        if f in ROLLBACK:
+            return self._rollback(o, settings, delay)
+        if f is FailureClass.OOM:
+            return self._shrink(o, settings, delay)
+        if f in RESTARTED_SAME:
+            why = f"{f.value}: {o.detail}"
+            if f is FailureClass.GPU_WATCHDOG:
+                why = f"{why}; {GPU_WATCHDOG_ADVICE}"
+            return Decision(Verdict.RESTART, "restart", why, delay, settings, counted=True)
+        raise ValueError(f"expected a known failure class, got {f!r}")  # pragma: no cover
+
+    def _repeated(self, f: FailureClass, settings: Settings, progressed: bool) -> Decision | None:
+        if progressed or self.last_failure != (f, settings):
+            return None
+        return Decision(
+            Verdict.GIVE_UP, "give_up",
+            f"the same failure ({f.value}) twice in a row without progress and with the same "
+            "settings: deterministic, not restarting",
+            counted=True,
+        )
+
+    def _backoff(self) -> float:
+        self.streak += 1
+        base = min(self.opts.backoff_max, self.opts.backoff_initial * 2 ** (self.streak - 1))
+        return min(self.opts.backoff_max, base * self.rng.uniform(0.8, 1.2))
+
+    def _rollback(self, o: Outcome, settings: Settings, delay: float) -> Decision:
+        self.rollbacks += 1
+        if self.rollbacks > self.opts.max_rollbacks:
+            return Decision(
+                Verdict.GIVE_UP, "give_up",
+                f"{o.failure.value} after {self.opts.max_rollbacks} rollbacks: {o.detail}",
+                counted=True,
+            )
+        first_bad = o.first_bad_step if o.first_bad_step >= 0 else o.end_step
+        lr_scale = round(o.lr_scale * self.opts.lr_backoff, 12)
+        new = dataclasses.replace(settings, lr_scale=lr_scale)
+        return Decision(
+            Verdict.RESTART, "rollback",
+            f"{o.failure.value}: {o.detail}; rollback {self.rollbacks}/{self.opts.max_rollbacks} "
+            f"to before step {first_bad}, lr_scale {o.lr_scale:g} -> {lr_scale:g}, "
+            f"skipping data through step {max(first_bad, o.end_step)}",
+            delay, new, rollback_before=first_bad, bad_until=max(first_bad, o.end_step),
+            counted=True,
+        )
+
+    def _shrink(self, o: Outcome, settings: Settings, delay: float) -> Decision:
+        new = shrink_batch(settings)
+        if new is None:
+            return Decision(
+                Verdict.GIVE_UP, "give_up",
+                f"out of memory at micro-batch 1 with gradient checkpointing: {o.detail}",
+                counted=True,
+            )
+        if new.grad_checkpoint and not settings.grad_checkpoint:
+            what = "gradient checkpointing on (micro-batch is already 1)"
+        else:
+            what = (
+                f"micro-batch {settings.batch_size} -> {new.batch_size}, grad accumulation "
+                f"{settings.grad_accumulation_steps} -> {new.grad_accumulation_steps}"
+            )
+        return Decision(
+            Verdict.RESTART, "reduce_memory", f"oom: {o.detail}; {what}", delay, new,
+            counted=True,
+        )
+
+
+def shrink_batch(s: Settings) -> Settings | None:
+    """Half the micro-batch (largest divisor <= half) with the same effective batch; at 1,
+    gradient checkpointing; None when nothing is left to shrink."""
+    if s.batch_size > 1:
+        smaller = max(d for d in range(1, s.batch_size // 2 + 1) if s.batch_size % d == 0)
+        factor = s.batch_size // smaller
+        return dataclasses.replace(
+            s, batch_size=smaller, grad_accumulation_steps=s.grad_accumulation_steps * factor
+        )
+    if not s.grad_checkpoint:
+        return dataclasses.replace(s, grad_checkpoint=True)
+    return None

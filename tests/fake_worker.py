@@ -1,0 +1,282 @@
+"""A tiny scripted worker speaking the real protocol, for fast supervisor tests.
+
+    python tests/fake_worker.py train CONFIG --run-dir D --telemetry E --attempt N
+        [--resume auto|PATH | --fresh] [--set k=v]... [--lr-scale F] [--skip-steps K]
+
+Same contract as the real worker (see the supervisor brief): heartbeats from a thread,
+StepMetrics per step, CheckpointSaved after real checkpoints (shared.checkpoint), SIGTERM =
+finish the step, save, exit 23; SIGUSR1 = save at the end of the step; exit codes from
+shared.exitcodes; faults from `debug.inject` / OVERNIGHT_INJECT, each once per run.
+
+Environment knobs: FAKE_STEP_SECONDS (0.02), FAKE_HEARTBEAT (0.2), FAKE_LOAD_SECONDS (0.1),
+FAKE_LEAK_MB (reported MLX memory grows by this much per step of the process),
+FAKE_OOM_ABOVE (oom@N fires only while batch_size is above this), FAKE_EARLY_STOP_AT (early
+stopping fires at this step).
+Every start and end is appended to RUN_DIR/fake.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import zmq
+
+from shared import config as config_mod
+from shared.checkpoint import write_checkpoint
+from shared.errors import ConfigError
+from shared.exitcodes import ExitCode
+from shared.protocol import (
+    CheckpointSaved,
+    EvalResult,
+    Heartbeat,
+    Phase,
+    StepMetrics,
+    WorkerStopping,
+)
+
+STEP_SECONDS = float(os.environ.get("FAKE_STEP_SECONDS", "0.02"))
+HEARTBEAT = float(os.environ.get("FAKE_HEARTBEAT", "0.2"))
+LOAD_SECONDS = float(os.environ.get("FAKE_LOAD_SECONDS", "0.1"))
+LEAK_MB = float(os.environ.get("FAKE_LEAK_MB", "0"))
+OOM_ABOVE = int(os.environ.get("FAKE_OOM_ABOVE", "0"))
+EARLY_STOP_AT = int(os.environ.get("FAKE_EARLY_STOP_AT", "0"))
+
+
+def safetensors(name: str, value: float) -> bytes:
+    data = struct.pack("<4f", value, value, value, value)
+    header = json.dumps({name: {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
+    return struct.pack("<Q", len(header)) + header + data
+
+
+class Fake:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.run_dir = Path(args.run_dir)
+        overrides = dict(kv.split("=", 1) for kv in args.set)
+        self.config = config_mod.load(Path(args.config), overrides)
+        self.attempt = args.attempt
+        self.step = 0
+        self.steps_here = 0
+        self.phase = Phase.STARTING
+        self.last_step_time = time.time()
+        self.seq = 0
+        self.lock = threading.Lock()
+        self.stop = False
+        self.save_now = False
+        self.lr_scale = 1.0
+        self.data_position = 0
+        self.best = {"val_loss": None, "step": None}
+        ctx = zmq.Context.instance()
+        self.pub = ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 2000)
+        self.pub.connect(args.telemetry)
+        spec = os.environ.get("OVERNIGHT_INJECT") or self.config.debug.inject
+        self.faults = [
+            (k, int(s)) for k, _, s in (p.strip().partition("@") for p in spec.split(",") if p)
+        ]
+
+    # ---- telemetry ----
+    def send(self, msg: object) -> None:
+        with self.lock:
+            self.pub.send(msg.to_json())  # type: ignore[attr-defined]
+
+    def mlx_mb(self) -> float:
+        return 100.0 + LEAK_MB * self.steps_here  # a leak: grows with this process's steps
+
+    def heartbeat_loop(self) -> None:
+        while True:
+            self.seq += 1
+            self.send(Heartbeat(
+                run_id="fake", pid=os.getpid(), attempt=self.attempt, seq=self.seq,
+                time=time.time(), phase=self.phase, step=self.step,
+                total_steps=self.config.iters, last_step_time=self.last_step_time,
+                active_mb=self.mlx_mb(), peak_mb=self.mlx_mb(), rss_mb=50.0, dropped=0,
+            ))
+            time.sleep(HEARTBEAT)
+
+    def exit(self, code: ExitCode, reason: str, detail: str = "", first_bad: int = -1) -> None:
+        self.send(WorkerStopping(run_id="fake", attempt=self.attempt, step=self.step,
+                                 exit_code=int(code), reason=reason, detail=detail,
+                                 first_bad_step=first_bad))
+        self.log(f"end {os.getpid()} {time.time()} {int(code)}")
+        time.sleep(0.05)
+        self.pub.close(linger=1000)
+        os._exit(int(code))
+
+    def log(self, line: str) -> None:
+        with open(self.run_dir / "fake.log", "a") as f:
+            f.write(line + "\n")
+
+    # ---- faults ----
+    def fire(self, kind: str) -> bool:
+        for k, step in self.faults:
+            if k != kind or step != self.step:
+                continue
+            marker = self.run_dir / f"fake-inject-{k}@{step}"
+            if marker.exists():
+                return False
+            if kind == "oom" and self.config.batch_size <= OOM_ABOVE:
+                return False
+            marker.write_text(str(self.attempt))
+            return True
+        return False
+
+    def abort_with(self, line: str) -> None:
+        self.log(f"end {os.getpid()} {time.time()} abort")
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        signal.signal(signal.SIGABRT, signal.SIG_DFL)
+        os.abort()
+
+    # ---- checkpoints ----
+    def save(self, reason: str, kill_before_manifest: bool = False) -> None:
+        self.phase = Phase.CHECKPOINTING
+        t0 = time.time()
+        state = {
+            "step": self.step, "total_steps": self.config.iters,
+            "data_position": self.data_position, "rng": {}, "early_stopping": {},
+            "best": self.best,
+            "batch": {"batch_size": self.config.batch_size,
+                      "grad_accumulation_steps": self.config.grad_accumulation_steps,
+                      "effective": self.config.effective_batch},
+            "config_hash": self.config.hash(), "versions": {}, "lr_scale": self.lr_scale,
+            "loss_history": [], "reason": reason,
+        }
+
+        def files(d: Path) -> None:
+            (d / "adapters.safetensors").write_bytes(safetensors("lora_a", float(self.step)))
+            (d / "optimizer.safetensors").write_bytes(safetensors("m", 0.5))
+            (d / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora"}))
+            (d / "trainer_state.json").write_text(json.dumps(state))
+
+        def die(d: Path) -> None:
+            self.log(f"end {os.getpid()} {time.time()} killed")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        path = write_checkpoint(self.run_dir / "checkpoints", self.step, files,
+                                die if kill_before_manifest else None)
+        self.send(CheckpointSaved(run_id="fake", attempt=self.attempt, step=self.step,
+                                  path=str(path), seconds=time.time() - t0, bytes=100))
+        self.phase = Phase.TRAINING
+
+    def resume(self) -> None:
+        a = self.args
+        if a.fresh or a.resume in (None, "auto"):
+            return
+        state = json.loads((Path(a.resume) / "trainer_state.json").read_text())
+        self.step = state["step"]
+        self.data_position = state["data_position"]
+        self.lr_scale = state["lr_scale"]
+        self.best = state["best"]
+
+    def run(self) -> None:
+        self.log(f"start {os.getpid()} {time.time()} attempt={self.attempt}")
+        threading.Thread(target=self.heartbeat_loop, daemon=True).start()
+        signal.signal(signal.SIGTERM, lambda s, f: setattr(self, "stop", True))
+        signal.signal(signal.SIGUSR1, lambda s, f: setattr(self, "save_now", True))
+        self.phase = Phase.LOADING
+        if (self.run_dir / "COMPLETE").exists():
+            self.exit(ExitCode.COMPLETED, "completed", "already complete")
+        if not Path(self.config.data).is_dir():
+            sys.stderr.write(f"data: {self.config.data}: directory not found\n")
+            self.exit(ExitCode.BAD_CONFIG, "bad_config",
+                      f"data: {self.config.data}: directory not found")
+        time.sleep(LOAD_SECONDS)
+        self.resume()
+        if self.args.lr_scale is not None:
+            self.lr_scale = self.args.lr_scale
+        self.data_position += self.args.skip_steps
+        self.phase = Phase.TRAINING
+        while self.step < self.config.iters:
+            time.sleep(STEP_SECONDS)
+            self.step += 1
+            self.steps_here += 1
+            self.data_position += 1
+            self.last_step_time = time.time()
+            self.train_step()
+            if self.step == EARLY_STOP_AT:
+                self.save("early_stopped")
+                (self.run_dir / "COMPLETE").write_text("early stopped\n")
+                self.exit(ExitCode.EARLY_STOPPED, "early_stopped", "no improvement for 5 evals")
+            if self.stop:
+                self.save("graceful_stop")
+                self.exit(ExitCode.GRACEFUL_STOP, "graceful_stop", "SIGTERM")
+            if self.step % self.config.save_every == 0 or self.save_now:
+                self.save_now = False
+                self.save("periodic", kill_before_manifest=self.fire("checkpoint_crash"))
+            if self.step % self.config.steps_per_eval == 0:
+                loss = 2.0 / self.step
+                self.best = {"val_loss": loss, "step": self.step}
+                self.send(EvalResult(run_id="fake", attempt=self.attempt, step=self.step,
+                                     val_loss=loss, best_val_loss=loss, best_step=self.step,
+                                     seconds=0.01))
+        self.save("completed")
+        (self.run_dir / "COMPLETE").write_text("done\n")
+        self.exit(ExitCode.COMPLETED, "completed", "all steps done")
+
+    def train_step(self) -> None:
+        loss = 1.0 / self.step
+        self.send(StepMetrics(run_id="fake", attempt=self.attempt, step=self.step,
+                              time=time.time(), loss=loss, grad_norm=0.5, lr=1e-5 * self.lr_scale,
+                              tokens=100 * self.config.batch_size, tokens_per_sec=1000.0,
+                              step_seconds=STEP_SECONDS, active_mb=self.mlx_mb(),
+                              peak_mb=self.mlx_mb(), rss_mb=50.0))
+        if self.fire("crash"):
+            self.abort_with("[METAL] Command buffer execution failed: Caused GPU Hang Error "
+                            "(00000003:kIOGPUCommandBufferCallbackErrorHang)")
+        if self.fire("oom"):
+            self.abort_with("libc++abi: terminating due to uncaught exception of type "
+                            "std::runtime_error: [metal::malloc] Resource limit (499000) exceeded.")
+        if self.fire("gpu_watchdog"):
+            self.abort_with("[METAL] Command buffer execution failed: Impacting Interactivity "
+                            "(0000000e:kIOGPUCommandBufferCallbackErrorImpactingInteractivity)")
+        if self.fire("hang"):
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if self.fire("stall"):
+            while True:
+                time.sleep(1)
+        if self.fire("nan"):
+            self.exit(ExitCode.NON_FINITE, "non_finite", f"loss is nan at step {self.step}",
+                      self.step)
+        if self.fire("spike"):
+            self.save("grad_spike")
+            self.exit(ExitCode.GRAD_SPIKE, "grad_spike", "grad norm 3.1e4 > 1000 for 3 steps",
+                      self.step - 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("command", choices=["train"])
+    p.add_argument("config")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--telemetry", required=True)
+    p.add_argument("--attempt", type=int, default=1)
+    p.add_argument("--run-id")
+    p.add_argument("--resume", default="auto")
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--lr-scale", type=float)
+    p.add_argument("--skip-steps", type=int, default=0)
+    args = p.parse_args()
+    (Path(args.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
+    with open(Path(args.run_dir) / "logs" / f"fake-argv-{args.attempt}.json", "w") as f:
+        json.dump(sys.argv[1:], f)
+    try:
+        Fake(args).run()
+    except ConfigError as e:
+        print(f"overnight train: {e}", file=sys.stderr)
+        sys.exit(int(ExitCode.BAD_CONFIG))
+
+
+if __name__ == "__main__":
+    main()

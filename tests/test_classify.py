@@ -1,0 +1,77 @@
+"""supervisor/classify.py: every end of a worker gets the right FailureClass."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from shared.exitcodes import ExitCode, FailureClass
+from supervisor.classify import ExitFacts, classify
+from supervisor.state import StopReason
+
+F = FailureClass
+ABRT, KILL, SEGV = -signal.SIGABRT, -signal.SIGKILL, -signal.SIGSEGV
+METAL_OOM = "[metal::malloc] Resource limit (499000) exceeded."
+IOGPU_OOM = ("Error: command buffer exited with error status. "
+             "(kIOGPUCommandBufferCallbackErrorOutOfMemory)")
+WATCHDOG = "(0000000e:kIOGPUCommandBufferCallbackErrorImpactingInteractivity)"
+HANG_BUF = "[METAL] Command buffer execution failed: Caused GPU Hang Error"
+
+CASES = [
+    ("completed", ExitFacts(0), F.COMPLETED),
+    ("early stopped", ExitFacts(int(ExitCode.EARLY_STOPPED)), F.EARLY_STOPPED),
+    ("grad spike", ExitFacts(int(ExitCode.GRAD_SPIKE), first_bad_step=40), F.GRAD_SPIKE),
+    ("non finite", ExitFacts(int(ExitCode.NON_FINITE)), F.NON_FINITE),
+    ("graceful stop from outside", ExitFacts(int(ExitCode.GRACEFUL_STOP)), F.GRACEFUL_STOP),
+    ("bad config", ExitFacts(int(ExitCode.BAD_CONFIG), stopping_detail="data: x missing"),
+     F.BAD_CONFIG),
+    ("python exception", ExitFacts(1, stderr_tail="Traceback...\nValueError: boom"), F.CRASH),
+    ("unknown exit code", ExitFacts(3), F.CRASH),
+    ("segfault", ExitFacts(SEGV), F.CRASH),
+    ("metal command buffer abort", ExitFacts(ABRT, stderr_tail=HANG_BUF), F.CRASH),
+    ("metal malloc abort", ExitFacts(ABRT, stderr_tail=f"libc++abi: {METAL_OOM}"), F.OOM),
+    ("metal malloc exception", ExitFacts(1, stderr_tail=f"RuntimeError: {METAL_OOM}"), F.OOM),
+    ("iogpu out of memory", ExitFacts(ABRT, stderr_tail=IOGPU_OOM), F.OOM),
+    ("gpu watchdog", ExitFacts(ABRT, stderr_tail=WATCHDOG), F.GPU_WATCHDOG),
+    ("sigkill near the limit", ExitFacts(KILL, memory_mb=950, memory_limit_mb=1000), F.OOM),
+    ("sigkill under memory pressure", ExitFacts(KILL, available_fraction=0.01), F.OOM),
+    ("sigkill with memory to spare", ExitFacts(KILL, memory_mb=100, memory_limit_mb=1000),
+     F.CRASH),
+    ("hang, stopped gracefully", ExitFacts(23, stop_reason=StopReason.HANG), F.HANG),
+    ("hang, killed", ExitFacts(KILL, stop_reason=StopReason.HANG, killed_by_supervisor=True),
+     F.HANG),
+    ("stall", ExitFacts(KILL, stop_reason=StopReason.STALL, killed_by_supervisor=True), F.STALL),
+    ("memory restart", ExitFacts(23, stop_reason=StopReason.MEMORY), F.PLANNED_RESTART),
+    ("user stop", ExitFacts(23, stop_reason=StopReason.USER), F.GRACEFUL_STOP),
+    ("completed while stopping", ExitFacts(0, stop_reason=StopReason.USER), F.COMPLETED),
+    ("early-stopped while stopping", ExitFacts(20, stop_reason=StopReason.MEMORY),
+     F.EARLY_STOPPED),
+]
+
+
+@pytest.mark.parametrize("facts,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_classification(facts, expected):
+    assert classify(facts).failure is expected
+
+
+def test_signal_and_exit_code_are_reported_separately():
+    c = classify(ExitFacts(ABRT, stderr_tail=HANG_BUF))
+    assert (c.exit_code, c.signal, c.signal_name) == (None, signal.SIGABRT, "SIGABRT")
+    assert "command buffer" in c.detail.lower()
+    c = classify(ExitFacts(21, first_bad_step=40, stopping_detail="grad norm 3e4"))
+    assert (c.exit_code, c.signal, c.first_bad_step, c.detail) == (21, None, 40, "grad norm 3e4")
+
+
+def test_details_carry_the_evidence():
+    assert "Resource limit" in classify(ExitFacts(ABRT, stderr_tail=METAL_OOM)).detail
+    assert "display" in classify(ExitFacts(ABRT, stderr_tail=WATCHDOG)).detail
+    hang = classify(ExitFacts(KILL, stop_reason=StopReason.HANG, killed_by_supervisor=True,
+                              stop_detail="no heartbeat for 121.0 s"))
+    assert hang.detail == "no heartbeat for 121.0 s; killed after stop_timeout"
+    assert classify(ExitFacts(1, stderr_tail="a\nValueError: boom\n")).detail.endswith("boom")
+
+
+def test_bad_config_without_telemetry_takes_the_message_from_stderr():
+    c = classify(ExitFacts(78, stderr_tail="overnight train: c.yaml: data: dir not found\n"))
+    assert c.failure is F.BAD_CONFIG and c.detail == "overnight train: c.yaml: data: dir not found"

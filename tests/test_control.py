@@ -1,0 +1,130 @@
+"""supervisor/control.py and control_client.py: JSON over a real REP socket, clear errors,
+and `overnight status` without a supervisor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+
+import pytest
+import structlog
+import zmq
+
+from shared.layout import RunDir
+from shared.protocol import MAX_MESSAGE_BYTES, ControlReply, decode
+from supervisor import control_client
+from supervisor.control import ControlError, ControlServer, handle
+from supervisor.lock import RunLock
+from supervisor.record import RunRecord
+
+
+class FakeTarget:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def status(self):
+        self.calls.append("status")
+        return {"state": "training", "step": 12, "run_id": "r1"}
+
+    def request_stop(self, source):
+        self.calls.append(f"stop:{source}")
+        return {"state": "stopping", "supervisor_pid": 1, "stop_timeout": 3.0}
+
+    def request_checkpoint(self, source):
+        raise ControlError("no worker is training (state backing_off)")
+
+
+def test_commands_reply_with_data():
+    t = FakeTarget()
+    reply = handle(b'{"type":"control","v":1,"command":"status"}', t)
+    assert reply.ok and reply.data["step"] == 12
+    reply = handle(b'{"type":"control","v":1,"command":"stop"}', t)
+    assert reply.ok and t.calls == ["status", "stop:control"]
+
+
+@pytest.mark.parametrize("raw,fragment", [
+    (b"not json", "not JSON"),
+    (b'{"type":"control","v":1,"command":"reboot"}', "expected command in"),
+    (b'{"type":"control","v":9,"command":"status"}', "protocol version"),
+    (b'{"type":"heartbeat","v":1}', "missing field"),
+    (b'{"type":"reply","v":1,"ok":true}', "expected a control message"),
+    (b"x" * (MAX_MESSAGE_BYTES + 1), "too large"),
+])
+def test_bad_requests_get_clear_error_replies(raw, fragment):
+    reply = handle(raw, FakeTarget())
+    assert not reply.ok and fragment in reply.error
+
+
+def test_a_refused_command_is_an_error_reply():
+    reply = handle(b'{"type":"control","v":1,"command":"checkpoint"}', FakeTarget())
+    assert not reply.ok and reply.error == "no worker is training (state backing_off)"
+
+
+def _serve(server: ControlServer, n: int) -> threading.Thread:
+    def loop() -> None:
+        served = 0
+        while served < n:
+            if server.socket.poll(2000):
+                served += server.serve_ready(structlog.get_logger())
+            else:
+                return
+
+    t = threading.Thread(target=loop)
+    t.start()
+    return t
+
+
+def test_the_client_talks_to_a_live_server_over_ipc(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.create_socket_dir()
+    ctx = zmq.Context()
+    server = ControlServer(ctx, run.control_endpoint, FakeTarget())
+    with RunLock(run.lock):
+        t = _serve(server, 3)
+        assert control_client.request(run, "status").data["state"] == "training"
+        # raw garbage on the wire still gets an answer
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(run.control_endpoint)
+        req.send(b"\xff\xfe")
+        assert req.poll(2000)
+        assert not decode(req.recv()).ok
+        req.close()
+        args = argparse.Namespace(run_dir=run.root, json=False, timeout=2.0, wait=False)
+        assert control_client.main_stop(args) == 0
+        t.join(5)
+    server.close()
+    ctx.term()
+    assert "stopping" in capsys.readouterr().out
+    assert (run.sockets.stat().st_mode & 0o777) == 0o700
+
+
+def test_status_without_a_supervisor_reads_the_record(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    rec = RunRecord.open(run.record, "r-offline", run.root, tmp_path / "c.yaml", {}, "h")
+    rec.data.update(final_step=40, total_steps=40)
+    rec.set_state("finished", "all steps done")
+    args = argparse.Namespace(run_dir=run.root, json=True, timeout=0.5)
+    assert control_client.main_status(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["live"], out["state"], out["run_id"]) == (False, "finished", "r-offline")
+    args.json = False
+    control_client.main_status(args)
+    text = capsys.readouterr().out
+    assert "finished" in text and "no supervisor running" in text
+
+
+def test_stop_without_a_supervisor_fails_cleanly(tmp_path, capsys):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    args = argparse.Namespace(run_dir=run.root, json=False, timeout=0.5, wait=False)
+    assert control_client.main_stop(args) == 1
+    assert "no supervisor is running" in capsys.readouterr().err
+
+
+def test_reply_json_roundtrip():
+    r = ControlReply(ok=False, error="x", data={"a": 1})
+    assert decode(r.to_json()) == r

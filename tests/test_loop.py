@@ -1,0 +1,160 @@
+"""supervisor/loop.py with injected fakes (honcho style): a fake clock, a fake spawner whose
+processes exit when told, and an in-process ZeroMQ socket pair for telemetry. No time passes,
+no process starts: hang detection, stop escalation and restarts are replayed step by step."""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import structlog
+import zmq
+
+from shared.config import resolve
+from shared.layout import RunDir
+from shared.protocol import Heartbeat, Phase, StepMetrics
+from supervisor.attempt import AttemptRunner
+from supervisor.loop import Supervisor
+from supervisor.policy import Policy
+from supervisor.record import RunRecord
+from supervisor.state import Begin, State
+
+
+class FakeProcess:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.signals: list[int] = []
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def signal(self, sig: int) -> None:
+        self.signals.append(sig)
+
+    def signal_group(self, sig: int) -> None:
+        self.signals.append(sig)
+        if sig == signal.SIGKILL:
+            self.returncode = -signal.SIGKILL
+
+
+class FakeSpawner:
+    def __init__(self) -> None:
+        self.started: list[tuple[list[str], FakeProcess]] = []
+
+    def spawn(self, argv, env, output: Path) -> FakeProcess:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.touch()
+        proc = FakeProcess(1000 + len(self.started))
+        self.started.append((list(argv), proc))
+        return proc
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def rig(tmp_path):
+    config = resolve({"model": "m", "data": "d", "iters": 100, "supervisor": {
+        "heartbeat_timeout": 10, "startup_timeout": 30, "stop_timeout": 5,
+        "backoff_initial": 1, "backoff_max": 1, "sample_interval": 1e9}})
+    run = RunDir(tmp_path / "run")
+    run.create()
+    record = RunRecord.open(run.record, "r1", run.root, tmp_path / "c.yaml", {}, "h")
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.bind("inproc://telemetry")
+    pub = ctx.socket(zmq.PUB)
+    pub.connect("inproc://telemetry")
+    while True:  # PUB/SUB: wait until the subscription has reached the publisher
+        pub.send(b"sync")
+        if sub.poll(50):
+            sub.recv()
+            break
+    while sub.poll(50):
+        sub.recv()
+    spawner, clock = FakeSpawner(), Clock()
+    runner = AttemptRunner(config=config, config_path=tmp_path / "c.yaml", run=run,
+                           record=record, spawner=spawner,
+                           policy=Policy(config.supervisor, random.Random(0)), env={},
+                           command=["worker"], log=structlog.get_logger())
+    sup = Supervisor(runner=runner, record=record, telemetry=sub, control=None,
+                     log=structlog.get_logger(), clock=clock)
+    yield sup, spawner, clock, pub
+    pub.close(0)
+    sub.close(0)
+    ctx.term()
+
+
+def send(pub, sub_sup, msg) -> None:
+    pub.send(msg.to_json())
+    assert sub_sup.telemetry.poll(1000)
+    sub_sup._tick()
+
+
+def beat(pid, step, attempt=1):
+    return Heartbeat(run_id="r", pid=pid, attempt=attempt, seq=1, time=0.0,
+                     phase=Phase.TRAINING, step=step, total_steps=100, last_step_time=0.0,
+                     active_mb=1.0, peak_mb=1.0, rss_mb=1.0, dropped=0)
+
+
+def test_hang_sigterm_then_sigkill_then_restart_from_scratch(rig):
+    sup, spawner, clock, pub = rig
+    sup.dispatch(Begin())
+    assert sup.state is State.STARTING and len(spawner.started) == 1
+    argv, proc = spawner.started[0]
+    assert argv[:2] == ["worker", "train"] and argv[-2:] == ["--resume", "auto"]
+    send(pub, sup, beat(proc.pid, 3))
+    assert sup.state is State.TRAINING
+    send(pub, sup, beat(proc.pid + 1, 50))  # another pid: ignored
+    assert sup.runner.view.step == 3
+
+    clock.now = 9.9
+    sup._tick()
+    assert sup.state is State.TRAINING and proc.signals == []
+    clock.now = 10.0  # heartbeat_timeout after the last heartbeat
+    sup._tick()
+    assert sup.state is State.STOPPING and proc.signals == [signal.SIGTERM, signal.SIGCONT]
+    clock.now = 14.9
+    sup._tick()
+    assert signal.SIGKILL not in proc.signals
+    clock.now = 15.0  # stop_timeout later: SIGKILL, the process is gone
+    sup._tick()
+    assert proc.signals[-1] == signal.SIGKILL
+    sup._tick()
+    assert sup.state is State.BACKING_OFF
+    attempt = sup.record.attempts[0]
+    assert (attempt["classification"], attempt["detected_by"]) == ("hang", "heartbeat_timeout")
+    assert attempt["killed_after_stop_timeout"] and attempt["detection_latency_s"] == 10.0
+
+    clock.now = 15.5
+    sup._tick()
+    assert sup.state is State.BACKING_OFF  # backoff ~1 s (+-20 %)
+    clock.now = 16.5
+    sup._tick()
+    assert sup.state is State.STARTING and len(spawner.started) == 2
+    assert "--attempt" in spawner.started[1][0] and spawner.started[1][0][-2:] == ["--resume", "auto"]
+
+
+def test_crash_is_noticed_on_the_next_tick_and_a_user_stop_while_backing_off_ends_stopped(rig):
+    sup, spawner, _, pub = rig
+    sup.dispatch(Begin())
+    _, proc = spawner.started[0]
+    send(pub, sup, StepMetrics(run_id="r", attempt=1, step=1, time=0.0, loss=1.0,
+                               grad_norm=1.0, lr=1e-5, tokens=10, tokens_per_sec=5.0,
+                               step_seconds=2.0, active_mb=1.0, peak_mb=1.0, rss_mb=1.0))
+    proc.returncode = -signal.SIGSEGV
+    sup._tick()
+    assert sup.state is State.BACKING_OFF
+    assert sup.record.attempts[0]["signal_name"] == "SIGSEGV"
+    assert sup.status()["restart_in_s"] is not None
+    sup.request_stop("control")
+    assert sup.state is State.STOPPED and len(spawner.started) == 1

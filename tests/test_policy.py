@@ -1,0 +1,151 @@
+"""supervisor/policy.py: restart, roll back, shrink, finish or give up — and budgets."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+
+from shared.config import SupervisorOptions
+from shared.exitcodes import FailureClass
+from supervisor.policy import Outcome, Policy, Settings, shrink_batch
+from supervisor.state import Verdict
+
+F = FailureClass
+BASE = Settings(batch_size=4, grad_accumulation_steps=2, grad_checkpoint=False)
+OPTS = SupervisorOptions(backoff_initial=5, backoff_max=300, max_failures=5,
+                         failure_window=1800, max_rollbacks=3, lr_backoff=0.5,
+                         progress_reset_steps=50)
+
+
+def policy(**kw) -> Policy:
+    return Policy(dataclasses.replace(OPTS, **kw), random.Random(0))
+
+
+def out(failure, start=0, end=100, **kw) -> Outcome:
+    return Outcome(failure, "detail", start, end, **kw)
+
+
+@pytest.mark.parametrize("failure,verdict,action", [
+    (F.COMPLETED, Verdict.FINISH, "finish"),
+    (F.EARLY_STOPPED, Verdict.EARLY_STOP, "early_stop"),
+    (F.GRACEFUL_STOP, Verdict.STOP, "stop"),
+    (F.BAD_CONFIG, Verdict.GIVE_UP, "give_up"),
+    (F.CRASH, Verdict.RESTART, "restart"),
+    (F.HANG, Verdict.RESTART, "restart"),
+    (F.STALL, Verdict.RESTART, "restart"),
+    (F.GPU_WATCHDOG, Verdict.RESTART, "restart"),
+    (F.OOM, Verdict.RESTART, "reduce_memory"),
+    (F.NON_FINITE, Verdict.RESTART, "rollback"),
+    (F.GRAD_SPIKE, Verdict.RESTART, "rollback"),
+    (F.PLANNED_RESTART, Verdict.RESTART, "planned_restart"),
+])
+def test_action_per_class(failure, verdict, action):
+    d = policy().decide(out(failure), BASE, now=0)
+    assert (d.verdict, d.action) == (verdict, action)
+    assert d.reason
+
+
+def test_bad_config_gives_up_with_the_workers_message():
+    d = policy().decide(Outcome(F.BAD_CONFIG, "data: train.jsonl not found", 0, 0), BASE, 0)
+    assert d.verdict is Verdict.GIVE_UP and "train.jsonl not found" in d.reason
+
+
+def test_a_user_stop_wins_over_a_failure_but_not_over_completion():
+    assert policy().decide(out(F.CRASH, stop_requested=True), BASE, 0).verdict is Verdict.STOP
+    assert policy().decide(out(F.COMPLETED, stop_requested=True), BASE, 0).verdict is (
+        Verdict.FINISH)
+
+
+def test_crash_hang_stall_restart_with_the_same_settings():
+    for f in (F.CRASH, F.HANG, F.STALL):
+        assert policy().decide(out(f), BASE, 0).settings == BASE
+
+
+def test_gpu_watchdog_says_let_the_display_sleep():
+    d = policy().decide(out(F.GPU_WATCHDOG), BASE, 0)
+    assert "display" in d.reason and d.settings == BASE
+
+
+def test_oom_halves_the_micro_batch_keeps_the_effective_batch_then_checkpoints_then_gives_up():
+    p, s, seen = policy(), BASE, []
+    for i in range(5):
+        d = p.decide(out(F.OOM, start=0, end=10 + i), s, now=i)  # a little progress each time
+        if d.verdict is Verdict.GIVE_UP:
+            break
+        s = d.settings
+        seen.append((s.batch_size, s.grad_accumulation_steps, s.grad_checkpoint))
+    assert seen == [(2, 4, False), (1, 8, False), (1, 8, True)]
+    assert d.verdict is Verdict.GIVE_UP and "micro-batch 1" in d.reason
+
+
+def test_shrink_batch_keeps_the_effective_batch_for_odd_sizes():
+    s = shrink_batch(Settings(6, 1, False))
+    assert (s.batch_size, s.grad_accumulation_steps) == (3, 2)
+    s = shrink_batch(Settings(3, 2, False))
+    assert (s.batch_size, s.grad_accumulation_steps) == (1, 6)
+
+
+def test_rollback_lowers_lr_skips_the_window_and_gives_up_after_max_rollbacks():
+    p, s = policy(max_rollbacks=2), BASE
+    d = p.decide(out(F.GRAD_SPIKE, start=0, end=42, first_bad_step=40, lr_scale=1.0), s, 0)
+    assert (d.rollback_before, d.bad_until, d.settings.lr_scale) == (40, 42, 0.5)
+    d = p.decide(out(F.NON_FINITE, start=30, end=60, lr_scale=0.5), d.settings, 1)
+    assert (d.rollback_before, d.bad_until, d.settings.lr_scale) == (60, 60, 0.25)
+    d = p.decide(out(F.NON_FINITE, start=50, end=80, lr_scale=0.25), d.settings, 2)
+    assert d.verdict is Verdict.GIVE_UP and "2 rollbacks" in d.reason
+
+
+def test_the_same_failure_twice_without_progress_gives_up():
+    p = policy()
+    assert p.decide(out(F.CRASH, end=0), BASE, 0).verdict is Verdict.RESTART
+    d = p.decide(out(F.CRASH, end=0), BASE, 1)
+    assert d.verdict is Verdict.GIVE_UP and "twice" in d.reason
+
+
+def test_the_same_failure_after_progress_restarts():
+    p = policy()
+    for i in range(10):
+        d = p.decide(out(F.CRASH, start=i * 10, end=i * 10 + 10), BASE, i)
+        assert d.verdict is Verdict.RESTART, d.reason
+
+
+def test_crash_loop_limit_counts_failures_without_progress_in_the_window():
+    p = policy(max_failures=3)
+    kinds = [F.CRASH, F.HANG, F.STALL]
+    verdicts = [p.decide(out(k, end=0), BASE, now=i).verdict for i, k in enumerate(kinds)]
+    assert verdicts == [Verdict.RESTART, Verdict.RESTART, Verdict.GIVE_UP]
+
+
+def test_failures_outside_the_window_do_not_count():
+    p = policy(max_failures=2, failure_window=100)
+    assert p.decide(out(F.CRASH, end=0), BASE, now=0).verdict is Verdict.RESTART
+    assert p.decide(out(F.HANG, end=0), BASE, now=500).verdict is Verdict.RESTART
+
+
+def test_planned_restart_is_immediate_and_not_a_failure_but_not_endless():
+    p = policy(max_failures=1)
+    d = p.decide(out(F.PLANNED_RESTART, end=10), BASE, 0)
+    assert (d.verdict, d.delay, d.counted) == (Verdict.RESTART, 0.0, False)
+    assert p.decide(out(F.PLANNED_RESTART, start=10, end=20), BASE, 1).verdict is (
+        Verdict.RESTART)
+    assert p.decide(out(F.PLANNED_RESTART, start=20, end=20), BASE, 2).verdict is (
+        Verdict.GIVE_UP)
+
+
+def test_backoff_grows_exponentially_with_jitter_and_is_capped():
+    p = policy(max_failures=100, backoff_initial=5, backoff_max=60)
+    kinds = [F.CRASH, F.HANG] * 5
+    delays = [p.decide(out(k, end=0), BASE, now=i).delay for i, k in enumerate(kinds)]
+    for n, d in enumerate(delays[:4]):
+        assert 5 * 2**n * 0.8 <= d <= 5 * 2**n * 1.2
+    assert max(delays) <= 60 and delays[-1] >= 48
+
+
+def test_backoff_resets_after_sustained_progress():
+    p = policy(progress_reset_steps=50)
+    p.decide(out(F.CRASH, end=10), BASE, 0)
+    p.decide(out(F.HANG, start=10, end=20), BASE, 1)
+    assert p.decide(out(F.STALL, start=20, end=30), BASE, 2).delay > 15
+    assert p.decide(out(F.CRASH, start=30, end=100), BASE, 3).delay <= 6
