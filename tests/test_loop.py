@@ -141,7 +141,8 @@ def test_hang_sigterm_then_sigkill_then_restart_from_scratch(rig):
     clock.now = 16.5
     sup._tick()
     assert sup.state is State.STARTING and len(spawner.started) == 2
-    assert "--attempt" in spawner.started[1][0] and spawner.started[1][0][-2:] == ["--resume", "auto"]
+    argv = spawner.started[1][0]
+    assert "--attempt" in argv and argv[-2:] == ["--resume", "auto"]
 
 
 def test_crash_is_noticed_on_the_next_tick_and_a_user_stop_while_backing_off_ends_stopped(rig):
