@@ -21,6 +21,8 @@ from shared.layout import RunDir
 from shared.protocol import ControlReply, ControlRequest, decode
 from supervisor import record as record_mod
 from supervisor.lock import is_locked, read_holder
+from supervisor.runlogs import resolve_run_dir
+from supervisor.verdict import progress_line, verdict
 
 TIMEOUT = 2.0
 
@@ -68,35 +70,30 @@ def request(run: RunDir, command: str, timeout: float = TIMEOUT) -> ControlReply
     return reply
 
 
-def default_run_dir() -> Path:
-    runs = Path("runs")
-    candidates = [p for p in runs.glob("*/run.json")] if runs.is_dir() else []
-    if Path("run.json").exists():
-        return Path(".")
-    if not candidates:
-        raise OvernightError("no run directory given and none found under ./runs/")
-    return max(candidates, key=lambda p: p.stat().st_mtime).parent
-
-
 def main_status(args: argparse.Namespace) -> int:
-    run = RunDir((args.run_dir or default_run_dir()).resolve())
+    run = RunDir(resolve_run_dir(args.run_dir, "status"))
     try:
         reply = request(run, "status", args.timeout)
         live, data = True, reply.data
     except NoSupervisor:
-        stored = record_mod.load(run.record)
-        if stored is None:
-            raise OvernightError(f"{run.root}: no supervisor running and no run.json") from None
-        live, data = False, stored
+        live, data = False, record_mod.load(run.record)
     if args.json:
-        print(json.dumps({"live": live, **data}, indent=2, sort_keys=True))
-    else:
+        print(json.dumps({"live": live, **(data or {})}, indent=2, sort_keys=True))
+        return 0
+    # The report's verdict first; then the supervisor's view (when there is one) and, while
+    # it trains, the worker's own progress line.
+    print(verdict(data, run.root))
+    if data is not None:
         print(format_status(data, live))
+    else:
+        print(f"(no run.json: trained with `overnight train` alone) {run.root}")
+    if live and (line := progress_line(run.root, data)):
+        print(line)
     return 0
 
 
 def main_stop(args: argparse.Namespace) -> int:
-    run = RunDir((args.run_dir or default_run_dir()).resolve())
+    run = RunDir(resolve_run_dir(args.run_dir, "stop"))
     try:
         reply = request(run, "stop", args.timeout)
     except NoSupervisor as e:

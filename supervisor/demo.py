@@ -1,0 +1,217 @@
+"""`overnight demo`: a supervised fine-tune that fails twice, recovers, finishes, and reports.
+
+    overnight demo                      # everything in a new temporary directory (printed)
+    overnight demo --keep ~/od-demo     # ... in ~/od-demo (model/, data/, demo.yaml, run/)
+    overnight demo --format html        # the report as one HTML file
+
+A tiny random llama model and a small corpus are built offline (worker/tinymodel.py), then
+`overnight run` trains it as a separate process with two injected faults: a Metal-style
+crash (the worker aborts) and a hang (the worker freezes; no heartbeat). The supervisor
+notices each, restarts from the newest checkpoint and finishes. While it runs, the demo
+narrates what the supervisor and the worker log; at the end it prints the report. About
+30 s on a 2-core CPU, no downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from shared.errors import ConfigError
+from shared.layout import RunDir
+from supervisor.runfacts import gather
+from supervisor.runlogs import LogLine, Problems, tails
+from supervisor.verdict import duration
+
+ITERS = 200
+TIMEOUT = 600.0
+POLL = 0.3
+# Short timeouts: a hang is noticed in 5 s, restarts wait about 1 s.
+SUPERVISOR = {
+    "heartbeat_timeout": 5.0, "startup_timeout": 90.0, "stop_timeout": 10.0,
+    "backoff_initial": 1.0, "backoff_max": 5.0, "sample_interval": 1.0, "caffeinate": False,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="build the model, corpus, config and run in DIR "
+                             "(default: a new temporary directory, printed; kept either way)")
+    parser.add_argument("--run-dir", type=Path, metavar="DIR",
+                        help="the run directory (default: run/ in the demo directory)")
+    parser.add_argument("--iters", type=int, default=ITERS, help="steps to train")
+    parser.add_argument("--inject", metavar="SPEC",
+                        help="faults to inject (default: a crash at 35%% of the steps and a "
+                             "hang at 75%%); '' for none; see worker/inject.py")
+    parser.add_argument("--format", choices=("md", "html"), default="md",
+                        help="the report's format (see overnight report)")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT,
+                        help="seconds before the demo gives up on the supervisor")
+
+
+def default_faults(iters: int) -> str:
+    return f"crash@{max(2, round(iters * 0.35))},hang@{max(3, round(iters * 0.75))}"
+
+
+def write_config(base: Path, iters: int, inject: str) -> Path:
+    every = max(1, iters // 10)
+    config = {
+        "model": str(base / "model"), "data": str(base / "data"), "iters": iters,
+        "batch_size": 4, "learning_rate": 1e-3, "steps_per_report": every,
+        "steps_per_eval": every, "save_every": every, "val_batches": 4, "num_layers": -1,
+        "lora_parameters": {"rank": 8, "scale": 20.0, "dropout": 0.0},
+        "training": {"warmup_steps": 5},
+        "early_stopping": {"enabled": False},
+        "debug": {"inject": inject},
+        "supervisor": SUPERVISOR,
+    }
+    path = base / "demo.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def prepare(base: Path, iters: int, inject: str) -> Path:
+    """The tiny model (once per directory), the corpus and the config; returns the config."""
+    from worker.tinymodel import make_corpus, make_tiny_model
+
+    if not (base / "model" / "config.json").exists():
+        make_tiny_model(base / "model")
+    if not (base / "data" / "train.jsonl").exists():
+        make_corpus(base / "data", n_train=512, n_valid=32)
+    return write_config(base, iters, inject)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.iters < 10:
+        raise ConfigError(f"--iters: expected at least 10 steps, got {args.iters}")
+    started = time.time()
+    base = (args.keep or Path(tempfile.mkdtemp(prefix="overnight-demo-"))).resolve()
+    base.mkdir(parents=True, exist_ok=True)
+    run = RunDir((args.run_dir or base / "run").resolve())
+    if run.record.exists() or run.checkpoints.exists():
+        raise ConfigError(f"{run.root}: already holds a run; choose another --run-dir or "
+                          "--keep directory, or remove it")
+    inject = default_faults(args.iters) if args.inject is None else args.inject
+    out = sys.stdout
+    print(f"demo: {base}", file=out)
+    print(f"demo: building a tiny model and a corpus; then `overnight run` trains "
+          f"{args.iters} steps with faults injected: {inject or 'none'}", file=out)
+    config = prepare(base, args.iters, inject)
+    console = base / "supervisor-console.log"
+    t0 = time.time()
+    with open(console, "w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor.cli", "run", str(config), "--run-dir",
+             str(run.root)], stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        try:
+            narrate_until_exit(proc, run, t0, args.timeout, out)
+        except KeyboardInterrupt:
+            _stop(proc)
+            raise
+    if proc.returncode != 0:
+        print(f"demo: the supervisor failed (exit {proc.returncode}); its output: {console}",
+              file=out)
+    from supervisor.report import write_report
+
+    report = run.root / f"report.{args.format}"
+    facts = gather(run.root)
+    written = write_report(facts, report, args.format)
+    print(f"\ndemo: finished in {duration(time.time() - started)}. The report "
+          f"(`overnight report {run.root}`):\n", file=out)
+    print(written.markdown, file=out)
+    if written.note:
+        print(f"demo: {written.note}", file=out)
+    print(f"report: {report}" + (f"\npicture: {written.png}" if written.png else ""), file=out)
+    print(f"logs:   overnight logs {run.root}   (--level warning, --attempt 2, --json, -f)",
+          file=out)
+    return 0 if facts.state == "finished" and proc.returncode == 0 else 1
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM: the supervisor asks the worker to checkpoint and stop, then exits."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=SUPERVISOR["stop_timeout"] + 10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def narrate_until_exit(proc: subprocess.Popen[Any], run: RunDir, t0: float, timeout: float,
+                       out: TextIO) -> None:
+    """Follow the run's logs and tell what happens, until the supervisor exits."""
+    problems = Problems()
+    followed = tails(run, problems)
+    try:
+        while True:
+            done = proc.poll() is not None
+            batch = sorted((ln for t in followed for ln in t.new_lines(final=done)),
+                           key=lambda ln: ln.time if not math.isnan(ln.time) else 0.0)
+            for line in batch:
+                text = narrate(line)
+                if text:
+                    print(f"[{duration(max(0.0, line.time - t0)):>6}] {text}", file=out,
+                          flush=True)
+            if done:
+                return
+            if time.time() - t0 > timeout:
+                print(f"demo: no result after {timeout:g} s; stopping the supervisor", file=out)
+                _stop(proc)
+                return
+            time.sleep(POLL)
+    finally:
+        for t in followed:
+            t.close()
+
+
+def narrate(line: LogLine) -> str | None:
+    """One line for the events a person watching the demo cares about, else None."""
+    d, ev = line.data, line.event
+    if line.source == "supervisor":
+        if ev == "worker_spawned":
+            resume = d.get("resume_step")
+            where = f"resuming from checkpoint {resume}" if resume else "from scratch"
+            return f"supervisor: attempt {d.get('attempt')} started ({where})"
+        if ev == "worker_unhealthy":
+            return f"supervisor: worker unhealthy: {d.get('kind')}, {d.get('detail')}"
+        if ev == "worker_exited":
+            cls = d.get("classification")
+            mark = "✓" if cls == "completed" else "✗"
+            detail = str(d.get("detail") or "")
+            detail = detail if len(detail) < 90 else detail[:89] + "…"
+            return (f"supervisor: {mark} attempt {d.get('attempt')} ended at step "
+                    f"{d.get('step')}: {cls} ({detail})")
+        if ev == "recovery_decision":
+            delay = d.get("delay_s") or 0
+            wait = f" in {duration(float(delay))}" if d.get("verdict") == "restart" else ""
+            return f"supervisor: → {d.get('action')}{wait}"
+        if ev == "run_ended":
+            return f"supervisor: run ended: {d.get('state')} ({d.get('reason')})"
+        return None
+    if ev == "progress":
+        return (f"worker:     step {d.get('step')}  loss {_f(d.get('loss'))}  "
+                f"{_f(d.get('tokens_per_sec'), '.0f')} tok/s")
+    if ev == "evaluated":
+        return (f"worker:     step {d.get('step')}  validation loss {_f(d.get('val_loss'))} "
+                f"(best {_f(d.get('best_val_loss'))})")
+    if ev == "resumed":
+        return f"worker:     resumed from step {d.get('step')} (exact state restored)"
+    return None
+
+
+def _f(x: Any, fmt: str = ".3f") -> str:
+    with contextlib.suppress(TypeError, ValueError):
+        return format(float(x), fmt)
+    return "?"

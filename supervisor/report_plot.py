@@ -1,0 +1,218 @@
+"""The report's picture (matplotlib, the optional `report` extra): three panels, one PNG.
+
+    Loss vs step (full width): raw training loss (faint), smoothed training loss, validation
+        loss; each restart a vertical line named after its cause, the steps it had to redo
+        shaded; the best checkpoint a star.
+    Steps vs wall-clock time: the overnight story (a flat stretch is a hang, a drop is work
+        redone after a restart, a gap is downtime).
+    Memory vs step: MLX active and peak memory and the process RSS (a slow leak shows here).
+
+`plot(facts, path)` raises ImportError when matplotlib is missing; the caller says so and
+writes a text-only report.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from supervisor.runfacts import RunFacts
+from supervisor.verdict import KIND, describe, restarts
+
+COLORS = {
+    "crash": "#d62728", "killed": "#d62728", "oom": "#9467bd", "gpu_watchdog": "#8c564b",
+    "hang": "#ff7f0e", "stall": "#bcbd22", "non_finite": "#e377c2", "grad_spike": "#e377c2",
+    "planned_restart": "#7f7f7f", "abandoned": "#7f7f7f", "graceful_stop": "#17becf",
+}
+ENDED_EARLY = {"early_stopped": "early stop", "gave_up": "gave up", "stopped": "stopped",
+               "incomplete": "last step"}
+TRAIN, VAL, BEST = "#1f77b4", "#ff7f0e", "#2ca02c"
+WIDTH_IN, HEIGHT_IN, DPI = 12.0, 8.0, 100
+TITLE_CHARS = 125  # characters of the verdict per title line at this width
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Debiased exponential moving average (TensorBoard's smoothing) over ~`window` points."""
+    alpha = 2.0 / (window + 1)
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        avg = (1 - alpha) * avg + alpha * v
+        weight = (1 - alpha) * weight + alpha
+        out.append(avg / weight)
+    return out
+
+
+def effective_steps(metrics: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """step -> the metrics line that counts (the last one written for that step)."""
+    out: dict[int, dict[str, Any]] = {}
+    for m in metrics:
+        step = m.get("step")
+        if isinstance(step, int):
+            out[step] = m
+    return dict(sorted(out.items()))
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def plot(facts: RunFacts, target: Path | BinaryIO) -> None:
+    """Draw the picture into a PNG file (or a binary stream)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
+    title = textwrap.fill(describe(facts), width=TITLE_CHARS, max_lines=3, placeholder=" …")
+    fig.suptitle(title, fontsize=11, fontweight="bold", ha="left", x=0.01)
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 2])
+    _loss_panel(fig.add_subplot(grid[0, :]), facts)
+    _progress_panel(fig.add_subplot(grid[1, 0]), facts)
+    _memory_panel(fig.add_subplot(grid[1, 1]), facts)
+    fig.savefig(target, dpi=DPI, format="png")
+    plt.close(fig)
+
+
+def _loss_panel(ax: Any, facts: RunFacts) -> None:
+    import matplotlib.transforms as mtransforms
+
+    eff = effective_steps(facts.metrics)
+    steps = [s for s, m in eff.items() if _finite(m.get("loss"))]
+    losses = [float(eff[s]["loss"]) for s in steps]
+    top: list[float] = []
+    if steps:
+        window = max(5, min(200, len(steps) // 30))
+        smoothed = smooth(losses, window)
+        ax.plot(steps, losses, color=TRAIN, alpha=0.25, linewidth=0.8,
+                label="training loss (each step)")
+        ax.plot(steps, smoothed, color=TRAIN, linewidth=2.2,
+                label=f"training loss (smoothed, ~{window} steps)")
+        top += [max(smoothed), sorted(losses)[int(0.98 * (len(losses) - 1))]]
+    discarded = [(m["step"], m["loss"]) for m in facts.metrics
+                 if isinstance(m.get("step"), int) and _finite(m.get("loss"))
+                 and eff.get(m["step"], {}).get("loss") != m["loss"]]
+    if discarded:
+        xs, ys = zip(*discarded, strict=True)
+        ax.scatter(xs, ys, s=6, color="#999999", zorder=2,
+                   label="superseded (redone after a restart)")
+    if facts.evals:
+        vs, vl = zip(*facts.evals, strict=True)
+        ax.plot(vs, vl, color=VAL, marker="o", markersize=4, linewidth=1.8,
+                label="validation loss")
+        top.append(max(vl))
+    if facts.best is not None:
+        bstep, bval = facts.best
+        ax.plot([bstep], [bval], marker="*", markersize=18, color=BEST, zorder=5,
+                markeredgecolor="black", linestyle="none",
+                label=f"best checkpoint: step {bstep}, val {bval:.3f}")
+    _restart_marks(ax, facts)
+    if facts.state in ENDED_EARLY and facts.final_step:
+        ax.axvline(facts.final_step, color="#555555", linestyle=":", linewidth=1.6)
+        ax.text(facts.final_step, 0.5, f" {ENDED_EARLY[facts.state]} @{facts.final_step}",
+                transform=mtransforms.blended_transform_factory(ax.transData, ax.transAxes),
+                rotation=90, va="center", ha="left", fontsize=9, color="#555555")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    total = facts.total_steps or (max(steps) if steps else 1)
+    ax.set_xlim(0, total * 1.01)
+    if top:
+        low = min([*losses, *(v for _, v in facts.evals)]) if steps else 0.0
+        ax.set_ylim(max(0.0, low - 0.05 * (max(top) - low)), max(top) * 1.05)
+    ax.set_title(f"Loss — {facts.run_id}", loc="left", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+
+
+def _restart_marks(ax: Any, facts: RunFacts) -> None:
+    """A line at each failure, named; the redone steps (resume point .. failure) shaded."""
+    import matplotlib.transforms as mtransforms
+
+    trans = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for i, (a, following) in enumerate(restarts(facts.attempts)):
+        color = COLORS.get(a.outcome, "#d62728")
+        ax.axvline(a.end_step, color=color, linestyle="--", linewidth=1.4, zorder=3)
+        back = following.resumed_from if following is not None else None
+        if back is not None and back < a.end_step:
+            ax.axvspan(back, a.end_step, color=color, alpha=0.10, zorder=1)
+        label = KIND.get(a.outcome, a.outcome)
+        if a.action == "rollback":
+            label += " → rollback"
+        ax.text(a.end_step, 0.98 - 0.09 * (i % 3), f" {label} @{a.end_step} ", transform=trans,
+                rotation=0, ha="right", va="top", fontsize=9, color=color, fontweight="bold",
+                bbox={"facecolor": "white", "edgecolor": color, "alpha": 0.9, "pad": 1.5},
+                zorder=6)
+
+
+def _progress_panel(ax: Any, facts: RunFacts) -> None:
+    times = [m["time"] for m in facts.metrics if _finite(m.get("time"))]
+    if not times:
+        _empty(ax, "steps over time: no steps recorded")
+        return
+    t0 = facts.started if _finite(facts.started) else min(times)
+    span = max(times) - t0
+    unit, div = ("hours", 3600.0) if span > 3 * 3600 else (
+        ("minutes", 60.0) if span > 180 else ("seconds", 1.0))
+    by_attempt = {
+        n: [((m["time"] - t0) / div, m["step"]) for m in ms
+            if _finite(m.get("time")) and isinstance(m.get("step"), int)]
+        for n, ms in sorted(facts.metrics_by_attempt().items())
+    }
+    previous_end: tuple[float, int] | None = None
+    for n, pts in enumerate(p for p in by_attempt.values() if p):
+        xs, ys = zip(*pts, strict=True)
+        if previous_end is not None:
+            ax.plot([previous_end[0], xs[0]], [previous_end[1], ys[0]], color="#999999",
+                    linestyle=":", linewidth=1.2)
+        ax.plot(xs, ys, color=TRAIN, linewidth=2, label="training" if n == 0 else None)
+        previous_end = (xs[-1], ys[-1])
+    for a, _ in restarts(facts.attempts):
+        if a.ended is None:
+            continue
+        color = COLORS.get(a.outcome, "#d62728")
+        ax.plot([(a.ended - t0) / div], [a.end_step], marker="X", markersize=11, color=color,
+                linestyle="none", markeredgecolor="black",
+                label=f"{KIND.get(a.outcome, a.outcome)} (attempt {a.number} ended)")
+    if facts.total_steps:
+        ax.axhline(facts.total_steps, color="#555555", linestyle="--", linewidth=1)
+    ax.set_xlabel(f"wall-clock {unit} since the start")
+    ax.set_ylabel("step")
+    ax.set_title("Steps over time (flat: stuck; drop: steps redone)", loc="left", fontsize=11)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8, framealpha=0.9)
+
+
+def _memory_panel(ax: Any, facts: RunFacts) -> None:
+    eff = effective_steps(facts.metrics)
+    series = (("active_mb", "MLX active", "-"), ("peak_mb", "MLX peak", "--"),
+              ("rss_mb", "process RSS", ":"))
+    highest, lowest = 0.0, math.inf
+    for key, label, style in series:
+        pts = [(s, float(m[key])) for s, m in eff.items() if _finite(m.get(key))]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, linestyle=style, linewidth=1.6, label=label)
+            highest, lowest = max(highest, max(ys)), min(lowest, max(min(ys), 1e-3))
+    if highest == 0.0:
+        _empty(ax, "memory: no samples recorded")
+        return
+    if highest / lowest > 30:
+        ax.set_yscale("log")
+    for a, _ in restarts(facts.attempts):
+        ax.axvline(a.end_step, color=COLORS.get(a.outcome, "#d62728"), linestyle="--",
+                   linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MB")
+    ax.set_title("Memory (a steady climb is a leak)", loc="left", fontsize=11)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8, framealpha=0.9)
+
+
+def _empty(ax: Any, text: str) -> None:
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=11,
+            color="#777777")

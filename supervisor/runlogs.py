@@ -1,0 +1,309 @@
+"""A run's JSON logs: finding the run, reading logs that rotate and get cut off, following.
+
+Used by `overnight logs` (supervisor/logview.py), the report (supervisor/runfacts.py) and
+the demo. Each log is a .jsonl file written by shared/logsetup.py through a size-rotating
+handler: `worker.jsonl.N` … `.1` are older backups. A line cut short by a killed process,
+or glued to the next writer's line, costs only itself (`parse_line`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import heapq
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from shared.errors import ConfigError
+from shared.layout import RunDir
+
+SOURCES = ("supervisor", "worker")
+
+@dataclass(frozen=True)
+class LogLine:
+    time: float  # seconds since the epoch (nan when the line has no readable timestamp)
+    data: dict[str, Any]
+
+    @property
+    def source(self) -> str:
+        return str(self.data.get("source", "?"))
+
+    @property
+    def event(self) -> str:
+        return str(self.data.get("event", ""))
+
+    @property
+    def level(self) -> str:
+        return str(self.data.get("level", "info")).lower()
+
+
+@dataclass
+class Problems:
+    """Lines that were not JSON objects: counted, reported once on stderr, never fatal."""
+
+    skipped: list[str] = field(default_factory=list)
+
+    def note(self, where: str) -> None:
+        self.skipped.append(where)
+
+    def report(self, out: TextIO) -> None:
+        if self.skipped:
+            first = ", ".join(self.skipped[:3]) + (" …" if len(self.skipped) > 3 else "")
+            print(f"overnight logs: skipped {len(self.skipped)} unreadable line(s) "
+                  f"(a process killed mid-write): {first}", file=out)
+
+
+def parse_time(value: Any) -> float:
+    """ISO 8601 (structlog's `...Z` or run.json's `+00:00`) -> epoch seconds; nan if not."""
+    if not isinstance(value, str) or not value:
+        return math.nan
+    try:
+        t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return math.nan
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.timezone.utc)
+    return t.timestamp()
+
+
+def parse_line(text: str) -> dict[str, Any] | None:
+    """One JSON object, or the last whole object in a line whose start was cut off.
+
+    A writer killed mid-line leaves `{"step": 4, "ev` without a newline; the next process
+    appends its own line to it. The tail is still a good line, so it is recovered.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    with contextlib.suppress(ValueError):
+        obj = json.loads(text)
+        return obj if isinstance(obj, dict) else None
+    start = text.find('{"', 1)
+    while start != -1:
+        with contextlib.suppress(ValueError):
+            obj = json.loads(text[start:])
+            if isinstance(obj, dict):
+                return obj
+        start = text.find('{"', start + 1)
+    return None
+
+
+def rotated_files(path: Path) -> list[Path]:
+    """`path` and its RotatingFileHandler backups, oldest first: .N … .2, .1, path."""
+    backups = []
+    for p in path.parent.glob(path.name + ".*"):
+        suffix = p.name[len(path.name) + 1:]
+        if suffix.isdigit():
+            backups.append((int(suffix), p))
+    return [p for _, p in sorted(backups, reverse=True)] + ([path] if path.exists() else [])
+
+
+def _to_line(obj: dict[str, Any], default_source: str) -> LogLine:
+    obj.setdefault("source", default_source)
+    return LogLine(parse_time(obj.get("timestamp")), obj)
+
+
+class Tail:
+    """One logical log (a .jsonl file and its backups), read to the end and then followed.
+
+    Survives rotation (the file is replaced: finish the old one, open the new one) and
+    truncation (start again from the top).
+    """
+
+    def __init__(self, path: Path, source: str, problems: Problems) -> None:
+        self.path = path
+        self.source = source
+        self.problems = problems
+        self.handle: Any = None
+        self.inode: int | None = None
+        self.partial = b""
+        self.lineno = 0
+
+    def initial(self, final: bool = True) -> Iterator[LogLine]:
+        """Every line so far: the backups, then the live file (left open for `follow`;
+        then a last line still being written waits for its newline)."""
+        for backup in rotated_files(self.path):
+            if backup != self.path:
+                yield from self._whole_file(backup)
+        self._open()
+        yield from self.new_lines(final=final)
+
+    def _whole_file(self, path: Path) -> Iterator[LogLine]:
+        try:
+            with open(path, "rb") as f:
+                for n, raw in enumerate(f, 1):
+                    line = self._decode(raw, f"{path.name}:{n}")
+                    if line is not None:
+                        yield line
+        except OSError:
+            return
+
+    def _open(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        self.handle, self.inode, self.partial, self.lineno = None, None, b"", 0
+        try:
+            self.handle = open(self.path, "rb")  # noqa: SIM115 - kept open to follow
+            self.inode = os.fstat(self.handle.fileno()).st_ino
+        except OSError:
+            self.handle = None
+
+    def new_lines(self, final: bool = False) -> Iterator[LogLine]:
+        """Complete lines written since the last call. `final`: also a last line without a
+        newline (reading once); otherwise it waits for its newline (following)."""
+        if self.handle is None:
+            self._open()
+            if self.handle is None:
+                return
+        yield from self._drain(final)
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return
+        # Rotated (a new file: the rest of the old one was read above) or truncated in place.
+        if st.st_ino != self.inode or st.st_size < self.handle.tell():
+            self._open()
+            yield from self._drain(final)
+
+    def _drain(self, final: bool) -> Iterator[LogLine]:
+        data = self.partial + self.handle.read()
+        lines = data.split(b"\n")
+        self.partial = lines.pop()
+        if final and self.partial:
+            lines.append(self.partial)
+            self.partial = b""
+        for raw in lines:
+            self.lineno += 1
+            line = self._decode(raw, f"{self.path.name}:{self.lineno}")
+            if line is not None:
+                yield line
+
+    def _decode(self, raw: bytes, where: str) -> LogLine | None:
+        text = raw.decode("utf-8", "replace")
+        if not text.strip():
+            return None
+        obj = parse_line(text)
+        if obj is None:
+            self.problems.note(where)
+            return None
+        return _to_line(obj, self.source)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+def tails(run: RunDir, problems: Problems, sources: Iterable[str] = SOURCES) -> list[Tail]:
+    paths = {"supervisor": run.supervisor_log, "worker": run.worker_log}
+    return [Tail(paths[s], s, problems) for s in sources]
+
+
+def key(line: LogLine) -> float:
+    """Sort key: the time (lines without one first)."""
+    return line.time if not math.isnan(line.time) else -math.inf
+
+
+def merged(ts: list[Tail], final: bool = True) -> Iterator[LogLine]:
+    """All lines so far of several logs in time order (each log is already in order)."""
+    return heapq.merge(*(t.initial(final) for t in ts), key=key)
+
+
+def read_run_logs(run_dir: Path, sources: Iterable[str] = SOURCES,
+                  problems: Problems | None = None) -> Iterator[LogLine]:
+    """Every line of a run's logs in time order (for the report)."""
+    ts = tails(RunDir(run_dir), problems or Problems(), sources)
+    try:
+        yield from merged(ts)
+    finally:
+        for t in ts:
+            t.close()
+
+
+def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The JSON objects of a .jsonl file and the number of unreadable lines (not an error)."""
+    out: list[dict[str, Any]] = []
+    bad = 0
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                text = raw.decode("utf-8", "replace")
+                if not text.strip():
+                    continue
+                obj = parse_line(text)
+                if obj is None:
+                    bad += 1
+                else:
+                    out.append(obj)
+    except OSError:
+        pass
+    return out, bad
+
+
+
+def tail_jsonl(path: Path, max_bytes: int = 512_000) -> list[dict[str, Any]]:
+    """The JSON objects in the last `max_bytes` of a .jsonl file (its first line, probably
+    cut, is dropped): cheap enough for `overnight status` on a week-long run."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.split(b"\n")
+    if size > max_bytes:
+        lines = lines[1:]
+    out = []
+    for raw in lines:
+        obj = parse_line(raw.decode("utf-8", "replace"))
+        if obj is not None:
+            out.append(obj)
+    return out
+
+
+# ---- choosing the run ------------------------------------------------------------------
+
+
+def looks_like_run(path: Path) -> bool:
+    return any((path / name).exists() for name in ("run.json", "logs", "checkpoints",
+                                                   "COMPLETE"))
+
+
+def _last_modified(path: Path) -> float:
+    times = [path.stat().st_mtime]
+    for p in (path / "run.json", path / "logs" / "worker.jsonl", path / "logs" /
+              "supervisor.jsonl", path / "logs" / "metrics.jsonl"):
+        with contextlib.suppress(OSError):
+            times.append(p.stat().st_mtime)
+    return max(times)
+
+
+def resolve_run_dir(given: Path | None, command: str, err: TextIO | None = None) -> Path:
+    """The run directory to show: the one given, or the newest under ./runs/ (said on stderr).
+
+    ConfigError (one line, exit 78) when it is missing or is not a run directory.
+    """
+    if given is not None:
+        if not given.is_dir():
+            raise ConfigError(f"{given}: no such run directory")
+        if not looks_like_run(given):
+            raise ConfigError(f"{given}: not a run directory (expected run.json, logs/ or "
+                              "checkpoints/ in it)")
+        return given.resolve()
+    runs = Path("runs")
+    found = [p for p in runs.iterdir() if p.is_dir() and looks_like_run(p)] \
+        if runs.is_dir() else []
+    if not found:
+        raise ConfigError("no RUN_DIR given and no run directory under ./runs/")
+    newest = max(found, key=_last_modified)
+    print(f"overnight {command}: {newest} (the most recently modified run under ./runs/)",
+          file=err or sys.stderr)
+    return newest.resolve()

@@ -1,0 +1,238 @@
+"""supervisor/report.py, verdict.py, runfacts.py: the morning report of a real supervised run
+(a crash and a hang), of the same run without its run.json (`overnight train` alone), and
+verdicts for recorded situations (OOM with a smaller micro-batch, rollback, giving up)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor import cli
+from supervisor.report_doc import Table, to_markdown
+from supervisor.runfacts import gather
+from supervisor.verdict import describe, duration, progress_line, verdict
+from tests.report_support import CRASH_AT, HANG_AT, ITERS, copy_run, supervised_run
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, tiny_model, corpus) -> Path:
+    return supervised_run(tmp_path_factory, tiny_model, corpus)
+
+
+@pytest.fixture(scope="module")
+def reported(real_run, tmp_path_factory) -> tuple[Path, str, str]:
+    """A copy of the real run with `overnight report` run on it: (run, stdout, stderr)."""
+    run = copy_run(real_run, tmp_path_factory.mktemp("reported") / "run")
+    out, err = _report(run)
+    return run, out, err
+
+
+def _report(*argv: object) -> tuple[str, str]:
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(["report", *map(str, argv)])
+    assert code == 0, err.getvalue()
+    return out.getvalue(), err.getvalue()
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the PNG's IHDR chunk."""
+    assert data[:8] == PNG_MAGIC and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def crash_step(run: Path) -> int:
+    rec = json.loads((run / "run.json").read_text())
+    return rec["attempts"][0]["end_step"]
+
+
+# ---- the real run ------------------------------------------------------------------------
+
+
+def test_the_report_starts_with_the_verdict(reported):
+    run, out, _ = reported
+    first = out.splitlines()[0]
+    crash = crash_step(run)
+    assert re.fullmatch(
+        rf"# ✅ finished {ITERS}/{ITERS} steps in \S+; 2 restarts \(crash at {crash}; hang at "
+        rf"{HANG_AT}\); best val \d\.\d{{3}} at step \d+", first), first
+    assert CRASH_AT - 1 <= crash <= CRASH_AT
+    assert (run / "report.md").read_text() == out
+
+
+def test_the_picture_is_a_real_png_of_sensible_size(reported):
+    run, out, err = reported
+    data = (run / "report.png").read_bytes()
+    assert png_size(data) == (1200, 800)
+    assert 30_000 < len(data) < 1_000_000
+    from PIL import Image
+
+    with Image.open(run / "report.png") as im:
+        im.verify()
+    assert "![loss, progress and memory](report.png)" in out
+    assert f"picture: {run / 'report.png'}" in err
+
+
+def test_the_timeline_tells_each_attempt_and_what_the_supervisor_did(reported):
+    _, out, _ = reported
+    table = out.split("## What happened")[1].split("##")[0]
+    rows = [r for r in table.splitlines() if re.match(r"\|\s+\d+ \|", r)]
+    assert len(rows) == 3
+    assert "**crash**: killed by SIGABRT" in rows[0] and "restart after" in rows[0]
+    assert "from checkpoint 20" in rows[1] and "**hang**: no heartbeat" in rows[1]
+    assert "(noticed after 3.0s)" in rows[1]
+    assert f"from checkpoint {HANG_AT}" in rows[2] and "**completed**" in rows[2]
+    assert rows[2].rstrip(" |").endswith("finish")
+
+
+def test_failures_numbers_and_commands(reported, tiny_model):
+    run, out, _ = reported
+    assert "**Attempt 1: crash at step" in out and "Command buffer execution failed" in out
+    assert "**Attempt 2: hang at step" in out
+    assert re.search(r"time lost to failures \| \S+ \(\d+% of the wall time\): noticing 3\.0s, "
+                     r"restarting \S+, redoing \d+ steps", out)
+    assert re.search(r"throughput +\| [\d,]+ / [\d,]+ / [\d,]+ tokens/s by attempt", out)
+    assert "1 malformed in `train.jsonl`" in out
+    assert "no growth within an attempt" in out
+    assert f"mlx_lm generate --model {tiny_model} --adapter-path {run / 'adapters'}" in out
+    assert f"mlx_lm fuse --model {tiny_model} --adapter-path {run / 'adapters'}" in out
+    assert "### ETA accuracy" in out
+
+
+def test_html_is_one_file_with_the_picture_inside(real_run, tmp_path):
+    run = copy_run(real_run, tmp_path / "run")
+    out, _ = _report(run, "--format", "html", "--quiet")
+    assert out.startswith(f"finished {ITERS}/{ITERS} steps")
+    page = (run / "report.html").read_text()
+    assert not (run / "report.png").exists()
+    src = re.search(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert src is not None and png_size(base64.b64decode(src.group(1))) == (1200, 800)
+    assert "<table>" in page and "<h1>✅ finished" in page
+    assert not re.search(r'src="(?!data:)', page)  # nothing outside the file
+
+
+def test_without_matplotlib_the_report_is_text_only_and_says_why(real_run, tmp_path,
+                                                                 monkeypatch):
+    run = copy_run(real_run, tmp_path / "run")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    out, err = _report(run)
+    assert out.startswith("# ✅ finished")
+    assert "matplotlib is not installed" in err and "mlx-overnight[report]" in err
+    assert "matplotlib is not installed" in out and "](report.png)" not in out
+    assert not (run / "report.png").exists() and (run / "report.md").exists()
+
+
+def test_a_run_without_run_json_is_reported_from_its_logs(real_run, tmp_path):
+    run = copy_run(real_run, tmp_path / "run")
+    (run / "run.json").unlink()
+    out, _ = _report(run)
+    first = out.splitlines()[0]
+    assert f"finished {ITERS}/{ITERS} steps" in first
+    assert "(overnight train, no supervisor)" in first
+    # attempt 1 aborted without a word; attempt 2 was stopped (SIGTERM) after its hang
+    assert re.search(rf"2 restarts by hand \(killed at \d+; stop at {HANG_AT}\)", first), first
+    assert "`overnight train` alone (no run.json)" in out
+    assert "1 malformed in `train.jsonl`" in out
+    assert png_size((run / "report.png").read_bytes()) == (1200, 800)
+
+
+def test_status_api_verdict_and_progress_line(real_run):
+    record = json.loads((real_run / "run.json").read_text())
+    assert verdict(record, real_run) == describe(gather(real_run))
+    assert verdict(None, real_run).startswith(f"finished {ITERS}/{ITERS}")
+    live = {"run_id": record["run_id"], "state": "training", "step": 42, "total_steps": ITERS}
+    assert verdict(live, real_run).startswith(f"training: step 42/{ITERS} (70%), running for")
+    assert "2 restarts (crash at" in verdict(live, real_run)  # attempts from run.json
+    line = progress_line(real_run, record)
+    assert line is not None and line.startswith(f"Training: 100% | step {ITERS}/{ITERS} | loss=")
+    assert "ckpt=-0" in line and "val=" in line
+
+
+def test_a_missing_run_dir_is_one_line_and_exit_78(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "nope")]) == 78
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == f"overnight report: {tmp_path / 'nope'}: no such run " \
+                                        "directory"
+
+
+# ---- recorded situations -----------------------------------------------------------------
+
+
+def attempt(n: int, cls: str | None, start: int, end: int, action: str | None, **extra):
+    base = {"attempt": n, "pid": 100 + n, "started": f"2025-01-02T0{n}:00:00.000+00:00",
+            "ended": None if cls is None else f"2025-01-02T0{n}:30:00.000+00:00",
+            "classification": cls, "start_step": start, "end_step": end, "action": action,
+            "detail": f"{cls} detail", "resumed_from": {"step": start} if start else None}
+    return {**base, **extra}
+
+
+def record(attempts: list[dict], state: str = "finished", **extra) -> dict:
+    return {"schema_version": 1, "run_id": "night", "state": state, "reason": "",
+            "created": "2025-01-02T01:00:00.000+00:00",
+            "ended": "2025-01-02T08:42:00.000+00:00" if state != "training" else None,
+            "final_step": attempts[-1]["end_step"], "total_steps": 2000,
+            "best_checkpoint": {"step": 1750, "val_loss": 1.8412, "path": None},
+            "attempts": attempts, **extra}
+
+
+def test_verdict_names_oom_with_the_smaller_micro_batch_and_the_hang(tmp_path):
+    rec = record([
+        attempt(1, "oom", 0, 812, "reduce_memory",
+                settings_changed={"batch_size": [8, 4], "grad_accumulation_steps": [1, 2]}),
+        attempt(2, "hang", 800, 1530, "restart"),
+        attempt(3, "completed", 1500, 2000, "finish"),
+    ])
+    assert verdict(rec, tmp_path) == (
+        "finished 2000/2000 steps in 7h42m; 2 restarts (OOM at 812 → micro-batch 8→4, "
+        "accumulation 1→2; hang at 1530); best val 1.841 at step 1750")
+
+
+def test_verdict_names_a_rollback_and_a_lower_learning_rate(tmp_path):
+    rec = record([attempt(1, "non_finite", 0, 512, "rollback"),
+                  attempt(2, "completed", 500, 2000, "finish", lr_scale=0.5)])
+    assert "NaN loss at 512 → rolled back to 500, lr ×0.5" in verdict(rec, tmp_path)
+
+
+def test_verdict_of_a_run_that_gave_up_or_is_still_training(tmp_path):
+    rec = record([attempt(1, "crash", 0, 40, "restart"), attempt(2, "crash", 0, 40, "give_up")],
+                 state="gave_up", reason="crash twice at step 40 without progress")
+    text = verdict(rec, tmp_path)
+    assert text.startswith("GAVE UP at step 40/2000 after 7h42m: crash twice at step 40")
+    assert "1 restart (crash at 40)" in text
+    live = record([attempt(1, None, 0, 900, None)], state="training")
+    assert verdict(live, tmp_path).startswith("training: step 900/2000 (45%), running for ")
+
+
+def test_many_restarts_are_counted_by_kind(tmp_path):
+    attempts = [attempt(i, "crash" if i % 2 else "hang", 0, 10 * i, "restart")
+                for i in range(1, 8)] + [attempt(8, "completed", 70, 2000, "finish")]
+    assert "7 restarts (crash ×4, hang ×3)" in verdict(record(attempts), tmp_path)
+
+
+def test_a_sparse_or_odd_record_never_raises(tmp_path):
+    for rec in ({}, {"run_id": "x"}, {"run_id": "x", "attempts": [{}], "state": None},
+                {"run_id": "x", "attempts": [{"attempt": "one", "ended": "garbage"}],
+                 "best_checkpoint": {"val_loss": "n/a"}}):
+        assert isinstance(verdict(rec, tmp_path), str)
+    (tmp_path / "logs").mkdir()
+    facts = gather(tmp_path)
+    assert describe(facts).startswith("INCOMPLETE at step 0/?")
+
+
+def test_durations_and_tables_read_well():
+    assert [duration(x) for x in (0.004, 1.5, 17, 125, 7 * 3600 + 42 * 60, 2 * 86400 + 3600)
+            ] == ["4ms", "1.5s", "17s", "2m05s", "7h42m", "2d01h"]
+    text = to_markdown([Table(["a", "bb"], [["x|y", "1"], ["long cell", "22"]], "lr")])
+    assert text.splitlines() == ["| a         |  bb |", "|-----------|----:|",
+                                 "| x\\|y      |   1 |", "| long cell |  22 |"]
