@@ -109,10 +109,8 @@ class Session:
             return Outcome(ExitCode.COMPLETED, "completed", "run was already complete")
         if args.fresh:
             self._move_previous_aside()
-        chosen = self._choose_checkpoint()
-        stored: dict[str, Any] | None = None
-        if chosen is not None:
-            stored = ckpt.validate(chosen).state
+        chosen, stored = self._choose_checkpoint()
+        if chosen is not None and stored is not None:
             c = self._reconcile(c, stored, chosen)
         self.config = c
         if self.controls.stop_requested:
@@ -218,16 +216,17 @@ class Session:
         return outcome
 
     # -------------------------------------------------------------- helpers
-    def _choose_checkpoint(self) -> Path | None:
+    def _choose_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """The checkpoint to resume from and its (validated) trainer state."""
         resume = self.args.resume
         if self.args.fresh:
-            return None
+            return None, None
         if resume != "auto":
             path = Path(resume).expanduser().resolve()
             result = ckpt.validate(path)
             if not result.ok:
                 raise CheckpointError(f"--resume {resume}: {result.reason}")
-            return path
+            return path, result.state
 
         def skipped(info: ckpt.CheckpointInfo, reason: str) -> None:
             log.warning("checkpoint_invalid_skipped", path=str(info.path), reason=reason)
@@ -235,8 +234,8 @@ class Session:
         found = ckpt.newest_valid(self.run_dir.checkpoints, on_invalid=skipped)
         if found is None:
             log.info("starting_fresh", reason="no valid checkpoint")
-            return None
-        return found[0].path
+            return None, None
+        return found[0].path, found[1]
 
     def _reconcile(self, c: Config, stored: dict[str, Any], path: Path) -> Config:
         """The config of a resumed run must train the same thing; the batch split may change."""
