@@ -1,7 +1,8 @@
 """launchd (macOS): the agent plist of one run and the exact `launchctl` command lines.
 
-Pure functions: nothing here touches the file system or runs a command, so everything is
-tested on any platform. `supervisor/service.py` decides what to run and runs it.
+Nothing here writes a file or runs a command, so everything is tested on any platform: the
+functions build the plist and the command lines, `Launchd` (at the end) chooses which to run
+for a new, unchanged, replaced or removed job, and `supervisor/service.py` runs them.
 
     ~/Library/LaunchAgents/io.mlx-overnight.<name>.plist     label io.mlx-overnight.<name>
 
@@ -15,12 +16,16 @@ from __future__ import annotations
 
 import plistlib
 import re
-from collections.abc import Mapping
-from importlib import resources
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from string import Template
+from typing import Any
 from xml.parsers.expat import ExpatError
 from xml.sax.saxutils import escape
+
+from shared.layout import RunDir
+from supervisor import service_model
+from supervisor.service_model import Platform, ServiceManager, ServiceSpec, Step, Steps, steps
 
 LABEL_PREFIX = "io.mlx-overnight."
 SUFFIX = ".plist"
@@ -38,10 +43,7 @@ def label(name: str) -> str:
 
 def name_of(label_or_file: str) -> str | None:
     """The run name in a label or plist file name; None if it is not one of ours."""
-    base = label_or_file.removesuffix(SUFFIX)
-    if not base.startswith(LABEL_PREFIX) or base == LABEL_PREFIX:
-        return None
-    return base[len(LABEL_PREFIX) :]
+    return service_model.run_name(label_or_file, LABEL_PREFIX, SUFFIX)
 
 
 def agents_dir(home: Path) -> Path:
@@ -58,10 +60,6 @@ def domain(uid: int) -> str:
 
 def service_target(uid: int, name: str) -> str:
     return f"{domain(uid)}/{label(name)}"
-
-
-def template_text() -> str:
-    return (resources.files("supervisor") / "templates" / TEMPLATE).read_text(encoding="utf-8")
 
 
 def render(
@@ -98,16 +96,22 @@ def render(
         exit_timeout=str(exit_timeout),
         throttle_interval=str(throttle_interval),
     )
-    return Template(template_text()).substitute(mapping)
+    return Template(service_model.template_text(TEMPLATE)).substitute(mapping)
 
 
-def run_dir_of(text: str) -> Path | None:
-    """The run directory a plist starts the supervisor on; None if it cannot be read."""
+def _load(text: str) -> dict[str, Any] | None:
+    """The top-level dict of a plist; None if the text is not one."""
     try:
         plist = plistlib.loads(text.encode("utf-8"))
     except (ExpatError, ValueError):  # plistlib.InvalidFileException is a ValueError
         return None
-    args = plist.get("ProgramArguments") if isinstance(plist, dict) else None
+    return plist if isinstance(plist, dict) else None
+
+
+def run_dir_of(text: str) -> Path | None:
+    """The run directory a plist starts the supervisor on; None if it cannot be read."""
+    plist = _load(text)
+    args = plist.get("ProgramArguments") if plist is not None else None
     if not isinstance(args, list) or RUN_DIR_OPTION not in args:
         return None
     i = args.index(RUN_DIR_OPTION) + 1
@@ -116,11 +120,8 @@ def run_dir_of(text: str) -> Path | None:
 
 def exit_timeout_of(text: str) -> int | None:
     """The ExitTimeOut of an installed plist (how long its job may take to stop)."""
-    try:
-        plist = plistlib.loads(text.encode("utf-8"))
-    except (ExpatError, ValueError):
-        return None
-    value = plist.get("ExitTimeOut") if isinstance(plist, dict) else None
+    plist = _load(text)
+    value = plist.get("ExitTimeOut") if plist is not None else None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
@@ -156,3 +157,81 @@ def parse_state(print_output: str) -> str:
     """The job's `state = ...` line of `launchctl print` ("running", "not running", ...)."""
     m = _STATE.search(print_output)
     return m.group(1) if m else "loaded"
+
+
+# --- what `overnight install | uninstall | services` runs ---------------------------------
+
+
+class Launchd(ServiceManager):
+    platform = Platform.LAUNCHD
+    prefix = LABEL_PREFIX
+    suffix = SUFFIX
+
+    def directory(self) -> Path:
+        return agents_dir(self.host.home)
+
+    def path(self, name: str) -> Path:
+        return plist_path(self.host.home, name)
+
+    def render_spec(self, spec: ServiceSpec) -> str:
+        return render(
+            name=spec.name, python=spec.python, config=spec.config, run_dir=spec.run_dir,
+            working_directory=spec.workdir, environment=dict(spec.environment),
+            log_dir=RunDir(spec.run_dir).logs, stop_timeout=spec.stop_timeout,
+            exit_timeout=spec.stop_grace,
+        )
+
+    def run_dir_in(self, text: str) -> Path | None:
+        return run_dir_of(text)
+
+    def install_steps(self, spec: ServiceSpec, state: str, old: str) -> Steps:
+        h, name, path = self.host, spec.name, self.path(spec.name)
+        if state == "same":
+            # Loaded already: bootstrap fails harmlessly and kickstart leaves it running.
+            # Not loaded: bootstrap loads and starts it. Either way kickstart proves it loaded.
+            return (), (
+                Step(tuple(enable(h.launchctl, h.uid, name))),
+                Step(tuple(bootstrap(h.launchctl, h.uid, path)), check=False,
+                     note="fails if already loaded; ignored"),
+                Step(tuple(kickstart(h.launchctl, h.uid, name))),
+            )
+        before = self._remove_steps(name, old) if state == "replace" else ()
+        after = steps(enable(h.launchctl, h.uid, name), bootstrap(h.launchctl, h.uid, path))
+        return before, after
+
+    def _remove_steps(self, name: str, text: str) -> tuple[Step, ...]:
+        """Boot the job out (it checkpoints first), then wait until launchd forgot it."""
+        h = self.host
+        wait = (exit_timeout_of(text) or service_model.STOP_MARGIN + 600) + 10
+        return (
+            Step(tuple(bootout(h.launchctl, h.uid, name)), check=False,
+                 note="waits while the worker saves a checkpoint; fails if not loaded"),
+            Step(tuple(print_service(h.launchctl, h.uid, name)), until_fails=wait,
+                 note=f"repeated until it fails (job gone), at most {wait} s"),
+        )
+
+    def uninstall_steps(self, name: str, text: str) -> Steps:
+        return self._remove_steps(name, text), ()
+
+    def status(self, name: str) -> str:
+        done = self.query(print_service(self.host.launchctl, self.host.uid, name))
+        if done is None:
+            return "unknown"
+        return parse_state(done.stdout) if done.returncode == 0 else "not loaded"
+
+    def notes(self, spec: ServiceSpec, dry_run: bool) -> list[str]:
+        logs = RunDir(spec.run_dir).logs
+        return [
+            f"domain {domain(self.host.uid)}: the job runs while you are logged in "
+            "(screen lock and sleep are fine); logging out stops it after a checkpoint and "
+            "the next login resumes it",
+            f"console output: {logs / STDOUT_NAME} and {logs / STDERR_NAME}",
+        ]
+
+    def failure_hint(self, argv: Sequence[str]) -> str:
+        if len(argv) > 1 and argv[1] in ("bootstrap", "kickstart", "enable"):
+            return (
+                f" (the {domain(self.host.uid)} domain exists only while you are "
+                "logged in at the console or via Screen Sharing, not over ssh alone)"
+            )
+        return ""

@@ -6,6 +6,8 @@
 
 macOS gets a launchd agent in the `gui/<uid>` domain (supervisor/launchd.py), Linux a systemd
 user unit (supervisor/systemd.py); `--platform` overrides the choice made from sys.platform.
+Each platform's ServiceManager says which commands to run; this module runs them. The types
+both sides share (Host, ServiceSpec, Step, ...) are in supervisor/service_model.py.
 The service runs `<this interpreter> -m supervisor.cli run CONFIG --run-dir RUN_DIR` and is
 restarted only when the supervisor failed (non-zero exit, or killed): exit 0 is a final
 decision. Stop timeouts are supervisor.stop_timeout plus STOP_MARGIN, so a stopping worker
@@ -19,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import pwd
 import re
 import shlex
 import subprocess
@@ -29,8 +29,6 @@ import sys
 import sysconfig
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 
 from shared import config as config_mod
@@ -38,282 +36,14 @@ from shared.errors import ConfigError, OvernightError
 from shared.fsutil import atomic_write_bytes
 from shared.layout import RunDir
 from supervisor import launchd, systemd
+from supervisor.service_model import STOP_MARGIN, Host, Platform, ServiceManager, ServiceSpec, Step
 
-STOP_MARGIN = 60  # seconds beyond stop_timeout: the supervisor records the outcome and exits
 QUERY_TIMEOUT = 10.0  # seconds for read-only service-manager queries
 POLL_INTERVAL = 0.5
 NAME_MAX = 64
-ENV_LAUNCHCTL = "OVERNIGHT_LAUNCHCTL"
-ENV_SYSTEMCTL = "OVERNIGHT_SYSTEMCTL"
-ENV_LOGINCTL = "OVERNIGHT_LOGINCTL"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
-class Platform(str, Enum):
-    LAUNCHD = "launchd"
-    SYSTEMD = "systemd"
-
-    @classmethod
-    def choose(cls, override: str | None, sys_platform: str = sys.platform) -> Platform:
-        if override:
-            return cls(override)
-        if sys_platform == "darwin":
-            return cls.LAUNCHD
-        if sys_platform.startswith("linux"):
-            return cls.SYSTEMD
-        raise ConfigError(
-            f"--platform: expected launchd (macOS) or systemd (Linux), got sys.platform "
-            f"{sys_platform!r}; pass --platform to choose"
-        )
-
-
-@dataclass(frozen=True)
-class Host:
-    """Where, as whom and with which tools services are installed; read once per command."""
-
-    home: Path
-    uid: int
-    user: str
-    xdg_config_home: str | None
-    launchctl: str
-    systemctl: str
-    loginctl: str
-
-    @classmethod
-    def current(cls, env: Mapping[str, str] | None = None) -> Host:
-        env = os.environ if env is None else env
-        uid = os.getuid()
-        try:
-            user = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            user = str(uid)  # loginctl accepts a UID too
-        return cls(
-            home=Path(env["HOME"]) if env.get("HOME") else Path.home(),
-            uid=uid,
-            user=user,
-            xdg_config_home=env.get("XDG_CONFIG_HOME"),
-            launchctl=env.get(ENV_LAUNCHCTL) or "launchctl",
-            systemctl=env.get(ENV_SYSTEMCTL) or "systemctl",
-            loginctl=env.get(ENV_LOGINCTL) or "loginctl",
-        )
-
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    """Everything a service file says about one run; every path absolute."""
-
-    name: str
-    python: str
-    config: Path
-    run_dir: Path
-    workdir: Path
-    environment: tuple[tuple[str, str], ...]
-    stop_timeout: float
-    watchdog_sec: int = systemd.WATCHDOG_SEC
-
-    @property
-    def stop_grace(self) -> int:
-        """Service-manager stop timeout: the worker's checkpoint time plus a margin."""
-        return math.ceil(max(self.stop_timeout, 0.0)) + STOP_MARGIN
-
-
-@dataclass(frozen=True)
-class Step:
-    """One service-manager command line.
-
-    check: a failure aborts. until_fails > 0: repeat until the command fails (the job is
-    gone), at most that many seconds. note: shown after the command in dry runs.
-    """
-
-    argv: tuple[str, ...]
-    check: bool = True
-    until_fails: float = 0.0
-    note: str = ""
-
-    def describe(self) -> str:
-        text = shlex.join(self.argv)
-        return f"{text}    # {self.note}" if self.note else text
-
-
-def _steps(*argvs: Sequence[str]) -> tuple[Step, ...]:
-    return tuple(Step(tuple(a)) for a in argvs)
-
-
-Steps = tuple[tuple[Step, ...], tuple[Step, ...]]  # (before writing/removing, after)
-
-
-# --- the two service managers --------------------------------------------------------------
-
-
-class _Launchd:
-    platform = Platform.LAUNCHD
-
-    def __init__(self, host: Host) -> None:
-        self.host = host
-
-    def directory(self) -> Path:
-        return launchd.agents_dir(self.host.home)
-
-    def path(self, name: str) -> Path:
-        return launchd.plist_path(self.host.home, name)
-
-    def name_of(self, file_name: str) -> str | None:
-        return launchd.name_of(file_name) if file_name.endswith(launchd.SUFFIX) else None
-
-    def strip(self, name: str) -> str:
-        """A run name from a name, label or file name as a user may type it."""
-        return launchd.name_of(name) or name
-
-    def render(self, spec: ServiceSpec) -> str:
-        return launchd.render(
-            name=spec.name, python=spec.python, config=spec.config, run_dir=spec.run_dir,
-            working_directory=spec.workdir, environment=dict(spec.environment),
-            log_dir=RunDir(spec.run_dir).logs, stop_timeout=spec.stop_timeout,
-            exit_timeout=spec.stop_grace,
-        )
-
-    def run_dir_of(self, text: str) -> Path | None:
-        return launchd.run_dir_of(text)
-
-    def install_steps(self, spec: ServiceSpec, state: str, old: str) -> Steps:
-        h, name, path = self.host, spec.name, self.path(spec.name)
-        if state == "same":
-            # Loaded already: bootstrap fails harmlessly and kickstart leaves it running.
-            # Not loaded: bootstrap loads and starts it. Either way kickstart proves it loaded.
-            return (), (
-                Step(tuple(launchd.enable(h.launchctl, h.uid, name))),
-                Step(tuple(launchd.bootstrap(h.launchctl, h.uid, path)), check=False,
-                     note="fails if already loaded; ignored"),
-                Step(tuple(launchd.kickstart(h.launchctl, h.uid, name))),
-            )
-        before = self._remove_steps(name, old) if state == "replace" else ()
-        after = _steps(
-            launchd.enable(h.launchctl, h.uid, name), launchd.bootstrap(h.launchctl, h.uid, path)
-        )
-        return before, after
-
-    def _remove_steps(self, name: str, text: str) -> tuple[Step, ...]:
-        """Boot the job out (it checkpoints first), then wait until launchd forgot it."""
-        h = self.host
-        wait = (launchd.exit_timeout_of(text) or STOP_MARGIN + 600) + 10
-        return (
-            Step(tuple(launchd.bootout(h.launchctl, h.uid, name)), check=False,
-                 note="waits while the worker saves a checkpoint; fails if not loaded"),
-            Step(tuple(launchd.print_service(h.launchctl, h.uid, name)), until_fails=wait,
-                 note=f"repeated until it fails (job gone), at most {wait} s"),
-        )
-
-    def uninstall_steps(self, name: str, text: str) -> Steps:
-        return self._remove_steps(name, text), ()
-
-    def status(self, name: str) -> str:
-        done = _query(launchd.print_service(self.host.launchctl, self.host.uid, name))
-        if done is None:
-            return "unknown"
-        return launchd.parse_state(done.stdout) if done.returncode == 0 else "not loaded"
-
-    def notes(self, spec: ServiceSpec, dry_run: bool) -> list[str]:
-        logs = RunDir(spec.run_dir).logs
-        return [
-            f"domain {launchd.domain(self.host.uid)}: the job runs while you are logged in "
-            "(screen lock and sleep are fine); logging out stops it after a checkpoint and "
-            "the next login resumes it",
-            f"console output: {logs / launchd.STDOUT_NAME} and {logs / launchd.STDERR_NAME}",
-        ]
-
-    def failure_hint(self, argv: Sequence[str]) -> str:
-        if len(argv) > 1 and argv[1] in ("bootstrap", "kickstart", "enable"):
-            return (
-                f" (the {launchd.domain(self.host.uid)} domain exists only while you are "
-                "logged in at the console or via Screen Sharing, not over ssh alone)"
-            )
-        return ""
-
-
-class _Systemd:
-    platform = Platform.SYSTEMD
-
-    def __init__(self, host: Host) -> None:
-        self.host = host
-
-    def directory(self) -> Path:
-        return systemd.units_dir(self.host.home, self.host.xdg_config_home)
-
-    def path(self, name: str) -> Path:
-        return systemd.unit_path(self.host.home, name, self.host.xdg_config_home)
-
-    def name_of(self, file_name: str) -> str | None:
-        return systemd.name_of(file_name) if file_name.endswith(systemd.SUFFIX) else None
-
-    def strip(self, name: str) -> str:
-        """A run name from a name, unit or file name as a user may type it."""
-        return systemd.name_of(name) or name
-
-    def render(self, spec: ServiceSpec) -> str:
-        return systemd.render(
-            name=spec.name, python=spec.python, config=spec.config, run_dir=spec.run_dir,
-            working_directory=spec.workdir, environment=dict(spec.environment),
-            stop_timeout=spec.stop_timeout, timeout_stop_sec=spec.stop_grace,
-            watchdog_sec=spec.watchdog_sec,
-        )
-
-    def run_dir_of(self, text: str) -> Path | None:
-        return systemd.run_dir_of(text)
-
-    def install_steps(self, spec: ServiceSpec, state: str, old: str) -> Steps:
-        ctl, name = self.host.systemctl, spec.name
-        if state == "replace":
-            # enable --now would leave the old process running; restart applies the new unit.
-            return (), _steps(
-                systemd.daemon_reload(ctl), systemd.enable(ctl, name), systemd.restart(ctl, name)
-            )
-        return (), _steps(systemd.daemon_reload(ctl), systemd.enable_now(ctl, name))
-
-    def uninstall_steps(self, name: str, text: str) -> Steps:
-        ctl = self.host.systemctl
-        stop = Step(tuple(systemd.disable_now(ctl, name)),
-                    note="waits while the worker saves a checkpoint")
-        return (stop,), _steps(systemd.daemon_reload(ctl))
-
-    def status(self, name: str) -> str:
-        done = _query(systemd.is_active(self.host.systemctl, name))
-        return (done.stdout.strip() if done is not None else "") or "unknown"
-
-    def notes(self, spec: ServiceSpec, dry_run: bool) -> list[str]:
-        unit = systemd.unit_name(spec.name)
-        notes = [f"logs: journalctl --user -u {unit} (structured logs in the run's logs/)"]
-        query = systemd.linger_query(self.host.loginctl, self.host.user)
-        advice = f"loginctl enable-linger {self.host.user}"
-        if dry_run:
-            return [*notes, f"would check lingering with: {shlex.join(query)}"]
-        done = _query(query)
-        linger = systemd.parse_linger(done.stdout) if done and done.returncode == 0 else None
-        if linger is False:
-            notes.append(
-                "lingering is off: the service stops when you log out and starts again at "
-                f"your next login; to keep it running (and start it at boot): {advice}"
-            )
-        elif linger is None:
-            notes.append(
-                "could not check lingering (loginctl unavailable); if the run must outlive "
-                f"your login session: {advice}"
-            )
-        return notes
-
-    def failure_hint(self, argv: Sequence[str]) -> str:
-        return (
-            " (systemctl --user needs your user manager: log in as this user rather than "
-            "`su`, or set XDG_RUNTIME_DIR=/run/user/UID)"
-        )
-
-
-Backend = _Launchd | _Systemd
-
-
-def backend(platform: Platform, host: Host) -> Backend:
-    return _Launchd(host) if platform is Platform.LAUNCHD else _Systemd(host)
 
 
 # --- running commands ----------------------------------------------------------------------
@@ -329,7 +59,12 @@ def _query(argv: Sequence[str]) -> subprocess.CompletedProcess[str] | None:
         return None
 
 
-def _execute(step: Step, b: Backend) -> None:
+def backend(platform: Platform, host: Host) -> ServiceManager:
+    manager = launchd.Launchd if platform is Platform.LAUNCHD else systemd.Systemd
+    return manager(host, _query)
+
+
+def _execute(step: Step, b: ServiceManager) -> None:
     print(f"$ {step.describe()}", flush=True)
     deadline = time.monotonic() + step.until_fails
     while True:
@@ -464,7 +199,7 @@ def run_state(run_dir: Path | None) -> str:
     return state if isinstance(state, str) and state else "unknown"
 
 
-def installed(b: Backend) -> list[tuple[str, Path, Path | None]]:
+def installed(b: ServiceManager) -> list[tuple[str, Path, Path | None]]:
     """(name, service file, run dir) of every service of ours, sorted by name."""
     directory = b.directory()
     if not directory.is_dir():
@@ -475,7 +210,7 @@ def installed(b: Backend) -> list[tuple[str, Path, Path | None]]:
         if name is None or not f.is_file():
             continue
         try:
-            run_dir = b.run_dir_of(f.read_text(encoding="utf-8"))
+            run_dir = b.run_dir_in(f.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError):
             run_dir = None
         found.append((name, f, run_dir))
@@ -505,13 +240,16 @@ def add_uninstall_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_services_arguments(p: argparse.ArgumentParser) -> None:
+    _add_platform(p)
+
+
+def _add_platform(p: argparse.ArgumentParser) -> None:
     p.add_argument("--platform", choices=[m.value for m in Platform],
                    help="service manager (default: launchd on macOS, systemd on Linux)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--platform", choices=[m.value for m in Platform],
-                   help="service manager (default: launchd on macOS, systemd on Linux)")
+    _add_platform(p)
     p.add_argument("--dry-run", action="store_true",
                    help="print the file and the commands; write and run nothing")
 
@@ -520,7 +258,7 @@ def main_install(args: argparse.Namespace) -> int:
     host = Host.current()
     b = backend(Platform.choose(args.platform), host)
     spec = spec_from_args(args)
-    path, content = b.path(spec.name), b.render(spec)
+    path, content = b.path(spec.name), b.render_spec(spec)
     for other, other_path, other_run_dir in installed(b):
         if other != spec.name and other_run_dir == spec.run_dir:
             raise ConfigError(
@@ -537,7 +275,7 @@ def main_install(args: argparse.Namespace) -> int:
         if state == "replace" and not args.force:
             raise ConfigError(
                 f"{path}: a different service named {spec.name!r} is installed (run dir "
-                f"{b.run_dir_of(old)}); pass --force to replace it or --name for another name"
+                f"{b.run_dir_in(old)}); pass --force to replace it or --name for another name"
             )
     before, after = b.install_steps(spec, state, old)
     what = {"new": "new", "same": "unchanged", "replace": "replaces the installed one"}[state]

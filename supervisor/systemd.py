@@ -1,7 +1,8 @@
 """systemd (Linux): the user unit of one run and the exact `systemctl --user` command lines.
 
-Pure functions: nothing here touches the file system or runs a command, so everything is
-tested on any platform. `supervisor/service.py` decides what to run and runs it.
+Nothing here writes a file or runs a command, so everything is tested on any platform: the
+functions build the unit and the command lines, `Systemd` (at the end) chooses which to run
+for a new, unchanged, replaced or removed unit, and `supervisor/service.py` runs them.
 
     ~/.config/systemd/user/mlx-overnight-<name>.service
 
@@ -16,13 +17,15 @@ unquotes C-style inside double quotes; `quote()` escapes all three.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from importlib import resources
+import shlex
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from string import Template
 
 from shared.errors import ConfigError
 from shared.exitcodes import ExitCode
+from supervisor import service_model
+from supervisor.service_model import Platform, ServiceManager, ServiceSpec, Step, Steps, steps
 
 UNIT_PREFIX = "mlx-overnight-"
 SUFFIX = ".service"
@@ -44,10 +47,7 @@ def unit_name(name: str) -> str:
 
 def name_of(unit_or_file: str) -> str | None:
     """The run name in a unit (file) name; None if it is not one of ours."""
-    base = unit_or_file.removesuffix(SUFFIX)
-    if not base.startswith(UNIT_PREFIX) or base == UNIT_PREFIX:
-        return None
-    return base[len(UNIT_PREFIX) :]
+    return service_model.run_name(unit_or_file, UNIT_PREFIX, SUFFIX)
 
 
 def units_dir(home: Path, xdg_config_home: str | None = None) -> Path:
@@ -58,10 +58,6 @@ def units_dir(home: Path, xdg_config_home: str | None = None) -> Path:
 
 def unit_path(home: Path, name: str, xdg_config_home: str | None = None) -> Path:
     return units_dir(home, xdg_config_home) / unit_name(name)
-
-
-def template_text() -> str:
-    return (resources.files("supervisor") / "templates" / TEMPLATE).read_text(encoding="utf-8")
 
 
 def escape_specifiers(value: str) -> str:
@@ -96,9 +92,9 @@ def environment_line(key: str, value: str) -> str:
 def render(
     *,
     name: str,
-    python: str,
     config: Path,
     run_dir: Path,
+    python: str,
     working_directory: Path,
     environment: Mapping[str, str],
     stop_timeout: float,
@@ -123,7 +119,7 @@ def render(
         "start_limit_burst": str(START_LIMIT_BURST),
         "bad_config_exit": str(int(ExitCode.BAD_CONFIG)),
     }
-    return Template(template_text()).substitute(mapping)
+    return Template(service_model.template_text(TEMPLATE)).substitute(mapping)
 
 
 def run_dir_of(text: str) -> Path | None:
@@ -176,3 +172,73 @@ def parse_linger(output: str) -> bool | None:
     """True/False from `Linger=yes|no`; None when the output says neither."""
     m = _LINGER.search(output)
     return None if m is None else m.group(1) == "yes"
+
+
+# --- what `overnight install | uninstall | services` runs ---------------------------------
+
+
+class Systemd(ServiceManager):
+    platform = Platform.SYSTEMD
+    prefix = UNIT_PREFIX
+    suffix = SUFFIX
+
+    def directory(self) -> Path:
+        return units_dir(self.host.home, self.host.xdg_config_home)
+
+    def path(self, name: str) -> Path:
+        return unit_path(self.host.home, name, self.host.xdg_config_home)
+
+    def render_spec(self, spec: ServiceSpec) -> str:
+        return render(
+            name=spec.name, python=spec.python, config=spec.config, run_dir=spec.run_dir,
+            working_directory=spec.workdir, environment=dict(spec.environment),
+            stop_timeout=spec.stop_timeout, timeout_stop_sec=spec.stop_grace,
+            watchdog_sec=spec.watchdog_sec,
+        )
+
+    def run_dir_in(self, text: str) -> Path | None:
+        return run_dir_of(text)
+
+    def install_steps(self, spec: ServiceSpec, state: str, old: str) -> Steps:
+        ctl, name = self.host.systemctl, spec.name
+        if state == "replace":
+            # enable --now would leave the old process running; restart applies the new unit.
+            return (), steps(daemon_reload(ctl), enable(ctl, name), restart(ctl, name))
+        return (), steps(daemon_reload(ctl), enable_now(ctl, name))
+
+    def uninstall_steps(self, name: str, text: str) -> Steps:
+        ctl = self.host.systemctl
+        stop = Step(tuple(disable_now(ctl, name)),
+                    note="waits while the worker saves a checkpoint")
+        return (stop,), steps(daemon_reload(ctl))
+
+    def status(self, name: str) -> str:
+        done = self.query(is_active(self.host.systemctl, name))
+        return (done.stdout.strip() if done is not None else "") or "unknown"
+
+    def notes(self, spec: ServiceSpec, dry_run: bool) -> list[str]:
+        unit = unit_name(spec.name)
+        notes = [f"logs: journalctl --user -u {unit} (structured logs in the run's logs/)"]
+        query = linger_query(self.host.loginctl, self.host.user)
+        advice = f"loginctl enable-linger {self.host.user}"
+        if dry_run:
+            return [*notes, f"would check lingering with: {shlex.join(query)}"]
+        done = self.query(query)
+        linger = parse_linger(done.stdout) if done and done.returncode == 0 else None
+        if linger is False:
+            notes.append(
+                "lingering is off: the service stops when you log out and starts again at "
+                f"your next login; to keep it running (and start it at boot): {advice}"
+            )
+        elif linger is None:
+            notes.append(
+                "could not check lingering (loginctl unavailable); if the run must outlive "
+                f"your login session: {advice}"
+            )
+        return notes
+
+    def failure_hint(self, argv: Sequence[str]) -> str:
+        return (
+            " (systemctl --user needs your user manager: log in as this user rather than "
+            "`su`, or set XDG_RUNTIME_DIR=/run/user/UID)"
+        )
