@@ -15,6 +15,7 @@ from typing import Any
 
 from shared.checkpoint import CheckpointInfo, list_checkpoints, newest_valid, quarantine, validate
 from shared.config import Config
+from shared.exitcodes import FailureClass
 from shared.layout import RunDir
 from shared.protocol import CheckpointSaved, EvalResult, Message, WorkerStopping
 from supervisor.classify import ExitFacts, classify
@@ -22,8 +23,11 @@ from supervisor.memory import MemoryWatch, Sample
 from supervisor.policy import Decision, Outcome, Policy, Settings
 from supervisor.record import RunRecord, now_iso
 from supervisor.spawn import Spawner, WorkerProcess
-from supervisor.state import State, StopReason
+from supervisor.state import State, StopReason, Verdict
 from supervisor.watch import AttemptView
+
+NORMAL_ENDS = frozenset({FailureClass.COMPLETED, FailureClass.EARLY_STOPPED,
+                         FailureClass.GRACEFUL_STOP, FailureClass.PLANNED_RESTART})
 
 TAIL_BYTES = 8192
 TAIL_LINES = 40
@@ -277,12 +281,17 @@ class AttemptRunner:
             "settings_changed": changed,
         }
         self.record.end_attempt(fields)
-        self.log.info("worker_exited", attempt=view.attempt, worker_pid=self.proc.pid,
-                      returncode=rc, classification=c.failure.value, detail=c.detail,
-                      detected_by=by, detection_latency_s=round(latency, 3), step=end_step)
-        self.log.info("recovery_decision", action=decision.action, verdict=decision.verdict.value,
-                      reason=decision.reason, delay_s=round(decision.delay, 3),
-                      settings_changed=changed)
+        # Levels make `overnight logs --level warning` the list of what went wrong.
+        failed = c.failure not in NORMAL_ENDS
+        (self.log.warning if failed else self.log.info)(
+            "worker_exited", attempt=view.attempt, worker_pid=self.proc.pid, returncode=rc,
+            classification=c.failure.value, detail=c.detail, detected_by=by,
+            detection_latency_s=round(latency, 3), step=end_step)
+        level = ("error" if decision.verdict is Verdict.GIVE_UP
+                 else "warning" if failed else "info")
+        getattr(self.log, level)(
+            "recovery_decision", action=decision.action, verdict=decision.verdict.value,
+            reason=decision.reason, delay_s=round(decision.delay, 3), settings_changed=changed)
         self.pending = decision
         self.prev_end_at = now
         self.proc = None
