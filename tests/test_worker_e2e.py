@@ -344,3 +344,36 @@ def test_async_checkpoints_give_the_same_result(tmp_path: Path, tiny_model: Path
     assert max_abs_diff(adapters(runs["sync"]), adapters(runs["async"])) == 0.0
     saved = [e["step"] for e in events(runs["async"], "checkpoint_saved")]
     assert saved == [5, 10, 15, 20, 25, 30]
+
+
+def _tfrecord_events(path: Path) -> list:
+    """Events of a TensorBoard file: TFRecords (u64 length, u32 crc, data, u32 crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, events, pos = path.read_bytes(), [], 0
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos : pos + 8])
+        event = Event()
+        event.ParseFromString(data[pos + 12 : pos + 12 + n])
+        events.append(event)
+        pos += 12 + n + 4
+    return events
+
+
+def test_tensorboard_scalars_when_tensorboardx_is_installed(tmp_path: Path, tiny_model: Path,
+                                                            corpus: Path) -> None:
+    pytest.importorskip("tensorboardX", reason="the optional tensorboard extra is not installed")
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=10, steps_per_eval=5)
+    run = tmp_path / "run"
+    assert overnight("train", str(config), "--run-dir", str(run)).returncode == 0
+    files = list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 1
+    scalars: dict[str, list[int]] = {}
+    for event in _tfrecord_events(files[0]):
+        for value in event.summary.value:
+            scalars.setdefault(value.tag, []).append(event.step)
+    assert scalars["train/loss"] == list(range(1, 11))
+    assert scalars["val/loss"] == [5, 10]
+    assert {"train/grad_norm", "train/lr", "train/tokens_per_sec"} <= set(scalars)

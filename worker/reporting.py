@@ -111,6 +111,44 @@ class TelemetryReporter:
         self.telemetry.close()
 
 
+class TensorBoardReporter:
+    """Scalars for TensorBoard (train/loss, train/grad_norm, train/lr, train/tokens_per_sec,
+    val/loss) in RUN_DIR/tensorboard, when the optional tensorboardX is installed."""
+
+    def __init__(self, logdir: Path):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(logdir), flush_secs=30)
+
+    def phase(self, phase: p.Phase, step: int) -> None:
+        pass
+
+    def step(self, m: p.StepMetrics) -> None:
+        for name, value in (("train/loss", m.loss), ("train/grad_norm", m.grad_norm),
+                            ("train/lr", m.lr), ("train/tokens_per_sec", m.tokens_per_sec),
+                            ("memory/active_mb", m.active_mb)):
+            self.writer.add_scalar(name, value, m.step)
+
+    def evaluation(self, e: p.EvalResult) -> None:
+        self.writer.add_scalar("val/loss", e.val_loss, e.step)
+
+    def checkpoint(self, c: p.CheckpointSaved) -> None:
+        pass
+
+    def stopping(self, s: p.WorkerStopping) -> None:
+        pass
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_reporter(logdir: Path) -> TensorBoardReporter | None:
+    try:
+        return TensorBoardReporter(logdir)
+    except ImportError:
+        return None
+
+
 class FanOut:
     def __init__(self, *reporters: Any):
         self.reporters = reporters

@@ -27,7 +27,7 @@ from shared.layout import RunDir
 from worker.inject import ENV as INJECT_ENV
 from worker.inject import Injector
 from worker.progress import Progress
-from worker.reporting import FanOut, RunReporter, TelemetryReporter
+from worker.reporting import FanOut, RunReporter, TelemetryReporter, tensorboard_reporter
 from worker.telemetry import LiveStatus, Telemetry
 from worker.train import Controls, Outcome, Trainer, TrainState
 
@@ -189,6 +189,9 @@ class Session:
         reporters: list[Any] = [RunReporter(progress, run.metrics_log, c.steps_per_report)]
         if self.telemetry is not None:
             reporters.append(TelemetryReporter(self.telemetry, self.status))
+        if (board := tensorboard_reporter(run.root / "tensorboard")) is not None:
+            reporters.append(board)
+            log.info("tensorboard_enabled", logdir=str(run.root / "tensorboard"))
         self.reporter = FanOut(*reporters)
         spec = os.environ.get(INJECT_ENV) or c.debug.inject
         trainer = Trainer(
