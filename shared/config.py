@@ -138,14 +138,16 @@ class SupervisorOptions:
 @dataclass(frozen=True)
 class Config:
     # --- mlx_lm lora keys (same names, same meaning) ---
-    model: str = _f("", "local model directory (or Hugging Face repo already in the cache)")
+    model: str = _f("", "model directory or Hugging Face repo, as for mlx_lm")
     data: str = _f("", "directory with train.jsonl and valid.jsonl (or val.jsonl)")
     fine_tune_type: Literal["lora", "dora", "full"] = _f("lora", "lora, dora or full")
     num_layers: int = _f(16, "layers to fine-tune from the top; -1 for all")
     batch_size: int = _f(4, "micro-batch size (examples per forward pass)")
     iters: int = _f(2000, "optimizer steps to train for")
     learning_rate: float = _f(1e-5, "peak learning rate")
-    optimizer: Literal["adam", "adamw", "sgd", "adafactor", "muon"] = _f("adam", "optimizer")
+    optimizer: Literal["adam", "adamw", "sgd", "adafactor", "muon"] = _f(
+        "adam", "adam, adamw, sgd, adafactor or muon (mlx.optimizers)"
+    )
     optimizer_config: dict[str, Any] = _f({}, "per-optimizer keyword arguments, as in mlx_lm")
     lora_parameters: LoraParameters = field(default_factory=LoraParameters)
     max_seq_length: int = _f(2048, "longer sequences are truncated")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from shared.errors import OvernightError
 from shared.exitcodes import ExitCode
@@ -32,9 +33,17 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are bad input like a bad config: one line, exit 78 (so a supervisor
+    never restarts a worker whose command line cannot work)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(int(ExitCode.BAD_CONFIG), f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser; only `command`'s module is imported (all of them when None)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="overnight",
         description="Keep an MLX fine-tuning job alive through the night.",
     )

@@ -127,3 +127,11 @@ def test_cli_bad_argument_is_one_line(tmp_path: Path) -> None:
     result = overnight("train", str(path), "--set", "nonsense", timeout=60)
     assert result.returncode == 78
     assert result.stderr.strip() == "overnight train: --set: expected KEY=VALUE, got 'nonsense'"
+
+
+def test_cli_argument_errors_are_one_line_and_exit_78() -> None:
+    result = overnight("train", "x.yaml", "--batch-size", "four", timeout=60)
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines() == [
+        "overnight train: argument --batch-size: invalid int value: 'four' "
+        "(see overnight train --help)"]

@@ -66,12 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="alias of --resume auto")
     resume.add_argument("--fresh", action="store_true",
                         help="start over (existing checkpoints are moved aside, not deleted)")
-    for flag, (_, typ) in FLAG_KEYS.items():
+    helps = {key: text for key, _, text in cfg.help_table()}
+    for flag, (key, typ) in FLAG_KEYS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"opt_{flag}", type=typ,
-                            metavar=typ.__name__.upper())
+                            metavar=typ.__name__.upper(), help=f"{key}: {helps[key]}")
     parser.add_argument("--grad-checkpoint", dest="opt_grad_checkpoint", action="store_const",
-                        const=True)
-    parser.add_argument("--mask-prompt", dest="opt_mask_prompt", action="store_const", const=True)
+                        const=True, help=f"grad_checkpoint: {helps['grad_checkpoint']}")
+    parser.add_argument("--mask-prompt", dest="opt_mask_prompt", action="store_const", const=True,
+                        help=f"mask_prompt: {helps['mask_prompt']}")
     parser.add_argument("--no-streaming", action="store_true",
                         help="load the whole training set into memory")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
