@@ -377,3 +377,20 @@ def test_tensorboard_scalars_when_tensorboardx_is_installed(tmp_path: Path, tiny
     assert scalars["train/loss"] == list(range(1, 11))
     assert scalars["val/loss"] == [5, 10]
     assert {"train/grad_norm", "train/lr", "train/tokens_per_sec"} <= set(scalars)
+
+
+def test_streaming_mode_resumes_exactly_too(tmp_path: Path, tiny_model: Path,
+                                            corpus: Path) -> None:
+    config = write_config(tmp_path / "s.yaml", tiny_model, corpus, iters=30, save_every=10,
+                          training={"streaming": "true"})
+    base = tmp_path / "base"
+    assert overnight("train", str(config), "--run-dir", str(base)).returncode == 0
+    run = tmp_path / "killed"
+    proc = start(config, run, inject="stall@17")
+    wait_for_step(run, proc, 16)
+    kill(proc)
+    done = overnight("train", str(config), "--run-dir", str(run))
+    assert done.returncode == 0, done.stderr
+    assert events(run, "data_loaded")[0]["streaming"] is True
+    assert [e["step"] for e in events(run, "resumed")] == [10]
+    assert max_abs_diff(adapters(base), adapters(run)) <= 1e-6
