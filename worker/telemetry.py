@@ -1,7 +1,8 @@
 """Telemetry for the supervisor: a ZeroMQ PUB socket fed by one background thread.
 
 ZeroMQ sockets are not thread-safe, so exactly one thread (this one) owns the socket: the
-training thread only appends to a bounded deque, which never blocks. The thread sends a
+training thread only appends to a bounded deque, which never blocks (nor wakes this thread:
+queued messages go out every 50 ms, serialised here, off the training thread). It sends a
 Heartbeat every `interval` seconds carrying the full current state (PUB/SUB loses messages
 around connects; nothing may depend on one message arriving) and drains queued messages with
 non-blocking sends. When the supervisor is slow or gone, messages are dropped and counted —
@@ -27,6 +28,7 @@ from shared import protocol as p
 
 QUEUE_LIMIT = 10_000
 SEND_HWM = 1_000
+FLUSH_INTERVAL = 0.05  # seconds: queued messages go out in batches, at most this late
 UNSUBSCRIBED_POLL = 0.01  # seconds between looks for the subscription while waiting for it
 CLOSE_WAIT_FOR_SUBSCRIBER = 1.0  # seconds a closing worker waits to deliver its last words
 
@@ -52,8 +54,8 @@ class Telemetry:
         self.status = status
         self.interval = interval
         self.dropped = 0
-        self._queue: deque[bytes] = deque()
-        self._lock = threading.Lock()
+        # deque appends/pops are atomic: the training thread never takes a lock here.
+        self._queue: deque[p._Message] = deque(maxlen=QUEUE_LIMIT)
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._ctx = zmq.Context.instance()
@@ -69,18 +71,16 @@ class Telemetry:
         self._thread.start()
 
     def beat_now(self) -> None:
-        """Send a heartbeat soon (on a phase change: the supervisor's timeouts depend on it)."""
+        """Send a heartbeat now (on a phase change: the supervisor's timeouts depend on it)."""
         self._beat_due = True
         self._wake.set()
 
     def send(self, message: p._Message) -> None:
-        data = message.to_json()
-        with self._lock:
-            if len(self._queue) >= QUEUE_LIMIT:
-                self._queue.popleft()
-                self.dropped += 1
-            self._queue.append(data)
-        self._wake.set()
+        """Queue a message; it goes out within FLUSH_INTERVAL. Never blocks, never wakes the
+        sender thread (a wake-up per message costs the training thread GIL time)."""
+        if len(self._queue) == QUEUE_LIMIT:
+            self.dropped += 1  # the deque drops the oldest
+        self._queue.append(message)
 
     def heartbeat(self) -> p.Heartbeat:
         s = self.status
@@ -92,11 +92,11 @@ class Telemetry:
             rss_mb=self._proc.memory_info().rss / 2**20, dropped=self.dropped,
         )
 
-    def _send_now(self, data: bytes) -> None:
+    def _send_now(self, message: p._Message) -> None:
         import zmq
 
         try:
-            self._sock.send(data, zmq.NOBLOCK)
+            self._sock.send(message.to_json(), zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
 
@@ -113,27 +113,24 @@ class Telemetry:
                 self.subscribed = True
 
     def _flush(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    return
-                data = self._queue.popleft()
-            self._send_now(data)
+        while self._queue:
+            self._send_now(self._queue.popleft())
 
     def _run(self) -> None:
         next_beat = 0.0
         while not self._stop.is_set():
-            if not self._check_subscription():
+            if self._check_subscription():
+                now = time.monotonic()
+                if now >= next_beat or self._beat_due:
+                    self._beat_due = False
+                    self._send_now(self.heartbeat())
+                    next_beat = now + self.interval
+                self._flush()
+                timeout = min(FLUSH_INTERVAL, max(0.0, next_beat - time.monotonic()))
+            else:
                 # Nobody listening yet: keep everything queued (heartbeats are re-made).
-                self._wake.wait(timeout=UNSUBSCRIBED_POLL)
-                continue
-            now = time.monotonic()
-            if now >= next_beat or self._beat_due:
-                self._beat_due = False
-                self._send_now(self.heartbeat().to_json())
-                next_beat = now + self.interval
-            self._flush()
-            self._wake.wait(timeout=max(0.0, next_beat - time.monotonic()))
+                timeout = UNSUBSCRIBED_POLL
+            self._wake.wait(timeout=timeout)
             self._wake.clear()
 
     def close(self) -> None:
@@ -146,5 +143,5 @@ class Telemetry:
         while not self._check_subscription() and time.monotonic() < deadline:
             time.sleep(UNSUBSCRIBED_POLL)
         self._flush()
-        self._send_now(self.heartbeat().to_json())
+        self._send_now(self.heartbeat())
         self._sock.close()
