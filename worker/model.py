@@ -90,13 +90,15 @@ def learning_rate_schedule(c: Config, lr_scale: float) -> Any:
     return lambda step: lr_scale * base(step)
 
 
-def make_optimizer(c: Config, lr_scale: float) -> Any:
+def make_optimizer(c: Config, lr_scale: float) -> tuple[Any, Any]:
+    """(optimizer, its learning-rate schedule)."""
     import mlx.optimizers as optim
 
     classes = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
                "adafactor": optim.Adafactor, "muon": optim.Muon}
     kwargs = dict(c.optimizer_config.get(c.optimizer, {}) or {})
+    schedule = learning_rate_schedule(c, lr_scale)
     try:
-        return classes[c.optimizer](learning_rate=learning_rate_schedule(c, lr_scale), **kwargs)
+        return classes[c.optimizer](learning_rate=schedule, **kwargs), schedule
     except TypeError as e:
         raise ConfigError(f"optimizer_config.{c.optimizer}: {e}") from None

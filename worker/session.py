@@ -133,7 +133,7 @@ class Session:
         models.make_trainable(model, c)
         lr_scale = args.lr_scale if args.lr_scale is not None else (
             float(stored["lr_scale"]) if stored else 1.0)
-        optimizer = models.make_optimizer(c, lr_scale)
+        optimizer, schedule = models.make_optimizer(c, lr_scale)
         optimizer.init(model.trainable_parameters())
 
         data_dir = Path(c.data).expanduser()
@@ -203,7 +203,7 @@ class Session:
                                     c.checkpoints.async_save),
             reporter=self.reporter, progress=progress, controls=self.controls,
             injector=Injector(spec, run.root / "inject"),
-            adapter_config=models.adapter_config(c),
+            adapter_config=models.adapter_config(c), lr_schedule=schedule,
             state_extra={"versions": _versions(), "data": {
                 "train_fingerprint": train_set.index.fingerprint,
                 "train_examples": len(train_set),

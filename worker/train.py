@@ -87,6 +87,7 @@ class Trainer:
     controls: Controls
     injector: Injector
     adapter_config: dict[str, Any]
+    lr_schedule: Any  # the optimizer's learning-rate schedule (step -> rate)
     state_extra: dict[str, Any]  # fingerprints and versions, stored verbatim in checkpoints
     last_saved_step: int = 0
     _proc: Any = None
@@ -105,29 +106,41 @@ class Trainer:
             grad_checkpoint(model.layers[0])
         loss_and_grad = nn.value_and_grad(model, weighted_ce_sums)
 
-        def micro(tokens: Any, spans: Any, weights: Any) -> Any:
+        def first(tokens: Any, spans: Any, weights: Any) -> Any:
             (wce, (wtok, ntok)), grads = loss_and_grad(model, tokens, spans, weights)
             return wce, wtok, ntok, grads
 
-        def finish(grads: Any, total_weight: Any) -> Any:
-            grads = tree_map(lambda g: g / total_weight, grads)
+        def more(acc: Any, tokens: Any, spans: Any, weights: Any) -> Any:
+            wce, wtok, ntok, grads = first(tokens, spans, weights)
+            return acc[0] + wce, acc[1] + wtok, acc[2] + ntok, tree_map(mx.add, acc[3], grads)
+
+        def finish(acc: Any) -> Any:
+            """Divide once by the batch's total weight; the norm is before any clipping."""
+            wce, wtok, ntok, grads = acc
+            grads = tree_map(lambda g: g / wtok, grads)
             sq = [mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads)]
-            return grads, mx.sqrt(sum(sq[1:], sq[0]))
+            return grads, mx.sqrt(sum(sq[1:], sq[0])), wce / wtok, ntok
+
+        def only(tokens: Any, spans: Any, weights: Any) -> Any:
+            return finish(first(tokens, spans, weights))
+
+        def last(acc: Any, tokens: Any, spans: Any, weights: Any) -> Any:
+            return finish(more(acc, tokens, spans, weights))
 
         def apply(grads: Any) -> None:
             if c.training.max_grad_norm > 0:
                 grads, _ = optim.clip_grad_norm(grads, c.training.max_grad_norm)
             optimizer.update(model, grads)
 
+        fns = [first, more, only, last]
         if c.training.compile:
             # value_and_grad swaps traced arrays into the model: model.state is an output too.
             io = [model.state, mx.random.state]
-            micro = partial(mx.compile, inputs=io, outputs=io)(micro)
-            finish = mx.compile(finish)
+            fns = [partial(mx.compile, inputs=io, outputs=io)(f) for f in fns]
             state = [model.state, optimizer.state]
             apply = partial(mx.compile, inputs=state, outputs=state)(apply)
-        self._micro, self._finish, self._apply = micro, finish, apply
-        self._add = lambda a, b: tree_map(lambda x, y: x + y, a, b)
+        self._first, self._more, self._only, self._last = fns
+        self._apply = apply
 
     def _memory(self) -> tuple[float, float, float]:
         import mlx.core as mx
@@ -138,29 +151,29 @@ class Trainer:
         return mx.get_active_memory() / 2**20, mx.get_peak_memory() / 2**20, rss
 
     def _compute_step(self, step: int) -> tuple[Any, float, float, int]:
-        """Gradients of the effective batch at the current data position."""
+        """Gradients of the effective batch at the current data position.
+
+        One sync point per micro-batch, as mlx_lm: it keeps one micro-batch's graph alive,
+        and the last one also yields the loss and gradient norm the checks need on the host.
+        """
         import mlx.core as mx
 
         c = self.config
         group = self.plan.group(self.state.data_position)
+        parts = list(micro_batches(group, c.batch_size))
         acc = None
-        wce_total = wtok_total = ntok_total = None
-        for j, idx in enumerate(micro_batches(group, c.batch_size)):
+        for j, idx in enumerate(parts):
             mb = collate([self.train_set.get(int(i)) for i in idx], c.max_seq_length)
             mx.random.seed((c.seed * 1_000_003 + step * 1_009 + j) % 2**63)
-            wce, wtok, ntok, grads = self._micro(
-                mx.array(mb.tokens), mx.array(mb.spans), mx.array(mb.weights)
-            )
-            acc = grads if acc is None else self._add(acc, grads)
-            wce_total = wce if wce_total is None else wce_total + wce
-            wtok_total = wtok if wtok_total is None else wtok_total + wtok
-            ntok_total = ntok if ntok_total is None else ntok_total + ntok
-            # A sync point per micro-batch keeps at most one micro-batch's graph alive.
-            mx.eval(acc, wce_total, wtok_total, ntok_total)
-        grads, norm = self._finish(acc, wtok_total)
-        loss = wce_total / wtok_total
-        mx.eval(grads, norm, loss)
-        return grads, float(loss.item()), float(norm.item()), int(ntok_total.item())
+            batch = (mx.array(mb.tokens), mx.array(mb.spans), mx.array(mb.weights))
+            if j < len(parts) - 1:
+                acc = self._first(*batch) if acc is None else self._more(acc, *batch)
+                mx.eval(acc)
+                continue
+            grads, norm, loss, ntok = (self._only(*batch) if acc is None
+                                       else self._last(acc, *batch))
+            mx.eval(grads, norm, loss, ntok)
+        return grads, float(loss.item()), float(norm.item()), int(ntok.item())
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> float:
@@ -217,6 +230,9 @@ class Trainer:
         }
 
     def save(self, reason: str) -> None:
+        import mlx.core as mx
+
+        mx.eval(self.model.state, self.optimizer.state)  # pending update; not in a writer thread
         self.reporter.phase(p.Phase.CHECKPOINTING, self.state.step)
         adapters, opt_state = snapshot(self.model, self.optimizer)
         best = self.state.best_step if self.state.best_step >= 0 else None
@@ -262,10 +278,10 @@ class Trainer:
                 self.save("grad_spike")
                 return Outcome(ExitCode.GRAD_SPIKE, "grad_spike", spike,
                                first_bad_step=self.spikes.first_bad_step)
+            # The update is evaluated lazily, with the next step's gradients (one sync per
+            # step, as mlx_lm); the rate it uses is the schedule at the step before it.
             self._apply(grads)
-            mx.eval(self.model.state, self.optimizer.state)
-            # The update stores schedule(step before it): the rate this step used.
-            lr = float(self.optimizer.learning_rate.item())
+            lr = float(self.lr_schedule(mx.array(s.step, mx.uint64)).item())
             seconds = time.perf_counter() - tic
             s.step, s.data_position = step, s.data_position + 1
             s.tokens_total += ntok
