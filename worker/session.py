@@ -189,7 +189,8 @@ class Session:
         reporters: list[Any] = [RunReporter(progress, run.metrics_log, c.steps_per_report)]
         if self.telemetry is not None:
             reporters.append(TelemetryReporter(self.telemetry, self.status))
-        if (board := tensorboard_reporter(run.root / "tensorboard")) is not None:
+        board = tensorboard_reporter(run.root / "tensorboard", c.steps_per_report)
+        if board is not None:
             reporters.append(board)
             log.info("tensorboard_enabled", logdir=str(run.root / "tensorboard"))
         self.reporter = FanOut(*reporters)
