@@ -29,7 +29,8 @@ from shared import protocol as p
 QUEUE_LIMIT = 10_000
 SEND_HWM = 1_000
 FLUSH_INTERVAL = 0.05  # seconds: queued messages go out in batches, at most this late
-UNSUBSCRIBED_POLL = 0.01  # seconds between looks for the subscription while waiting for it
+UNSUBSCRIBED_POLL = 0.01  # seconds between looks for the subscription while waiting for it,
+UNSUBSCRIBED_POLL_MAX = 0.25  # growing to this when nobody subscribes
 CLOSE_WAIT_FOR_SUBSCRIBER = 1.0  # seconds a closing worker waits to deliver its last words
 
 
@@ -113,11 +114,21 @@ class Telemetry:
                 self.subscribed = True
 
     def _flush(self) -> None:
+        import zmq
+
+        if not self._sock.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            # The subscriber is gone or frozen and its queue is full: drop without the cost
+            # of serialising (the next heartbeat carries the state anyway).
+            while self._queue:
+                self._queue.popleft()
+                self.dropped += 1
+            return
         while self._queue:
             self._send_now(self._queue.popleft())
 
     def _run(self) -> None:
         next_beat = 0.0
+        idle_poll = UNSUBSCRIBED_POLL
         while not self._stop.is_set():
             if self._check_subscription():
                 now = time.monotonic()
@@ -128,8 +139,10 @@ class Telemetry:
                 self._flush()
                 timeout = min(FLUSH_INTERVAL, max(0.0, next_beat - time.monotonic()))
             else:
-                # Nobody listening yet: keep everything queued (heartbeats are re-made).
-                timeout = UNSUBSCRIBED_POLL
+                # Nobody listening yet: keep everything queued (heartbeats are re-made). A
+                # supervisor subscribes within milliseconds; without one, look less often.
+                timeout = idle_poll
+                idle_poll = min(UNSUBSCRIBED_POLL_MAX, idle_poll * 1.5)
             self._wake.wait(timeout=timeout)
             self._wake.clear()
 
