@@ -1,0 +1,1 @@
+"""Benchmarks of mlx-overnight against plain mlx_lm: `python benchmarks/run.py`."""

