@@ -7,6 +7,7 @@ The loop (supervisor/loop.py) decides *when*; this module knows *how*.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import time
@@ -247,7 +248,10 @@ class AttemptRunner:
             memory_limit_mb=self.opts.memory_limit_mb,
             available_fraction=last.available_fraction if last else 1.0, stop_detail=detail,
         ))
-        end_step = max(view.step, stopping.step if stopping else 0)
+        # Telemetry goes out in batches and dies with the process: the worker's own metrics
+        # file (written every step) knows the last step for sure.
+        end_step = max(view.step, stopping.step if stopping else 0,
+                       last_logged_step(self.run.metrics_log, view.attempt))
         outcome = Outcome(c.failure, c.detail, view.start_step, end_step, c.first_bad_step,
                           self.user_stop, self.lr_in_effect)
         decision = self.policy.decide(outcome, self.settings, now)
@@ -366,4 +370,22 @@ def _since(t: float | None, t0: float) -> float | None:
 
 def _round(x: float | None) -> float | None:
     return None if x is None else round(x, 1)
+
+
+def last_logged_step(metrics_log: Path, attempt: int, tail_bytes: int = 65536) -> int:
+    """The last step this attempt wrote to logs/metrics.jsonl (0 if none); reads the tail."""
+    try:
+        with open(metrics_log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - tail_bytes))
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    for raw in reversed(lines):
+        try:
+            m = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # the first (cut) or a half-written last line
+        if isinstance(m, dict) and m.get("attempt") == attempt and isinstance(m.get("step"), int):
+            return int(m["step"])
+    return 0
 

@@ -72,3 +72,15 @@ def test_totals_count_failures_restarts_and_downtime():
     assert t == {"attempts": 3, "failures": 1, "planned_restarts": 1, "rollbacks": 1,
                  "restarts": 2, "steps_trained": 60, "tokens": 15, "train_seconds": 0.0,
                  "downtime_seconds": 3.5}
+
+
+def test_last_logged_step_reads_this_attempts_last_line(tmp_path) -> None:
+    from supervisor.attempt import last_logged_step
+
+    log = tmp_path / "metrics.jsonl"
+    assert last_logged_step(log, 1) == 0  # no file yet
+    lines = [json.dumps({"attempt": a, "step": s}) for a, s in [(1, 1), (1, 2), (2, 3)]]
+    log.write_text("\n".join(lines) + '\n{"attempt": 2, "st')  # a half-written last line
+    assert last_logged_step(log, 1) == 2
+    assert last_logged_step(log, 2) == 3
+    assert last_logged_step(log, 3) == 0
