@@ -26,7 +26,7 @@ PYTHON = sys.executable
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
 CACHE = Path(os.environ.get("MLX_OVERNIGHT_BENCH_CACHE",
                             Path.home() / ".cache" / "mlx-overnight-bench"))
-OVERNIGHT = [PYTHON, "-m", "supervisor.cli"]
+OVERNIGHT = [PYTHON, "-m", "shared.cli"]
 MLX_LM_TIMED = [PYTHON, "-m", "benchmarks.mlxlm_timed"]
 
 

@@ -30,7 +30,7 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def overnight(*args: str, timeout: float = 180, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", *args],
+        [sys.executable, "-m", "shared.cli", *args],
         capture_output=True, text=True, timeout=timeout,
         env=kwargs.pop("env", None) or subprocess_env(), **kwargs,
     )

@@ -43,7 +43,7 @@ def write_config(tmp: Path, *, inject: str = "", iters: int = 40, fake: bool = T
 
 def run_inprocess(config: Path, run_dir: Path) -> int:
     """The `run` command in this process (signals work: pytest runs on the main thread)."""
-    from supervisor import daemon
+    from supervisor.daemon import main as daemon
 
     args = argparse.Namespace(config=config, run_dir=run_dir, log_level="info")
     return daemon.main(args)

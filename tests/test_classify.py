@@ -7,8 +7,8 @@ import signal
 import pytest
 
 from shared.exitcodes import ExitCode, FailureClass
-from supervisor.classify import ExitFacts, classify
-from supervisor.state import StopReason
+from supervisor.daemon.classify import ExitFacts, classify
+from supervisor.daemon.state import StopReason
 
 F = FailureClass
 ABRT, KILL, SEGV = -signal.SIGABRT, -signal.SIGKILL, -signal.SIGSEGV

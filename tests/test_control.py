@@ -13,10 +13,10 @@ import zmq
 
 from shared.layout import RunDir
 from shared.protocol import MAX_MESSAGE_BYTES, ControlReply, decode
-from supervisor import control_client
-from supervisor.control import ControlError, ControlServer, handle
+from supervisor.daemon.control import ControlError, ControlServer, handle
+from supervisor.daemon.record import RunRecord
 from supervisor.lock import RunLock
-from supervisor.record import RunRecord
+from supervisor.morning import status as control_client
 
 
 class FakeTarget:

@@ -15,7 +15,7 @@ import pytest
 
 from shared.errors import ConfigError
 from shared.layout import RunDir
-from supervisor import control_client
+from supervisor.morning import status as control_client
 from tests.supervisor_support import (
     FAKE,
     events,

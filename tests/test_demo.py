@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from supervisor import cli
-from supervisor.demo import default_faults, narrate
-from supervisor.runlogs import LogLine
+from shared import cli
+from supervisor.morning.demo import default_faults, narrate
+from supervisor.morning.runlogs import LogLine
 from tests.conftest import overnight
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from supervisor import launchd
+from supervisor.service import launchd
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = "/Users/ada/venvs/mlx/bin/python"
@@ -37,7 +37,7 @@ def render(**changes: Any) -> str:
 
 def test_the_template_under_launchd_is_identical_to_the_packaged_one() -> None:
     """supervisor/templates/ is the source (it ships in the wheel); launchd/ is a copy."""
-    packaged = REPO / "supervisor" / "templates" / launchd.TEMPLATE
+    packaged = REPO / "supervisor" / "service" / "templates" / launchd.TEMPLATE
     copy = REPO / "launchd" / launchd.TEMPLATE
     assert copy.read_bytes() == packaged.read_bytes(), f"run: cp {packaged} {copy}"
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import cli
-from supervisor.logview import Style, parse_since, render
-from supervisor.runlogs import LogLine, Problems, Tail, parse_line, rotated_files
+from shared import cli
+from supervisor.morning.logview import Style, parse_since, render
+from supervisor.morning.runlogs import LogLine, Problems, Tail, parse_line, rotated_files
 from tests.report_support import CRASH_AT, HANG_AT, copy_run, supervised_run
 
 T0 = dt.datetime(2025, 1, 2, 3, 0, 0, tzinfo=dt.timezone.utc)

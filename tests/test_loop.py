@@ -15,11 +15,11 @@ import zmq
 from shared.config import resolve
 from shared.layout import RunDir
 from shared.protocol import Heartbeat, Phase, StepMetrics
-from supervisor.attempt import AttemptRunner
-from supervisor.loop import Supervisor
-from supervisor.policy import Policy
-from supervisor.record import RunRecord
-from supervisor.state import Begin, State
+from supervisor.daemon.attempt import AttemptRunner
+from supervisor.daemon.loop import Supervisor
+from supervisor.daemon.policy import Policy
+from supervisor.daemon.record import RunRecord
+from supervisor.daemon.state import Begin, State
 
 
 class FakeProcess:

@@ -6,8 +6,8 @@ import os
 
 from shared.config import SupervisorOptions
 from shared.protocol import Heartbeat, Phase, StepMetrics
-from supervisor import memory, watch
-from supervisor.memory import MemoryWatch, Sample
+from supervisor.daemon import memory, watch
+from supervisor.daemon.memory import MemoryWatch, Sample
 
 OPTS = SupervisorOptions(memory_limit_mb=0, memory_growth=0.5, memory_growth_samples=3,
                          memory_warmup_steps=10, heartbeat_timeout=120, startup_timeout=600,

@@ -9,8 +9,8 @@ import pytest
 
 from shared.config import SupervisorOptions
 from shared.exitcodes import FailureClass
-from supervisor.policy import Outcome, Policy, Settings, shrink_batch
-from supervisor.state import Verdict
+from supervisor.daemon.policy import Outcome, Policy, Settings, shrink_batch
+from supervisor.daemon.state import Verdict
 
 F = FailureClass
 BASE = Settings(batch_size=4, grad_accumulation_steps=2, grad_checkpoint=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from supervisor.record import SCHEMA_VERSION, RunRecord, load, totals
+from supervisor.daemon.record import SCHEMA_VERSION, RunRecord, load, totals
 
 
 def open_record(tmp_path: Path, run_id: str = "r1") -> RunRecord:
@@ -75,7 +75,7 @@ def test_totals_count_failures_restarts_and_downtime():
 
 
 def test_last_logged_step_reads_this_attempts_last_line(tmp_path) -> None:
-    from supervisor.attempt import last_logged_step
+    from supervisor.daemon.attempt import last_logged_step
 
     log = tmp_path / "metrics.jsonl"
     assert last_logged_step(log, 1) == 0  # no file yet

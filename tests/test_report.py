@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import cli
-from supervisor.report_doc import Table, to_markdown
-from supervisor.runfacts import gather
-from supervisor.verdict import describe, duration, progress_line, verdict
+from shared import cli
+from supervisor.morning.report_doc import Table, to_markdown
+from supervisor.morning.runfacts import gather
+from supervisor.morning.verdict import describe, duration, progress_line, verdict
 from tests.report_support import CRASH_AT, HANG_AT, ITERS, copy_run, supervised_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import sdnotify
+from supervisor.daemon import sdnotify
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from shared import cli
 from shared.exitcodes import ExitCode
-from supervisor import cli
 
 REPO = Path(__file__).resolve().parent.parent
 UID = os.getuid()
@@ -409,10 +409,10 @@ def test_uninstall_dry_run_keeps_the_file(env: Env, capsys: pytest.CaptureFixtur
 
 
 def run_real_cli(env: Env, *argv: str) -> subprocess.CompletedProcess[str]:
-    """`python -m supervisor.cli ...` in a fresh process, the way a user runs it."""
+    """`python -m shared.cli ...` in a fresh process, the way a user runs it."""
     child_env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, "-m", "supervisor.cli", *argv], cwd=env.work, env=child_env,
+        [sys.executable, "-m", "shared.cli", *argv], cwd=env.work, env=child_env,
         capture_output=True, text=True, timeout=60,
     )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from supervisor.state import (
+from supervisor.daemon.state import (
     FINAL_STATES,
     AlreadyComplete,
     BackoffElapsed,

@@ -33,7 +33,7 @@ EXPECTED = ["crash", "oom", "gpu_watchdog", "crash", "grad_spike", "non_finite",
 def supervise(config: Path, run_dir: Path, inject: str = "") -> subprocess.Popen[str]:
     env = subprocess_env(**({"OVERNIGHT_INJECT": inject} if inject else {}))
     return subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "run", str(config), "--run-dir", str(run_dir)],
+        [sys.executable, "-m", "shared.cli", "run", str(config), "--run-dir", str(run_dir)],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 

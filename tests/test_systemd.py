@@ -17,7 +17,7 @@ import pytest
 
 from shared.errors import ConfigError
 from shared.exitcodes import ExitCode
-from supervisor import systemd
+from supervisor.service import systemd
 
 REPO = Path(__file__).resolve().parent.parent
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -70,7 +70,7 @@ def verify(unit: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 def test_the_template_under_systemd_is_identical_to_the_packaged_one() -> None:
     """supervisor/templates/ is the source (it ships in the wheel); systemd/ is a copy."""
-    packaged = REPO / "supervisor" / "templates" / systemd.TEMPLATE
+    packaged = REPO / "supervisor" / "service" / "templates" / systemd.TEMPLATE
     copy = REPO / "systemd" / systemd.TEMPLATE
     assert copy.read_bytes() == packaged.read_bytes(), f"run: cp {packaged} {copy}"
 

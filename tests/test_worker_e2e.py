@@ -18,7 +18,7 @@ from shared import protocol as p
 from shared.exitcodes import ExitCode
 from tests.conftest import overnight, subprocess_env, write_config
 
-TRAIN = [sys.executable, "-m", "supervisor.cli", "train"]
+TRAIN = [sys.executable, "-m", "shared.cli", "train"]
 
 
 def adapters(run: Path) -> dict[str, mx.array]:

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TextIO
 import structlog
 
 from shared import protocol as p
-from worker.progress import Progress
+from shared.progress import Progress
 from worker.telemetry import LiveStatus, Telemetry
 
 

@@ -24,9 +24,9 @@ from shared.errors import CheckpointError, ConfigError, DataError, OvernightErro
 from shared.exitcodes import ExitCode
 from shared.fsutil import atomic_write_json, fsync_dir
 from shared.layout import RunDir
+from shared.progress import Progress
 from worker.inject import ENV as INJECT_ENV
 from worker.inject import Injector
-from worker.progress import Progress
 from worker.reporting import FanOut, RunReporter, TelemetryReporter, tensorboard_reporter
 from worker.telemetry import LiveStatus, Telemetry
 from worker.train import Controls, Outcome, Trainer, TrainState

@@ -24,13 +24,13 @@ import psutil
 from shared import protocol as p
 from shared.config import Config
 from shared.exitcodes import ExitCode
+from shared.progress import Progress
 from worker.batching import EpochPlan, collate, micro_batches
 from worker.checkpointing import CheckpointWriter, SavedCheckpoint, snapshot
 from worker.data import Examples
 from worker.inject import Injector
 from worker.loss import weighted_ce_sums
 from worker.monitors import EarlyStopper, SpikeDetector
-from worker.progress import Progress
 from worker.reporting import Reporter
 
 

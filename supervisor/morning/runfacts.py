@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.layout import RunDir
-from supervisor import record as record_mod
-from supervisor.runlogs import parse_time, read_jsonl, read_run_logs
+from supervisor.daemon import record as record_mod
+from supervisor.morning.runlogs import parse_time, read_jsonl, read_run_logs
 
 RUNNING_STATES = ("starting", "training", "stopping", "backing_off", "restarting")
 # A worker log untouched for this long, without a stop message, belongs to a dead process.

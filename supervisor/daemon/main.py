@@ -37,17 +37,17 @@ from shared import config as config_mod
 from shared import logsetup
 from shared.errors import OvernightError
 from shared.layout import RunDir
-from supervisor import spawn
-from supervisor.attempt import AttemptRunner
-from supervisor.control import ControlServer
+from supervisor.daemon import spawn
+from supervisor.daemon.attempt import AttemptRunner
+from supervisor.daemon.control import ControlServer
+from supervisor.daemon.loop import Supervisor
+from supervisor.daemon.policy import Policy
+from supervisor.daemon.record import RunRecord
+from supervisor.daemon.state import AlreadyComplete, Begin, State
 from supervisor.lock import RunLock
-from supervisor.loop import Supervisor
-from supervisor.policy import Policy
-from supervisor.record import RunRecord
-from supervisor.state import AlreadyComplete, Begin, State
 
 try:
-    from supervisor import sdnotify
+    from supervisor.daemon import sdnotify
 except ImportError:  # pragma: no cover
     sdnotify = None  # type: ignore[assignment]
 
@@ -116,7 +116,7 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str) 
         policy=Policy(opts, high_water=int(record.data.get("high_water_step") or 0),
                       rollbacks=int(record.data.get("rollbacks") or 0)),
         env=spawn.worker_env(base_env, opts.openblas, log),
-        command=list(opts.worker_command) or [sys.executable, "-m", "supervisor.cli"],
+        command=list(opts.worker_command) or [sys.executable, "-m", "shared.cli"],
         log=log,
     )
     sup = Supervisor(runner=runner, record=record, telemetry=telemetry, control=control, log=log)

@@ -27,10 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError
-from supervisor.report_doc import Block, Code, Heading, Image, Para, Table, to_html, to_markdown
-from supervisor.runfacts import Attempt, RunFacts, gather
-from supervisor.runlogs import resolve_run_dir
-from supervisor.verdict import KIND, describe, duration, restarts
+from supervisor.morning.report_doc import (
+    Block,
+    Code,
+    Heading,
+    Image,
+    Para,
+    Table,
+    to_html,
+    to_markdown,
+)
+from supervisor.morning.runfacts import Attempt, RunFacts, gather
+from supervisor.morning.runlogs import resolve_run_dir
+from supervisor.morning.verdict import KIND, describe, duration, restarts
 
 MARK = {"finished": "✅", "early_stopped": "✅", "gave_up": "❌", "incomplete": "❌",
         "stopped": "⏹️"}
@@ -79,7 +88,7 @@ class Written:
 def render_png(facts: RunFacts) -> bytes | None:
     """The picture as PNG bytes; None when matplotlib is not installed."""
     try:
-        from supervisor import report_plot
+        from supervisor.morning import report_plot
 
         image = io.BytesIO()
         report_plot.plot(facts, image)

@@ -18,8 +18,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from supervisor.runfacts import RunFacts
-from supervisor.verdict import KIND, describe, restarts
+from supervisor.morning.runfacts import RunFacts
+from supervisor.morning.verdict import KIND, describe, restarts
 
 COLORS = {
     "crash": "#d62728", "killed": "#d62728", "oom": "#9467bd", "gpu_watchdog": "#8c564b",

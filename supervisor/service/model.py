@@ -147,8 +147,9 @@ def run_name(text: str, prefix: str, suffix: str) -> str | None:
 
 
 def template_text(file_name: str) -> str:
-    """A service-file template shipped in supervisor/templates/."""
-    return (resources.files("supervisor") / "templates" / file_name).read_text(encoding="utf-8")
+    """A service-file template shipped in supervisor/service/templates/."""
+    templates = resources.files("supervisor.service") / "templates"
+    return (templates / file_name).read_text(encoding="utf-8")
 
 
 class ServiceManager(ABC):

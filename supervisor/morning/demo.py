@@ -29,9 +29,9 @@ import yaml
 
 from shared.errors import ConfigError
 from shared.layout import RunDir
-from supervisor.runfacts import gather
-from supervisor.runlogs import LogLine, Problems, tails
-from supervisor.verdict import duration
+from supervisor.morning.runfacts import gather
+from supervisor.morning.runlogs import LogLine, Problems, tails
+from supervisor.morning.verdict import duration
 
 ITERS = 200
 TIMEOUT = 600.0
@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.time()
     with open(console, "w") as sink:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.cli", "run", str(config), "--run-dir",
+            [sys.executable, "-m", "shared.cli", "run", str(config), "--run-dir",
              str(run.root)], stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         try:
@@ -122,7 +122,7 @@ def main(args: argparse.Namespace) -> int:
     if proc.returncode != 0:
         print(f"demo: the supervisor failed (exit {proc.returncode}); its output: {console}",
               file=out)
-    from supervisor.report import write_report
+    from supervisor.morning.report import write_report
 
     report = run.root / f"report.{args.format}"
     facts = gather(run.root)

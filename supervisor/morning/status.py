@@ -19,10 +19,10 @@ import zmq
 from shared.errors import OvernightError, ProtocolError
 from shared.layout import RunDir
 from shared.protocol import ControlReply, ControlRequest, decode
-from supervisor import record as record_mod
+from supervisor.daemon import record as record_mod
 from supervisor.lock import is_locked, read_holder
-from supervisor.runlogs import resolve_run_dir
-from supervisor.verdict import progress_line, verdict
+from supervisor.morning.runlogs import resolve_run_dir
+from supervisor.morning.verdict import progress_line, verdict
 
 TIMEOUT = 2.0
 

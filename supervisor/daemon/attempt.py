@@ -19,13 +19,13 @@ from shared.config import Config
 from shared.exitcodes import FailureClass
 from shared.layout import RunDir
 from shared.protocol import CheckpointSaved, EvalResult, Message, WorkerStopping
-from supervisor.classify import ExitFacts, classify
-from supervisor.memory import MemoryWatch, Sample
-from supervisor.policy import Decision, Outcome, Policy, Settings
-from supervisor.record import RunRecord, now_iso
-from supervisor.spawn import Spawner, WorkerProcess
-from supervisor.state import State, StopReason, Verdict
-from supervisor.watch import AttemptView
+from supervisor.daemon.classify import ExitFacts, classify
+from supervisor.daemon.memory import MemoryWatch, Sample
+from supervisor.daemon.policy import Decision, Outcome, Policy, Settings
+from supervisor.daemon.record import RunRecord, now_iso
+from supervisor.daemon.spawn import Spawner, WorkerProcess
+from supervisor.daemon.state import State, StopReason, Verdict
+from supervisor.daemon.watch import AttemptView
 
 NORMAL_ENDS = frozenset({FailureClass.COMPLETED, FailureClass.EARLY_STOPPED,
                          FailureClass.GRACEFUL_STOP, FailureClass.PLANNED_RESTART})

@@ -19,7 +19,7 @@ import signal
 from dataclasses import dataclass
 
 from shared.exitcodes import EXIT_TO_CLASS, ExitCode, FailureClass
-from supervisor.state import StopReason
+from supervisor.daemon.state import StopReason
 
 # Metal / MLX messages, as they appear in the worker's stderr.
 OOM_PATTERNS = (

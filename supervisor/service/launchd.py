@@ -24,8 +24,8 @@ from xml.parsers.expat import ExpatError
 from xml.sax.saxutils import escape
 
 from shared.layout import RunDir
-from supervisor import service_model
-from supervisor.service_model import Platform, ServiceManager, ServiceSpec, Step, Steps, steps
+from supervisor.service import model as service_model
+from supervisor.service.model import Platform, ServiceManager, ServiceSpec, Step, Steps, steps
 
 LABEL_PREFIX = "io.mlx-overnight."
 SUFFIX = ".plist"

@@ -24,8 +24,8 @@ from string import Template
 
 from shared.errors import ConfigError
 from shared.exitcodes import ExitCode
-from supervisor import service_model
-from supervisor.service_model import Platform, ServiceManager, ServiceSpec, Step, Steps, steps
+from supervisor.service import model as service_model
+from supervisor.service.model import Platform, ServiceManager, ServiceSpec, Step, Steps, steps
 
 UNIT_PREFIX = "mlx-overnight-"
 SUFFIX = ".service"

@@ -23,11 +23,11 @@ import zmq
 
 from shared.errors import ProtocolError
 from shared.protocol import decode
-from supervisor import memory, watch
-from supervisor.attempt import AttemptRunner
-from supervisor.control import ControlError, ControlServer
-from supervisor.record import RunRecord
-from supervisor.state import (
+from supervisor.daemon import memory, watch
+from supervisor.daemon.attempt import AttemptRunner
+from supervisor.daemon.control import ControlError, ControlServer
+from supervisor.daemon.record import RunRecord
+from supervisor.daemon.state import (
     BackoffElapsed,
     CheckpointRequested,
     Event,
@@ -51,7 +51,7 @@ from supervisor.state import (
 )
 
 try:  # written by a colleague; the loop works without it
-    from supervisor import sdnotify
+    from supervisor.daemon import sdnotify
 except ImportError:  # pragma: no cover
     sdnotify = None  # type: ignore[assignment]
 

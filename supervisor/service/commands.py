@@ -35,8 +35,8 @@ from shared import config as config_mod
 from shared.errors import ConfigError, OvernightError
 from shared.fsutil import atomic_write_bytes
 from shared.layout import RunDir
-from supervisor import launchd, systemd
-from supervisor.service_model import STOP_MARGIN, Host, Platform, ServiceManager, ServiceSpec, Step
+from supervisor.service import launchd, systemd
+from supervisor.service.model import STOP_MARGIN, Host, Platform, ServiceManager, ServiceSpec, Step
 
 QUERY_TIMEOUT = 10.0  # seconds for read-only service-manager queries
 POLL_INTERVAL = 0.5

@@ -32,7 +32,7 @@ from typing import Any
 
 from shared.config import SupervisorOptions
 from shared.exitcodes import FailureClass
-from supervisor.state import Verdict
+from supervisor.daemon.state import Verdict
 
 RESTARTED_SAME = frozenset(
     {FailureClass.CRASH, FailureClass.HANG, FailureClass.STALL, FailureClass.GPU_WATCHDOG}

@@ -35,7 +35,7 @@ from typing import Any, ClassVar, TextIO
 
 from shared.errors import ConfigError
 from shared.layout import RunDir
-from supervisor.runlogs import (
+from supervisor.morning.runlogs import (
     SOURCES,
     LogLine,
     Problems,

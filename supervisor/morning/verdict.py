@@ -22,9 +22,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from supervisor import record as record_mod
-from supervisor.runfacts import Attempt, RunFacts, gather
-from supervisor.runlogs import tail_jsonl
+from supervisor.daemon import record as record_mod
+from supervisor.morning.runfacts import Attempt, RunFacts, gather
+from supervisor.morning.runlogs import tail_jsonl
 
 KIND = {
     "crash": "crash", "oom": "OOM", "gpu_watchdog": "GPU watchdog", "hang": "hang",
@@ -155,7 +155,7 @@ def verdict(record: dict[str, Any] | None, run_dir: Path) -> str:
 
 def progress_line(run_dir: Path, status: dict[str, Any] | None = None) -> str | None:
     """The worker's progress line for the newest steps in logs/metrics.jsonl (see above)."""
-    from worker.progress import Progress  # plain Python: no MLX import
+    from shared.progress import Progress  # plain Python: no MLX import
 
     run_dir = Path(run_dir)
     tail = [m for m in tail_jsonl(run_dir / "logs" / "metrics.jsonl") if "step" in m]

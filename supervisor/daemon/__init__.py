@@ -1,0 +1,1 @@
+"""The supervisor daemon, `overnight run`: keeps one worker alive until the run ends."""

@@ -1,0 +1,1 @@
+"""Reading a run afterwards: `overnight status | logs | report | demo`."""

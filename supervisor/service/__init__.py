@@ -1,0 +1,1 @@
+"""Installing a supervisor as a user service: `overnight install | uninstall | services`."""
