@@ -18,18 +18,17 @@ An existing `mlx_lm lora` config runs unchanged. Precedence: command line > file
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import difflib
 import hashlib
 import json
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
+from shared import records
 from shared.errors import ConfigError
 
 
@@ -212,86 +211,8 @@ UNSUPPORTED_MLX_LM_KEYS = {
 }
 
 
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
-
-
-def _unknown(key: str, where: str, candidates: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"{where}: unknown key {key!r}{hint}")
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = get_origin(hint)
-    if origin is Literal:
-        allowed = get_args(hint)
-        if isinstance(value, bool) and "true" in allowed:
-            value = "true" if value else "false"
-        if value not in allowed:
-            raise ConfigError(f"{where}: expected one of {list(allowed)}, got {value!r}")
-        return value
-    if origin in (type(int | None),) or (origin is not None and type(None) in get_args(hint)):
-        if value is None:
-            return None
-        inner = next(a for a in get_args(hint) if a is not type(None))
-        return _coerce(value, inner, where)
-    if hint is bool:
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = int(value)
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, get_args(hint)[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return value
-    if is_dataclass(hint):
-        return _build(hint, value, where)
-    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
-
-
-def _build(cls: type, values: Any, where: str) -> Any:
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
-    hints = get_type_hints(cls)
-    names = _field_names(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            raise _unknown(str(key), f"{where}.{key}" if where else str(key), names)
-        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    return cls(**kwargs)
+# Values from YAML and flags convert ("3" -> 3); unknown keys get a did-you-mean.
+_RULES = records.Rules(ConfigError, lenient=True, suggest=True)
 
 
 def load_yaml(path: Path) -> dict[str, Any]:
@@ -366,7 +287,7 @@ def resolve(
     for dotted, value in (overrides or {}).items():
         _set_dotted(merged, dotted, value)
     try:
-        config = _build(Config, merged, "")
+        config = records.build(Config, merged, "", _RULES)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     _check_ranges(config, source)

@@ -7,18 +7,18 @@ essential: every Heartbeat carries the worker's full current state.
 Control flows CLI -> supervisor over REQ/REP (`ControlRequest` / `ControlReply`).
 
 Every message is a frozen dataclass with a `type` tag; `decode()` is the only way in and
-raises ProtocolError for anything malformed.
+raises ProtocolError for anything malformed (fields are checked by shared/records.py).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, ClassVar
 
+from shared import records
 from shared.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -198,49 +198,7 @@ _TYPES: dict[str, type[_Message]] = {
         ControlReply,
     )
 }
-_NUMERIC = (int, float)
-
-
-def _coerce(cls_name: str, name: str, hint: Any, value: Any) -> Any:
-    if hint is float:
-        if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, _NUMERIC):
-            raise ProtocolError(f"{cls_name}.{name}: expected a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ProtocolError(f"{cls_name}.{name}: expected an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ProtocolError(f"{cls_name}.{name}: expected true/false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ProtocolError(f"{cls_name}.{name}: expected a string, got {value!r}")
-        return value
-    if isinstance(hint, type) and issubclass(hint, Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            allowed = [m.value for m in hint]
-            raise ProtocolError(
-                f"{cls_name}.{name}: expected one of {allowed}, got {value!r}"
-            ) from None
-    if not isinstance(value, dict):
-        raise ProtocolError(f"{cls_name}.{name}: expected an object, got {value!r}")
-    return value
-
-
-@functools.cache
-def _schema(cls: type[_Message]) -> tuple[tuple[Any, Any, bool], ...]:
-    """(field, type hint, has a default) per field; cached: get_type_hints is ~150 us."""
-    hints = get_type_hints(cls)
-    return tuple(
-        (f, hints[f.name], f.default is not MISSING or f.default_factory is not MISSING)
-        for f in fields(cls)
-    )
+_RULES = records.Rules(ProtocolError)
 
 
 def decode(raw: bytes | str) -> Message:
@@ -260,13 +218,4 @@ def decode(raw: bytes | str) -> Message:
     cls = _TYPES.get(tag) if isinstance(tag, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message type {tag!r}; expected one of {sorted(_TYPES)}")
-    kwargs: dict[str, Any] = {}
-    for f, hint, has_default in _schema(cls):
-        if f.name not in obj:
-            if not has_default:
-                raise ProtocolError(f"{cls.__name__}: missing field {f.name!r}")
-            continue
-        kwargs[f.name] = _coerce(cls.__name__, f.name, hint, obj.pop(f.name))
-    if obj:
-        raise ProtocolError(f"{cls.__name__}: unexpected fields {sorted(obj)}")
-    return cls(**kwargs)  # type: ignore[return-value]
+    return records.build(cls, obj, cls.__name__, _RULES)  # type: ignore[return-value]
