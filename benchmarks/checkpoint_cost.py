@@ -22,9 +22,11 @@ from benchmarks.common import median, read_jsonl
 from benchmarks.throughput import Workload, run_ours
 
 
-def _trainer_state(step: int, config: dict[str, Any]) -> dict[str, Any]:
+def _trainer_state(step: int, config: dict[str, Any]) -> Any:
     """The shape and size of what Trainer.trainer_state writes (50-step histories)."""
-    return {
+    from shared import trainer_state as ts
+
+    return ts.decode({
         "step": step, "total_steps": 2000, "data_position": step, "groups_per_epoch": 500,
         "rng": {"scheme": "seed(seed*1000003 + step*1009 + micro_batch)", "seed": 0},
         "early_stopping": {"best": 2.0, "best_step": step, "bad_evals": 0},
@@ -37,7 +39,7 @@ def _trainer_state(step: int, config: dict[str, Any]) -> dict[str, Any]:
         "run_id": "bench", "attempt": 1, "time": time.time(),
         "versions": {"mlx": "x", "mlx-lm": "x", "mlx-overnight": "x"},
         "data": {"train_fingerprint": "0" * 16, "train_examples": 2000, "malformed_lines": 0},
-    }
+    }, "benchmark trainer state")
 
 
 def in_process(model_dir: Path, num_layers: int, rank: int, work: Path, reps: int,

@@ -4,12 +4,18 @@
       adapters.safetensors     trainable weights, loadable by `mlx_lm generate --adapter-path`
       adapter_config.json      mlx_lm's adapter config (fine_tune_type, num_layers, lora_parameters)
       optimizer.safetensors    the full optimizer state (moments, step, learning rate)
-      trainer_state.json       TrainerState below: everything else resume needs
+      trainer_state.json       shared/trainer_state.py: everything else resume needs
       manifest.json            written last: sha256 and size of every other file
 
 A checkpoint is written into `checkpoints/.tmp-step-0000250-<pid>/`, every file fsynced,
 the manifest written last, the directory renamed into place and its parent fsynced. A
 directory without a valid manifest does not exist as far as anyone is concerned.
+
+Validation (`validate`) reads every byte: the hashes, every tensor's values. It is done once
+per start: by the supervisor before it spawns a worker, which passes the sha256 of the
+manifest it validated (`--validated SHA256`); the worker then re-checks only that the
+manifest is the same one, the file sizes and the trainer state (`trusted_manifest`). A
+worker started by hand validates fully itself.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from shared import trainer_state
 from shared.errors import CheckpointError
 from shared.fsutil import fsync_dir, fsync_file, write_json_synced
 from shared.layout import CHECKPOINT_PREFIX
 from shared.safetensors_check import check_finite, read_header
+from shared.trainer_state import TrainerState
 
 MANIFEST = "manifest.json"
 ADAPTERS = "adapters.safetensors"
@@ -35,10 +42,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 REQUIRED_FILES = (ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, TRAINER_STATE)
-TRAINER_STATE_KEYS = (
-    "step", "total_steps", "data_position", "rng", "early_stopping", "best", "batch",
-    "config_hash", "versions", "lr_scale", "loss_history", "reason",
-)
 TMP_PREFIX = ".tmp-"
 
 
@@ -54,9 +57,13 @@ class CheckpointInfo:
 
 @dataclass(frozen=True)
 class Validation:
+    """The verdict on one checkpoint. `state`: its decoded trainer_state.json (when ok);
+    `manifest_sha256`: the manifest that was checked, for a later `trusted_manifest`."""
+
     ok: bool
     reason: str = ""
-    state: dict[str, Any] | None = None
+    state: TrainerState | None = None
+    manifest_sha256: str = ""
 
 
 def sha256_file(path: Path) -> str:
@@ -130,26 +137,38 @@ def write_checkpoint(
     return final
 
 
-def validate(path: Path, deep: bool = True) -> Validation:
-    """Check one checkpoint: manifest, sizes, hashes, tensors readable and finite, state sane.
+def manifest_sha256(path: Path) -> str:
+    """The sha256 of a checkpoint's manifest.json: names the checkpoint's exact contents."""
+    return hashlib.sha256((path / MANIFEST).read_bytes()).hexdigest()
 
-    deep=False checks only the manifest and file sizes (fast, for listings).
+
+def validate(path: Path, deep: bool = True, trusted_manifest: str | None = None) -> Validation:
+    """Check one checkpoint: manifest, sizes, hashes, tensors readable and finite, trainer
+    state decodable (shared/trainer_state.py) and consistent with the directory.
+
+    deep=False checks only the manifest, the file sizes and the trainer state (fast, for
+    listings). `trusted_manifest`: the sha256 of a manifest someone else validated deeply
+    (the supervisor); when the manifest still has it, the check is the shallow one.
     """
     try:
-        state = _validate(path, deep)
+        state, sha = _validate(path, deep, trusted_manifest)
     except CheckpointError as e:
         return Validation(False, str(e))
     except OSError as e:
         return Validation(False, f"{path}: {e.strerror or e}")
-    return Validation(True, "", state)
+    return Validation(True, "", state, sha)
 
 
-def _validate(path: Path, deep: bool) -> dict[str, Any]:
+def _validate(path: Path, deep: bool, trusted: str | None) -> tuple[TrainerState, str]:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path.name}: no {MANIFEST} (incomplete write)")
+    raw = manifest_path.read_bytes()
+    sha = hashlib.sha256(raw).hexdigest()
+    if trusted is not None and trusted == sha:
+        deep = False
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(raw)
         files = manifest["files"]
         if not isinstance(files, dict):
             raise TypeError
@@ -169,10 +188,7 @@ def _validate(path: Path, deep: bool) -> dict[str, Any]:
             )
         if deep and sha256_file(f) != meta.get("sha256"):
             raise CheckpointError(f"{path.name}/{name}: sha256 does not match the manifest")
-    try:
-        state = json.loads((path / TRAINER_STATE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path.name}/{TRAINER_STATE}: not valid JSON") from None
+    state = trainer_state.load(path / TRAINER_STATE, f"{path.name}/{TRAINER_STATE}")
     _check_state(path, state)
     if deep:
         adapters, _ = read_header(path / ADAPTERS)
@@ -189,23 +205,18 @@ def _validate(path: Path, deep: bool) -> dict[str, Any]:
             json.loads((path / ADAPTER_CONFIG).read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path.name}/{ADAPTER_CONFIG}: not valid JSON") from None
-    return state
+    return state, sha
 
 
-def _check_state(path: Path, state: Any) -> None:
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path.name}/{TRAINER_STATE}: expected an object")
-    missing = [k for k in TRAINER_STATE_KEYS if k not in state]
-    if missing:
-        raise CheckpointError(f"{path.name}/{TRAINER_STATE}: missing keys {missing}")
+def _check_state(path: Path, state: TrainerState) -> None:
     dir_step = step_of(path)
-    if dir_step is not None and state["step"] != dir_step:
+    if dir_step is not None and state.step != dir_step:
         raise CheckpointError(
-            f"{path.name}/{TRAINER_STATE}: step {state['step']} does not match directory"
+            f"{path.name}/{TRAINER_STATE}: step {state.step} does not match directory"
         )
-    if not (0 <= state["step"] <= state["total_steps"]):
+    if not (0 <= state.step <= state.total_steps):
         raise CheckpointError(
-            f"{path.name}/{TRAINER_STATE}: step {state['step']} outside 0..{state['total_steps']}"
+            f"{path.name}/{TRAINER_STATE}: step {state.step} outside 0..{state.total_steps}"
         )
 
 
@@ -213,15 +224,15 @@ def newest_valid(
     checkpoints_dir: Path,
     on_invalid: Callable[[CheckpointInfo, str], None] | None = None,
     before_step: int | None = None,
-) -> tuple[CheckpointInfo, dict[str, Any]] | None:
-    """The newest checkpoint that validates (optionally with step < before_step)."""
+) -> tuple[CheckpointInfo, Validation] | None:
+    """The newest checkpoint that validates deeply (optionally with step < before_step), and
+    its validation; `on_invalid` hears of each one that does not."""
     for info in list_checkpoints(checkpoints_dir):
         if before_step is not None and info.step >= before_step:
             continue
         result = validate(info.path)
         if result.ok:
-            assert result.state is not None
-            return info, result.state
+            return info, result
         if on_invalid is not None:
             on_invalid(info, result.reason)
     return None

@@ -16,7 +16,7 @@ both processes, and the cost is small: a field's converter is built once per cla
 
 Types understood: int, float, bool, str, Any, Enum subclasses, Literal[...], X | None,
 list[X], tuple[X, ...], dict[str, X], and nested dataclasses. Two rule sets:
-- STRICT (wire and disk): JSON types as written; an int is accepted for a float and
+- strict (the default: wire and disk): JSON types as written; an int is accepted for a float and
   "nan"/"inf"/"-inf" strings for non-finite floats (how the wire carries them); unknown
   fields are an error.
 - lenient (config, `Rules(lenient=True, suggest=True)`): values from YAML or a command line

@@ -1,7 +1,8 @@
 """A tiny scripted worker speaking the real protocol, for fast supervisor tests.
 
     python tests/fake_worker.py train CONFIG --run-dir D --telemetry E --attempt N
-        [--resume auto|PATH | --fresh] [--set k=v]... [--lr-scale F] [--skip-steps K]
+        [--resume auto|PATH [--validated SHA256] | --fresh] [--set k=v]... [--lr-scale F]
+        [--skip-steps K]
 
 Same contract as the real worker (see the supervisor brief): heartbeats from a thread,
 StepMetrics per step, CheckpointSaved after real checkpoints (shared.checkpoint), SIGTERM =
@@ -32,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zmq
 
 from shared import config as config_mod
-from shared.checkpoint import write_checkpoint
-from shared.errors import ConfigError
+from shared.checkpoint import validate, write_checkpoint
+from shared.errors import CheckpointError, ConfigError
 from shared.exitcodes import ExitCode
 from shared.protocol import (
     CheckpointSaved,
@@ -43,6 +44,8 @@ from shared.protocol import (
     StepMetrics,
     WorkerStopping,
 )
+from shared.trainer_state import BatchSplit, Best
+from tests.checkpoint_support import trainer_state
 
 STEP_SECONDS = float(os.environ.get("FAKE_STEP_SECONDS", "0.02"))
 HEARTBEAT = float(os.environ.get("FAKE_HEARTBEAT", "0.2"))
@@ -75,7 +78,7 @@ class Fake:
         self.save_now = False
         self.lr_scale = 1.0
         self.data_position = 0
-        self.best = {"val_loss": None, "step": None}
+        self.best = Best(None, -1)
         ctx = zmq.Context.instance()
         self.pub = ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 2000)
@@ -142,22 +145,18 @@ class Fake:
     def save(self, reason: str, kill_before_manifest: bool = False) -> None:
         self.phase = Phase.CHECKPOINTING
         t0 = time.time()
-        state = {
-            "step": self.step, "total_steps": self.config.iters,
-            "data_position": self.data_position, "rng": {}, "early_stopping": {},
-            "best": self.best,
-            "batch": {"batch_size": self.config.batch_size,
-                      "grad_accumulation_steps": self.config.grad_accumulation_steps,
-                      "effective": self.config.effective_batch},
-            "config_hash": self.config.hash(), "versions": {}, "lr_scale": self.lr_scale,
-            "loss_history": [], "reason": reason,
-        }
+        state = trainer_state(
+            self.step, self.config.iters, data_position=self.data_position,
+            best=self.best,
+            batch=BatchSplit(self.config.batch_size, self.config.grad_accumulation_steps,
+                             self.config.effective_batch),
+            config_hash=self.config.hash(), lr_scale=self.lr_scale, reason=reason)
 
         def files(d: Path) -> None:
             (d / "adapters.safetensors").write_bytes(safetensors("lora_a", float(self.step)))
             (d / "optimizer.safetensors").write_bytes(safetensors("m", 0.5))
             (d / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora"}))
-            (d / "trainer_state.json").write_text(json.dumps(state))
+            (d / "trainer_state.json").write_text(json.dumps(state.to_dict()))
 
         def die(d: Path) -> None:
             self.log(f"end {os.getpid()} {time.time()} killed")
@@ -173,11 +172,16 @@ class Fake:
         a = self.args
         if a.fresh or a.resume in (None, "auto"):
             return
-        state = json.loads((Path(a.resume) / "trainer_state.json").read_text())
-        self.step = state["step"]
-        self.data_position = state["data_position"]
-        self.lr_scale = state["lr_scale"]
-        self.best = state["best"]
+        result = validate(Path(a.resume), trusted_manifest=a.validated)  # as the worker does
+        if not result.ok or result.state is None:
+            raise CheckpointError(f"--resume {a.resume}: {result.reason}")
+        self.log(f"validated {os.getpid()} {time.time()} "
+                 f"{'trusted' if a.validated == result.manifest_sha256 else 'full'}")
+        state = result.state
+        self.step = state.step
+        self.data_position = state.data_position
+        self.lr_scale = state.lr_scale
+        self.best = state.best
 
     def run(self) -> None:
         self.log(f"start {os.getpid()} {time.time()} attempt={self.attempt}")
@@ -216,7 +220,7 @@ class Fake:
                 self.save("periodic", kill_before_manifest=self.fire("checkpoint_crash"))
             if self.step % self.config.steps_per_eval == 0:
                 loss = 2.0 / self.step
-                self.best = {"val_loss": loss, "step": self.step}
+                self.best = Best(loss, self.step)
                 self.send(EvalResult(run_id="fake", attempt=self.attempt, step=self.step,
                                      val_loss=loss, best_val_loss=loss, best_step=self.step,
                                      seconds=0.01))
@@ -267,13 +271,14 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--lr-scale", type=float)
     p.add_argument("--skip-steps", type=int, default=0)
+    p.add_argument("--validated")
     args = p.parse_args()
     (Path(args.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
     with open(Path(args.run_dir) / "logs" / f"fake-argv-{args.attempt}.json", "w") as f:
         json.dump(sys.argv[1:], f)
     try:
         Fake(args).run()
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"overnight train: {e}", file=sys.stderr)
         sys.exit(int(ExitCode.BAD_CONFIG))
 

@@ -85,5 +85,6 @@ def worker_intervals(run_dir: Path) -> list[tuple[int, float, float]]:
     ends: dict[int, float] = {}
     for line in (run_dir / "fake.log").read_text().splitlines():
         kind, pid, t = line.split()[:3]
-        (starts if kind == "start" else ends)[int(pid)] = float(t)
+        if kind in ("start", "end"):
+            (starts if kind == "start" else ends)[int(pid)] = float(t)
     return [(pid, t, ends.get(pid, float("inf"))) for pid, t in starts.items()]

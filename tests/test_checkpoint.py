@@ -11,6 +11,7 @@ import pytest
 
 from shared import checkpoint as ckpt
 from shared.errors import CheckpointError
+from tests.checkpoint_support import trainer_state
 
 
 def _safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
@@ -26,19 +27,12 @@ def _safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     path.write_bytes(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
-def _state(step: int, total: int = 100) -> dict:
-    return {"step": step, "total_steps": total, "data_position": step, "rng": {},
-            "early_stopping": {}, "best": {"val_loss": None, "step": -1},
-            "batch": {"effective": 4}, "config_hash": "abc", "versions": {}, "lr_scale": 1.0,
-            "loss_history": [], "reason": "periodic"}
-
-
 def write(dir: Path, step: int, value: float = 1.0, hook=None) -> Path:
     def files(tmp: Path) -> None:
         _safetensors(tmp / ckpt.ADAPTERS, {"a.lora_a": np.full((2, 3), value, np.float32)})
         _safetensors(tmp / ckpt.OPTIMIZER, {"a.lora_a.m": np.zeros((2, 3), np.float16)})
         (tmp / ckpt.ADAPTER_CONFIG).write_text("{}")
-        (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(_state(step)))
+        (tmp / ckpt.TRAINER_STATE).write_text(json.dumps(trainer_state(step).to_dict()))
 
     return ckpt.write_checkpoint(dir, step, files, hook)
 

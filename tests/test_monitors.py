@@ -39,7 +39,7 @@ def test_early_stopping_state_round_trips() -> None:
     a = EarlyStopper(opts)
     a.observe(1, 2.0)
     a.observe(2, 2.5)
-    b = EarlyStopper.from_dict(opts, a.to_dict())
+    b = EarlyStopper.from_state(opts, a.state())
     assert b == a
     assert a.observe(3, 2.4) == b.observe(3, 2.4)
 
@@ -67,6 +67,6 @@ def test_spike_state_round_trips() -> None:
     a = SpikeDetector(opts)
     a.observe(1, 1.0)
     a.observe(2, 50.0)
-    b = SpikeDetector.from_dict(opts, a.to_dict())
+    b = SpikeDetector.from_state(opts, a.state())
     assert list(b.history) == [1.0] and b.consecutive == 1
     assert a.observe(3, 50.0) == b.observe(3, 50.0) is not None

@@ -149,7 +149,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_graceful(tmp_path: Path, tiny
     last = max(metrics(run))
     found = ckpt.newest_valid(run / "checkpoints")
     assert found is not None and found[0].step == last
-    assert found[1]["reason"] == "graceful_stop"
+    assert found[1].state is not None and found[1].state.reason == "graceful_stop"
     stopping = events(run, "worker_stopping")[-1]
     assert stopping["reason"] == "graceful_stop" and stopping["step"] == last
 
@@ -179,7 +179,8 @@ def test_gradient_spike_aborts_after_patience_with_a_checkpoint(tmp_path: Path,
     stopping = events(run, "worker_stopping")[-1]
     assert stopping["first_bad_step"] == 12 and "3 consecutive steps" in stopping["detail"]
     found = ckpt.newest_valid(run / "checkpoints")
-    assert found is not None and found[0].step == 13 and found[1]["reason"] == "grad_spike"
+    assert found is not None and found[0].step == 13
+    assert found[1].state is not None and found[1].state.reason == "grad_spike"
 
 
 def test_early_stopping_saves_and_marks_the_run_complete(tmp_path: Path, tiny_model: Path,

@@ -9,7 +9,6 @@ place — and only one save is in flight at a time.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from typing import Any
 from shared import checkpoint as ckpt
 from shared.errors import CheckpointError
 from shared.fsutil import write_json_synced
+from shared.trainer_state import TrainerState
 
 
 @dataclass(frozen=True)
@@ -39,8 +39,9 @@ def snapshot(model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]
     return adapters, opt_state
 
 
-def restore(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
-    """Load adapters and optimizer state from a validated checkpoint; return trainer state."""
+def restore(path: Path, model: Any, optimizer: Any) -> None:
+    """Load adapters and optimizer state from a validated checkpoint into the model and the
+    optimizer (its trainer state is the one the validation decoded)."""
     import mlx.core as mx
 
     adapters = mx.load(str(path / ckpt.ADAPTERS))
@@ -56,7 +57,6 @@ def restore(path: Path, model: Any, optimizer: Any) -> dict[str, Any]:
     saved = mx.load(str(path / ckpt.OPTIMIZER))
     _assign_flat(optimizer.state, saved, path)
     mx.eval(model.parameters(), optimizer.state)
-    return json.loads((path / ckpt.TRAINER_STATE).read_text())
 
 
 def _flat(tree: Any) -> list[tuple[str, Any]]:
@@ -103,7 +103,7 @@ class CheckpointWriter:
         adapters: dict[str, Any],
         opt_state: dict[str, Any],
         adapter_config: dict[str, Any],
-        trainer_state: dict[str, Any],
+        trainer_state: TrainerState,
         best_step: int | None,
         on_saved: Callable[[SavedCheckpoint], None],
     ) -> None:
@@ -116,7 +116,7 @@ class CheckpointWriter:
             mx.save_safetensors(str(tmp / ckpt.ADAPTERS), adapters, metadata={"format": "mlx"})
             mx.save_safetensors(str(tmp / ckpt.OPTIMIZER), opt_state)
             write_json_synced(tmp / ckpt.ADAPTER_CONFIG, adapter_config)
-            write_json_synced(tmp / ckpt.TRAINER_STATE, trainer_state)
+            write_json_synced(tmp / ckpt.TRAINER_STATE, trainer_state.to_dict())
 
         def run(blocked: float | None) -> None:
             """blocked=None: synchronous, training waits for the whole save."""

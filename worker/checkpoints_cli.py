@@ -30,14 +30,14 @@ def main(args: argparse.Namespace) -> int:
     bad = 0
     for info in infos:
         result = ckpt.validate(info.path, deep=args.verify)
-        state = result.state or {}
+        state = result.state
         bad += not result.ok
         row = {
             "step": info.step, "path": str(info.path),
             "status": "valid" if result.ok else "INVALID",
-            "verified": args.verify, "reason": state.get("reason") if result.ok else result.reason,
-            "val_loss": (state.get("last_val_loss") if result.ok else None),
-            "written": state.get("time"),
+            "verified": args.verify, "reason": state.reason if state else result.reason,
+            "val_loss": state.last_val_loss if state else None,
+            "written": state.time if state else None,
         }
         if args.json:
             print(json.dumps(row))

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sup.add_argument("--lr-scale", type=float, help="learning-rate multiplier (rollbacks)")
     sup.add_argument("--skip-steps", type=int, default=0,
                      help="after resuming, skip this many steps' worth of data")
+    sup.add_argument("--validated", metavar="SHA256",
+                     help="the --resume checkpoint was validated by the supervisor; this is "
+                          "its manifest's sha256 (re-checked; every byte is not read again)")
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -104,39 +104,6 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
         out[key.strip()] = value
     return out
-
-
-class _Stopper:
-    """Signal handlers and the parent watch: flags read by the loop between steps."""
-
-    def __init__(self, controls: Any):
-        self.controls = controls
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_term)
-        signal.signal(signal.SIGINT, self._on_term)
-        if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, self._on_usr1)
-        parent = os.environ.get("OVERNIGHT_PARENT_PID", "")
-        if parent.isdigit():
-            threading.Thread(target=self._watch_parent, args=(int(parent),), daemon=True,
-                             name="parent-watch").start()
-
-    def _on_term(self, signum: int, _frame: Any) -> None:
-        self.controls.stop_requested = True
-        self.controls.stop_reason = f"signal {signal.Signals(signum).name}"
-
-    def _on_usr1(self, _signum: int, _frame: Any) -> None:
-        self.controls.checkpoint_requested = True
-
-    def _watch_parent(self, pid: int) -> None:
-        # Linux also gets a parent-death signal from the supervisor; macOS has none, so poll.
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != pid:
-                self.controls.stop_requested = True
-                self.controls.stop_reason = "supervisor went away"
-                return
 
 
 def run_id_for(run: RunDir, given: str | None, prefix: str) -> str:

@@ -1,7 +1,8 @@
 """Early stopping and gradient-spike detection: pure, serialisable, no MLX.
 
-Both are plain objects with `to_dict()` / `from_dict()` so their state goes into every
-checkpoint and a resumed run stops (or not) exactly when the uninterrupted run would have.
+Both are plain objects with `state()` / `from_state()` (the records of
+shared/trainer_state.py), so their state goes into every checkpoint and a resumed run stops
+(or not) exactly when the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -9,11 +10,11 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from shared.config import EarlyStopping, GradSpike
+from shared.trainer_state import EarlyStoppingState, GradSpikeState
 
 
 @dataclass
@@ -39,15 +40,13 @@ class EarlyStopper:
         self.bad_evals += 1
         return self.bad_evals >= self.options.patience
 
-    def to_dict(self) -> dict[str, Any]:
+    def state(self) -> EarlyStoppingState:
         best = self.best if math.isfinite(self.best) else None
-        return {"best": best, "best_step": self.best_step, "bad_evals": self.bad_evals}
+        return EarlyStoppingState(best, self.best_step, self.bad_evals)
 
     @classmethod
-    def from_dict(cls, options: EarlyStopping, d: dict[str, Any]) -> EarlyStopper:
-        best = d.get("best")
-        return cls(options, math.inf if best is None else float(best), int(d["best_step"]),
-                   int(d["bad_evals"]))
+    def from_state(cls, options: EarlyStopping, s: EarlyStoppingState) -> EarlyStopper:
+        return cls(options, math.inf if s.best is None else s.best, s.best_step, s.bad_evals)
 
 
 @dataclass
@@ -91,11 +90,9 @@ class SpikeDetector:
             return f"{reason} for {self.consecutive} consecutive steps"
         return None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "consecutive": self.consecutive,
-                "first_bad_step": self.first_bad_step}
+    def state(self) -> GradSpikeState:
+        return GradSpikeState(tuple(self.history), self.consecutive, self.first_bad_step)
 
     @classmethod
-    def from_dict(cls, options: GradSpike, d: dict[str, Any]) -> SpikeDetector:
-        return cls(options, deque(float(x) for x in d["history"]), int(d["consecutive"]),
-                   int(d["first_bad_step"]))
+    def from_state(cls, options: GradSpike, s: GradSpikeState) -> SpikeDetector:
+        return cls(options, deque(s.history), s.consecutive, s.first_bad_step)

@@ -25,9 +25,11 @@ from shared.exitcodes import ExitCode
 from shared.fsutil import atomic_write_json, fsync_dir
 from shared.layout import RunDir
 from shared.progress import Progress
+from shared.trainer_state import DataIdentity, TrainerState
 from worker.inject import ENV as INJECT_ENV
 from worker.inject import Injector
 from worker.reporting import FanOut, RunReporter, TelemetryReporter, tensorboard_reporter
+from worker.signals import Stopper
 from worker.telemetry import LiveStatus, Telemetry
 from worker.train import Controls, Outcome, Trainer, TrainState
 
@@ -48,9 +50,7 @@ class Session:
 
     # -------------------------------------------------------------- outer boundary
     def run(self) -> ExitCode:
-        from worker.main import _Stopper
-
-        _Stopper(self.controls).install()
+        Stopper(self.controls).install()
         if self.args.telemetry:
             self.telemetry = Telemetry(self.args.telemetry, self.status)
         log.info("worker_started", pid=os.getpid(), attempt=self.args.attempt,
@@ -132,7 +132,7 @@ class Session:
         model, tokenizer = models.load_base(c)
         models.make_trainable(model, c)
         lr_scale = args.lr_scale if args.lr_scale is not None else (
-            float(stored["lr_scale"]) if stored else 1.0)
+            stored.lr_scale if stored else 1.0)
         optimizer, schedule = models.make_optimizer(c, lr_scale)
         optimizer.init(model.trainable_parameters())
 
@@ -158,18 +158,17 @@ class Session:
             restore(chosen, model, optimizer)
             self._check_data(stored, train_set)
             state = TrainState(
-                step=stored["step"], data_position=stored["data_position"] + args.skip_steps,
-                lr_scale=lr_scale, tokens_total=stored.get("tokens_total", 0),
-                train_seconds=stored.get("train_seconds", 0.0),
-                best_val=stored["best"]["val_loss"], best_step=stored["best"]["step"],
-                val_examples=stored.get("val_examples", -1),
-                last_val=stored.get("last_val_loss"),
+                step=stored.step, data_position=stored.data_position + args.skip_steps,
+                lr_scale=lr_scale, tokens_total=stored.tokens_total,
+                train_seconds=stored.train_seconds,
+                best_val=stored.best.val_loss, best_step=stored.best.step,
+                val_examples=stored.val_examples, last_val=stored.last_val_loss,
             )
-            stopper = EarlyStopper.from_dict(c.early_stopping, stored["early_stopping"])
-            spikes = SpikeDetector.from_dict(c.grad_spike, stored["grad_spike"])
-            progress.losses.extend(stored["loss_history"])
-            progress.step_seconds.extend(stored.get("step_seconds", []))
-            progress.tokens.extend(stored.get("step_tokens", []))
+            stopper = EarlyStopper.from_state(c.early_stopping, stored.early_stopping)
+            spikes = SpikeDetector.from_state(c.grad_spike, stored.grad_spike)
+            progress.losses.extend(stored.loss_history)
+            progress.step_seconds.extend(stored.step_seconds)
+            progress.tokens.extend(stored.step_tokens)
             progress.val = state.last_val
             progress.best_val = state.best_val
             progress.step = progress.last_checkpoint_step = state.step
@@ -205,11 +204,11 @@ class Session:
             reporter=self.reporter, progress=progress, controls=self.controls,
             injector=Injector(spec, run.root / "inject"),
             adapter_config=models.adapter_config(c), lr_schedule=schedule,
-            state_extra={"versions": _versions(), "data": {
-                "train_fingerprint": train_set.index.fingerprint,
-                "train_examples": len(train_set),
-                "malformed_lines": train_set.index.report.malformed,
-            }},
+            state_extra={"versions": _versions(), "data": DataIdentity(
+                train_fingerprint=train_set.index.fingerprint,
+                train_examples=len(train_set),
+                malformed_lines=train_set.index.report.malformed,
+            )},
             last_saved_step=state.step,
         )
         self.trainer = trainer
@@ -220,16 +219,24 @@ class Session:
         return outcome
 
     # -------------------------------------------------------------- helpers
-    def _choose_checkpoint(self) -> tuple[Path | None, dict[str, Any] | None]:
-        """The checkpoint to resume from and its (validated) trainer state."""
+    def _choose_checkpoint(self) -> tuple[Path | None, TrainerState | None]:
+        """The checkpoint to resume from and its (validated) trainer state.
+
+        A checkpoint the supervisor validated comes with `--validated SHA256` (its manifest's
+        hash): then only that the manifest is unchanged, the sizes and the trainer state are
+        checked here, not every byte again.
+        """
         resume = self.args.resume
         if self.args.fresh:
             return None, None
         if resume != "auto":
             path = Path(resume).expanduser().resolve()
-            result = ckpt.validate(path)
-            if not result.ok:
+            trusted = getattr(self.args, "validated", None)
+            result = ckpt.validate(path, trusted_manifest=trusted)
+            if not result.ok or result.state is None:
                 raise CheckpointError(f"--resume {resume}: {result.reason}")
+            log.info("checkpoint_validated", path=str(path), step=result.state.step,
+                     by_supervisor=trusted == result.manifest_sha256)
             return path, result.state
 
         def skipped(info: ckpt.CheckpointInfo, reason: str) -> None:
@@ -239,19 +246,19 @@ class Session:
         if found is None:
             log.info("starting_fresh", reason="no valid checkpoint")
             return None, None
-        return found[0].path, found[1]
+        return found[0].path, found[1].state
 
-    def _reconcile(self, c: Config, stored: dict[str, Any], path: Path) -> Config:
+    def _reconcile(self, c: Config, stored: TrainerState, path: Path) -> Config:
         """The config of a resumed run must train the same thing; the batch split may change."""
-        if stored["config_hash"] != c.hash():
-            old = stored.get("config", {})
+        if stored.config_hash != c.hash():
+            old = stored.config
             new = c.to_dict()
             keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise ConfigError(
                 f"{path.name} was written with a different config (changed: {keys}); "
                 "use --fresh to start over, or restore the original config"
             )
-        effective = stored["batch"]["effective"]
+        effective = stored.batch.effective
         if c.effective_batch != effective:
             if effective % c.batch_size:
                 raise ConfigError(
@@ -264,8 +271,8 @@ class Session:
             c = dataclasses.replace(c, grad_accumulation_steps=accum)
         return c
 
-    def _check_data(self, stored: dict[str, Any], train_set: Any) -> None:
-        before = stored.get("data", {}).get("train_fingerprint")
+    def _check_data(self, stored: TrainerState, train_set: Any) -> None:
+        before = stored.data.train_fingerprint if stored.data is not None else None
         if before and before != train_set.index.fingerprint:
             raise DataError(
                 f"{train_set.index.path} changed since the checkpoint was written "

@@ -25,6 +25,7 @@ from shared import protocol as p
 from shared.config import Config
 from shared.exitcodes import ExitCode
 from shared.progress import Progress
+from shared.trainer_state import BatchSplit, Best, RngScheme, TrainerState
 from worker.batching import EpochPlan, collate, micro_batches
 from worker.checkpointing import CheckpointWriter, SavedCheckpoint, snapshot
 from worker.data import Examples
@@ -88,7 +89,7 @@ class Trainer:
     injector: Injector
     adapter_config: dict[str, Any]
     lr_schedule: Any  # the optimizer's learning-rate schedule (step -> rate)
-    state_extra: dict[str, Any]  # fingerprints and versions, stored verbatim in checkpoints
+    state_extra: dict[str, Any]  # TrainerState's versions and data identity
     last_saved_step: int = 0
     _proc: Any = None
 
@@ -197,37 +198,35 @@ class Trainer:
         return float((total / ntok).item())
 
     # ------------------------------------------------------------------ checkpoints
-    def trainer_state(self, reason: str) -> dict[str, Any]:
+    def trainer_state(self, reason: str) -> TrainerState:
         s, c = self.state, self.config
-        return {
-            "step": s.step,
-            "total_steps": c.iters,
-            "data_position": s.data_position,
-            "groups_per_epoch": self.plan.groups_per_epoch,
-            "rng": {"scheme": "seed(seed*1000003 + step*1009 + micro_batch)", "seed": c.seed},
-            "early_stopping": self.stopper.to_dict(),
-            "grad_spike": self.spikes.to_dict(),
-            "best": {"val_loss": s.best_val, "step": s.best_step},
-            "last_val_loss": s.last_val,
-            "val_examples": s.val_examples,
-            "batch": {"batch_size": c.batch_size,
-                      "grad_accumulation_steps": c.grad_accumulation_steps,
-                      "effective": c.effective_batch},
-            "config_hash": c.hash(),
-            "config": c.to_dict(),
-            "lr_scale": s.lr_scale,
-            "lr": float(self.optimizer.learning_rate.item()),
-            "loss_history": list(self.progress.losses),
-            "step_seconds": list(self.progress.step_seconds),
-            "step_tokens": list(self.progress.tokens),
-            "tokens_total": s.tokens_total,
-            "train_seconds": s.train_seconds,
-            "reason": reason,
-            "run_id": self.run_id,
-            "attempt": self.attempt,
-            "time": time.time(),
+        return TrainerState(
+            step=s.step,
+            total_steps=c.iters,
+            data_position=s.data_position,
+            groups_per_epoch=self.plan.groups_per_epoch,
+            rng=RngScheme("seed(seed*1000003 + step*1009 + micro_batch)", c.seed),
+            early_stopping=self.stopper.state(),
+            grad_spike=self.spikes.state(),
+            best=Best(s.best_val, s.best_step),
+            last_val_loss=s.last_val,
+            val_examples=s.val_examples,
+            batch=BatchSplit(c.batch_size, c.grad_accumulation_steps, c.effective_batch),
+            config_hash=c.hash(),
+            config=c.to_dict(),
+            lr_scale=s.lr_scale,
+            lr=float(self.optimizer.learning_rate.item()),
+            loss_history=tuple(self.progress.losses),
+            step_seconds=tuple(self.progress.step_seconds),
+            step_tokens=tuple(self.progress.tokens),
+            tokens_total=s.tokens_total,
+            train_seconds=s.train_seconds,
+            reason=reason,
+            run_id=self.run_id,
+            attempt=self.attempt,
+            time=time.time(),
             **self.state_extra,
-        }
+        )
 
     def save(self, reason: str) -> None:
         import mlx.core as mx

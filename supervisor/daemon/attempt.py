@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.checkpoint import CheckpointInfo, list_checkpoints, newest_valid, quarantine, validate
+from shared.checkpoint import (
+    CheckpointInfo,
+    Validation,
+    list_checkpoints,
+    newest_valid,
+    quarantine,
+    validate,
+)
 from shared.config import Config
 from shared.exitcodes import FailureClass
 from shared.layout import RunDir
@@ -81,9 +88,10 @@ class AttemptRunner:
                 "--run-id", self.record.run_id]
         start_step, lr_in_ckpt = 0, None
         if found is not None:
-            info, state = found
-            argv += ["--resume", str(info.path)]
-            start_step, lr_in_ckpt = info.step, state.get("lr_scale")
+            info, validation = found
+            assert validation.state is not None
+            argv += ["--resume", str(info.path), "--validated", validation.manifest_sha256]
+            start_step, lr_in_ckpt = info.step, validation.state.lr_scale
         else:
             # Not --fresh: that would move the run's history aside. Every checkpoint the
             # worker could find was quarantined above, so it starts from scratch.
@@ -124,7 +132,7 @@ class AttemptRunner:
         )
         return n, proc.pid
 
-    def _choose_checkpoint(self) -> tuple[CheckpointInfo, dict[str, Any]] | None:
+    def _choose_checkpoint(self) -> tuple[CheckpointInfo, Validation] | None:
         before = self.pending.rollback_before if self.pending is not None else None
         found = newest_valid(self.run.checkpoints, self._quarantine, before_step=before)
         if before is not None:
@@ -310,11 +318,10 @@ class AttemptRunner:
             if not v.ok or v.state is None:
                 continue
             d["latest_checkpoint"] = {"step": info.step, "path": str(info.path)}
-            best = v.state.get("best") or {}
-            step = best.get("step")
-            if isinstance(step, int) and best.get("val_loss") is not None:
-                path = self.run.checkpoint_dir(step)
-                d["best_checkpoint"] = {"step": step, "val_loss": best["val_loss"],
+            best = v.state.best
+            if best.step >= 0 and best.val_loss is not None:
+                path = self.run.checkpoint_dir(best.step)
+                d["best_checkpoint"] = {"step": best.step, "val_loss": best.val_loss,
                                         "path": str(path) if path.is_dir() else None}
             return
 

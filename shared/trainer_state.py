@@ -1,0 +1,161 @@
+"""trainer_state.json: everything besides weights and optimizer moments that resuming needs.
+
+One file per checkpoint (shared/checkpoint.py). The worker writes it (worker/train.py) and
+resumes from it (worker/session.py); the validator (`shared.checkpoint.validate`, run by the
+supervisor before a restart and by `overnight checkpoints --verify`) decodes it with the same
+`decode()`, so a checkpoint that validates has every field the worker's resume reads: "valid"
+and "resumable" cannot disagree. Schema (version 1; files written before the version field
+existed are version 1):
+
+    {
+      "schema_version": 1,
+      "step": 250, "total_steps": 2000,
+      "data_position": 250,          # effective batches consumed (worker/batching.py)
+      "groups_per_epoch": 64,
+      "rng": {"scheme": "seed(seed*1000003 + step*1009 + micro_batch)", "seed": 0},
+      "early_stopping": {"best": 1.84, "best_step": 250, "bad_evals": 0},   # best: null = none
+      "grad_spike": {"history": [0.8, ...], "consecutive": 0, "first_bad_step": -1},
+      "best": {"val_loss": 1.84, "step": 250},   # val_loss null, step -1: no evaluation yet
+      "last_val_loss": 1.84,
+      "val_examples": 32,            # size of the fixed validation subset; -1: not chosen yet
+      "batch": {"batch_size": 4, "grad_accumulation_steps": 2, "effective": 8},
+      "config_hash": "9c1e...", "config": {...},   # shared.config.Config.hash() / to_dict()
+      "lr_scale": 1.0, "lr": 1e-5,
+      "loss_history": [...], "step_seconds": [...], "step_tokens": [...],  # last 50 steps
+      "tokens_total": 123456, "train_seconds": 3600.0,
+      "reason": "periodic",          # periodic, best, requested, final, early_stop,
+                                     # grad_spike, graceful_stop
+      "run_id": "...", "attempt": 2, "time": 1.7e9,
+      "versions": {"mlx": "0.32.4", "mlx-lm": "0.32.2", "mlx-overnight": "0.1.0"},
+      "data": {"train_fingerprint": "080969fc3b4e257d", "train_examples": 256,
+               "malformed_lines": 1}
+    }
+
+Fields without a default are required: a file missing one is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared import records
+from shared.errors import CheckpointError
+
+SCHEMA_VERSION = 1
+_RULES = records.Rules(CheckpointError)
+
+
+@dataclass(frozen=True)
+class RngScheme:
+    """How dropout randomness is seeded: from (seed, step, micro-batch), nothing to save."""
+
+    scheme: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class EarlyStoppingState:
+    """worker.monitors.EarlyStopper's state; best is None before the first improvement."""
+
+    best: float | None
+    best_step: int
+    bad_evals: int
+
+
+@dataclass(frozen=True)
+class GradSpikeState:
+    """worker.monitors.SpikeDetector's state: recent gradient norms and the current streak."""
+
+    history: tuple[float, ...]
+    consecutive: int
+    first_bad_step: int
+
+
+@dataclass(frozen=True)
+class Best:
+    """The best validation loss so far and its step (None, -1: no evaluation yet)."""
+
+    val_loss: float | None
+    step: int
+
+
+@dataclass(frozen=True)
+class BatchSplit:
+    """The micro-batch and accumulation the checkpoint was trained with; `effective` (their
+    product) must stay the same on resume."""
+
+    batch_size: int
+    grad_accumulation_steps: int
+    effective: int
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """Which training file the data position counts in (worker/data.py's fingerprint)."""
+
+    train_fingerprint: str
+    train_examples: int
+    malformed_lines: int
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """The contents of trainer_state.json (see the module docstring for the JSON)."""
+
+    step: int
+    total_steps: int
+    data_position: int
+    rng: RngScheme
+    early_stopping: EarlyStoppingState
+    grad_spike: GradSpikeState
+    best: Best
+    batch: BatchSplit
+    config_hash: str
+    versions: dict[str, str]
+    lr_scale: float
+    loss_history: tuple[float, ...]
+    reason: str
+    schema_version: int = SCHEMA_VERSION
+    groups_per_epoch: int | None = None
+    last_val_loss: float | None = None
+    val_examples: int = -1
+    config: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+    step_seconds: tuple[float, ...] = ()
+    step_tokens: tuple[int, ...] = ()
+    tokens_total: int = 0
+    train_seconds: float = 0.0
+    run_id: str = ""
+    attempt: int = 0
+    time: float | None = None
+    data: DataIdentity | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = records.to_dict(self)
+        return out
+
+
+def decode(obj: Any, where: str) -> TrainerState:
+    """A TrainerState from a parsed trainer_state.json; CheckpointError naming `where` and
+    the field when it is not one (wrong type, a required field missing, an unknown field, a
+    schema version this code does not know)."""
+    state = records.build(TrainerState, obj, where, _RULES)
+    if state.schema_version != SCHEMA_VERSION:
+        raise CheckpointError(f"{where}: expected schema_version {SCHEMA_VERSION}, got "
+                              f"{state.schema_version} (written by another mlx-overnight?)")
+    return state
+
+
+def load(path: Path, where: str | None = None) -> TrainerState:
+    """Read and decode one trainer_state.json; CheckpointError if it is unreadable."""
+    where = where or f"{path.parent.name}/{path.name}"
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{where}: not valid JSON") from None
+    except OSError as e:
+        raise CheckpointError(f"{where}: {e.strerror or e}") from None
+    return decode(obj, where)
