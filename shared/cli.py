@@ -4,6 +4,14 @@ Each subcommand lives in its own module exposing `add_arguments(parser)` and
 `main(args) -> int` (or `add_<cmd>_arguments` / `main_<cmd>` when a module serves several
 commands). Only the module of the command being run is imported, so `overnight status` never
 pays for importing MLX, and command modules keep MLX imports inside functions.
+
+Why the dispatcher is here: it fronts both programs, the supervisor's commands and the
+worker's (`train`, `checkpoints`, `import-gguf`), and neither program may import the other
+(supervisor/ imports nothing from worker/). The registry names modules as strings and
+imports only the one command that runs, so this module depends on neither side either.
+`python -m worker` is the same dispatcher with the worker's commands only (the supervisor
+starts its workers so); `python -m supervisor.cli` is an alias of `overnight` kept for the
+service files that earlier versions installed.
 """
 
 from __future__ import annotations
@@ -43,7 +51,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(int(ExitCode.BAD_CONFIG), f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+# The worker's own commands: what `python -m worker` offers.
+WORKER_COMMANDS = [c for c in COMMANDS if c[1].startswith("worker.")]
+Commands = list[tuple[str, str, str]]
+
+
+def build_parser(command: str | None = None,
+                 commands: Commands = COMMANDS) -> argparse.ArgumentParser:
     """The full parser; only `command`'s module is imported (all of them when None)."""
     parser = _Parser(
         prog="overnight",
@@ -51,7 +65,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, module_name, help_text in COMMANDS:
+    for name, module_name, help_text in commands:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module_name, _command=name)
         if command is not None and name != command:
@@ -63,18 +77,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _command_in(argv: list[str]) -> str | None:
-    known = {name for name, _, _ in COMMANDS}
+def _command_in(argv: list[str], commands: Commands) -> str | None:
+    known = {name for name, _, _ in commands}
     for arg in argv:
         if not arg.startswith("-"):
             return arg if arg in known else None
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, commands: Commands = COMMANDS) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    command = _command_in(argv)
-    parser = build_parser(command or "")
+    command = _command_in(argv, commands)
+    parser = build_parser(command or "", commands)
     args = parser.parse_args(argv)
     module = importlib.import_module(args._module)
     entry = getattr(module, f"main_{args._command.replace('-', '_')}", None) or module.main

@@ -130,7 +130,7 @@ class SupervisorOptions:
     sample_interval: float = _f(5.0, "seconds between memory samples of the worker")
     worker_command: list[str] = _f(
         [], "command that starts the worker, before 'train'; default: this Python's "
-        "-m shared.cli (tests use a scripted fake worker)"
+        "-m worker (tests use a scripted fake worker)"
     )
 
 

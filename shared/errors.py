@@ -25,3 +25,7 @@ class ProtocolError(OvernightError):
 
 class RunDirLocked(OvernightError):
     """Another supervisor holds the run directory."""
+
+
+class RecordError(OvernightError):
+    """A record one process wrote for others (run.json) is unreadable or not a valid record."""

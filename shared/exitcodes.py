@@ -52,6 +52,22 @@ class FailureClass(str, Enum):
     STALL = "stall"
     PLANNED_RESTART = "planned_restart"
 
+    @property
+    def is_failure(self) -> bool:
+        """Whether this end counts as a failure (everywhere: logs, budgets, the report)."""
+        return self not in NORMAL_ENDS
+
+    @property
+    def ends_run(self) -> bool:
+        """Whether the run is done after it (nothing is left to train)."""
+        return self in (FailureClass.COMPLETED, FailureClass.EARLY_STOPPED)
+
+
+# The normal ends of an attempt: done, early-stopped, stopped on request (SIGTERM), or stopped
+# by the supervisor for a planned restart (memory). Everything else is a failure.
+NORMAL_ENDS = frozenset({FailureClass.COMPLETED, FailureClass.EARLY_STOPPED,
+                         FailureClass.GRACEFUL_STOP, FailureClass.PLANNED_RESTART})
+
 
 EXIT_TO_CLASS: dict[ExitCode, FailureClass] = {
     ExitCode.COMPLETED: FailureClass.COMPLETED,

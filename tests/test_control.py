@@ -1,5 +1,5 @@
-"""supervisor/control.py and control_client.py: JSON over a real REP socket, clear errors,
-and `overnight status` without a supervisor."""
+"""supervisor/daemon/control.py and supervisor/morning/status.py: JSON over a real REP
+socket, a typed status reply, clear errors, and `overnight status` without a supervisor."""
 
 from __future__ import annotations
 
@@ -11,21 +11,30 @@ import pytest
 import structlog
 import zmq
 
+from shared.errors import ProtocolError
 from shared.layout import RunDir
-from shared.protocol import MAX_MESSAGE_BYTES, ControlReply, decode
-from supervisor.daemon.control import ControlError, ControlServer, handle
-from supervisor.daemon.record import RunRecord
+from shared.protocol import MAX_MESSAGE_BYTES, ControlReply, Phase, decode
+from shared.run_record import BestCheckpoint, State
+from supervisor.daemon.control import ControlError, ControlServer, RunStatus, decode_status, handle
+from supervisor.daemon.record import RecordKeeper
 from supervisor.lock import RunLock
 from supervisor.morning import status as control_client
+
+STATUS = RunStatus(
+    run_id="r1", run_dir="/runs/r1", state=State.TRAINING, reason="", supervisor_pid=1,
+    worker_pid=2, attempt=1, phase=Phase.TRAINING, step=12, total_steps=40,
+    last_heartbeat_s=0.4, tokens_per_sec=812.5, rss_mb=1400.2, mlx_mb=900.1, overrides={},
+    latest_checkpoint=None, best_checkpoint=BestCheckpoint(10, "/runs/r1/step-10", 1.25),
+    restart_in_s=None, attempts=1, failures=0)
 
 
 class FakeTarget:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def status(self):
+    def status(self) -> RunStatus:
         self.calls.append("status")
-        return {"state": "training", "step": 12, "run_id": "r1"}
+        return STATUS
 
     def request_stop(self, source):
         self.calls.append(f"stop:{source}")
@@ -38,7 +47,8 @@ class FakeTarget:
 def test_commands_reply_with_data():
     t = FakeTarget()
     reply = handle(b'{"type":"control","v":1,"command":"status"}', t)
-    assert reply.ok and reply.data["step"] == 12
+    assert reply.ok and reply.data["step"] == 12 and reply.data["state"] == "training"
+    assert decode_status(decode(reply.to_json()).data) == STATUS  # type: ignore[union-attr]
     reply = handle(b'{"type":"control","v":1,"command":"stop"}', t)
     assert reply.ok and t.calls == ["status", "stop:control"]
 
@@ -82,8 +92,13 @@ def test_the_client_talks_to_a_live_server_over_ipc(tmp_path, capsys):
     ctx = zmq.Context()
     server = ControlServer(ctx, run.control_endpoint, FakeTarget())
     with RunLock(run.lock):
-        t = _serve(server, 3)
+        t = _serve(server, 4)
         assert control_client.request(run, "status").data["state"] == "training"
+        control_client.main_status(argparse.Namespace(run_dir=run.root, json=False,
+                                                      timeout=2.0))
+        live = capsys.readouterr().out
+        assert "run      r1  [live]" in live and "phase training" in live
+        assert "best     step 10  val_loss 1.25  /runs/r1/step-10" in live
         # raw garbage on the wire still gets an answer
         req = ctx.socket(zmq.REQ)
         req.setsockopt(zmq.LINGER, 0)
@@ -104,9 +119,9 @@ def test_the_client_talks_to_a_live_server_over_ipc(tmp_path, capsys):
 def test_status_without_a_supervisor_reads_the_record(tmp_path, capsys):
     run = RunDir(tmp_path / "run")
     run.create()
-    rec = RunRecord.open(run.record, "r-offline", run.root, tmp_path / "c.yaml", {}, "h")
-    rec.data.update(final_step=40, total_steps=40)
-    rec.set_state("finished", "all steps done")
+    rec, _ = RecordKeeper.open(run.record, "r-offline", run.root, tmp_path / "c.yaml", {}, "h")
+    rec.update(final_step=40, total_steps=40, save=False)
+    rec.set_state(State.FINISHED, "all steps done")
     args = argparse.Namespace(run_dir=run.root, json=True, timeout=0.5)
     assert control_client.main_status(args) == 0
     out = json.loads(capsys.readouterr().out)
@@ -128,3 +143,9 @@ def test_stop_without_a_supervisor_fails_cleanly(tmp_path, capsys):
 def test_reply_json_roundtrip():
     r = ControlReply(ok=False, error="x", data={"a": 1})
     assert decode(r.to_json()) == r
+
+
+def test_a_status_reply_that_is_not_one_is_named_by_field():
+    data = {**STATUS.to_dict(), "state": "dancing"}
+    with pytest.raises(ProtocolError, match=r"status reply.state: expected one of"):
+        decode_status(data)

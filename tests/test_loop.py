@@ -1,4 +1,4 @@
-"""supervisor/loop.py with injected fakes (honcho style): a fake clock, a fake spawner whose
+"""supervisor/daemon/loop.py with injected fakes (honcho style): a fake clock, a fake spawner whose
 processes exit when told, and an in-process ZeroMQ socket pair for telemetry. No time passes,
 no process starts: hang detection, stop escalation and restarts are replayed step by step."""
 
@@ -7,18 +7,22 @@ from __future__ import annotations
 import random
 import signal
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import structlog
 import zmq
 
 from shared.config import resolve
+from shared.exitcodes import FailureClass
 from shared.layout import RunDir
 from shared.protocol import Heartbeat, Phase, StepMetrics
-from supervisor.daemon.attempt import AttemptRunner
+from shared.run_record import Detection
+from supervisor.daemon.checkpoint_choice import InlineJob
 from supervisor.daemon.loop import Supervisor
 from supervisor.daemon.policy import Policy
-from supervisor.daemon.record import RunRecord
+from supervisor.daemon.record import RecordKeeper
+from supervisor.daemon.runner import AttemptRunner
 from supervisor.daemon.state import Begin, State
 
 
@@ -52,6 +56,32 @@ class FakeSpawner:
         return proc
 
 
+class FakeNotifier:
+    """Records what the loop tells the service manager (supervisor/daemon/sdnotify.py)."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def ready(self) -> bool:
+        self.sent.append("READY=1")
+        return True
+
+    def watchdog(self) -> bool:
+        self.sent.append("WATCHDOG=1")
+        return True
+
+    def stopping(self) -> bool:
+        self.sent.append("STOPPING=1")
+        return True
+
+    def status(self, text: str) -> bool:
+        self.sent.append(f"STATUS={text}")
+        return True
+
+    def watchdog_interval(self) -> float | None:
+        return 4.0
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 0.0
@@ -67,7 +97,7 @@ def rig(tmp_path):
         "backoff_initial": 1, "backoff_max": 1, "sample_interval": 1e9}})
     run = RunDir(tmp_path / "run")
     run.create()
-    record = RunRecord.open(run.record, "r1", run.root, tmp_path / "c.yaml", {}, "h")
+    record, _ = RecordKeeper.open(run.record, "r1", run.root, tmp_path / "c.yaml", {}, "h")
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -86,8 +116,10 @@ def rig(tmp_path):
                            record=record, spawner=spawner,
                            policy=Policy(config.supervisor, random.Random(0)), env={},
                            command=["worker"], log=structlog.get_logger())
+    notifier = FakeNotifier()
     sup = Supervisor(runner=runner, record=record, telemetry=sub, control=None,
-                     log=structlog.get_logger(), clock=clock)
+                     log=structlog.get_logger(), clock=clock, notifier=notifier,
+                     background=InlineJob)
     yield sup, spawner, clock, pub
     pub.close(0)
     sub.close(0)
@@ -115,7 +147,7 @@ def test_hang_sigterm_then_sigkill_then_restart_from_scratch(rig):
     send(pub, sup, beat(proc.pid, 3))
     assert sup.state is State.TRAINING
     send(pub, sup, beat(proc.pid + 1, 50))  # another pid: ignored
-    assert sup.runner.view.step == 3
+    assert sup.runner.attempt.view.step == 3
 
     clock.now = 9.9
     sup._tick()
@@ -132,8 +164,9 @@ def test_hang_sigterm_then_sigkill_then_restart_from_scratch(rig):
     sup._tick()
     assert sup.state is State.BACKING_OFF
     attempt = sup.record.attempts[0]
-    assert (attempt["classification"], attempt["detected_by"]) == ("hang", "heartbeat_timeout")
-    assert attempt["killed_after_stop_timeout"] and attempt["detection_latency_s"] == 10.0
+    assert (attempt.classification, attempt.detected_by) == (
+        FailureClass.HANG, Detection.HEARTBEAT_TIMEOUT)
+    assert attempt.killed_after_stop_timeout and attempt.detection_latency_s == 10.0
 
     clock.now = 15.5
     sup._tick()
@@ -155,7 +188,74 @@ def test_crash_is_noticed_on_the_next_tick_and_a_user_stop_while_backing_off_end
     proc.returncode = -signal.SIGSEGV
     sup._tick()
     assert sup.state is State.BACKING_OFF
-    assert sup.record.attempts[0]["signal_name"] == "SIGSEGV"
-    assert sup.status()["restart_in_s"] is not None
+    assert sup.record.attempts[0].signal_name == "SIGSEGV"
+    assert sup.status().restart_in_s is not None
     sup.request_stop("control")
     assert sup.state is State.STOPPED and len(spawner.started) == 1
+
+
+class ManualJob:
+    """A checkpoint validation that takes as long as the test says (ManualJob.made[-1].finish())."""
+
+    made: ClassVar[list[ManualJob]] = []
+
+    def __init__(self, work, wake) -> None:
+        self.work, self.wake, self._done = work, wake, False
+        ManualJob.made.append(self)
+
+    def finish(self) -> None:
+        self._done = True
+        self.wake()
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self):
+        return self.work()
+
+
+@pytest.fixture
+def slow_rig(rig):
+    sup = rig[0]
+    ManualJob.made = []
+    sup.background = ManualJob
+    return rig
+
+
+def test_the_loop_keeps_serving_while_the_checkpoint_is_validated(slow_rig):
+    sup, spawner, clock, _ = slow_rig
+    notifier = sup.notifier
+    sup.dispatch(Begin())
+    assert sup.state is State.STARTING and spawner.started == [] and len(ManualJob.made) == 1
+    for t in (0.0, 1.0, 2.0, 3.0, 4.0):  # validation takes 4 s: ticks go on
+        clock.now = t
+        sup._tick()
+    assert notifier.sent.count("WATCHDOG=1") == 3  # at 0, 2, 4 s: every half interval (4 s)
+    status = sup.status()
+    assert (status.state, status.worker_pid, status.phase) == (State.STARTING, None, None)
+    ManualJob.made[0].finish()
+    sup._tick()
+    assert len(spawner.started) == 1 and "READY=1" in notifier.sent
+    assert sup.record.record.attempts[0].pid == spawner.started[0][1].pid
+
+
+def test_a_stop_while_the_first_checkpoint_is_validated_starts_no_worker(slow_rig):
+    sup, spawner, _, _ = slow_rig
+    sup.dispatch(Begin())
+    sup.request_stop("signal")
+    assert sup.state is State.STOPPED
+    assert sup.record.record.reason == "stop requested while no worker was running"
+    ManualJob.made[0].finish()
+    sup._tick()
+    assert spawner.started == [] and sup.record.attempts == ()
+
+
+def test_every_state_change_is_told_to_the_service_manager(rig):
+    sup, spawner, _, pub = rig
+    sup.dispatch(Begin())
+    _, proc = spawner.started[0]
+    send(pub, sup, beat(proc.pid, 1))
+    assert [s for s in sup.notifier.sent if s.startswith("STATUS=")] == [
+        "STATUS=training: training started (step 1)"]
+    sup.request_stop("control")
+    assert sup.notifier.sent[-2:] == ["STOPPING=1", "STATUS=stopping: stop requested (control)"]

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from shared import cli
+from shared import cli, run_record
+from shared.protocol import Phase
+from shared.run_record import RunRecord, State
+from supervisor.daemon.control import RunStatus
 from supervisor.morning.report_doc import Table, to_markdown
 from supervisor.morning.runfacts import gather
 from supervisor.morning.verdict import describe, duration, progress_line, verdict
@@ -148,13 +151,21 @@ def test_a_run_without_run_json_is_reported_from_its_logs(real_run, tmp_path):
 
 
 def test_status_api_verdict_and_progress_line(real_run):
-    record = json.loads((real_run / "run.json").read_text())
-    assert verdict(record, real_run) == describe(gather(real_run))
-    assert verdict(None, real_run).startswith(f"finished {ITERS}/{ITERS}")
-    live = {"run_id": record["run_id"], "state": "training", "step": 42, "total_steps": ITERS}
-    assert verdict(live, real_run).startswith(f"training: step 42/{ITERS} (70%), running for")
-    assert "2 restarts (crash at" in verdict(live, real_run)  # attempts from run.json
-    line = progress_line(real_run, record)
+    record = run_record.load(real_run / "run.json")
+    assert record is not None
+    assert verdict(real_run, record) == describe(gather(real_run))
+    assert verdict(real_run, None).startswith(f"finished {ITERS}/{ITERS}")  # from the logs
+    live = RunStatus(
+        run_id=record.run_id, run_dir=str(real_run), state=State.TRAINING, reason="",
+        supervisor_pid=1, worker_pid=2, attempt=3, phase=Phase.TRAINING, step=42,
+        total_steps=ITERS, last_heartbeat_s=0.1, tokens_per_sec=None, rss_mb=None,
+        mlx_mb=None, overrides={}, latest_checkpoint=None, best_checkpoint=None,
+        restart_in_s=None, attempts=3, failures=2)
+    text = verdict(real_run, record, live)
+    assert text.startswith(f"training: step 42/{ITERS} (70%), running for")
+    assert "2 restarts (crash at" in text  # attempts from run.json
+    line = progress_line(real_run, record.total_steps, record.latest_checkpoint,
+                         record.best_checkpoint)
     assert line is not None and line.startswith(f"Training: 100% | step {ITERS}/{ITERS} | loss=")
     assert "ckpt=-0" in line and "val=" in line
 
@@ -170,20 +181,29 @@ def test_a_missing_run_dir_is_one_line_and_exit_78(tmp_path, capsys):
 
 
 def attempt(n: int, cls: str | None, start: int, end: int, action: str | None, **extra):
-    base = {"attempt": n, "pid": 100 + n, "started": f"2025-01-02T0{n}:00:00.000+00:00",
+    base = {"attempt": n, "pid": 100 + n, "argv": [], "log": f"logs/worker-{n}.log",
+            "started": f"2025-01-02T0{n}:00:00.000+00:00",
             "ended": None if cls is None else f"2025-01-02T0{n}:30:00.000+00:00",
+            "start_reason": "", "skip_steps": 0, "lr_scale": None, "settings": {},
+            "steps_gained": end - start,
             "classification": cls, "start_step": start, "end_step": end, "action": action,
-            "detail": f"{cls} detail", "resumed_from": {"step": start} if start else None}
+            "detail": f"{cls} detail",
+            "resumed_from": {"step": start, "path": f"step-{start}"} if start else None}
     return {**base, **extra}
 
 
-def record(attempts: list[dict], state: str = "finished", **extra) -> dict:
-    return {"schema_version": 1, "run_id": "night", "state": state, "reason": "",
-            "created": "2025-01-02T01:00:00.000+00:00",
-            "ended": "2025-01-02T08:42:00.000+00:00" if state != "training" else None,
-            "final_step": attempts[-1]["end_step"], "total_steps": 2000,
-            "best_checkpoint": {"step": 1750, "val_loss": 1.8412, "path": None},
-            "attempts": attempts, **extra}
+def record(attempts: list[dict], state: str = "finished", **extra) -> RunRecord:
+    return run_record.decode({
+        "schema_version": 1, "run_id": "night", "run_dir": "/runs/night",
+        "config_path": "/night.yaml", "config": {}, "config_hash": "h",
+        "supervisor": {"pid": 1, "host": "h", "started": "2025-01-02T01:00:00.000+00:00",
+                       "starts": 1},
+        "state": state, "reason": "",
+        "created": "2025-01-02T01:00:00.000+00:00",
+        "ended": "2025-01-02T08:42:00.000+00:00" if state != "training" else None,
+        "final_step": attempts[-1]["end_step"] if attempts else 0, "total_steps": 2000,
+        "best_checkpoint": {"step": 1750, "val_loss": 1.8412, "path": None},
+        "attempts": attempts, **extra})
 
 
 def test_verdict_names_oom_with_the_smaller_micro_batch_and_the_hang(tmp_path):
@@ -193,7 +213,7 @@ def test_verdict_names_oom_with_the_smaller_micro_batch_and_the_hang(tmp_path):
         attempt(2, "hang", 800, 1530, "restart"),
         attempt(3, "completed", 1500, 2000, "finish"),
     ])
-    assert verdict(rec, tmp_path) == (
+    assert verdict(tmp_path, rec) == (
         "finished 2000/2000 steps in 7h42m; 2 restarts (OOM at 812 → micro-batch 8→4, "
         "accumulation 1→2; hang at 1530); best val 1.841 at step 1750")
 
@@ -201,30 +221,36 @@ def test_verdict_names_oom_with_the_smaller_micro_batch_and_the_hang(tmp_path):
 def test_verdict_names_a_rollback_and_a_lower_learning_rate(tmp_path):
     rec = record([attempt(1, "non_finite", 0, 512, "rollback"),
                   attempt(2, "completed", 500, 2000, "finish", lr_scale=0.5)])
-    assert "NaN loss at 512 → rolled back to 500, lr ×0.5" in verdict(rec, tmp_path)
+    assert "NaN loss at 512 → rolled back to 500, lr ×0.5" in verdict(tmp_path, rec)
 
 
 def test_verdict_of_a_run_that_gave_up_or_is_still_training(tmp_path):
     rec = record([attempt(1, "crash", 0, 40, "restart"), attempt(2, "crash", 0, 40, "give_up")],
                  state="gave_up", reason="crash twice at step 40 without progress")
-    text = verdict(rec, tmp_path)
+    text = verdict(tmp_path, rec)
     assert text.startswith("GAVE UP at step 40/2000 after 7h42m: crash twice at step 40")
     assert "1 restart (crash at 40)" in text
     live = record([attempt(1, None, 0, 900, None)], state="training")
-    assert verdict(live, tmp_path).startswith("training: step 900/2000 (45%), running for ")
+    assert verdict(tmp_path, live).startswith("training: step 900/2000 (45%), running for ")
 
 
 def test_many_restarts_are_counted_by_kind(tmp_path):
     attempts = [attempt(i, "crash" if i % 2 else "hang", 0, 10 * i, "restart")
                 for i in range(1, 8)] + [attempt(8, "completed", 70, 2000, "finish")]
-    assert "7 restarts (crash ×4, hang ×3)" in verdict(record(attempts), tmp_path)
+    assert "7 restarts (crash ×4, hang ×3)" in verdict(tmp_path, record(attempts))
 
 
-def test_a_sparse_or_odd_record_never_raises(tmp_path):
-    for rec in ({}, {"run_id": "x"}, {"run_id": "x", "attempts": [{}], "state": None},
-                {"run_id": "x", "attempts": [{"attempt": "one", "ended": "garbage"}],
-                 "best_checkpoint": {"val_loss": "n/a"}}):
-        assert isinstance(verdict(rec, tmp_path), str)
+def test_a_sparse_record_gives_a_verdict_and_a_broken_one_names_its_field(tmp_path, capsys):
+    sparse = record([], state="starting", best_checkpoint=None, ended=None)
+    assert verdict(tmp_path, sparse).startswith("training: step 0/2000 (0%), running for")
+    assert verdict(tmp_path, record([attempt(1, "crash", 0, 5, "restart", ended="garbage")],
+                                    state="backing_off")).startswith("restarting at step 5")
+    (tmp_path / "run.json").write_text(json.dumps(
+        {"schema_version": 1, "run_id": "x", "attempts": [{"attempt": "one"}]}))
+    assert cli.main(["report", str(tmp_path)]) == 78
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"overnight report: {tmp_path / 'run.json'}: missing field"), err
+    (tmp_path / "run.json").unlink()
     (tmp_path / "logs").mkdir()
     facts = gather(tmp_path)
     assert describe(facts).startswith("INCOMPLETE at step 0/?")
@@ -236,3 +262,16 @@ def test_durations_and_tables_read_well():
     text = to_markdown([Table(["a", "bb"], [["x|y", "1"], ["long cell", "22"]], "lr")])
     assert text.splitlines() == ["| a         |  bb |", "|-----------|----:|",
                                  "| x\\|y      |   1 |", "| long cell |  22 |"]
+
+
+def test_a_stop_on_request_is_not_a_failure_in_the_report(tmp_path):
+    """One definition of a normal end (shared.exitcodes.NORMAL_ENDS) for the logs, the budgets
+    and the report: the attempt a person stopped is not listed among the failures."""
+    from supervisor.morning.report import build, to_markdown
+
+    rec = record([attempt(1, "crash", 0, 40, "restart"),
+                  attempt(2, "graceful_stop", 30, 90, "stop")], state="stopped",
+                 reason="stopped on request (worker exit code 23)")
+    text = to_markdown(build(gather(tmp_path, record=rec), None))
+    failures = text.split("## Failures in detail")[1].split("\n## ")[0]
+    assert "Attempt 1: crash at step 40" in failures and "Attempt 2" not in failures

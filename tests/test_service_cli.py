@@ -22,6 +22,14 @@ from shared import cli
 from shared.exitcodes import ExitCode
 
 REPO = Path(__file__).resolve().parent.parent
+OLD_RECORD = REPO / "tests" / "fixtures" / "run-before-11" / "run.json"
+
+
+def record_in_state(state: str) -> str:
+    """A real run.json (recorded by a supervisor) in another state."""
+    record = json.loads(OLD_RECORD.read_text())
+    record["state"] = state
+    return json.dumps(record)
 UID = os.getuid()
 USER = pwd.getpwuid(UID).pw_name
 FAKE = """#!{python} -I
@@ -291,7 +299,7 @@ def test_services_lists_jobs_with_the_state_of_their_run_record(
 ) -> None:
     for name in ("alpha", "beta", "gamma"):
         assert overnight("install", str(env.config(name)), "--platform", "systemd") == 0
-    (env.work / "runs" / "alpha" / "run.json").write_text(json.dumps({"state": "training"}))
+    (env.work / "runs" / "alpha" / "run.json").write_text(record_in_state("training"))
     (env.work / "runs" / "beta" / "run.json").write_text("{not json")
     capsys.readouterr()
     env.log.unlink()
@@ -314,7 +322,7 @@ def test_services_on_launchd_shows_the_job_state(
     env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert overnight("install", str(env.config()), "--platform", "launchd") == 0
-    (env.work / "runs" / "tiny" / "run.json").write_text(json.dumps({"state": "finished"}))
+    (env.work / "runs" / "tiny" / "run.json").write_text(record_in_state("finished"))
     env.answer("print", out="io.mlx-overnight.tiny = {\n\tstate = not running\n}\n")
     capsys.readouterr()
     assert overnight("services", "--platform", "launchd") == 0

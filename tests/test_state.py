@@ -1,11 +1,11 @@
-"""supervisor/state.py: the transition table, row by row, without processes."""
+"""supervisor/daemon/state.py: the transition table, row by row, without processes."""
 
 from __future__ import annotations
 
 import pytest
 
+from shared.run_record import FINAL_STATES
 from supervisor.daemon.state import (
-    FINAL_STATES,
     AlreadyComplete,
     BackoffElapsed,
     Begin,
@@ -56,6 +56,9 @@ TABLE = [
     (S.BACKING_OFF, StopRequested("control"), S.STOPPED,
      [Finish("stop requested while no worker was running")]),
     (S.RESTARTING, StopRequested("control"), S.STOPPED,
+     [Finish("stop requested while no worker was running")]),
+    # the first attempt's checkpoint is being validated: no worker to stop yet
+    (S.STARTING, StopRequested("signal", worker_running=False), S.STOPPED,
      [Finish("stop requested while no worker was running")]),
     (S.STOPPING, StopTimedOut(120), S.STOPPING, [Kill()]),
     (S.TRAINING, CheckpointRequested("control"), S.TRAINING, [RequestCheckpoint()]),

@@ -7,22 +7,63 @@ socket never stays without an answer (REP would wedge otherwise).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import zmq
 
+from shared import records
 from shared.errors import ProtocolError
-from shared.protocol import MAX_MESSAGE_BYTES, ControlReply, ControlRequest, decode
+from shared.protocol import MAX_MESSAGE_BYTES, ControlReply, ControlRequest, Phase, decode
+from shared.run_record import BestCheckpoint, LatestCheckpoint, State
+
+_RULES = records.Rules(ProtocolError)
 
 
 class ControlError(Exception):
     """A command that cannot be carried out now; the message goes into the error reply."""
 
 
+@dataclass(frozen=True)
+class RunStatus:
+    """The data of a status reply: the supervisor's live view of the run (JSON: see Status).
+    `step` is the worker's while one runs, else the record's final_step."""
+
+    run_id: str
+    run_dir: str
+    state: State
+    reason: str
+    supervisor_pid: int
+    worker_pid: int | None
+    attempt: int
+    phase: Phase | None
+    step: int | None
+    total_steps: int | None
+    last_heartbeat_s: float | None
+    tokens_per_sec: float | None
+    rss_mb: float | None
+    mlx_mb: float | None
+    overrides: dict[str, Any]
+    latest_checkpoint: LatestCheckpoint | None
+    best_checkpoint: BestCheckpoint | None
+    restart_in_s: float | None
+    attempts: int
+    failures: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = records.to_dict(self)
+        return out
+
+
+def decode_status(data: dict[str, Any]) -> RunStatus:
+    """A status reply's data as a RunStatus; ProtocolError naming the field otherwise."""
+    return records.build(RunStatus, data, "status reply", _RULES)
+
+
 class Target(Protocol):
     """What the commands act on (the supervisor loop)."""
 
-    def status(self) -> dict[str, Any]: ...
+    def status(self) -> RunStatus: ...
 
     def request_stop(self, source: str) -> dict[str, Any]: ...
 
@@ -50,7 +91,7 @@ class Status(Command):
     name = "status"
 
     def execute(self, target: Target) -> dict[str, Any]:
-        return target.status()
+        return target.status().to_dict()
 
 
 class Stop(Command):

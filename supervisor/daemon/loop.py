@@ -1,11 +1,16 @@
 """The supervisor loop: observe (telemetry, control requests, child exit, timers), turn what
 it sees into events, run them through `state.transition`, execute the returned actions.
 
-One thread. A zmq Poller waits on the telemetry SUB socket, the control REP socket and a
-signal wake-up fd: SIGCHLD wakes the loop the moment the worker dies (crash detection does
-not wait for a missing heartbeat), SIGTERM/SIGINT/SIGHUP become a graceful stop. The poll
-timeout (at most 0.5 s) bounds the reaction to timers and is the fallback if a signal is
-missed. Attempt bookkeeping lives in supervisor/attempt.py.
+One thread, which never blocks for long. A zmq Poller waits on the telemetry SUB socket, the
+control REP socket and a wake-up socket: SIGCHLD wakes the loop the moment the worker dies
+(crash detection does not wait for a missing heartbeat), SIGTERM/SIGINT/SIGHUP become a
+graceful stop, and the checkpoint validation that precedes every start runs in a thread
+(supervisor/daemon/checkpoint_choice.py) that wakes the loop when it is done. The poll
+timeout (at most 0.5 s) bounds the reaction to timers and is the fallback if a wake-up is
+missed; every pass sends the systemd watchdog when it is due (see WATCHDOG in
+supervisor/service/systemd.py for what that guarantees). Attempts are run by
+supervisor/daemon/runner.py. The clock, the service-manager notifier and the way background
+work runs are constructor arguments, so tests replay histories with fakes.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import zmq
 
 from shared.errors import ProtocolError
 from shared.protocol import decode
-from supervisor.daemon import memory, watch
-from supervisor.daemon.attempt import AttemptRunner
-from supervisor.daemon.control import ControlError, ControlServer
-from supervisor.daemon.record import RunRecord
+from supervisor.daemon import memory, sdnotify, watch
+from supervisor.daemon.checkpoint_choice import Background, Job, ThreadJob
+from supervisor.daemon.control import ControlError, ControlServer, RunStatus
+from supervisor.daemon.record import RecordKeeper
+from supervisor.daemon.runner import AttemptRunner
+from supervisor.daemon.sdnotify import Notifier
 from supervisor.daemon.state import (
     BackoffElapsed,
     CheckpointRequested,
@@ -50,20 +57,17 @@ from supervisor.daemon.state import (
     transition,
 )
 
-try:  # written by a colleague; the loop works without it
-    from supervisor.daemon import sdnotify
-except ImportError:  # pragma: no cover
-    sdnotify = None  # type: ignore[assignment]
-
 MAX_POLL = 0.5
 RECORD_EVERY = 2.0  # seconds between progress-only record writes
+WATCHDOG_DEFAULT = 10.0  # seconds between WATCHDOG=1 when systemd gives no interval
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Supervisor:
     def __init__(
-        self, *, runner: AttemptRunner, record: RunRecord, telemetry: zmq.Socket[Any],
+        self, *, runner: AttemptRunner, record: RecordKeeper, telemetry: zmq.Socket[Any],
         control: ControlServer | None, log: Any, clock: Callable[[], float] = time.monotonic,
+        notifier: Notifier = sdnotify, background: Background = ThreadJob,
     ) -> None:
         self.runner = runner
         self.opts = runner.opts
@@ -72,12 +76,16 @@ class Supervisor:
         self.control = control
         self.log = log
         self.clock = clock
+        self.notifier = notifier
+        self.background = background
         self.state = State.STARTING  # a restarted supervisor starts over from here too
         self.restart_at: float | None = None
+        self.choice: Job | None = None  # the checkpoint validation before a start
         self.next_sample = 0.0
         self.next_watchdog = 0.0
         self.record_due = 0.0
         self.signalled: list[int] = []
+        self.wake: Callable[[], None] = lambda: None
         self.ready_sent = False
         self.final_reason = ""
 
@@ -95,44 +103,59 @@ class Supervisor:
             reason = _reason(event)
             self.log.info("state_changed", from_state=old.value, to_state=new.value,
                           event_type=type(event).__name__, reason=reason)
-            self.record.set_state(new.value, reason)
-            if sdnotify is not None:
-                sdnotify.status(f"{new.value}: {reason}"[:200])
+            self.record.set_state(new, reason)
+            self.notifier.status(f"{new.value}: {reason}"[:200])
         for action in actions:
             self._execute(action)
 
     def _execute(self, action: Any) -> None:
         now = self.clock()
+        attempt = self.runner.attempt
         match action:
             case Spawn():
-                self._spawn()
+                self.restart_at = None
+                self.choice = self.background(self.runner.chooser(), self.wake)
+                self._check_choice()
             case Terminate(reason=reason):
-                self.runner.terminate(reason, now)
+                if attempt is not None and attempt.terminate(reason, now):
+                    self.log.info("worker_terminate", reason=reason.value, worker_pid=attempt.pid,
+                                  stop_timeout=self.opts.stop_timeout)
             case Kill():
-                self.runner.kill()
+                if attempt is not None:
+                    self.log.warning("worker_kill", worker_pid=attempt.pid,
+                                     waited_s=self.opts.stop_timeout)
+                    attempt.stopping.kill(attempt.proc)
             case RequestCheckpoint():
-                self.runner.request_checkpoint()
+                if attempt is not None:
+                    attempt.request_checkpoint()
             case ScheduleRestart(delay=delay):
                 self.restart_at = now + delay
                 self.log.info("restart_scheduled", delay_s=round(delay, 3))
             case Finish(reason=reason):
                 self.final_reason = reason
-                self.record.set_state(self.state.value, reason)
+                self.record.set_state(self.state, reason)
                 self.log.info("run_ended", state=self.state.value, reason=reason,
-                              final_step=self.record.data.get("final_step"))
+                              final_step=self.record.record.final_step)
 
-    def _spawn(self) -> None:
-        self.restart_at = None
+    def _check_choice(self) -> None:
+        """Once the checkpoint validation is done: spawn the worker (if still wanted)."""
+        job = self.choice
+        if job is None or not job.done():
+            return
+        self.choice = None
+        if self.state not in (State.STARTING, State.RESTARTING):
+            return  # stopped meanwhile
         try:
-            attempt, pid = self.runner.start(self.clock())
-        except OSError as e:
+            choice = job.result()
+            attempt, pid = self.runner.start(choice, self.clock())
+        except Exception as e:  # OSError: cannot start; anything else: cannot read the run
             self.log.error("worker_spawn_failed", error=str(e))
             self.dispatch(SpawnFailed(str(e)))
             return
         self.next_sample = self.clock() + self.opts.sample_interval
         self.dispatch(Spawned(attempt, pid))
-        if not self.ready_sent and sdnotify is not None:
-            sdnotify.ready()
+        if not self.ready_sent:
+            self.notifier.ready()
         self.ready_sent = True
 
     # ---- observations ------------------------------------------------------------------
@@ -143,17 +166,18 @@ class Supervisor:
         except ProtocolError as e:
             self.log.warning("telemetry_invalid", error=str(e))
             return
-        view = self.runner.view
-        if view is None or not view.accepts(msg):
+        attempt = self.runner.attempt
+        if attempt is None or not attempt.view.accepts(msg):
             return
-        if view.update(msg, self.clock()) and self.state is State.STARTING:
-            self.dispatch(Progressed(view.step))
+        if attempt.view.update(msg, self.clock()) and self.state is State.STARTING:
+            self.dispatch(Progressed(attempt.view.step))
         self.runner.on_message(msg)
 
     def _check_worker(self) -> None:
-        if not self.state.has_worker:
+        attempt = self.runner.attempt
+        if not self.state.has_worker or attempt is None:
             return
-        rc = self.runner.poll()
+        rc = attempt.poll()
         if rc is None:
             return
         decision = self.runner.finish(rc, self.clock())
@@ -161,24 +185,27 @@ class Supervisor:
 
     def _check_timers(self) -> None:
         now = self.clock()
-        view = self.runner.view
-        if self.state in (State.STARTING, State.TRAINING) and view is not None:
-            found = watch.check(view, self.opts, now)
+        attempt = self.runner.attempt
+        if self.state in (State.STARTING, State.TRAINING) and attempt is not None:
+            found = watch.check(attempt.view, self.opts, now)
             if found is not None:
                 kind, seconds = found
                 detail = (f"no heartbeat for {seconds:.1f} s" if kind == "hang"
                           else f"no step for {seconds:.1f} s while heartbeats continue")
-                self.runner.note_detection(kind, detail, seconds)
+                attempt.notice(kind, detail, seconds)
+                self.log.warning("worker_unhealthy", kind=kind, detail=detail)
                 self.dispatch(HeartbeatLost(seconds) if kind == "hang" else Stalled(seconds))
             elif now >= self.next_sample:
                 self.next_sample = now + self.opts.sample_interval
+                view = attempt.view
                 s = memory.sample(view.pid, time.time(), view.step, view.active_mb)
-                reason = self.runner.add_sample(s) if s is not None else None
+                reason = attempt.add_sample(s) if s is not None else None
                 if reason is not None:
-                    self.runner.note_detection("memory", reason, 0.0)
+                    attempt.notice("memory", reason, 0.0)
+                    self.log.warning("worker_unhealthy", kind="memory", detail=reason)
                     self.dispatch(MemoryHigh(reason))
-        if self.state is State.STOPPING:
-            waited = self.runner.stop_overdue(now)
+        if self.state is State.STOPPING and attempt is not None:
+            waited = attempt.stopping.overdue(now)
             if waited is not None:
                 self.dispatch(StopTimedOut(waited))
         if (self.state is State.BACKING_OFF and self.restart_at is not None
@@ -190,52 +217,74 @@ class Supervisor:
         deadlines = [now + MAX_POLL]
         if self.restart_at is not None:
             deadlines.append(self.restart_at)
-        if self.runner.stop_deadline is not None:
-            deadlines.append(self.runner.stop_deadline)
-        view = self.runner.view
-        if self.state in (State.STARTING, State.TRAINING) and view is not None:
-            deadlines.append(watch.heartbeat_deadline(view, self.opts))
+        attempt = self.runner.attempt
+        if attempt is not None and attempt.stopping.deadline is not None:
+            deadlines.append(attempt.stopping.deadline)
+        if self.state in (State.STARTING, State.TRAINING) and attempt is not None:
+            deadlines.append(watch.heartbeat_deadline(attempt.view, self.opts))
         return max(0.0, min(deadlines) - now)
 
     # ---- control target ----------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        return self.runner.status(self.state, self.restart_at, self.clock())
+    def status(self) -> RunStatus:
+        now, r = self.clock(), self.record.record
+        attempt = self.runner.attempt if self.state.has_worker else None
+        view = attempt.view if attempt is not None else None
+        best = r.best_checkpoint
+        if best is not None and best.path is None:
+            path = self.runner.run.checkpoint_dir(best.step)
+            if path.is_dir():
+                best = type(best)(best.step, str(path), best.val_loss)
+        return RunStatus(
+            run_id=r.run_id, run_dir=str(self.runner.run.root), state=self.state,
+            reason=r.reason, supervisor_pid=self.runner.supervisor_pid,
+            worker_pid=view.pid if view else None, attempt=len(r.attempts),
+            phase=view.phase if view else None,
+            step=view.step if view else r.final_step, total_steps=r.total_steps,
+            last_heartbeat_s=round(now - view.last_seen, 2) if view else None,
+            tokens_per_sec=_round(view.tokens_per_sec) if view else None,
+            rss_mb=_round(view.rss_mb) if view else None,
+            mlx_mb=_round(view.active_mb) if view else None,
+            overrides=r.overrides, latest_checkpoint=r.latest_checkpoint, best_checkpoint=best,
+            restart_in_s=round(self.restart_at - now, 1) if self.restart_at is not None
+            else None,
+            attempts=len(r.attempts), failures=r.totals.failures,
+        )
 
     def request_stop(self, source: str) -> dict[str, Any]:
         self.log.info("stop_requested", source=source, state=self.state.value)
-        if sdnotify is not None:
-            sdnotify.stopping()  # the service manager should now wait up to stop_timeout
-        self.dispatch(StopRequested(source))
+        self.notifier.stopping()  # the service manager should now wait up to stop_timeout
+        self.dispatch(StopRequested(source, worker_running=self.runner.attempt is not None))
         return {"state": self.state.value, "supervisor_pid": self.runner.supervisor_pid,
                 "stop_timeout": self.opts.stop_timeout}
 
     def request_checkpoint(self, source: str) -> dict[str, Any]:
-        view = self.runner.view
-        if self.state not in (State.STARTING, State.TRAINING) or view is None:
+        attempt = self.runner.attempt
+        if self.state not in (State.STARTING, State.TRAINING) or attempt is None:
             raise ControlError(f"no worker is training (state {self.state.value})")
-        self.log.info("checkpoint_requested", source=source, step=view.step)
+        self.log.info("checkpoint_requested", source=source, step=attempt.view.step)
         self.dispatch(CheckpointRequested(source))
-        return {"worker_pid": view.pid, "step": view.step}
+        return {"worker_pid": attempt.pid, "step": attempt.view.step}
 
     # ---- the loop ----------------------------------------------------------------------
 
     def run(self, first: Event) -> State:
         """Run until a final state; returns it. Installs signal handlers when on the main
         thread (and restores them on the way out)."""
-        with _Signals(self.signalled) as wake:
+        with _Wakeup(self.signalled) as wakeup:
+            self.wake = wakeup.wake
             poller = zmq.Poller()
             poller.register(self.telemetry, zmq.POLLIN)
             if self.control is not None:
                 poller.register(self.control.socket, zmq.POLLIN)
-            if wake is not None:
-                poller.register(wake, zmq.POLLIN)
+            poller.register(wakeup.reader, zmq.POLLIN)
             self.dispatch(first)
             while not self.state.is_final:
                 ready = dict(poller.poll(self._timeout() * 1000))
-                if wake is not None and wake in ready:
-                    _drain(wake)
+                if wakeup.reader in ready:
+                    _drain(wakeup.reader)
                 self._tick()
+        self.wake = lambda: None
         return self.state
 
     def _tick(self) -> None:
@@ -251,16 +300,21 @@ class Supervisor:
             self._on_telemetry(raw)
         if self.control is not None:
             self.control.serve_ready(self.log)
+        self._check_choice()
         self._check_worker()
         self._check_timers()
         now = self.clock()
-        if sdnotify is not None and now >= self.next_watchdog:
-            sdnotify.watchdog()
-            interval = sdnotify.watchdog_interval()
-            self.next_watchdog = now + (interval / 2 if interval else 10.0)
+        if now >= self.next_watchdog:
+            self.notifier.watchdog()
+            interval = self.notifier.watchdog_interval()
+            self.next_watchdog = now + (interval / 2 if interval else WATCHDOG_DEFAULT)
         if self.runner.progress_dirty and now >= self.record_due:
             self.runner.save_progress()
             self.record_due = now + RECORD_EVERY
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
 
 
 def _reason(event: Event) -> str:
@@ -282,39 +336,41 @@ def _reason(event: Event) -> str:
     return ""
 
 
-class _Signals:
-    """SIGCHLD (wake up), SIGTERM/SIGINT/SIGHUP (graceful stop) through a wake-up socket."""
+class _Wakeup:
+    """A socket pair that wakes the loop: written by a background job when it is done, and by
+    signals (on the main thread: SIGCHLD to wake up, SIGTERM/SIGINT/SIGHUP for a graceful
+    stop, queued for the loop)."""
 
     def __init__(self, queue: list[int]) -> None:
         self.queue = queue
         self.saved: dict[int, Any] = {}
-        self.pair: tuple[socket.socket, socket.socket] | None = None
-        self.old_fd = -1
+        self.reader, self.writer = socket.socketpair()
+        self.old_fd: int | None = None
 
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
         self.queue.append(signum)
 
-    def __enter__(self) -> socket.socket | None:
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        r, w = socket.socketpair()
-        r.setblocking(False)
-        w.setblocking(False)
-        self.pair = (r, w)
-        self.saved[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda s, f: None)
-        for sig in SIGNALS:
-            self.saved[sig] = signal.signal(sig, self._on_stop)
-        self.old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
-        return r
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            self.writer.send(b"\0")
+
+    def __enter__(self) -> _Wakeup:
+        self.reader.setblocking(False)
+        self.writer.setblocking(False)
+        if threading.current_thread() is threading.main_thread():
+            self.saved[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, lambda s, f: None)
+            for sig in SIGNALS:
+                self.saved[sig] = signal.signal(sig, self._on_stop)
+            self.old_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.pair is None:
-            return
-        signal.set_wakeup_fd(self.old_fd)
+        if self.old_fd is not None:
+            signal.set_wakeup_fd(self.old_fd)
         for sig, handler in self.saved.items():
             signal.signal(sig, handler)
-        for s in self.pair:
-            s.close()
+        self.reader.close()
+        self.writer.close()
 
 
 def _drain(sock: socket.socket) -> None:

@@ -14,7 +14,8 @@ supervisor itself failed, so a service manager restarts only a broken supervisor
 it cannot read at all, or a locked run dir, exits 78 (EX_CONFIG) before anything starts:
 use `RestartPreventExitStatus=78` (systemd). Stopping takes up to `stop_timeout` (default
 120 s) while the worker saves: give the service manager `TimeoutStopSec` (systemd) /
-`ExitTimeOut` (launchd) of at least stop_timeout + 30 s, or a checkpoint is cut in half.
+`ExitTimeOut` (launchd) of at least stop_timeout + 60 s (what `overnight install` writes), or
+a checkpoint is cut in half.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +37,20 @@ from shared import config as config_mod
 from shared import logsetup
 from shared.errors import OvernightError
 from shared.layout import RunDir
-from supervisor.daemon import spawn
-from supervisor.daemon.attempt import AttemptRunner
+from shared.run_record import Action
+from supervisor.daemon import sdnotify, spawn
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.loop import Supervisor
 from supervisor.daemon.policy import Policy
-from supervisor.daemon.record import RunRecord
+from supervisor.daemon.record import RecordKeeper
+from supervisor.daemon.runner import AttemptRunner
 from supervisor.daemon.state import AlreadyComplete, Begin, State
+from supervisor.daemon.stopping import ProcessHandle, stop
 from supervisor.lock import RunLock
 
-try:
-    from supervisor.daemon import sdnotify
-except ImportError:  # pragma: no cover
-    sdnotify = None  # type: ignore[assignment]
-
-COMPLETE_STATES = ("finished", "early_stopped")
 ON_EXIT_TIMEOUT = 60.0
+# The worker: `python -m worker train CONFIG ...` (supervisor/daemon/worker_command.py).
+WORKER_COMMAND = [sys.executable, "-m", "worker"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,12 +80,15 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str) 
     logsetup.configure("supervisor", run.supervisor_log, console=True, level=level,
                        max_bytes=config.logging.max_bytes, backups=config.logging.backups)
     run_id = run.ensure_run_id(config_path.stem)
-    record = RunRecord.open(run.record, run_id, run.root, config_path, config.to_dict(),
-                            config.hash())
+    record, note = RecordKeeper.open(run.record, run_id, run.root, config_path,
+                                     config.to_dict(), config.hash())
     structlog.contextvars.bind_contextvars(run_id=record.run_id)
     log = logsetup.get("supervisor")
+    if note:
+        log.warning("record_unreadable", detail=note)
     log.info("supervisor_started", run_dir=str(run.root), config_path=str(config_path),
-             starts=record.data["supervisor"]["starts"], previous_state=record.data["state"])
+             starts=record.record.supervisor.starts,
+             previous_state=record.record.state.value)
     log.info("config_resolved", config=config.to_dict(), config_hash=config.hash())
     _copy_config(config_path, run, log)
     _adopt_previous(record, run, opts.stop_timeout, log)
@@ -104,27 +105,25 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str) 
     telemetry.bind(run.telemetry_endpoint)
     control = ControlServer(ctx, run.control_endpoint, target=None)  # type: ignore[arg-type]
     log.info("sockets_bound", telemetry=run.telemetry_endpoint, control=run.control_endpoint)
-    if sdnotify is not None:
-        # Ready = holding the run and answering control requests; also on the path where
-        # the run is already complete and no worker starts (else systemd calls it failed).
-        sdnotify.ready()
+    # Ready = holding the run and answering control requests; also on the path where the
+    # run is already complete and no worker starts (else systemd calls it failed).
+    sdnotify.ready()
 
-    base_env = sdnotify.child_environment() if sdnotify is not None else dict(os.environ)
     runner = AttemptRunner(
         config=config, config_path=config_path, run=run, record=record,
         spawner=spawn.PopenSpawner(),
-        policy=Policy(opts, high_water=int(record.data.get("high_water_step") or 0),
-                      rollbacks=int(record.data.get("rollbacks") or 0)),
-        env=spawn.worker_env(base_env, opts.openblas, log),
-        command=list(opts.worker_command) or [sys.executable, "-m", "shared.cli"],
+        policy=Policy(opts, high_water=record.record.high_water_step,
+                      rollbacks=record.record.rollbacks),
+        env=spawn.worker_env(sdnotify.child_environment(), opts.openblas, log),
+        command=list(opts.worker_command) or WORKER_COMMAND,
         log=log,
     )
     sup = Supervisor(runner=runner, record=record, telemetry=telemetry, control=control, log=log)
     control.target = sup
     caffeinate = spawn.start_caffeinate(opts.caffeinate, log)
-    complete = run.is_complete or record.data.get("state") in COMPLETE_STATES
+    complete = run.is_complete or record.record.state.is_complete
     if complete:
-        log.info("run_already_complete", state=record.data.get("state"))
+        log.info("run_already_complete", state=record.record.state.value)
     try:
         final = sup.run(AlreadyComplete() if complete else Begin())
     except BaseException:
@@ -132,14 +131,13 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str) 
         _emergency_stop(runner, opts.stop_timeout, log)
         raise
     finally:
-        if sdnotify is not None:
-            sdnotify.stopping()
+        sdnotify.stopping()
         control.close()
         telemetry.close(linger=0)
         ctx.term()
         if caffeinate is not None:
             caffeinate.terminate()
-    reason = record.data.get("reason", "")
+    reason = record.record.reason
     _on_exit(opts.on_exit, final, reason, record, run, log)
     print(f"overnight run: {final.value}: {reason}", file=sys.stderr)
     return 0
@@ -154,47 +152,41 @@ def _copy_config(config_path: Path, run: RunDir, log: Any) -> None:
     shutil.copyfile(config_path, target)
 
 
-def _adopt_previous(record: RunRecord, run: RunDir, stop_timeout: float, log: Any) -> None:
+def _adopt_previous(record: RecordKeeper, run: RunDir, stop_timeout: float, log: Any) -> None:
     """A previous supervisor died: stop its orphaned worker, close its open attempt."""
     for proc in spawn.find_orphans(run.root):
         log.warning("orphan_found", worker_pid=proc.pid, cmdline=" ".join(proc.cmdline()[:12]))
-        how = spawn.stop_process(proc, stop_timeout, log)
-        log.info("orphan_stopped", worker_pid=proc.pid, how=how)
+        how = stop(ProcessHandle(proc), stop_timeout)
+        if how.value == "killed":
+            log.warning("orphan_kill", pid=proc.pid, waited_s=stop_timeout)
+        log.info("orphan_stopped", worker_pid=proc.pid, how=how.value)
     current = record.current
-    if current is not None and current.get("ended") is None:
-        record.end_attempt({
-            "classification": None, "action": "abandoned",
-            "action_reason": "the supervisor ended while this attempt ran; a restarted "
-                             "supervisor stopped it (if still running) and resumes the run",
-        })
-        log.info("attempt_abandoned", attempt=current["attempt"])
+    if current is not None and current.ended is None:
+        record.end_attempt(
+            classification=None, action=Action.ABANDONED,
+            action_reason="the supervisor ended while this attempt ran; a restarted "
+                          "supervisor stopped it (if still running) and resumes the run",
+        )
+        log.info("attempt_abandoned", attempt=current.attempt)
 
 
 def _emergency_stop(runner: AttemptRunner, stop_timeout: float, log: Any) -> None:
     """The supervisor itself failed: do not leave the worker behind."""
-    proc = runner.proc
-    if proc is None or proc.poll() is not None:
+    attempt = runner.attempt
+    if attempt is None or attempt.poll() is not None:
         return
-    import signal
-
-    proc.signal(signal.SIGTERM)
-    proc.signal_group(signal.SIGCONT)
-    deadline = time.monotonic() + stop_timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    if proc.poll() is None:
-        proc.signal_group(signal.SIGKILL)
-    log.info("worker_stopped_on_failure", worker_pid=proc.pid)
+    stop(attempt.proc, stop_timeout)
+    log.info("worker_stopped_on_failure", worker_pid=attempt.pid)
 
 
-def _on_exit(command: str, final: State, reason: str, record: RunRecord, run: RunDir,
+def _on_exit(command: str, final: State, reason: str, record: RecordKeeper, run: RunDir,
              log: Any) -> None:
     """The optional `supervisor.on_exit` shell command, e.g. a notification."""
     if not command:
         return
     env = dict(os.environ, OVERNIGHT_STATE=final.value, OVERNIGHT_REASON=reason,
                OVERNIGHT_RUN_ID=record.run_id, OVERNIGHT_RUN_DIR=str(run.root),
-               OVERNIGHT_FINAL_STEP=str(record.data.get("final_step", "")))
+               OVERNIGHT_FINAL_STEP=str(record.record.final_step))
     try:
         done = subprocess.run(command, shell=True, env=env, timeout=ON_EXIT_TIMEOUT,
                               stdin=subprocess.DEVNULL, capture_output=True, check=False)

@@ -1,190 +1,150 @@
-"""The run record RUN_DIR/run.json: what happened, for `overnight status` and `overnight report`.
+"""The supervisor keeps the run record: it is the only writer of RUN_DIR/run.json.
 
-Written atomically (temp file, fsync, rename) on every change; a reader never sees a torn
-file. Times are ISO 8601 UTC strings; durations are seconds (float); memory is MB.
-
-    {
-      "schema_version": 1,
-      "run_id": "mini-20250102T013000-3fa2",
-      "run_dir": "/abs/runs/mini",   "config_path": "/abs/mini.yaml",
-      "config": {...},               # resolved config (shared.config.Config.to_dict())
-      "config_hash": "9c1e...",
-      "created": "...", "updated": "...", "ended": null | "...",
-      "state": "training",           # supervisor/state.py State value
-      "reason": "",                  # why the last state was entered (final: the verdict)
-      "supervisor": {"pid": 123, "host": "mbp", "started": "...", "starts": 1},
-      "worker": null | {"pid": 456, "attempt": 3, "started": "...", "argv": [...]},
-      "overrides": {"batch_size": 2, "grad_accumulation_steps": 8,   # persisted settings:
-                    "grad_checkpoint": false, "lr_scale": 0.5},       # every attempt gets them
-      "rollbacks": 1,                # rollbacks so far (budget: supervisor.max_rollbacks)
-      "high_water_step": 830,        # highest step the run ever reached (progress measure)
-      "final_step": 812,             # the step the run is at (after a rollback: below the
-                                     # high-water mark); at the end: the final step
-      "total_steps": 2000,
-      "best_checkpoint": null | {"step": 750, "path": "...", "val_loss": 1.84},
-      "latest_checkpoint": null | {"step": 800, "path": "..."},
-      "quarantined": [{"checkpoint": "step-0000250", "path": "...", "reason": "...",
-                       "time": "..."}],
-      "totals": {"attempts": 3, "failures": 2, "planned_restarts": 0, "rollbacks": 1,
-                 "restarts": 2, "steps_trained": 900, "tokens": 123456,
-                 "train_seconds": 3600.0, "downtime_seconds": 42.0},
-      "attempts": [{
-        "attempt": 1, "pid": 456, "argv": [...], "log": "logs/worker-1.log",
-        "started": "...", "ended": null | "...",
-        "start_reason": "initial" | "<previous attempt's action_reason>",
-        "resumed_from": null | {"step": 250, "path": "..."},   # null: fresh start
-        "skip_steps": 0, "lr_scale": null | 0.5,
-        "settings": {...overrides in effect...},
-        "start_step": 250, "end_step": 400, "steps_gained": 150,
-        "exit_code": null | 21, "signal": null | 6, "signal_name": null | "SIGABRT",
-        "classification": null | "crash",  # shared.exitcodes.FailureClass value; null while
-                                           # running, or "abandoned" attempts (see action)
-        "detail": "killed by SIGABRT: ... command buffer ...",
-        "detected_by": "exit" | "heartbeat_timeout" | "stall_timeout" | "memory" | "stop_request",
-        "detection_latency_s": 0.04,   # last sign of life (message or output) -> noticed
-        "killed_after_stop_timeout": false,
-        "time_to_first_heartbeat_s": 0.9, "time_to_first_step_s": 4.1,
-        "downtime_s": null | 6.2,      # previous attempt's end noticed -> this one's first step
-        "tokens": 40960, "tokens_per_sec_avg": 812.5,
-        "peak_rss_mb": 1400.2, "peak_mlx_mb": 900.1, "min_available_mb": 5100.0,
-        "checkpoints_saved": [300, 350, 400],
-        "stderr_tail": "last lines of logs/worker-1.log",
-        "action": "restart" | "reduce_memory" | "rollback" | "planned_restart" | "finish"
-                  | "early_stop" | "stop" | "give_up"
-                  | "abandoned",   # the supervisor died during this attempt; the next
-                                   # supervisor stopped the orphan (if any) and resumed
-        "action_reason": "crash: killed by SIGABRT ...",
-        "restart_delay_s": 5.3,
-        "settings_changed": {"batch_size": [4, 2], "grad_accumulation_steps": [2, 4]}
-      }]
-    }
+The record's type and schema are in shared/run_record.py. `RecordKeeper` holds the current
+`RunRecord` (frozen: every change makes a new one) and writes it whole, atomically (temp
+file, fsync, rename), after every change; a reader never sees a torn file. `totals` are
+derived on each write.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import json
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
+from shared import run_record
+from shared.errors import RecordError
 from shared.fsutil import atomic_write_json
-
-SCHEMA_VERSION = 1
+from shared.run_record import (
+    FINAL_STATES,
+    AttemptRecord,
+    Quarantined,
+    RunRecord,
+    State,
+    SupervisorInfo,
+    Totals,
+    WorkerInfo,
+)
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
-def load(path: Path) -> dict[str, Any] | None:
-    """The record as a dict, or None when there is none (or it is unreadable)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+class RecordKeeper:
+    """The run record of one run, kept in memory and saved whole on every change."""
 
-
-class RunRecord:
-    """The record of one run, kept in memory and saved whole on every change."""
-
-    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+    def __init__(self, path: Path, record: RunRecord) -> None:
         self.path = path
-        self.data = data
+        self.record = record
 
     @classmethod
     def open(
         cls, path: Path, run_id: str, run_dir: Path, config_path: Path,
         config: dict[str, Any], config_hash: str,
-    ) -> RunRecord:
-        """Load the existing record (a restarted supervisor continues it) or start one."""
-        data = load(path)
-        if data is None or data.get("schema_version") != SCHEMA_VERSION:
-            data = {
-                "schema_version": SCHEMA_VERSION, "run_id": run_id, "created": now_iso(),
-                "state": "starting", "reason": "", "ended": None, "worker": None,
-                "overrides": {}, "rollbacks": 0, "final_step": 0, "total_steps": 0,
-                "best_checkpoint": None, "latest_checkpoint": None, "quarantined": [],
-                "attempts": [], "supervisor": {"starts": 0},
-            }
-        data.update(
-            run_dir=str(run_dir), config_path=str(config_path), config=config,
-            config_hash=config_hash,
+    ) -> tuple[RecordKeeper, str]:
+        """Continue the existing record (a restarted supervisor) or start one; returns the
+        keeper and a note when an unreadable run.json was moved aside ("" otherwise).
+
+        RecordError when run.json has a schema version this code does not know (a newer
+        mlx-overnight wrote it): it is left alone rather than overwritten.
+        """
+        note = ""
+        try:
+            old = run_record.load(path)
+        except RecordError as e:
+            if "schema_version" in str(e):
+                raise
+            aside = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+            os.replace(path, aside)
+            old, note = None, f"{e}; moved aside to {aside.name}, starting a new record"
+        starts = old.supervisor.starts + 1 if old is not None else 1
+        me = SupervisorInfo(pid=os.getpid(), host=socket.gethostname(), started=now_iso(),
+                            starts=starts)
+        if old is None:
+            old = RunRecord(run_id=run_id, run_dir="", config_path="", config={},
+                            config_hash="", created=now_iso(), state=State.STARTING,
+                            supervisor=me)
+        record = dataclasses.replace(
+            old, run_dir=str(run_dir), config_path=str(config_path), config=config,
+            config_hash=config_hash, supervisor=me, ended=None,
         )
-        starts = int(data.get("supervisor", {}).get("starts", 0)) + 1
-        data["supervisor"] = {
-            "pid": os.getpid(), "host": socket.gethostname(), "started": now_iso(),
-            "starts": starts,
-        }
-        data["ended"] = None
-        return cls(path, data)
+        return cls(path, record), note
 
     @property
     def run_id(self) -> str:
-        return str(self.data["run_id"])
+        return self.record.run_id
 
     @property
-    def attempts(self) -> list[dict[str, Any]]:
-        return self.data["attempts"]  # type: ignore[no-any-return]
+    def attempts(self) -> tuple[AttemptRecord, ...]:
+        return self.record.attempts
 
     @property
-    def current(self) -> dict[str, Any] | None:
-        return self.attempts[-1] if self.attempts else None
+    def current(self) -> AttemptRecord | None:
+        return self.record.current
 
     def save(self) -> None:
-        self.data["updated"] = now_iso()
-        self.data["totals"] = totals(self.data)
-        atomic_write_json(self.path, self.data)
+        r = self.record
+        self.record = dataclasses.replace(r, updated=now_iso(), totals=totals(r))
+        atomic_write_json(self.path, self.record.to_dict())
 
-    def set_state(self, state: str, reason: str = "") -> None:
-        self.data["state"] = state
-        self.data["reason"] = reason
-        if state in ("finished", "early_stopped", "gave_up", "stopped"):
-            self.data["ended"] = now_iso()
-        self.save()
+    def update(self, save: bool = True, **fields: Any) -> None:
+        """Change top-level fields (RunRecord's names), then save unless told not to."""
+        self.record = dataclasses.replace(self.record, **fields)
+        if save:
+            self.save()
 
-    def begin_attempt(self, entry: dict[str, Any], worker: dict[str, Any]) -> None:
-        self.attempts.append(entry)
-        self.data["worker"] = worker
-        self.save()
+    def update_current(self, save: bool = True, **fields: Any) -> None:
+        """Change fields of the attempt that runs (AttemptRecord's names)."""
+        current = self.current
+        assert current is not None, "no attempt to update"
+        attempts = (*self.attempts[:-1], dataclasses.replace(current, **fields))
+        self.update(save, attempts=attempts)
 
-    def end_attempt(self, fields: dict[str, Any]) -> None:
-        assert self.current is not None
-        self.current.update(fields, ended=now_iso())
-        self.data["worker"] = None
-        self.save()
+    def set_state(self, state: State, reason: str = "") -> None:
+        ended = now_iso() if state in FINAL_STATES else self.record.ended
+        self.update(state=state, reason=reason, ended=ended)
+
+    def begin_attempt(self, entry: AttemptRecord, worker: WorkerInfo) -> None:
+        self.update(attempts=(*self.attempts, entry), worker=worker)
+
+    def end_attempt(self, **fields: Any) -> None:
+        """The attempt ended: its end fields (AttemptRecord's names), and no worker runs."""
+        current = self.current
+        assert current is not None, "no attempt to end"
+        ended = dataclasses.replace(current, ended=now_iso(), **fields)
+        self.update(attempts=(*self.attempts[:-1], ended), worker=None)
 
     def note_quarantine(self, name: str, path: Path, reason: str) -> None:
-        self.data["quarantined"].append(
-            {"checkpoint": name, "path": str(path), "reason": reason, "time": now_iso()}
-        )
-        self.save()
+        entry = Quarantined(checkpoint=name, path=str(path), reason=reason, time=now_iso())
+        self.update(quarantined=(*self.record.quarantined, entry))
 
 
-def totals(d: dict[str, Any]) -> dict[str, Any]:
-    attempts = d.get("attempts", [])
-    ended = [a for a in attempts if a.get("classification")]
-    planned = sum(1 for a in ended if a["classification"] == "planned_restart")
-    not_failures = {"completed", "early_stopped", "graceful_stop", "planned_restart"}
-    return {
-        "attempts": len(attempts),
-        "failures": sum(1 for a in ended if a["classification"] not in not_failures),
-        "planned_restarts": planned,
-        "rollbacks": d.get("rollbacks", 0),
-        "restarts": max(0, len(attempts) - 1),
-        "steps_trained": sum(max(0, a.get("steps_gained") or 0) for a in attempts),
-        "tokens": sum(a.get("tokens") or 0 for a in attempts),
-        "train_seconds": round(sum(_duration(a) for a in attempts), 3),
-        "downtime_seconds": round(sum(a.get("downtime_s") or 0.0 for a in attempts), 3),
-    }
+def totals(r: RunRecord) -> Totals:
+    ended = [a for a in r.attempts if a.classification is not None]
+    return Totals(
+        attempts=len(r.attempts),
+        failures=sum(1 for a in ended if a.classification is not None
+                     and a.classification.is_failure),
+        planned_restarts=sum(1 for a in ended if a.classification is not None
+                             and a.classification.value == "planned_restart"),
+        rollbacks=r.rollbacks,
+        restarts=max(0, len(r.attempts) - 1),
+        steps_trained=sum(max(0, a.steps_gained) for a in r.attempts),
+        tokens=sum(a.tokens for a in r.attempts),
+        train_seconds=round(sum(_duration(a) for a in r.attempts), 3),
+        downtime_seconds=round(sum(a.downtime_s or 0.0 for a in r.attempts), 3),
+    )
 
 
-def _duration(a: dict[str, Any]) -> float:
+def _duration(a: AttemptRecord) -> float:
     try:
-        start = dt.datetime.fromisoformat(a["started"])
-        end = dt.datetime.fromisoformat(a["ended"]) if a.get("ended") else None
-    except (KeyError, TypeError, ValueError):
+        start = dt.datetime.fromisoformat(a.started)
+        end = dt.datetime.fromisoformat(a.ended) if a.ended else None
+    except ValueError:
         return 0.0
     return (end - start).total_seconds() if end else 0.0

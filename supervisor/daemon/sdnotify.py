@@ -16,6 +16,8 @@ stops the supervisor. Typical use in the supervisor's loop:
     sdnotify.stopping()                          # when it starts a graceful stop
 
 Children should not inherit the socket: spawn the worker with `child_environment()`.
+
+The loop takes a `Notifier` (this module is one), like its clock, so tests hand it a fake.
 """
 
 from __future__ import annotations
@@ -23,11 +25,26 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Mapping
+from typing import Protocol
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"
 WATCHDOG_USEC = "WATCHDOG_USEC"
 WATCHDOG_PID = "WATCHDOG_PID"
 _INHERITED = (NOTIFY_SOCKET, WATCHDOG_USEC, WATCHDOG_PID)
+
+
+class Notifier(Protocol):
+    """What the supervisor tells its service manager (this module's functions)."""
+
+    def ready(self) -> bool: ...
+
+    def watchdog(self) -> bool: ...
+
+    def stopping(self) -> bool: ...
+
+    def status(self, text: str) -> bool: ...
+
+    def watchdog_interval(self) -> float | None: ...
 
 
 def _address(env: Mapping[str, str]) -> str | None:

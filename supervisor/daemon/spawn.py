@@ -4,9 +4,8 @@ The worker runs in its own session (so a terminal's Ctrl-C reaches only the supe
 the supervisor can signal the worker's whole group) and never outlives the supervisor:
 on Linux the kernel sends it SIGTERM when the supervisor dies (prctl PR_SET_PDEATHSIG, set
 in the child between fork and exec); on macOS the worker polls OVERNIGHT_PARENT_PID.
-Stopping is SIGTERM (+SIGCONT, like systemd, so a stopped process can act on it), a grace
-period, then SIGKILL to the group: a SIGKILLed MLX process can strand wired GPU memory, so
-SIGKILL is the last resort.
+How a worker is stopped (SIGTERM, SIGCONT, a grace period, SIGKILL) is
+supervisor/daemon/stopping.py.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,28 +171,3 @@ def find_orphans(run_dir: Path) -> list[psutil.Process]:
         except (psutil.Error, OSError):
             continue
     return found
-
-
-def stop_process(proc: psutil.Process, timeout: float, log: Any) -> str:
-    """SIGTERM (+SIGCONT), wait up to `timeout`, then SIGKILL; returns how it ended."""
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGCONT)
-    except psutil.NoSuchProcess:
-        return "gone"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return "terminated"
-            proc.wait(timeout=0.2)
-            return "terminated"
-        except psutil.TimeoutExpired:
-            continue
-        except psutil.NoSuchProcess:
-            return "terminated"
-    log.warning("orphan_kill", pid=proc.pid, waited_s=timeout)
-    with contextlib.suppress(psutil.NoSuchProcess):
-        proc.kill()
-        proc.wait(timeout=5)
-    return "killed"

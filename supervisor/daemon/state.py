@@ -1,7 +1,7 @@
 """The supervisor's lifecycle as an explicit state machine: `State`, events, actions, and a
 pure `transition(state, event) -> (state, actions)`.
 
-No processes, sockets or clocks here: the loop (supervisor/loop.py) turns what it observes
+No processes, sockets or clocks here: the loop (supervisor/daemon/loop.py) turns what it observes
 into events, feeds them through `transition` and executes the returned actions. Every
 transition is logged by the loop as one `state_changed` event.
 
@@ -15,7 +15,7 @@ transition is logged by the loop as one `state_changed` event.
 | starting, training           | HeartbeatLost    | stopping      | Terminate(hang)          |
 | starting, training           | Stalled          | stopping      | Terminate(stall)         |
 | starting, training           | MemoryHigh       | stopping      | Terminate(memory)        |
-| starting, training, stopping | StopRequested    | stopping      | Terminate(user)          |
+| starting, training, stopping | StopRequested (*)| stopping      | Terminate(user)          |
 | stopping                     | StopTimedOut     | stopping      | Kill                     |
 | starting, training           | CheckpointReq.   | (same)        | RequestCheckpoint        |
 | starting, training, stopping | WorkerExited     | by verdict:   |                          |
@@ -26,7 +26,11 @@ transition is logged by the loop as one `state_changed` event.
 |                              |   give_up        | gave_up       | Finish                   |
 | backing_off                  | BackoffElapsed   | restarting    | Spawn                    |
 | backing_off, restarting      | StopRequested    | stopped       | Finish                   |
+| starting                     | StopRequested(**)| stopped       | Finish                   |
 | anything else                |                  | (same)        | - (ignored, logged)      |
+
+(*) a worker process runs (`worker_running`); (**) none runs yet: the first attempt's checkpoint
+is still being validated (off the loop thread, supervisor/daemon/checkpoint_choice.py).
 """
 
 from __future__ import annotations
@@ -34,29 +38,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-
-class State(str, Enum):
-    STARTING = "starting"  # a worker is being started or loads/compiles (no step yet)
-    TRAINING = "training"  # the worker reports steps
-    STOPPING = "stopping"  # we sent SIGTERM and wait (stop_timeout, then SIGKILL)
-    BACKING_OFF = "backing_off"  # no worker; waiting for the restart delay
-    RESTARTING = "restarting"  # validating checkpoints and spawning the next attempt
-    FINISHED = "finished"
-    EARLY_STOPPED = "early_stopped"
-    GAVE_UP = "gave_up"
-    STOPPED = "stopped"
-
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL_STATES
-
-    @property
-    def has_worker(self) -> bool:
-        return self in LIVE_STATES
-
-
-FINAL_STATES = frozenset({State.FINISHED, State.EARLY_STOPPED, State.GAVE_UP, State.STOPPED})
-LIVE_STATES = frozenset({State.STARTING, State.TRAINING, State.STOPPING})
+# State lives with the record that stores it (shared/run_record.py).
+from shared.run_record import State
 
 
 class StopReason(str, Enum):
@@ -135,6 +118,7 @@ class MemoryHigh:
 @dataclass(frozen=True)
 class StopRequested:
     source: str  # "control", "signal"
+    worker_running: bool = True  # False while the first attempt's checkpoint is validated
 
 
 @dataclass(frozen=True)
@@ -171,7 +155,7 @@ Event = (
 
 @dataclass(frozen=True)
 class Spawn:
-    """Validate checkpoints, then start the next worker attempt."""
+    """Validate checkpoints (off the loop thread), then start the next worker attempt."""
 
 
 @dataclass(frozen=True)
@@ -231,9 +215,9 @@ def transition(state: State, event: Event) -> tuple[State, tuple[Action, ...]]:
             return State.STOPPING, (Terminate(StopReason.STALL),)
         case MemoryHigh() if state in _STARTED:
             return State.STOPPING, (Terminate(StopReason.MEMORY),)
-        case StopRequested() if state.has_worker:
+        case StopRequested(worker_running=True) if state.has_worker:
             return State.STOPPING, (Terminate(StopReason.USER),)
-        case StopRequested() if state in _WAITING:
+        case StopRequested() if state in _WAITING or state is State.STARTING:
             return State.STOPPED, (Finish("stop requested while no worker was running"),)
         case StopTimedOut() if state is State.STOPPING:
             return State.STOPPING, (Kill(),)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ import yaml
 
 from shared.errors import ConfigError
 from shared.layout import RunDir
+from shared.run_record import State
+from supervisor.daemon.stopping import PopenHandle, stop
 from supervisor.morning.runfacts import gather
 from supervisor.morning.runlogs import LogLine, Problems, tails
 from supervisor.morning.verdict import duration
@@ -135,18 +136,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"report: {report}" + (f"\npicture: {written.png}" if written.png else ""), file=out)
     print(f"logs:   overnight logs {run.root}   (--level warning, --attempt 2, --json, -f)",
           file=out)
-    return 0 if facts.state == "finished" and proc.returncode == 0 else 1
+    return 0 if facts.state is State.FINISHED and proc.returncode == 0 else 1
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:
     """SIGTERM: the supervisor asks the worker to checkpoint and stop, then exits."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=SUPERVISOR["stop_timeout"] + 10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop(PopenHandle(proc), float(SUPERVISOR["stop_timeout"]) + 10)
 
 
 def narrate_until_exit(proc: subprocess.Popen[Any], run: RunDir, t0: float, timeout: float,

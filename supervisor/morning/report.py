@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError
+from shared.exitcodes import FailureClass
+from shared.run_record import Detection, State
 from supervisor.morning.report_doc import (
     Block,
     Code,
@@ -37,12 +39,19 @@ from supervisor.morning.report_doc import (
     to_html,
     to_markdown,
 )
-from supervisor.morning.runfacts import Attempt, RunFacts, gather
+from supervisor.morning.runfacts import (
+    Attempt,
+    RunFacts,
+    RunState,
+    Unclassified,
+    Unsupervised,
+    gather,
+)
 from supervisor.morning.runlogs import resolve_run_dir
-from supervisor.morning.verdict import KIND, describe, duration, restarts
+from supervisor.morning.verdict import describe, duration, kind, restarts
 
-MARK = {"finished": "✅", "early_stopped": "✅", "gave_up": "❌", "incomplete": "❌",
-        "stopped": "⏹️"}
+MARK: dict[RunState, str] = {State.FINISHED: "✅", State.EARLY_STOPPED: "✅", State.GAVE_UP: "❌",
+                             Unsupervised.INCOMPLETE: "❌", State.STOPPED: "⏹️"}
 MEMORY_GROWTH = 0.5  # as worker/progress.py: more than 50 % above the first steps
 ETA_POINTS = (0.1, 0.25, 0.5, 0.75, 0.9)
 DETAIL_CHARS = 90
@@ -181,7 +190,7 @@ def _use_result(facts: RunFacts) -> list[Block]:
         f"--save-path {q(str(run.root / 'fused'))}",
     ]
     if not facts.finished and not facts.running:
-        config = facts.record.get("config_path") if facts.record else None
+        config = facts.record.config_path if facts.record else None
         cmds.append(f"overnight run {q(str(config or 'CONFIG.yaml'))} --run-dir "
                     f"{q(str(run.root))}   # resume")
     return [*blocks, Code("\n".join(cmds))]
@@ -199,13 +208,10 @@ def _short(text: str, n: int = DETAIL_CHARS) -> str:
 
 
 def _ended(a: Attempt) -> str:
-    if a.outcome == "running":
+    if a.outcome is Unclassified.RUNNING:
         return "running"
-    kind = KIND.get(a.outcome, a.outcome.replace("_", " "))
-    if a.outcome == "completed":
-        kind = "completed"
-    text = f"**{kind}**" + (f": {_short(a.detail, 55)}" if a.detail else "")
-    if a.detected_by and a.detected_by != "exit" and a.detection_latency_s is not None:
+    text = f"**{kind(a.outcome)}**" + (f": {_short(a.detail, 55)}" if a.detail else "")
+    if a.detected_by not in (None, Detection.EXIT) and a.detection_latency_s is not None:
         text += f" (noticed after {duration(a.detection_latency_s)})"
     return text
 
@@ -213,7 +219,7 @@ def _ended(a: Attempt) -> str:
 def _did(a: Attempt) -> str:
     if a.action is None:
         return "—"
-    text = a.action.replace("_", " ")
+    text = a.action.value.replace("_", " ")
     if a.restart_delay_s is not None:
         text += f" after {duration(a.restart_delay_s)}"
     changes = [f"{k} {v[0]}→{v[1]}" for k, v in (a.settings_changed or {}).items()
@@ -232,7 +238,7 @@ def _timeline(facts: RunFacts) -> list[Block]:
         if a.resumed_from is not None:
             steps += f" (from checkpoint {a.resumed_from})"
         ran = duration(a.seconds)
-        if a.outcome == "running" and not math.isnan(a.started):
+        if a.outcome is Unclassified.RUNNING and not math.isnan(a.started):
             ran = duration(time.time() - a.started) + " so far"
         rows.append([str(a.number), _clock(a.started), ran, steps, _ended(a), _did(a)])
     head = ["#", "started", "ran", "steps", "how it ended", "what the supervisor did"]
@@ -244,30 +250,29 @@ def _timeline(facts: RunFacts) -> list[Block]:
 def _failures(facts: RunFacts) -> list[Block]:
     pairs = restarts(facts.attempts)
     last = facts.attempts[-1] if facts.attempts else None
-    failed_last = last is not None and last.outcome not in (
-        "completed", "early_stopped", "running") and all(a is not last for a, _ in pairs)
+    failed_last = last is not None and last.failed and all(a is not last for a, _ in pairs)
     items = [a for a, _ in pairs] + ([last] if failed_last and last else [])
     if not items:
         return []
     blocks: list[Block] = [Heading("Failures in detail", 2)]
     for a in items:
-        kind = KIND.get(a.outcome, a.outcome)
         detail = _short(a.detail, 240)
         if detail and detail[-1] not in ".!?)":
             detail += "."
-        text = f"**Attempt {a.number}: {kind} at step {a.end_step}.** {detail}"
+        text = f"**Attempt {a.number}: {kind(a.outcome)} at step {a.end_step}.** {detail}"
         if a.detected_by:
-            how = ("when the process exited" if a.detected_by == "exit" else
-                   f"by {a.detected_by.replace('_', ' ')}")
+            how = ("when the process exited" if a.detected_by is Detection.EXIT else
+                   f"by {a.detected_by.value.replace('_', ' ')}")
             latency = a.detection_latency_s
             after = (f", {duration(latency)} after its last sign of life"
                      if latency is not None else "")
             text += f" Noticed {how}{after}."
         if a.action:
-            text += f" The supervisor chose **{a.action.replace('_', ' ')}**"
+            text += f" The supervisor chose **{a.action.value.replace('_', ' ')}**"
             reason = a.action_reason
-            if reason.startswith(f"{a.outcome}: {a.detail}"):
-                reason = reason[len(f"{a.outcome}: {a.detail}"):].lstrip("; ")
+            said = f"{a.outcome.value}: {a.detail}"  # the policy's reasons repeat the ending
+            if reason.startswith(said):
+                reason = reason[len(said):].lstrip("; ")
             text += f": {_short(reason, 240)}." if reason else "."
         blocks.append(Para(text))
         tail = interesting_output(a.stderr_tail)
@@ -300,7 +305,7 @@ def time_lost(facts: RunFacts) -> tuple[float, float, float, int]:
     notice = restart = redo = 0.0
     redone = 0
     for a, following in restarts(facts.attempts):
-        if a.detection_latency_s and a.detected_by not in (None, "exit"):
+        if a.detection_latency_s and a.detected_by not in (None, Detection.EXIT):
             notice += a.detection_latency_s
         if following is None:
             continue
@@ -390,7 +395,7 @@ def _numbers(facts: RunFacts) -> list[Block]:
            "no memory samples; ")
     mem += ("⚠️ grew " + ", ".join(f"{g:+.0%} in attempt {k}" for k, g in grow)
             if grow else "no growth within an attempt")
-    if any(a.outcome == "planned_restart" for a in facts.attempts):
+    if any(a.outcome is FailureClass.PLANNED_RESTART for a in facts.attempts):
         mem += "; the supervisor restarted the worker for memory"
     rows.append(["memory", mem])
     if facts.evals:
@@ -402,7 +407,7 @@ def _numbers(facts: RunFacts) -> list[Block]:
             f"{n} malformed in `{Path(p).name}`" for p, n in facts.data_skipped.items())])
     else:
         rows.append(["data lines skipped", "none"])
-    overrides = (facts.record or {}).get("overrides") or {}
+    overrides = facts.record.overrides if facts.record else {}
     if overrides:
         rows.append(["settings changed", ", ".join(f"{k}={v}" for k, v in overrides.items()
                                                    if v is not None)])

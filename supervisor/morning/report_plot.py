@@ -18,16 +18,20 @@ import textwrap
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from supervisor.morning.runfacts import RunFacts
-from supervisor.morning.verdict import KIND, describe, restarts
+from shared.exitcodes import FailureClass as F
+from shared.run_record import Action, State
+from supervisor.morning.runfacts import Outcome, RunFacts, RunState, Unclassified, Unsupervised
+from supervisor.morning.verdict import describe, kind, restarts
 
-COLORS = {
-    "crash": "#d62728", "killed": "#d62728", "oom": "#9467bd", "gpu_watchdog": "#8c564b",
-    "hang": "#ff7f0e", "stall": "#bcbd22", "non_finite": "#e377c2", "grad_spike": "#e377c2",
-    "planned_restart": "#7f7f7f", "abandoned": "#7f7f7f", "graceful_stop": "#17becf",
+COLORS: dict[Outcome, str] = {
+    F.CRASH: "#d62728", Unclassified.KILLED: "#d62728", F.OOM: "#9467bd",
+    F.GPU_WATCHDOG: "#8c564b", F.HANG: "#ff7f0e", F.STALL: "#bcbd22", F.NON_FINITE: "#e377c2",
+    F.GRAD_SPIKE: "#e377c2", F.PLANNED_RESTART: "#7f7f7f", Unclassified.ABANDONED: "#7f7f7f",
+    F.GRACEFUL_STOP: "#17becf",
 }
-ENDED_EARLY = {"early_stopped": "early stop", "gave_up": "gave up", "stopped": "stopped",
-               "incomplete": "last step"}
+ENDED_EARLY: dict[RunState, str] = {
+    State.EARLY_STOPPED: "early stop", State.GAVE_UP: "gave up", State.STOPPED: "stopped",
+    Unsupervised.INCOMPLETE: "last step"}
 TRAIN, VAL, BEST = "#1f77b4", "#ff7f0e", "#2ca02c"
 WIDTH_IN, HEIGHT_IN, DPI = 12.0, 8.0, 100
 TITLE_CHARS = 125  # characters of the verdict per title line at this width
@@ -137,8 +141,8 @@ def _restart_marks(ax: Any, facts: RunFacts) -> None:
         back = following.resumed_from if following is not None else None
         if back is not None and back < a.end_step:
             ax.axvspan(back, a.end_step, color=color, alpha=0.10, zorder=1)
-        label = KIND.get(a.outcome, a.outcome)
-        if a.action == "rollback":
+        label = kind(a.outcome)
+        if a.action is Action.ROLLBACK:
             label += " → rollback"
         ax.text(a.end_step, 0.98 - 0.09 * (i % 3), f" {label} @{a.end_step} ", transform=trans,
                 rotation=0, ha="right", va="top", fontsize=9, color=color, fontweight="bold",
@@ -174,7 +178,7 @@ def _progress_panel(ax: Any, facts: RunFacts) -> None:
         color = COLORS.get(a.outcome, "#d62728")
         ax.plot([(a.ended - t0) / div], [a.end_step], marker="X", markersize=11, color=color,
                 linestyle="none", markeredgecolor="black",
-                label=f"{KIND.get(a.outcome, a.outcome)} (attempt {a.number} ended)")
+                label=f"{kind(a.outcome)} (attempt {a.number} ended)")
     if facts.total_steps:
         ax.axhline(facts.total_steps, color="#555555", linestyle="--", linewidth=1)
     ax.set_xlabel(f"wall-clock {unit} since the start")

@@ -1,7 +1,8 @@
 """What happened in a run, gathered from everything it left behind, for the verdict and report.
 
-Sources, each optional and read defensively (a field missing from run.json is a gap in the
-report, never an error):
+Sources, each optional; the logs are read defensively (an unreadable line is counted, never an
+error), the record through its type (shared/run_record.py: a run.json that is not one is a
+one-line error naming the field):
 
     run.json            the supervisor's record: attempts, how each ended, what was done
     logs/metrics.jsonl  one line per step (shared.protocol.StepMetrics.to_dict())
@@ -20,14 +21,44 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from shared import run_record
+from shared.exitcodes import FailureClass
 from shared.layout import RunDir
-from supervisor.daemon import record as record_mod
+from shared.run_record import Action, AttemptRecord, Detection, Quarantined, RunRecord, State
 from supervisor.morning.runlogs import parse_time, read_jsonl, read_run_logs
 
-RUNNING_STATES = ("starting", "training", "stopping", "backing_off", "restarting")
+
+class Unclassified(str, Enum):
+    """How an attempt ended when there is no FailureClass for it."""
+
+    RUNNING = "running"  # it has not ended
+    KILLED = "killed"  # (no run.json) its log ends without a stop message
+    ABANDONED = "abandoned"  # its supervisor died; the next one stopped it and went on
+    UNKNOWN = "unknown"  # ended, but nothing says how
+
+
+Outcome = FailureClass | Unclassified
+
+
+class Unsupervised(str, Enum):
+    """The states of a run without run.json that are not a supervisor's `State`."""
+
+    RUNNING = "running"
+    INCOMPLETE = "incomplete"  # the last worker ended before the last step
+
+
+RunState = State | Unsupervised
+
+
+class _Read(Enum):
+    RECORD = "read run.json"
+
+
+READ = _Read.RECORD  # gather(): read the record from the run directory
 # A worker log untouched for this long, without a stop message, belongs to a dead process.
 QUIET_SECONDS = 300.0
 WORKER_EVENTS = frozenset({
@@ -47,11 +78,11 @@ class Attempt:
     start_step: int = 0
     end_step: int = 0
     resumed_from: int | None = None  # checkpoint step; None: a fresh start
-    outcome: str = "unknown"  # shared.exitcodes.FailureClass value, "running" or "killed"
+    outcome: Outcome = Unclassified.UNKNOWN
     detail: str = ""
-    detected_by: str | None = None
+    detected_by: Detection | None = None
     detection_latency_s: float | None = None
-    action: str | None = None  # the supervisor's decision (None without a supervisor)
+    action: Action | None = None  # the supervisor's decision (None without a supervisor)
     action_reason: str = ""
     restart_delay_s: float | None = None
     downtime_s: float | None = None  # previous end noticed -> this attempt's first step
@@ -71,13 +102,20 @@ class Attempt:
             return None
         return max(0.0, self.ended - self.started)
 
+    @property
+    def failed(self) -> bool:
+        """It ended, and not normally (shared.exitcodes.NORMAL_ENDS)."""
+        if isinstance(self.outcome, FailureClass):
+            return self.outcome.is_failure
+        return self.outcome is not Unclassified.RUNNING
+
 
 @dataclass(frozen=True)
 class RunFacts:
     run_dir: Path
     run_id: str
     supervised: bool  # there is a run.json
-    state: str  # the record's state, or finished / early_stopped / running / incomplete
+    state: RunState  # the record's; without one: finished, early_stopped, running, incomplete
     reason: str
     total_steps: int
     final_step: int
@@ -85,24 +123,26 @@ class RunFacts:
     ended: float | None  # None: still running
     attempts: list[Attempt]
     config: dict[str, Any]
-    record: dict[str, Any] | None = None
+    record: RunRecord | None = None
     metrics: list[dict[str, Any]] = field(default_factory=list)  # in file order
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss) by step
     best: tuple[int, float] | None = None  # (step, val_loss)
     progress: list[dict[str, Any]] = field(default_factory=list)  # worker "progress" events
     data_skipped: dict[str, int] = field(default_factory=dict)  # data file -> malformed lines
     checkpoints: list[int] = field(default_factory=list)  # steps present, ascending
-    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: tuple[Quarantined, ...] = ()
     complete: dict[str, Any] | None = None
     unreadable_lines: int = 0
 
     @property
     def finished(self) -> bool:
-        return self.state in ("finished", "early_stopped")
+        return isinstance(self.state, State) and self.state.is_complete
 
     @property
     def running(self) -> bool:
-        return self.state in RUNNING_STATES or self.state == "running"
+        if isinstance(self.state, State):
+            return not self.state.is_final
+        return self.state is Unsupervised.RUNNING
 
     @property
     def wall_seconds(self) -> float | None:
@@ -141,35 +181,29 @@ def _int(v: Any, default: int = 0) -> int:
     return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
 
 
-def attempts_from_record(record: dict[str, Any]) -> list[Attempt]:
-    out = []
-    for i, a in enumerate(record.get("attempts") or [], 1):
-        if not isinstance(a, dict):
-            continue
-        resumed = a.get("resumed_from")
-        ended = parse_time(a.get("ended"))
-        outcome = a.get("classification") or ("running" if a.get("ended") is None else
-                                               "unknown")
-        if a.get("action") == "abandoned":
-            outcome = "abandoned"
-        out.append(Attempt(
-            number=_int(a.get("attempt"), i), pid=a.get("pid"),
-            started=parse_time(a.get("started")),
-            ended=None if math.isnan(ended) else ended,
-            start_step=_int(a.get("start_step")), end_step=_int(a.get("end_step")),
-            resumed_from=_int(resumed.get("step")) if isinstance(resumed, dict) else None,
-            outcome=str(outcome), detail=str(a.get("detail") or ""),
-            detected_by=a.get("detected_by"),
-            detection_latency_s=_num(a.get("detection_latency_s")),
-            action=a.get("action"), action_reason=str(a.get("action_reason") or ""),
-            restart_delay_s=_num(a.get("restart_delay_s")), downtime_s=_num(a.get("downtime_s")),
-            settings=a.get("settings") or {}, settings_changed=a.get("settings_changed") or {},
-            lr_scale=_num(a.get("lr_scale")), skip_steps=_int(a.get("skip_steps")),
-            tokens_per_sec=_num(a.get("tokens_per_sec_avg")),
-            peak_mlx_mb=_num(a.get("peak_mlx_mb")), peak_rss_mb=_num(a.get("peak_rss_mb")),
-            stderr_tail=str(a.get("stderr_tail") or ""), log=a.get("log"),
-        ))
-    return out
+def attempts_from_record(record: RunRecord) -> list[Attempt]:
+    return [_attempt(a) for a in record.attempts]
+
+
+def _attempt(a: AttemptRecord) -> Attempt:
+    ended = parse_time(a.ended)
+    outcome: Outcome = a.classification or (
+        Unclassified.RUNNING if a.ended is None else Unclassified.UNKNOWN)
+    if a.action is Action.ABANDONED:
+        outcome = Unclassified.ABANDONED
+    return Attempt(
+        number=a.attempt, pid=a.pid, started=parse_time(a.started),
+        ended=None if math.isnan(ended) else ended,
+        start_step=a.start_step, end_step=a.end_step,
+        resumed_from=a.resumed_from.step if a.resumed_from is not None else None,
+        outcome=outcome, detail=a.detail, detected_by=a.detected_by,
+        detection_latency_s=a.detection_latency_s, action=a.action,
+        action_reason=a.action_reason, restart_delay_s=a.restart_delay_s,
+        downtime_s=a.downtime_s, settings=a.settings, settings_changed=a.settings_changed,
+        lr_scale=a.lr_scale, skip_steps=a.skip_steps, tokens_per_sec=a.tokens_per_sec_avg,
+        peak_mlx_mb=a.peak_mlx_mb, peak_rss_mb=a.peak_rss_mb, stderr_tail=a.stderr_tail,
+        log=a.log,
+    )
 
 
 @dataclass
@@ -196,12 +230,13 @@ def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
         s = p.stopping or {}
         end_step = max([*steps, _int(s.get("step")), p.start_step])
         last = i + 1 == len(procs)
+        outcome: Outcome
         if s:
-            outcome, detail = str(s.get("reason") or "unknown"), str(s.get("detail") or "")
+            outcome, detail = _failure_class(s.get("reason")), str(s.get("detail") or "")
         elif last and not complete and now - p.last_seen < QUIET_SECONDS:
-            outcome, detail = "running", ""
+            outcome, detail = Unclassified.RUNNING, ""
         else:
-            outcome = "crash" if p.crashed else "killed"
+            outcome = FailureClass.CRASH if p.crashed else Unclassified.KILLED
             detail = ("uncaught exception (see the worker log)" if p.crashed else
                       "ended without a stop message: killed, aborted or out of memory")
         secs = sum(_num(m.get("step_seconds"), 0.0) or 0.0 for m in mine)
@@ -211,13 +246,21 @@ def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
         times = [_num(m.get("time"), 0.0) or 0.0 for m in mine]
         out.append(Attempt(
             number=i + 1, pid=p.pid, started=p.started,
-            ended=None if outcome == "running" else max([p.last_seen, *times]),
+            ended=None if outcome is Unclassified.RUNNING else max([p.last_seen, *times]),
             start_step=p.start_step, end_step=end_step, resumed_from=p.resumed_from,
             outcome=outcome, detail=detail, detected_by=None,
             tokens_per_sec=toks / secs if secs > 0 else None,
             peak_mlx_mb=max(peaks) if peaks else None, peak_rss_mb=max(rss) if rss else None,
         ))
     return out
+
+
+def _failure_class(reason: Any) -> Outcome:
+    """A WorkerStopping reason (a FailureClass value) as read from the worker log."""
+    try:
+        return FailureClass(reason)
+    except ValueError:
+        return Unclassified.UNKNOWN
 
 
 def _load_complete(run: RunDir) -> dict[str, Any] | None:
@@ -238,20 +281,19 @@ def _checkpoint_steps(run: RunDir) -> list[int]:
     return sorted(steps)
 
 
-def gather(run_dir: Path, record: dict[str, Any] | None = None, light: bool = False,
+def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool = False,
            now: float | None = None) -> RunFacts:
     """Everything known about the run in `run_dir`.
 
-    `record`: the run record if the caller has it (e.g. a live status reply's source);
-    otherwise run.json is read. `light`: for a one-line verdict: with a record, read no logs
-    or metrics; without one, read the worker log but not the metrics.
+    `record`: the run record if the caller has it (None: the run has none); by default
+    run.json is read (RecordError if it is not a run record). `light`: for a one-line
+    verdict: with a record, read no logs or metrics; without one, read the worker log but not
+    the metrics.
     """
     now = time.time() if now is None else now
     run = RunDir(run_dir)
-    if record is None:
-        record = record_mod.load(run.record)
-    if record is not None and not isinstance(record.get("attempts"), list):
-        record = None if not record.get("run_id") else record
+    if isinstance(record, _Read):
+        record = run_record.load(run.record)
     complete = _load_complete(run)
     read_logs = not (light and record is not None)
     metrics, bad = ([], 0) if not read_logs else read_jsonl(run.metrics_log)
@@ -261,7 +303,7 @@ def gather(run_dir: Path, record: dict[str, Any] | None = None, light: bool = Fa
     best: tuple[int, float] | None = None
     progress: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
-    config: dict[str, Any] = dict(record.get("config") or {}) if record else {}
+    config: dict[str, Any] = dict(record.config) if record else {}
     first_seen = last_seen = math.nan
     by_pid: dict[Any, _Proc] = {}
     if read_logs:
@@ -297,29 +339,32 @@ def gather(run_dir: Path, record: dict[str, Any] | None = None, light: bool = Fa
             elif ev == "config_resolved" and not config and isinstance(d.get("config"), dict):
                 config = d["config"]
 
+    state: RunState
     if record is not None:
         attempts = attempts_from_record(record)
-        state, reason = str(record.get("state") or "unknown"), str(record.get("reason") or "")
-        started = parse_time(record.get("created"))
-        ended = parse_time(record.get("ended")) if record.get("ended") else None
-        total = _int(record.get("total_steps")) or _int(config.get("iters"))
-        final = _int(record.get("final_step"))
-        bc = record.get("best_checkpoint")
-        if isinstance(bc, dict) and _num(bc.get("val_loss")) is not None:
-            best = (_int(bc.get("step")), float(bc["val_loss"]))
-        run_id = str(record.get("run_id") or run_dir.name)
+        state, reason = record.state, record.reason
+        started = parse_time(record.created)
+        ended = parse_time(record.ended) if record.ended else None
+        total = record.total_steps or _int(config.get("iters"))
+        final = record.final_step
+        bc = record.best_checkpoint
+        if bc is not None and _num(bc.val_loss) is not None:
+            best = (bc.step, bc.val_loss)
+        run_id = record.run_id or run_dir.name
     else:
         attempts = attempts_from_logs(procs, metrics, now, complete is not None)
         last = attempts[-1] if attempts else None
         if complete is not None:
-            state = "early_stopped" if complete.get("status") == "early_stopped" else "finished"
+            state = (State.EARLY_STOPPED if complete.get("status") == "early_stopped"
+                     else State.FINISHED)
             reason = str(complete.get("status") or "")
-        elif last is not None and last.outcome == "running":
-            state, reason = "running", ""
+        elif last is not None and last.outcome is Unclassified.RUNNING:
+            state, reason = Unsupervised.RUNNING, ""
         else:
-            state = "incomplete"
-            reason = f"the last worker ended: {last.outcome}" if last else "no worker ran"
-        started, ended = first_seen, (None if state == "running" else last_seen)
+            state = Unsupervised.INCOMPLETE
+            reason = f"the last worker ended: {last.outcome.value}" if last else "no worker ran"
+        started = first_seen
+        ended = None if state is Unsupervised.RUNNING else last_seen
         if ended is not None and math.isnan(ended):
             ended = None
         total = _int((complete or {}).get("total_steps")) or _int(config.get("iters"))
@@ -336,7 +381,7 @@ def gather(run_dir: Path, record: dict[str, Any] | None = None, light: bool = Fa
         evals=sorted(evals.items()), best=best, progress=progress,
         data_skipped={k: v for k, v in skipped.items() if v},
         checkpoints=_checkpoint_steps(run),
-        quarantined=list(record.get("quarantined") or []) if record else [],
+        quarantined=record.quarantined if record else (),
         complete=complete, unreadable_lines=bad,
     )
 

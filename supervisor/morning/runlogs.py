@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from shared.errors import ConfigError
 from shared.layout import RunDir
+from shared.tail import tail_lines
 
 SOURCES = ("supervisor", "worker")
 
@@ -246,23 +247,11 @@ def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     return out, bad
 
 
-
 def tail_jsonl(path: Path, max_bytes: int = 512_000) -> list[dict[str, Any]]:
-    """The JSON objects in the last `max_bytes` of a .jsonl file (its first line, probably
-    cut, is dropped): cheap enough for `overnight status` on a week-long run."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - max_bytes))
-            data = f.read()
-    except OSError:
-        return []
-    lines = data.split(b"\n")
-    if size > max_bytes:
-        lines = lines[1:]
+    """The JSON objects in the last `max_bytes` of a .jsonl file (shared/tail.py): cheap
+    enough for `overnight status` on a week-long run."""
     out = []
-    for raw in lines:
+    for raw in tail_lines(path, max_bytes):
         obj = parse_line(raw.decode("utf-8", "replace"))
         if obj is not None:
             out.append(obj)

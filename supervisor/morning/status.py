@@ -12,14 +12,15 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import zmq
 
+from shared import run_record
 from shared.errors import OvernightError, ProtocolError
 from shared.layout import RunDir
 from shared.protocol import ControlReply, ControlRequest, decode
-from supervisor.daemon import record as record_mod
+from shared.run_record import RunRecord
+from supervisor.daemon.control import RunStatus, decode_status
 from supervisor.lock import is_locked, read_holder
 from supervisor.morning.runlogs import resolve_run_dir
 from supervisor.morning.verdict import progress_line, verdict
@@ -72,23 +73,29 @@ def request(run: RunDir, command: str, timeout: float = TIMEOUT) -> ControlReply
 
 def main_status(args: argparse.Namespace) -> int:
     run = RunDir(resolve_run_dir(args.run_dir, "status"))
+    live: RunStatus | None = None
     try:
         reply = request(run, "status", args.timeout)
-        live, data = True, reply.data
+        live = decode_status(reply.data)
     except NoSupervisor:
-        live, data = False, record_mod.load(run.record)
+        pass
+    record = run_record.load(run.record)  # RecordError: one line naming the field
     if args.json:
-        print(json.dumps({"live": live, **(data or {})}, indent=2, sort_keys=True))
+        data = live.to_dict() if live else record.to_dict() if record else {}
+        print(json.dumps({"live": live is not None, **data}, indent=2, sort_keys=True))
         return 0
     # The report's verdict first; then the supervisor's view (when there is one) and, while
     # it trains, the worker's own progress line.
-    print(verdict(data, run.root))
-    if data is not None:
-        print(format_status(data, live))
+    print(verdict(run.root, record, live))
+    if live is not None:
+        print(format_live(live))
+        if line := progress_line(run.root, live.total_steps, live.latest_checkpoint,
+                                 live.best_checkpoint):
+            print(line)
+    elif record is not None:
+        print(format_record(record))
     else:
         print(f"(no run.json: trained with `overnight train` alone) {run.root}")
-    if live and (line := progress_line(run.root, data)):
-        print(line)
     return 0
 
 
@@ -110,38 +117,45 @@ def main_stop(args: argparse.Namespace) -> int:
     if args.wait:
         while is_locked(run.lock):
             time.sleep(0.5)
-        stored = record_mod.load(run.record) or {}
-        print(f"{stored.get('state', '?')}: {stored.get('reason', '')}")
+        stored = run_record.load(run.record)
+        print(f"{stored.state.value}: {stored.reason}" if stored else "?: ")
     return 0
 
 
-def format_status(d: dict[str, Any], live: bool) -> str:
-    """A few readable lines from a live status reply or a stored run record."""
-    source = "live" if live else "from run.json (no supervisor running)"
-    step, total = d.get("step", d.get("final_step")), d.get("total_steps")
+def format_live(s: RunStatus) -> str:
+    """A few readable lines from a live status reply."""
     lines = [
-        f"run      {d.get('run_id', '?')}  [{source}]",
-        f"state    {d.get('state', '?')}" + (f"  ({d['reason']})" if d.get("reason") else ""),
-        f"step     {step} / {total}",
+        f"run      {s.run_id}  [live]",
+        f"state    {s.state.value}" + (f"  ({s.reason})" if s.reason else ""),
+        f"step     {s.step} / {s.total_steps}",
+        f"worker   pid {s.worker_pid}  attempt {s.attempt}  "
+        f"phase {s.phase.value if s.phase else None}  heartbeat {s.last_heartbeat_s} s ago  "
+        f"{s.tokens_per_sec or '-'} tok/s  rss {s.rss_mb or '-'} MB",
     ]
-    if live:
-        lines.append(
-            f"worker   pid {d.get('worker_pid')}  attempt {d.get('attempt')}  "
-            f"phase {d.get('phase')}  heartbeat {d.get('last_heartbeat_s')} s ago  "
-            f"{d.get('tokens_per_sec') or '-'} tok/s  rss {d.get('rss_mb') or '-'} MB"
-        )
-        if d.get("restart_in_s") is not None:
-            lines.append(f"restart  in {d['restart_in_s']} s")
-    else:
-        totals = d.get("totals", {})
-        lines.append(f"attempts {totals.get('attempts', len(d.get('attempts', [])))}  "
-                     f"failures {totals.get('failures', '?')}  "
-                     f"rollbacks {totals.get('rollbacks', '?')}")
-    for key in ("latest_checkpoint", "best_checkpoint"):
-        ck = d.get(key)
-        if ck:
-            extra = f"  val_loss {ck['val_loss']:.4g}" if ck.get("val_loss") is not None else ""
-            lines.append(f"{key.split('_')[0]:<8} step {ck.get('step')}{extra}  {ck.get('path')}")
-    if d.get("overrides"):
-        lines.append(f"settings {json.dumps(d['overrides'], sort_keys=True)}")
-    return "\n".join(lines)
+    if s.restart_in_s is not None:
+        lines.append(f"restart  in {s.restart_in_s} s")
+    return "\n".join(lines + _checkpoints_and_settings(s))
+
+
+def format_record(r: RunRecord) -> str:
+    """A few readable lines from a stored run record (no supervisor running)."""
+    lines = [
+        f"run      {r.run_id}  [from run.json (no supervisor running)]",
+        f"state    {r.state.value}" + (f"  ({r.reason})" if r.reason else ""),
+        f"step     {r.final_step} / {r.total_steps}",
+        f"attempts {r.totals.attempts}  failures {r.totals.failures}  "
+        f"rollbacks {r.totals.rollbacks}",
+    ]
+    return "\n".join(lines + _checkpoints_and_settings(r))
+
+
+def _checkpoints_and_settings(s: RunStatus | RunRecord) -> list[str]:
+    lines = []
+    if s.latest_checkpoint is not None:
+        lines.append(f"latest   step {s.latest_checkpoint.step}  {s.latest_checkpoint.path}")
+    if s.best_checkpoint is not None:
+        best = s.best_checkpoint
+        lines.append(f"best     step {best.step}  val_loss {best.val_loss:.4g}  {best.path}")
+    if s.overrides:
+        lines.append(f"settings {json.dumps(s.overrides, sort_keys=True)}")
+    return lines

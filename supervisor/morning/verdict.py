@@ -3,36 +3,51 @@
     finished 2000/2000 steps in 7h42m; 2 restarts (OOM at 812 → micro-batch 8→4; hang at
     1530); best val 1.840 at step 1750
 
-API for `overnight status` (supervisor/control_client.py):
+API for `overnight status` (supervisor/morning/status.py):
 
-    verdict(record: dict | None, run_dir: Path) -> str
-        One line from a run record (run.json, or the dict a live status reply came from);
-        reads no logs when a record is given. record=None: derived from the run directory
-        (a run trained with `overnight train` alone).
-    progress_line(run_dir: Path, status: dict | None = None) -> str | None
+    verdict(run_dir, record: RunRecord | None, live: RunStatus | None = None) -> str
+        One line from the run record, with a live status reply's state and step laid over
+        it; reads no logs when there is a record. record=None: derived from the run
+        directory's logs (a run trained with `overnight train` alone).
+    progress_line(run_dir, total_steps, latest, best) -> str | None
         The worker's familiar progress line (`Training: 45% | step 900/2000 | loss=...`)
-        rebuilt from the tail of logs/metrics.jsonl; `status` (a live status reply or the
-        record) supplies total_steps and the checkpoints. None before the first step.
+        rebuilt from the tail of logs/metrics.jsonl; the live status supplies total_steps and
+        the checkpoints. None before the first step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-from supervisor.daemon import record as record_mod
-from supervisor.morning.runfacts import Attempt, RunFacts, gather
+from shared.exitcodes import FailureClass as F
+from shared.progress import Progress
+from shared.run_record import Action, BestCheckpoint, LatestCheckpoint, RunRecord, State
+from supervisor.daemon.control import RunStatus
+from supervisor.morning.runfacts import (
+    Attempt,
+    Outcome,
+    RunFacts,
+    Unclassified,
+    Unsupervised,
+    gather,
+)
 from supervisor.morning.runlogs import tail_jsonl
 
-KIND = {
-    "crash": "crash", "oom": "OOM", "gpu_watchdog": "GPU watchdog", "hang": "hang",
-    "stall": "stall", "non_finite": "NaN loss", "grad_spike": "gradient spike",
-    "planned_restart": "memory restart", "graceful_stop": "stop", "killed": "killed",
-    "abandoned": "supervisor restart", "bad_config": "bad config or data",
+KIND: dict[Outcome, str] = {
+    F.CRASH: "crash", F.OOM: "OOM", F.GPU_WATCHDOG: "GPU watchdog", F.HANG: "hang",
+    F.STALL: "stall", F.NON_FINITE: "NaN loss", F.GRAD_SPIKE: "gradient spike",
+    F.PLANNED_RESTART: "memory restart", F.GRACEFUL_STOP: "stop",
+    Unclassified.KILLED: "killed", Unclassified.ABANDONED: "supervisor restart",
+    F.BAD_CONFIG: "bad config or data",
 }
-ENDED_FOR_GOOD = frozenset({"completed", "early_stopped", "running", "unknown"})
+# Attempts after which the run went no further on its own (not a restart).
+ENDED_FOR_GOOD = frozenset({F.COMPLETED, F.EARLY_STOPPED, Unclassified.RUNNING,
+                            Unclassified.UNKNOWN})
+METRICS_TAIL_BYTES = 512_000
+EVENTS_TAIL_BYTES = 256_000
 SETTING_NAMES = {"batch_size": "micro-batch", "grad_accumulation_steps": "accumulation"}
 MAX_LISTED = 4
 
@@ -53,9 +68,14 @@ def duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def kind(outcome: Outcome) -> str:
+    """How an ending is named in the verdict, the report and the picture: "OOM", "hang"."""
+    return KIND.get(outcome, outcome.value.replace("_", " "))
+
+
 def failure_note(a: Attempt, following: Attempt | None) -> str:
     """`OOM at 812 → micro-batch 8→4`, `NaN loss at 512 → rolled back to 500, lr ×0.5`."""
-    text = f"{KIND.get(a.outcome, a.outcome.replace('_', ' '))} at {a.end_step}"
+    text = f"{kind(a.outcome)} at {a.end_step}"
     changes = []
     for key, pair in (a.settings_changed or {}).items():
         if key == "lr_scale" or not isinstance(pair, list) or len(pair) != 2:
@@ -64,7 +84,7 @@ def failure_note(a: Attempt, following: Attempt | None) -> str:
             changes.append("gradient checkpointing " + ("on" if pair[1] else "off"))
         elif key in SETTING_NAMES:
             changes.append(f"{SETTING_NAMES[key]} {pair[0]}→{pair[1]}")
-    if a.action == "rollback" and following is not None:
+    if a.action is Action.ROLLBACK and following is not None:
         back = following.resumed_from if following.resumed_from is not None else 0
         lr = f", lr ×{following.lr_scale:g}" if following.lr_scale else ""
         changes.insert(0, f"rolled back to {back}{lr}")
@@ -78,7 +98,7 @@ def restarts(attempts: list[Attempt]) -> list[tuple[Attempt, Attempt | None]]:
     for i, a in enumerate(attempts):
         following = attempts[i + 1] if i + 1 < len(attempts) else None
         if following is not None or (a.outcome not in ENDED_FOR_GOOD
-                                     and a.action not in (None, "give_up", "stop")):
+                                     and a.action not in (None, Action.GIVE_UP, Action.STOP)):
             out.append((a, following))
     return out
 
@@ -92,7 +112,7 @@ def _restart_text(facts: RunFacts) -> str:
     head = f"{n} restart{'s' if n != 1 else ''}{by_hand}"
     if n <= MAX_LISTED:
         return f"{head} ({'; '.join(failure_note(a, f) for a, f in pairs)})"
-    kinds = Counter(KIND.get(a.outcome, a.outcome) for a, _ in pairs)
+    kinds = Counter(kind(a.outcome) for a, _ in pairs)
     return f"{head} ({', '.join(f'{k} ×{c}' for k, c in kinds.most_common())})"
 
 
@@ -109,26 +129,24 @@ def describe(facts: RunFacts) -> str:
     wall = duration(facts.wall_seconds)
     last = facts.attempts[-1] if facts.attempts else None
     state = facts.state
-    if state == "finished":
+    if state is State.FINISHED:
         head = f"finished {steps} steps in {wall}"
-    elif state == "early_stopped":
+    elif state is State.EARLY_STOPPED:
         head = f"early-stopped at step {steps} after {wall} (validation loss stopped improving)"
-    elif state == "gave_up":
+    elif state is State.GAVE_UP:
         head = f"GAVE UP at step {steps} after {wall}: {facts.reason or '?'}"
-    elif state == "stopped":
+    elif state is State.STOPPED:
         head = f"stopped at step {steps} after {wall} ({facts.reason or 'stop requested'})"
-    elif state == "incomplete":
-        why = KIND.get(last.outcome, last.outcome) if last else "nothing ran"
+    elif state is Unsupervised.INCOMPLETE:
+        why = kind(last.outcome) if last else "nothing ran"
         head = (f"INCOMPLETE at step {steps} after {wall}: the last worker ended ({why}) and "
                 "nothing restarted it")
-    elif state == "backing_off":
+    elif state is State.BACKING_OFF:
         head = f"restarting at step {steps}, running for {wall}"
-    elif facts.running:
+    else:  # running
         pct = f" ({100 * facts.final_step / facts.total_steps:.0f}%)" if facts.total_steps else ""
         head = f"training: step {steps}{pct}, running for {wall}"
-    else:
-        head = f"{state} at step {steps} after {wall}"
-    if not facts.supervised and state in ("finished", "early_stopped", "incomplete"):
+    if not facts.supervised and (facts.finished or state is Unsupervised.INCOMPLETE):
         head += " (overnight train, no supervisor)"
     parts = [head, _restart_text(facts)]
     best = _best_text(facts)
@@ -137,52 +155,47 @@ def describe(facts: RunFacts) -> str:
     return "; ".join(parts)
 
 
-def verdict(record: dict[str, Any] | None, run_dir: Path) -> str:
-    """One line: how the run went (see the module docstring).
-
-    A live status reply (no "attempts") is laid over run.json: its state and step are
-    newer, the attempts come from the file.
-    """
+def verdict(run_dir: Path, record: RunRecord | None, live: RunStatus | None = None) -> str:
+    """One line: how the run went (see the module docstring). The live status is newer than
+    the record: its state, step, total and (when it has one) reason win."""
     run_dir = Path(run_dir)
-    if record is not None and not isinstance(record.get("attempts"), list):
-        stored = record_mod.load(run_dir / "run.json") or {}
-        live = {k: record[k] for k in ("state", "reason", "total_steps") if record.get(k)}
-        if isinstance(record.get("step"), int):
-            live["final_step"] = record["step"]
-        record = {**stored, **live} if stored else record
+    if record is not None and live is not None:
+        changes: dict[str, object] = {"state": live.state}
+        if live.reason:
+            changes["reason"] = live.reason
+        if live.total_steps:
+            changes["total_steps"] = live.total_steps
+        if live.step is not None:
+            changes["final_step"] = live.step
+        record = dataclasses.replace(record, **changes)  # type: ignore[arg-type]
     return describe(gather(run_dir, record=record, light=True))
 
 
-def progress_line(run_dir: Path, status: dict[str, Any] | None = None) -> str | None:
+def progress_line(run_dir: Path, total_steps: int | None = None,
+                  latest: LatestCheckpoint | None = None,
+                  best: BestCheckpoint | None = None) -> str | None:
     """The worker's progress line for the newest steps in logs/metrics.jsonl (see above)."""
-    from shared.progress import Progress  # plain Python: no MLX import
-
     run_dir = Path(run_dir)
-    tail = [m for m in tail_jsonl(run_dir / "logs" / "metrics.jsonl") if "step" in m]
+    tail = [m for m in tail_jsonl(run_dir / "logs" / "metrics.jsonl", METRICS_TAIL_BYTES)
+            if "step" in m]
     if not tail:
         return None
     attempt = tail[-1].get("attempt")
     tail = [m for m in tail if m.get("attempt") == attempt]
-    status = status or {}
-    total = status.get("total_steps")
-    if not isinstance(total, int) or total <= 0:
-        total = int(tail[-1]["step"])
+    total = total_steps if total_steps else int(tail[-1]["step"])
     prog = Progress(total_steps=total)
     for m in tail:
         prog.record_step(int(m["step"]), float(m.get("loss", math.nan)), float(m.get("lr", 0.0)),
                          int(m.get("tokens", 0)), float(m.get("step_seconds", 0.0)),
                          float(m.get("active_mb", 0.0)))
-    events = tail_jsonl(run_dir / "logs" / "worker.jsonl", 256_000)
+    events = tail_jsonl(run_dir / "logs" / "worker.jsonl", EVENTS_TAIL_BYTES)
     evals = [e for e in events if e.get("event") == "evaluated"]
     if evals:
         prog.val, prog.best_val = evals[-1].get("val_loss"), evals[-1].get("best_val_loss")
-    else:
-        best = status.get("best_checkpoint")
-        if isinstance(best, dict) and isinstance(best.get("val_loss"), (int, float)):
-            prog.best_val = float(best["val_loss"])
+    elif best is not None:
+        prog.best_val = best.val_loss
     saved = [e.get("step") for e in events if e.get("event") == "checkpoint_saved"]
-    latest = status.get("latest_checkpoint")
-    if isinstance(latest, dict) and isinstance(latest.get("step"), int):
-        saved.append(latest["step"])
+    if latest is not None:
+        saved.append(latest.step)
     prog.last_checkpoint_step = max((s for s in saved if isinstance(s, int)), default=0)
     return prog.line()

@@ -20,7 +20,6 @@ OVERNIGHT_LOGINCTL when set (tests substitute recording fakes), else from PATH.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shlex
@@ -32,7 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from shared import config as config_mod
-from shared.errors import ConfigError, OvernightError
+from shared import run_record
+from shared.errors import ConfigError, OvernightError, RecordError
 from shared.fsutil import atomic_write_bytes
 from shared.layout import RunDir
 from supervisor.service import launchd, systemd
@@ -188,15 +188,14 @@ def spec_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
 
 
 def run_state(run_dir: Path | None) -> str:
-    """The top-level "state" of the run record; "unknown" if missing or unreadable."""
+    """The state in the run record; "unknown" if there is none or it is unreadable."""
     if run_dir is None:
         return "unknown"
     try:
-        record = json.loads(RunDir(run_dir).record.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = run_record.load(RunDir(run_dir).record)
+    except RecordError:
         return "unknown"
-    state = record.get("state") if isinstance(record, dict) else None
-    return state if isinstance(state, str) and state else "unknown"
+    return record.state.value if record is not None else "unknown"
 
 
 def installed(b: ServiceManager) -> list[tuple[str, Path, Path | None]]:

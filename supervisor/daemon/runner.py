@@ -1,0 +1,208 @@
+"""The run's attempts, one after another: start the next one from the chosen checkpoint with
+the settings the policy chose, fold its telemetry into the run record, end it.
+
+The loop (supervisor/daemon/loop.py) decides *when*; the pieces know *how*:
+checkpoint_choice.py (which checkpoint, validated off the loop thread), worker_command.py
+(the command line), spawn.py (the process), attempt.py (the running attempt), ending.py
+(how it ended), policy.py (what next) and record.py (run.json). This module sequences them
+and owns what outlives one attempt: the settings, the pending decision, the policy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shared.checkpoint import CheckpointInfo, list_checkpoints, quarantine, validate
+from shared.config import Config
+from shared.layout import RunDir
+from shared.protocol import CheckpointSaved, EvalResult, Message, WorkerStopping
+from shared.run_record import AttemptRecord, BestCheckpoint, LatestCheckpoint, WorkerInfo
+from supervisor.daemon import ending
+from supervisor.daemon.attempt import Attempt
+from supervisor.daemon.checkpoint_choice import Choice, choose
+from supervisor.daemon.policy import Decision, Policy, Settings
+from supervisor.daemon.record import RecordKeeper, now_iso
+from supervisor.daemon.spawn import Spawner
+from supervisor.daemon.state import Verdict
+from supervisor.daemon.worker_command import worker_argv
+
+
+class AttemptRunner:
+    def __init__(
+        self, *, config: Config, config_path: Path, run: RunDir, record: RecordKeeper,
+        spawner: Spawner, policy: Policy, env: dict[str, str], command: list[str], log: Any,
+    ) -> None:
+        self.config = config
+        self.opts = config.supervisor
+        self.config_path = config_path
+        self.run = run
+        self.record = record
+        self.spawner = spawner
+        self.policy = policy
+        self.env = env
+        self.command = command
+        self.log = log
+        self.supervisor_pid = os.getpid()
+        base = Settings(config.batch_size, config.grad_accumulation_steps, config.grad_checkpoint)
+        stored = record.record.overrides
+        self.settings = Settings.from_dict({**base.to_dict(), **stored}) if stored else base
+        self.base_settings = base
+        self.attempt: Attempt | None = None  # the attempt that runs (None between attempts)
+        self.pending: Decision | None = None  # the decision that asked for the next attempt
+        self.prev_end_at: float | None = None
+        self.progress_dirty = False
+
+    # ---- start ---------------------------------------------------------------------------
+
+    def chooser(self) -> Callable[[], Choice]:
+        """The checkpoint choice for the next attempt, as work for a background thread (it
+        only reads the checkpoints)."""
+        before = self.pending.rollback_before if self.pending is not None else None
+        return lambda: choose(self.run.checkpoints, before)
+
+    def start(self, choice: Choice, now: float) -> tuple[int, int]:
+        """Apply the checkpoint choice, spawn the next attempt; returns (attempt, pid).
+        OSError when the process cannot be started."""
+        for info, reason in (*choice.invalid, *choice.set_aside):
+            self._quarantine(info, reason)
+        found = choice.found
+        if found is None:
+            self.log.info("checkpoint_none_valid", action="start fresh")
+        else:
+            self.log.info("checkpoint_validated", step=found[0].step, path=str(found[0].path),
+                          seconds=round(choice.seconds, 3))
+        start_step = found[0].step if found is not None else 0
+        state = found[1].state if found is not None else None
+        skip = 0
+        if self.pending is not None and self.pending.bad_until >= 0:
+            skip = max(1, self.pending.bad_until - start_step)
+        n = len(self.record.attempts) + 1
+        argv = worker_argv(self.command, self.config_path, self.run, n, self.record.run_id,
+                           found, self.settings, self.base_settings, skip)
+        output = self.run.attempt_output(n)
+        proc = self.spawner.spawn(argv, self.env, output)
+        lr_scale = float(self.settings.lr_scale or (state.lr_scale if state else None) or 1.0)
+        self.attempt = Attempt(n, proc, output, now, start_step, lr_scale, self.opts)
+        reason = self.pending.reason if self.pending is not None else "initial"
+        self.log.info("worker_spawned", attempt=n, worker_pid=proc.pid, argv=argv,
+                      resume_step=start_step if found else None, skip_steps=skip,
+                      settings=self.settings.to_dict(), log_file=str(output))
+        started = now_iso()
+        self.record.update(final_step=start_step, save=False)
+        self.record.begin_attempt(
+            AttemptRecord(
+                attempt=n, pid=proc.pid, argv=tuple(argv),
+                log=str(output.relative_to(self.run.root)), started=started, ended=None,
+                start_reason=reason,
+                resumed_from=LatestCheckpoint(found[0].step, str(found[0].path))
+                if found else None,
+                skip_steps=skip, lr_scale=self.settings.lr_scale,
+                settings=self.settings.to_dict(), start_step=start_step,
+                end_step=start_step, steps_gained=0,
+            ),
+            WorkerInfo(pid=proc.pid, attempt=n, started=started, argv=tuple(argv)),
+        )
+        return n, proc.pid
+
+    def _quarantine(self, info: CheckpointInfo, reason: str) -> None:
+        moved = quarantine(info, self.run.quarantine)
+        self.log.warning("checkpoint_quarantined", checkpoint=info.path.name, reason=reason,
+                         moved_to=str(moved))
+        self.record.note_quarantine(info.path.name, moved, reason)
+
+    # ---- while it runs -------------------------------------------------------------------
+
+    def on_message(self, msg: Message) -> None:
+        """Fold one message of the running attempt into the record."""
+        attempt = self.attempt
+        assert attempt is not None
+        view, r = attempt.view, self.record.record
+        if view.step != r.final_step or view.total_steps != r.total_steps:
+            self.record.update(final_step=view.step, total_steps=view.total_steps, save=False)
+            self.progress_dirty = True
+        if isinstance(msg, CheckpointSaved):
+            self.record.update(latest_checkpoint=LatestCheckpoint(msg.step, msg.path),
+                               save=False)
+            current = self.record.current
+            if current is not None:
+                self.record.update_current(
+                    checkpoints_saved=(*current.checkpoints_saved, msg.step),
+                    end_step=view.step, save=False)
+            self.log.info("checkpoint_saved", step=msg.step, path=msg.path,
+                          seconds=msg.seconds, bytes=msg.bytes)
+            self.record.save()
+            self.progress_dirty = False
+        elif isinstance(msg, EvalResult):
+            self.record.update(best_checkpoint=self._best(msg.best_step, msg.best_val_loss),
+                               save=False)
+            self.progress_dirty = True
+        elif isinstance(msg, WorkerStopping):
+            self.log.info("worker_stopping", reason=msg.reason, detail=msg.detail,
+                          exit_code=msg.exit_code, step=msg.step,
+                          first_bad_step=msg.first_bad_step)
+
+    def save_progress(self) -> None:
+        if self.record.current is not None and self.attempt is not None:
+            view = self.attempt.view
+            self.record.update_current(end_step=view.step,
+                                       steps_gained=view.step - view.start_step, save=False)
+        self.record.save()
+        self.progress_dirty = False
+
+    # ---- end -----------------------------------------------------------------------------
+
+    def finish(self, rc: int, now: float) -> Decision:
+        """The attempt ended with return code `rc`: classify, decide what next, record both."""
+        attempt = self.attempt
+        assert attempt is not None
+        end = ending.read_end(attempt, rc, now, self.run.metrics_log, self.opts)
+        decision = self.policy.decide(ending.outcome(attempt, end), self.settings, now)
+        new = decision.settings or self.settings
+        changed = self.settings.diff(new)
+        self.settings = new
+        self.record.update(
+            rollbacks=self.policy.rollbacks, high_water_step=self.policy.high_water,
+            final_step=end.end_step, save=False,
+            **({"overrides": new.to_dict()} if changed else {}))
+        self._refresh_checkpoints()
+        downtime = None
+        if self.prev_end_at is not None and attempt.view.first_step_at is not None:
+            downtime = round(attempt.view.first_step_at - self.prev_end_at, 3)
+        self.record.end_attempt(**ending.end_fields(attempt, end, decision, changed, downtime))
+        c = end.classification
+        # Levels make `overnight logs --level warning` the list of what went wrong.
+        failed = c.failure.is_failure
+        (self.log.warning if failed else self.log.info)(
+            "worker_exited", attempt=attempt.number, worker_pid=attempt.pid, returncode=rc,
+            classification=c.failure.value, detail=c.detail, detected_by=end.detected_by.value,
+            detection_latency_s=round(end.latency, 3), step=end.end_step)
+        level = ("error" if decision.verdict is Verdict.GIVE_UP
+                 else "warning" if failed else "info")
+        getattr(self.log, level)(
+            "recovery_decision", action=decision.action, verdict=decision.verdict.value,
+            reason=decision.reason, delay_s=round(decision.delay, 3), settings_changed=changed)
+        self.pending = decision
+        self.prev_end_at = now
+        self.attempt = None
+        return decision
+
+    def _refresh_checkpoints(self) -> None:
+        """latest/best checkpoint from disk (shallow validation: manifest, sizes, state)."""
+        for info in list_checkpoints(self.run.checkpoints):
+            v = validate(info.path, deep=False)
+            if not v.ok or v.state is None:
+                continue
+            best = v.state.best
+            fields: dict[str, Any] = {
+                "latest_checkpoint": LatestCheckpoint(info.step, str(info.path))}
+            if best.step >= 0 and best.val_loss is not None:
+                fields["best_checkpoint"] = self._best(best.step, best.val_loss)
+            self.record.update(save=False, **fields)
+            return
+
+    def _best(self, step: int, val_loss: float) -> BestCheckpoint:
+        path = self.run.checkpoint_dir(step)
+        return BestCheckpoint(step, str(path) if path.is_dir() else None, val_loss)

@@ -1,0 +1,44 @@
+"""The command line of the next worker attempt: `<command> train CONFIG ...`.
+
+    <python> -m worker train CONFIG --run-dir RUN --telemetry ipc://... --attempt N
+        --run-id ID (--resume CHECKPOINT --validated SHA256 | --resume auto)
+        [--set batch_size=2 ...] [--lr-scale 0.5] [--skip-steps K]
+
+`--validated`: the sha256 of the manifest the supervisor validated (the worker re-checks only
+that); `--resume auto` when no checkpoint is valid (every one was quarantined, so the worker
+starts from scratch; not --fresh, which would move the run's history aside). `--set` carries
+the settings the policy changed (supervisor/daemon/policy.py), `--lr-scale` and
+`--skip-steps` a rollback's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shared.checkpoint import CheckpointInfo, Validation
+from shared.layout import RunDir
+from supervisor.daemon.policy import Settings
+
+
+def worker_argv(
+    command: list[str], config_path: Path, run: RunDir, attempt: int, run_id: str,
+    resume: tuple[CheckpointInfo, Validation] | None, settings: Settings,
+    base_settings: Settings, skip_steps: int,
+) -> list[str]:
+    argv = [*command, "train", str(config_path), "--run-dir", str(run.root),
+            "--telemetry", run.telemetry_endpoint, "--attempt", str(attempt),
+            "--run-id", run_id]
+    if resume is not None:
+        info, validation = resume
+        argv += ["--resume", str(info.path), "--validated", validation.manifest_sha256]
+    else:
+        argv += ["--resume", "auto"]
+    for key, value in settings.to_dict().items():
+        if key != "lr_scale" and value != getattr(base_settings, key):
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+            argv += ["--set", f"{key}={text}"]
+    if settings.lr_scale is not None:
+        argv += ["--lr-scale", repr(settings.lr_scale)]
+    if skip_steps:
+        argv += ["--skip-steps", str(skip_steps)]
+    return argv
