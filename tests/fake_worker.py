@@ -4,16 +4,19 @@
         [--resume auto|PATH [--validated SHA256] | --fresh] [--set k=v]... [--lr-scale F]
         [--skip-steps K]
 
-Same contract as the real worker (see the supervisor brief): heartbeats from a thread,
-StepMetrics per step, CheckpointSaved after real checkpoints (shared.checkpoint), SIGTERM =
-finish the step, save, exit 23; SIGUSR1 = save at the end of the step; exit codes from
-shared.exitcodes; faults from `debug.inject` / OVERNIGHT_INJECT, each once per run.
+Same contract as the real worker: telemetry through the worker's own sender
+(worker/telemetry.py: heartbeats from its thread, batched non-blocking sends), StepMetrics per
+step (also appended to logs/metrics.jsonl), CheckpointSaved after real checkpoints
+(shared.checkpoint, with a full trainer state), SIGTERM = finish the step, save, exit 23;
+SIGUSR1 = save at the end of the step; a --resume checkpoint is validated as the worker does
+(trusting the supervisor's --validated manifest hash); exit codes from shared.exitcodes; faults
+from `debug.inject` / OVERNIGHT_INJECT, each once per run.
 
 Environment knobs: FAKE_STEP_SECONDS (0.02), FAKE_HEARTBEAT (0.2), FAKE_LOAD_SECONDS (0.1),
 FAKE_LEAK_MB (reported MLX memory grows by this much per step of the process),
 FAKE_OOM_ABOVE (oom@N fires only while batch_size is above this), FAKE_EARLY_STOP_AT (early
 stopping fires at this step).
-Every start and end is appended to RUN_DIR/fake.log.
+Every start, validation and end is appended to RUN_DIR/fake.log.
 """
 
 from __future__ import annotations
@@ -24,13 +27,12 @@ import os
 import signal
 import struct
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import zmq
 
 from shared import config as config_mod
 from shared.checkpoint import validate, write_checkpoint
@@ -39,13 +41,13 @@ from shared.exitcodes import ExitCode
 from shared.protocol import (
     CheckpointSaved,
     EvalResult,
-    Heartbeat,
     Phase,
     StepMetrics,
     WorkerStopping,
 )
 from shared.trainer_state import BatchSplit, Best
 from tests.checkpoint_support import trainer_state
+from worker.telemetry import LiveStatus, Telemetry
 
 STEP_SECONDS = float(os.environ.get("FAKE_STEP_SECONDS", "0.02"))
 HEARTBEAT = float(os.environ.get("FAKE_HEARTBEAT", "0.2"))
@@ -70,50 +72,43 @@ class Fake:
         self.attempt = args.attempt
         self.step = 0
         self.steps_here = 0
-        self.phase = Phase.STARTING
-        self.last_step_time = time.time()
-        self.seq = 0
-        self.lock = threading.Lock()
         self.stop = False
         self.save_now = False
         self.lr_scale = 1.0
         self.data_position = 0
         self.best = Best(None, -1)
-        ctx = zmq.Context.instance()
-        self.pub = ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.LINGER, 2000)
-        self.pub.connect(args.telemetry)
+        # The real worker's sender: heartbeats from its thread, batched non-blocking sends.
+        self.status = LiveStatus("fake", self.attempt, self.config.iters,
+                                 active_mb=self.mlx_mb(), peak_mb=self.mlx_mb())
+        self.telemetry = Telemetry(args.telemetry, self.status, interval=HEARTBEAT)
+        self.metrics = self.run_dir / "logs" / "metrics.jsonl"
         spec = os.environ.get("OVERNIGHT_INJECT") or self.config.debug.inject
         self.faults = [
             (k, int(s)) for k, _, s in (p.strip().partition("@") for p in spec.split(",") if p)
         ]
 
     # ---- telemetry ----
-    def send(self, msg: object) -> None:
-        with self.lock:
-            self.pub.send(msg.to_json())  # type: ignore[attr-defined]
+    def send(self, msg: Any) -> None:
+        self.telemetry.send(msg)
+
+    @property
+    def phase(self) -> Phase:
+        return self.status.phase
+
+    @phase.setter
+    def phase(self, phase: Phase) -> None:
+        self.status.phase = phase
+        self.telemetry.beat_now()  # as the worker: a phase change is told at once
 
     def mlx_mb(self) -> float:
         return 100.0 + LEAK_MB * self.steps_here  # a leak: grows with this process's steps
-
-    def heartbeat_loop(self) -> None:
-        while True:
-            self.seq += 1
-            self.send(Heartbeat(
-                run_id="fake", pid=os.getpid(), attempt=self.attempt, seq=self.seq,
-                time=time.time(), phase=self.phase, step=self.step,
-                total_steps=self.config.iters, last_step_time=self.last_step_time,
-                active_mb=self.mlx_mb(), peak_mb=self.mlx_mb(), rss_mb=50.0, dropped=0,
-            ))
-            time.sleep(HEARTBEAT)
 
     def exit(self, code: ExitCode, reason: str, detail: str = "", first_bad: int = -1) -> None:
         self.send(WorkerStopping(run_id="fake", attempt=self.attempt, step=self.step,
                                  exit_code=int(code), reason=reason, detail=detail,
                                  first_bad_step=first_bad))
         self.log(f"end {os.getpid()} {time.time()} {int(code)}")
-        time.sleep(0.05)
-        self.pub.close(linger=1000)
+        self.telemetry.close()  # delivers what is queued, as the worker does on its way out
         os._exit(int(code))
 
     def log(self, line: str) -> None:
@@ -185,7 +180,6 @@ class Fake:
 
     def run(self) -> None:
         self.log(f"start {os.getpid()} {time.time()} attempt={self.attempt}")
-        threading.Thread(target=self.heartbeat_loop, daemon=True).start()
         signal.signal(signal.SIGTERM, lambda s, f: setattr(self, "stop", True))
         signal.signal(signal.SIGUSR1, lambda s, f: setattr(self, "save_now", True))
         self.phase = Phase.LOADING
@@ -206,7 +200,6 @@ class Fake:
             self.step += 1
             self.steps_here += 1
             self.data_position += 1
-            self.last_step_time = time.time()
             self.train_step()
             if self.step == EARLY_STOP_AT:
                 self.save("early_stopped")
@@ -230,11 +223,16 @@ class Fake:
 
     def train_step(self) -> None:
         loss = 1.0 / self.step
-        self.send(StepMetrics(run_id="fake", attempt=self.attempt, step=self.step,
-                              time=time.time(), loss=loss, grad_norm=0.5, lr=1e-5 * self.lr_scale,
-                              tokens=100 * self.config.batch_size, tokens_per_sec=1000.0,
-                              step_seconds=STEP_SECONDS, active_mb=self.mlx_mb(),
-                              peak_mb=self.mlx_mb(), rss_mb=50.0))
+        m = StepMetrics(run_id="fake", attempt=self.attempt, step=self.step, time=time.time(),
+                        loss=loss, grad_norm=0.5, lr=1e-5 * self.lr_scale,
+                        tokens=100 * self.config.batch_size, tokens_per_sec=1000.0,
+                        step_seconds=STEP_SECONDS, active_mb=self.mlx_mb(),
+                        peak_mb=self.mlx_mb(), rss_mb=50.0)
+        s = self.status  # what the next heartbeat says, as worker/reporting.py keeps it
+        s.step, s.last_step_time, s.active_mb, s.peak_mb = m.step, m.time, m.active_mb, m.peak_mb
+        with open(self.metrics, "a") as f:  # the worker's per-step file (logs/metrics.jsonl)
+            f.write(json.dumps(m.to_dict()) + "\n")
+        self.send(m)
         if self.fire("crash"):
             self.abort_with("[METAL] Command buffer execution failed: Caused GPU Hang Error "
                             "(00000003:kIOGPUCommandBufferCallbackErrorHang)")

@@ -1,4 +1,4 @@
-"""The launchd agent plist and launchctl command lines (supervisor/launchd.py)."""
+"""The launchd agent plist and launchctl command lines (supervisor/service/launchd.py)."""
 
 from __future__ import annotations
 
@@ -35,11 +35,15 @@ def render(**changes: Any) -> str:
     return launchd.render(**kwargs)
 
 
-def test_the_template_under_launchd_is_identical_to_the_packaged_one() -> None:
-    """supervisor/templates/ is the source (it ships in the wheel); launchd/ is a copy."""
-    packaged = REPO / "supervisor" / "service" / "templates" / launchd.TEMPLATE
-    copy = REPO / "launchd" / launchd.TEMPLATE
-    assert copy.read_bytes() == packaged.read_bytes(), f"run: cp {packaged} {copy}"
+def test_the_example_plist_at_the_top_of_the_repository_is_what_install_writes() -> None:
+    """launchd/ shows readers a real agent: the one rendered for examples.SPEC."""
+    from supervisor.service import examples
+
+    path = REPO / "launchd" / "io.mlx-overnight.example.plist"
+    assert path.read_text() == examples.rendered()[path], (
+        "run: python -m supervisor.service.examples")
+    plist = plistlib.loads(path.read_bytes())
+    assert plist["Label"] == "io.mlx-overnight.example" and plist["ExitTimeOut"] == 180
 
 
 def test_plist_round_trips_through_plistlib_with_every_required_key() -> None:
@@ -55,7 +59,7 @@ def test_plist_round_trips_through_plistlib_with_every_required_key() -> None:
     }
     assert plist["RunAtLoad"] is True
     assert plist["KeepAlive"] == {"SuccessfulExit": False}  # not Crashed: jetsam is an exit
-    assert plist["ThrottleInterval"] == launchd.THROTTLE_INTERVAL > 10
+    assert plist["ThrottleInterval"] == 60  # documented; launchd's own default is 10
     assert plist["ExitTimeOut"] == 180 > 120  # launchd's 20 s default is too short to save
     assert plist["ProcessType"] == "Interactive"
     assert plist["StandardOutPath"] == "/Users/ada/work/runs/tiny/logs/service.out.log"

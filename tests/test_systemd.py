@@ -1,4 +1,4 @@
-"""The systemd user unit and systemctl command lines (supervisor/systemd.py).
+"""The systemd user unit and systemctl command lines (supervisor/service/systemd.py).
 
 `systemd-analyze verify --user` checks generated units for real (Debian package `systemd`);
 it needs a runtime directory, so XDG_RUNTIME_DIR points at a private tmp dir.
@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 
 from shared.errors import ConfigError
-from shared.exitcodes import ExitCode
 from supervisor.service import systemd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -68,26 +67,37 @@ def verify(unit: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_template_under_systemd_is_identical_to_the_packaged_one() -> None:
-    """supervisor/templates/ is the source (it ships in the wheel); systemd/ is a copy."""
-    packaged = REPO / "supervisor" / "service" / "templates" / systemd.TEMPLATE
-    copy = REPO / "systemd" / systemd.TEMPLATE
-    assert copy.read_bytes() == packaged.read_bytes(), f"run: cp {packaged} {copy}"
+def test_the_example_unit_at_the_top_of_the_repository_is_what_install_writes() -> None:
+    """systemd/ shows readers a real unit: the one rendered for examples.SPEC."""
+    from supervisor.service import examples
+
+    path = REPO / "systemd" / "mlx-overnight-example.service"
+    assert path.read_text() == examples.rendered()[path], (
+        "run: python -m supervisor.service.examples")
+
+
+@needs_systemd_analyze
+def test_systemd_analyze_verify_accepts_the_example_unit(tmp_path: Path) -> None:
+    done = verify(REPO / "systemd" / "mlx-overnight-example.service", tmp_path)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stdout + done.stderr
 
 
 def test_unit_has_every_required_setting() -> None:
     s = settings(render())
-    assert s["Unit"]["StartLimitIntervalSec"] == [str(systemd.START_LIMIT_INTERVAL_SEC)]
-    assert s["Unit"]["StartLimitBurst"] == [str(systemd.START_LIMIT_BURST)]
+    # the documented values (docs/architecture.md "Running as a service"): at most 5 starts
+    # in 30 min, a 60 s watchdog, 30 s between restarts, exit 78 is never restarted
+    assert s["Unit"]["StartLimitIntervalSec"] == ["1800"]
+    assert s["Unit"]["StartLimitBurst"] == ["5"]
     service = s["Service"]
     assert service["Type"] == ["notify"]
     assert service["NotifyAccess"] == ["main"]
-    assert service["WatchdogSec"] == [str(systemd.WATCHDOG_SEC)]
+    assert service["WatchdogSec"] == ["60"]
+    assert service["TimeoutStartSec"] == ["300"]
     assert service["Restart"] == ["on-failure"]
-    assert service["RestartSec"] == [str(systemd.RESTART_SEC)]
-    assert service["RestartPreventExitStatus"] == [str(int(ExitCode.BAD_CONFIG))]
+    assert service["RestartSec"] == ["30"]
+    assert service["RestartPreventExitStatus"] == ["78"]
     assert service["KillMode"] == ["mixed"]
-    assert int(service["TimeoutStopSec"][0]) == 180 > 120
+    assert service["TimeoutStopSec"] == ["180"]  # stop_timeout 120 + 60
     assert service["ExecStart"] == [
         f"{sys.executable} -m supervisor.cli run /home/ada/work/tiny.yaml "
         "--run-dir /home/ada/work/runs/tiny"

@@ -114,6 +114,7 @@ class Supervisor:
         match action:
             case Spawn():
                 self.restart_at = None
+                self.log.info("checkpoint_validation_started")
                 self.choice = self.background(self.runner.chooser(), self.wake)
                 self._check_choice()
             case Terminate(reason=reason):

@@ -34,7 +34,13 @@ RESTART_SEC = 30  # pause before restarting a failed supervisor
 START_LIMIT_INTERVAL_SEC = 1800  # more than START_LIMIT_BURST starts in 30 min: stay failed
 START_LIMIT_BURST = 5
 TIMEOUT_START_SEC = 300  # from exec to READY=1 (the supervisor does not import MLX)
-WATCHDOG_SEC = 300  # generous: validating a large checkpoint blocks the supervisor's loop
+# What the loop guarantees (supervisor/daemon/loop.py): from READY=1 to STOPPING=1 (systemd
+# watches only in between) one pass waits at most 0.5 s, then does bounded work (telemetry,
+# control requests, a memory sample, an fsync'd run.json); checkpoint validation runs in a
+# thread. WATCHDOG=1 goes out every WatchdogSec/2 = 30 s, so a pass may stall up to 30 s (an
+# fsync queued behind a multi-GB checkpoint write) before a working supervisor is killed; a
+# hung one is restarted within a minute.
+WATCHDOG_SEC = 60
 RUN_DIR_COMMENT = "# overnight-run-dir: "
 _SAFE_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+\Z")
 _NOT_EXECUTABLE = re.compile(r"[\"'\\$\x00-\x1f\x7f]")
