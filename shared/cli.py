@@ -40,6 +40,8 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("uninstall", "supervisor.service.commands", "remove an installed service"),
     ("services", "supervisor.service.commands", "list installed services and their runs' states"),
     ("import-gguf", "worker.gguf_import", "convert a llama GGUF file into an mlx_lm model dir"),
+    ("tiny-model", "worker.tinymodel",
+     "build a tiny random model and corpus offline (what `overnight demo` trains)"),
 ]
 
 

@@ -22,9 +22,10 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal, cast, get_type_hints
 
 import yaml
 
@@ -351,7 +352,8 @@ def help_table() -> list[tuple[str, str, str]]:
             if is_dataclass(hints[f.name]):
                 walk(hints[f.name], f"{prefix}{f.name}.")
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = (f.default if f.default is not dataclasses.MISSING
+                       else cast(Callable[[], Any], f.default_factory)())
             rows.append((prefix + f.name, repr(default), f.metadata.get("help", "")))
 
     walk(Config, "")

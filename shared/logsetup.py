@@ -11,6 +11,7 @@ import logging
 import logging.handlers
 import os
 import sys
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ _SHARED: list[Any] = [
 
 
 
-def _drop_console_noise(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _drop_console_noise(_: Any, __: str,
+                        event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """The console is one process's own output: its pid, run id and source go without saying."""
     for key in ("pid", "run_id", "source", "logger"):
         event_dict.pop(key, None)

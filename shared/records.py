@@ -93,16 +93,22 @@ def _unknown(obj: dict[str, Any], names: list[str], where: str, rules: Rules,
     raise rules.error(f"{where or cls.__name__}: unexpected fields {extra}")
 
 
-@functools.cache
-def _schema(cls: type, rules: Rules) -> tuple[tuple[str, Converter, bool], ...]:
+Schema = tuple[tuple[str, Converter, bool], ...]
+_SCHEMAS: dict[tuple[type, Rules], Schema] = {}
+
+
+def _schema(cls: type, rules: Rules) -> Schema:
     """(name, converter, required) per field; cached: get_type_hints costs ~150 us."""
-    hints = get_type_hints(cls)
-    return tuple(
-        (f.name, _converter(hints[f.name], rules),
-         f.default is MISSING and f.default_factory is MISSING)
-        for f in dataclasses.fields(cls)
-        if f.init
-    )
+    schema = _SCHEMAS.get((cls, rules))
+    if schema is None:
+        hints = get_type_hints(cls)
+        schema = _SCHEMAS[cls, rules] = tuple(
+            (f.name, _converter(hints[f.name], rules),
+             f.default is MISSING and f.default_factory is MISSING)
+            for f in dataclasses.fields(cls)
+            if f.init
+        )
+    return schema
 
 
 def _converter(hint: Any, rules: Rules) -> Converter:

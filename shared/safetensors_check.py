@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ _ITEMSIZE = {
 MAX_HEADER = 100 * 1024 * 1024
 
 
-def read_header(path: Path) -> tuple[dict[str, dict], int]:
+def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     """Return ({tensor name: info}, data start offset); raise CheckpointError if malformed."""
     size = path.stat().st_size
     with open(path, "rb") as f:

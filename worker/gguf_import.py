@@ -17,6 +17,10 @@ un-permute instead (exact, also for quantized rows, which are grouped along the 
 keep the default `rope_traditional: false`: the result is then the same model as the Hugging
 Face checkpoint, so adapters and tools that assume that layout (mlx_lm's GGUF export, which
 permutes again) stay correct.
+
+Longer than 400 lines: the steps of one conversion (read, name, un-permute, requantize,
+write) share the name tables and the per-tensor quantization bookkeeping; the tokenizer,
+the one separable part, is already its own module.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """A tiny random llama model and a small corpus, built offline in seconds.
 
-Used by `overnight demo`, the tests and the benchmarks: a real mlx_lm model directory
-(config.json, model.safetensors, tokenizer.json with a chat template) that `mlx_lm.load`,
-`mlx_lm generate` and `mlx_lm fuse` accept, but small enough to train on a 2-core CPU.
+Used by `overnight demo` (through `overnight tiny-model DIR`, a worker command: the
+supervisor runs worker code only as a process), the tests and the benchmarks: a real mlx_lm
+model directory (config.json, model.safetensors, tokenizer.json with a chat template) that
+`mlx_lm.load`, `mlx_lm generate` and `mlx_lm fuse` accept, but small enough to train on a
+2-core CPU.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 from pathlib import Path
@@ -136,3 +139,19 @@ def make_corpus(
         lines = [json.dumps(record(x)) for x in sentences(n, seed=s)]
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
     return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", type=Path, help="writes DIR/model and DIR/data (kept if there)")
+    parser.add_argument("--n-train", type=int, default=512, help="training examples")
+    parser.add_argument("--n-valid", type=int, default=32, help="validation examples")
+
+
+def main(args: argparse.Namespace) -> int:
+    """`overnight tiny-model DIR`: the model and corpus `overnight demo` trains."""
+    if not (args.dir / "model" / "config.json").exists():
+        make_tiny_model(args.dir / "model")
+    if not (args.dir / "data" / "train.jsonl").exists():
+        make_corpus(args.dir / "data", n_train=args.n_train, n_valid=args.n_valid)
+    print(f"model: {args.dir / 'model'}\ndata:  {args.dir / 'data'}")
+    return 0

@@ -281,7 +281,7 @@ class Supervisor:
             poller.register(wakeup.reader, zmq.POLLIN)
             self.dispatch(first)
             while not self.state.is_final:
-                ready = dict(poller.poll(self._timeout() * 1000))
+                ready = dict(poller.poll(int(self._timeout() * 1000)))
                 if wakeup.reader in ready:
                     _drain(wakeup.reader)
                 self._tick()

@@ -168,7 +168,7 @@ class Policy:
     def _backoff(self) -> float:
         self.streak += 1
         base = min(self.opts.backoff_max, self.opts.backoff_initial * 2 ** (self.streak - 1))
-        return min(self.opts.backoff_max, base * self.rng.uniform(0.8, 1.2))
+        return float(min(self.opts.backoff_max, base * self.rng.uniform(0.8, 1.2)))
 
     def _rollback(self, o: Outcome, settings: Settings, delay: float) -> Decision:
         self.rollbacks += 1

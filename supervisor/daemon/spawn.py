@@ -30,7 +30,8 @@ PARENT_PID_ENV = "OVERNIGHT_PARENT_PID"
 
 
 class WorkerProcess(Protocol):
-    pid: int
+    @property
+    def pid(self) -> int: ...
 
     def poll(self) -> int | None: ...
 

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 # State lives with the record that stores it (shared/run_record.py).
-from shared.run_record import State
+from shared.run_record import State as State
 
 
 class StopReason(str, Enum):

@@ -32,7 +32,8 @@ POLL_INTERVAL = 0.1
 class Stoppable(Protocol):
     """A process as the escalation needs it (supervisor/daemon/spawn.py's WorkerProcess)."""
 
-    pid: int
+    @property
+    def pid(self) -> int: ...
 
     def poll(self) -> int | None: ...
 

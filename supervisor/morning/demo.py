@@ -4,7 +4,7 @@
     overnight demo --keep ~/od-demo     # ... in ~/od-demo (model/, data/, demo.yaml, run/)
     overnight demo --format html        # the report as one HTML file
 
-A tiny random llama model and a small corpus are built offline (worker/tinymodel.py), then
+A tiny random llama model and a small corpus are built offline (`overnight tiny-model`), then
 `overnight run` trains it as a separate process with two injected faults: a Metal-style
 crash (the worker aborts) and a hang (the worker freezes; no heartbeat). The supervisor
 notices each, restarts from the newest checkpoint and finishes. While it runs, the demo
@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from shared.errors import ConfigError
+from shared.errors import ConfigError, OvernightError
 from shared.layout import RunDir
 from shared.run_record import State
 from supervisor.daemon.stopping import PopenHandle, stop
@@ -82,13 +82,13 @@ def write_config(base: Path, iters: int, inject: str) -> Path:
 
 
 def prepare(base: Path, iters: int, inject: str) -> Path:
-    """The tiny model (once per directory), the corpus and the config; returns the config."""
-    from worker.tinymodel import make_corpus, make_tiny_model
-
-    if not (base / "model" / "config.json").exists():
-        make_tiny_model(base / "model")
-    if not (base / "data" / "train.jsonl").exists():
-        make_corpus(base / "data", n_train=512, n_valid=32)
+    """The tiny model and the corpus (once per directory: `python -m worker tiny-model`, the
+    worker's command), and the config; returns the config."""
+    done = subprocess.run([sys.executable, "-m", "worker", "tiny-model", str(base),
+                           "--n-train", "512", "--n-valid", "32"],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise OvernightError(f"{base}: cannot build the demo's model ({done.stderr.strip()})")
     return write_config(base, iters, inject)
 
 

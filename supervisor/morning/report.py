@@ -20,14 +20,12 @@ import io
 import math
 import re
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError
-from shared.exitcodes import FailureClass
 from shared.run_record import Detection, State
 from supervisor.morning.report_doc import (
     Block,
@@ -39,6 +37,7 @@ from supervisor.morning.report_doc import (
     to_html,
     to_markdown,
 )
+from supervisor.morning.report_numbers import numbers
 from supervisor.morning.runfacts import (
     Attempt,
     RunFacts,
@@ -48,12 +47,10 @@ from supervisor.morning.runfacts import (
     gather,
 )
 from supervisor.morning.runlogs import resolve_run_dir
-from supervisor.morning.verdict import describe, duration, kind, restarts
+from supervisor.morning.verdict import clock, describe, duration, kind, restarts
 
 MARK: dict[RunState, str] = {State.FINISHED: "✅", State.EARLY_STOPPED: "✅", State.GAVE_UP: "❌",
                              Unsupervised.INCOMPLETE: "❌", State.STOPPED: "⏹️"}
-MEMORY_GROWTH = 0.5  # as worker/progress.py: more than 50 % above the first steps
-ETA_POINTS = (0.1, 0.25, 0.5, 0.75, 0.9)
 DETAIL_CHARS = 90
 TAIL_LINES = 6
 MATPLOTLIB_MISSING = ("matplotlib is not installed: the report has no pictures "
@@ -141,7 +138,7 @@ def build(facts: RunFacts, png_name: str | None, note: str = "") -> list[Block]:
     blocks += _use_result(facts)
     blocks += _timeline(facts)
     blocks += _failures(facts)
-    blocks += _numbers(facts)
+    blocks += numbers(facts)
     blocks += [Heading("More", 2), Para(
         f"`overnight logs {shlex.quote(str(facts.run_dir))} --level warning` (what went "
         f"wrong), `--attempt N` (one attempt), `-f` (follow); raw output of each attempt: "
@@ -196,12 +193,6 @@ def _use_result(facts: RunFacts) -> list[Block]:
     return [*blocks, Code("\n".join(cmds))]
 
 
-def _clock(t: float | None) -> str:
-    if t is None or math.isnan(t):
-        return "?"
-    return dt.datetime.fromtimestamp(t).strftime("%H:%M:%S")
-
-
 def _short(text: str, n: int = DETAIL_CHARS) -> str:
     text = " ".join(text.split())
     return text if len(text) <= n else text[: n - 1] + "…"
@@ -240,7 +231,7 @@ def _timeline(facts: RunFacts) -> list[Block]:
         ran = duration(a.seconds)
         if a.outcome is Unclassified.RUNNING and not math.isnan(a.started):
             ran = duration(time.time() - a.started) + " so far"
-        rows.append([str(a.number), _clock(a.started), ran, steps, _ended(a), _did(a)])
+        rows.append([str(a.number), clock(a.started), ran, steps, _ended(a), _did(a)])
     head = ["#", "started", "ran", "steps", "how it ended", "what the supervisor did"]
     if not facts.supervised:
         head[-1] = "supervisor"
@@ -294,143 +285,3 @@ def interesting_output(tail: str, n: int = TAIL_LINES) -> list[str]:
     keep = [ln for i, ln in enumerate(lines)
             if not _ROUTINE.match(ln) and (not ln.startswith("Training:") or i == last_progress)]
     return keep[-n:]
-
-
-# ---- numbers ---------------------------------------------------------------------------
-
-
-def time_lost(facts: RunFacts) -> tuple[float, float, float, int]:
-    """(noticing, restarting, redoing steps, steps redone): seconds lost to failures."""
-    by_attempt = facts.metrics_by_attempt()
-    notice = restart = redo = 0.0
-    redone = 0
-    for a, following in restarts(facts.attempts):
-        if a.detection_latency_s and a.detected_by not in (None, Detection.EXIT):
-            notice += a.detection_latency_s
-        if following is None:
-            continue
-        if following.downtime_s is not None:
-            restart += following.downtime_s
-        elif a.ended is not None and not math.isnan(following.started):
-            restart += max(0.0, following.started - a.ended)
-        back = following.resumed_from or 0
-        if back < a.end_step:
-            redone += a.end_step - back
-            lines = by_attempt.get(a.number, [])
-            redo += sum(float(m.get("step_seconds") or 0.0) for m in lines
-                        if isinstance(m.get("step"), int) and m["step"] > back)
-    return notice, restart, redo, redone
-
-
-def _per_attempt(facts: RunFacts) -> dict[int, dict[str, float]]:
-    """tokens/s, s/step, memory growth of each attempt, from metrics.jsonl."""
-    out = {}
-    for key, ms in facts.metrics_by_attempt().items():
-        secs = sum(float(m.get("step_seconds") or 0.0) for m in ms)
-        toks = sum(int(m.get("tokens") or 0) for m in ms)
-        active = [float(m["active_mb"]) for m in ms if isinstance(m.get("active_mb"),
-                                                                    (int, float))]
-        base = statistics.median(active[:5]) if active else 0.0
-        out[key] = {"tok_s": toks / secs if secs else math.nan,
-                    "s_step": secs / len(ms) if ms else math.nan,
-                    "growth": (max(active[-5:]) / base - 1) if active and base > 0 else 0.0,
-                    "peak": max((float(m.get("peak_mb") or 0) for m in ms), default=0.0),
-                    "rss": max((float(m.get("rss_mb") or 0) for m in ms), default=0.0)}
-    return out
-
-
-def eta_accuracy(facts: RunFacts) -> list[list[str]]:
-    """At 10/25/50/75/90 % of the steps: what the ETA said, and when it actually finished."""
-    if not facts.finished or not facts.progress or not facts.total_steps:
-        return []
-    times = [m["time"] for m in facts.metrics if isinstance(m.get("time"), (int, float))]
-    actual = max(times) if times else facts.ended
-    if actual is None:
-        return []
-    rows = []
-    for frac in ETA_POINTS:
-        ev = next((p for p in facts.progress if isinstance(p.get("step"), int)
-                   and p["step"] >= frac * facts.total_steps
-                   and isinstance(p.get("eta_h"), (int, float)) and math.isfinite(p["eta_h"])),
-                  None)
-        if ev is None or math.isnan(ev["time"]):
-            continue
-        said = ev["time"] + ev["eta_h"] * 3600
-        error = actual - said
-        remaining = actual - ev["time"]
-        pct = f" ({100 * error / remaining:+.0f}%)" if remaining > 0 else ""
-        late = "later" if error >= 0 else "earlier"
-        rows.append([f"{frac:.0%} (step {ev['step']})", _clock(said),
-                     f"{duration(abs(error))} {late}{pct}"])
-    return rows
-
-
-def _numbers(facts: RunFacts) -> list[Block]:
-    rows: list[list[str]] = []
-    wall = facts.wall_seconds
-    train = sum(a.seconds or 0.0 for a in facts.attempts)
-    rows.append(["wall time", f"{duration(wall)} (workers running {duration(train)})"])
-    notice, restart, redo, redone = time_lost(facts)
-    lost = notice + restart + redo
-    if restarts(facts.attempts):
-        share = f" ({100 * lost / wall:.0f}% of the wall time)" if wall else ""
-        parts = [f"noticing {duration(notice)}" if notice else "",
-                 f"restarting {duration(restart)}" if restart else "",
-                 f"redoing {redone} steps" + (f" {duration(redo)}" if redo else "")
-                 if redone else ""]
-        rows.append(["time lost to failures", f"{duration(lost)}{share}: "
-                     + ", ".join(p for p in parts if p)])
-    per = _per_attempt(facts)
-    keys = sorted(per)
-    tok = [per[k]["tok_s"] for k in keys if not math.isnan(per[k]["tok_s"])]
-    if tok:
-        rows.append(["throughput", " / ".join(f"{x:,.0f}" for x in tok)
-                     + " tokens/s" + (" by attempt" if len(tok) > 1 else "")])
-    grow = [(k, per[k]["growth"]) for k in keys if per[k]["growth"] > MEMORY_GROWTH]
-    peak = max([p["peak"] for p in per.values()]
-               + [a.peak_mlx_mb or 0.0 for a in facts.attempts], default=0.0)
-    rss = max([p["rss"] for p in per.values()]
-              + [a.peak_rss_mb or 0.0 for a in facts.attempts], default=0.0)
-    mem = (f"peak MLX {peak:,.0f} MB, peak RSS {rss:,.0f} MB; " if peak or rss else
-           "no memory samples; ")
-    mem += ("⚠️ grew " + ", ".join(f"{g:+.0%} in attempt {k}" for k, g in grow)
-            if grow else "no growth within an attempt")
-    if any(a.outcome is FailureClass.PLANNED_RESTART for a in facts.attempts):
-        mem += "; the supervisor restarted the worker for memory"
-    rows.append(["memory", mem])
-    if facts.evals:
-        first, last = facts.evals[0], facts.evals[-1]
-        rows.append(["validation", f"{first[1]:.3f} at step {first[0]} → {last[1]:.3f} at "
-                                   f"step {last[0]} ({len(facts.evals)} evaluations)"])
-    if facts.data_skipped:
-        rows.append(["data lines skipped", "; ".join(
-            f"{n} malformed in `{Path(p).name}`" for p, n in facts.data_skipped.items())])
-    else:
-        rows.append(["data lines skipped", "none"])
-    overrides = facts.record.overrides if facts.record else {}
-    if overrides:
-        rows.append(["settings changed", ", ".join(f"{k}={v}" for k, v in overrides.items()
-                                                   if v is not None)])
-    kept = ", ".join(str(s) for s in facts.checkpoints) or "none"
-    rows.append(["checkpoints", f"{kept}" + (f"; {len(facts.quarantined)} quarantined "
-                                             "(checkpoints/quarantine/)" if facts.quarantined
-                                             else "")])
-    if facts.unreadable_lines:
-        rows.append(["metrics", f"{facts.unreadable_lines} unreadable line(s) skipped"])
-    blocks: list[Block] = [Heading("Numbers", 2), Table(["", ""], rows, "ll")]
-    if len(keys) > 1:
-        arows = [[str(k), f"{per[k]['tok_s']:,.0f}", f"{per[k]['s_step']:.3f}",
-                  f"{per[k]['peak']:,.1f}", f"{per[k]['rss']:,.0f}",
-                  f"{per[k]['growth']:+.0%}" + (" ⚠️" if per[k]["growth"] > MEMORY_GROWTH
-                                                else "")] for k in keys]
-        blocks += [Heading("By attempt", 3), Table(
-            ["attempt", "tokens/s", "s/step", "peak MLX MB", "peak RSS MB", "memory growth"],
-            arows, "rrrrrr")]
-    eta = eta_accuracy(facts)
-    if eta:
-        blocks += [Heading("ETA accuracy", 3),
-                   Para("What the progress line's ETA predicted, against the actual end "
-                        f"({_clock(max(m['time'] for m in facts.metrics))}); it does not "
-                        "foresee failures."),
-                   Table(["at", "ETA said", "actual end"], eta, "lrl")]
-    return blocks

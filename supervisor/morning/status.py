@@ -55,7 +55,7 @@ def request(run: RunDir, command: str, timeout: float = TIMEOUT) -> ControlReply
     path = Path(run.control_endpoint.removeprefix("ipc://"))
     if not path.exists() or not is_locked(run.lock):
         raise NoSupervisor(f"{run.root}: no supervisor is running")
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:

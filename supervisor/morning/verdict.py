@@ -18,6 +18,7 @@ API for `overnight status` (supervisor/morning/status.py):
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import math
 from collections import Counter
 from pathlib import Path
@@ -68,9 +69,16 @@ def duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def clock(t: float | None) -> str:
+    """A moment as local wall-clock time, 23:41:07 ("?" when unknown)."""
+    if t is None or math.isnan(t):
+        return "?"
+    return dt.datetime.fromtimestamp(t).strftime("%H:%M:%S")
+
+
 def kind(outcome: Outcome) -> str:
     """How an ending is named in the verdict, the report and the picture: "OOM", "hang"."""
-    return KIND.get(outcome, outcome.value.replace("_", " "))
+    return KIND.get(outcome, str(outcome.value).replace("_", " "))
 
 
 def failure_note(a: Attempt, following: Attempt | None) -> str:
