@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -34,6 +33,8 @@ from benchmarks.common import (
     wait,
 )
 from benchmarks.throughput import Sample, Workload, ours_config, ours_sample, run_ours
+from shared import run_record
+from shared.run_record import AttemptRecord
 
 
 class ProcessSampler:
@@ -87,7 +88,8 @@ def run_supervised(w: Workload, work: Path, openblas: bool, tag: str,
     sampler = ProcessSampler(popen.pid)
     proc = wait(popen, t0, out).check()
     sampler.stop()
-    worker = [a for a in json.loads((rd / "run.json").read_text())["attempts"]]
+    record = run_record.load(rd / "run.json")
+    worker = list(record.attempts) if record is not None else []
     metrics = {m["step"]: m for m in read_jsonl(rd / "logs" / "metrics.jsonl")}
     e = w.steps_per_epoch
     peak, cpu = sampler.between(metrics[e]["time"], metrics[2 * e]["time"])
@@ -136,12 +138,12 @@ def _wait_for(check: Any, timeout: float, what: str) -> Any:
     raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _attempt(rd: Path, n: int) -> dict[str, Any] | None:
-    try:
-        attempts = json.loads((rd / "run.json").read_text())["attempts"]
-    except (OSError, json.JSONDecodeError, KeyError):
+def _attempt(rd: Path, n: int) -> AttemptRecord | None:
+    """Attempt n of the run record (shared/run_record.py), once the supervisor started it."""
+    record = run_record.load(rd / "run.json")
+    if record is None or len(record.attempts) < n:
         return None
-    return attempts[n - 1] if len(attempts) >= n else None
+    return record.attempts[n - 1]
 
 
 def _first(evs: list[dict[str, Any]], name: str, after: float = 0.0,
@@ -174,7 +176,7 @@ def failures(w: Workload, work: Path, openblas: bool, save_every: int,
         first = _wait_for(lambda: _attempt(rd, 1), 120, "attempt 1")
         _wait_for(lambda: _first(events(sup_log), "checkpoint_saved"), 600, "a checkpoint")
         t_kill = time.time()
-        os.kill(first["pid"], signal.SIGKILL)
+        os.kill(first.pid, signal.SIGKILL)
         # Recovery ends at attempt 2's first step (its first line in metrics.jsonl).
         step2 = _wait_for(lambda: next((m for m in read_jsonl(rd / "logs" / "metrics.jsonl")
                                         if m["attempt"] == 2), None), 600, "attempt 2's step")
@@ -182,7 +184,7 @@ def failures(w: Workload, work: Path, openblas: bool, save_every: int,
         assert second is not None
         time.sleep(0.3)
         t_stop = time.time()
-        os.kill(second["pid"], signal.SIGSTOP)
+        os.kill(second.pid, signal.SIGSTOP)
         hang = _wait_for(lambda: _first(events(sup_log), "worker_unhealthy", t_stop,
                                         kind="hang"), heartbeat_timeout + 30, "hang detection")
         _wait_for(lambda: _attempt(rd, 3), 120, "attempt 3")
@@ -202,12 +204,14 @@ def failures(w: Workload, work: Path, openblas: bool, save_every: int,
     if None in (exited, backoff_end, validated, spawned, started, loading, compiling):
         raise RuntimeError(f"{rd}: recovery events missing (supervisor exit {proc.returncode})")
     assert exited and backoff_end and validated and spawned and started and loading and compiling
-    record = json.loads((rd / "run.json").read_text())["attempts"]
+    stored = run_record.load(rd / "run.json")
+    assert stored is not None
+    record = stored.attempts
     result.update({
         "kill_detection_s": exited["t"] - t_kill,
-        "kill_detection_record_s": record[0].get("detection_latency_s"),
+        "kill_detection_record_s": record[0].detection_latency_s,
         "hang_detection_s": hang["t"] - t_stop,
-        "hang_detection_record_s": record[1].get("detection_latency_s"),
+        "hang_detection_record_s": record[1].detection_latency_s,
         "recovery": {
             "detection": exited["t"] - t_kill,
             "backoff": backoff_end["t"] - exited["t"],
@@ -219,7 +223,7 @@ def failures(w: Workload, work: Path, openblas: bool, save_every: int,
             "compile_and_first_step": step2["time"] - compiling["t"],
         },
         "recovery_total_s": step2["time"] - t_kill,
-        "resumed_from_step": (record[1].get("resumed_from") or {}).get("step"),
+        "resumed_from_step": record[1].resumed_from.step if record[1].resumed_from else None,
         "checkpoint_bytes": _checkpoint_bytes(rd),
     })
     r = result["recovery"]
