@@ -5,6 +5,7 @@ worker by manifest hash."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import struct
@@ -19,7 +20,7 @@ from tests.checkpoint_support import trainer_state
 from tests.supervisor_support import events, record, start_daemon, wait_for, write_config
 from tests.test_checkpoint import write
 
-LARGE_FLOATS = 128 * 1024 * 1024  # 512 MB of float32 zeros (a sparse file: no disk used)
+VALIDATION_SECONDS = 2.5  # how long the large checkpoint should take to validate here
 
 
 def test_choose_only_reads_and_says_what_to_move_aside(tmp_path):
@@ -58,15 +59,26 @@ def test_a_thread_job_wakes_the_loop_and_hands_over_the_choice_or_the_error(tmp_
         raise AssertionError("the job's error was swallowed")
 
 
+def floats_to_hash_for(seconds: float) -> int:
+    """How many float32s this machine hashes in about `seconds` (measured on 64 MB)."""
+    block = bytes(64 << 20)
+    t0 = time.perf_counter()
+    hashlib.sha256(block).digest()
+    rate = len(block) / (time.perf_counter() - t0)
+    return min(int(rate * seconds) // 4, 1 << 30)  # at most 4 GB (sparse: no disk used)
+
+
 def large_checkpoint(run: RunDir, step: int, total: int) -> Path:
-    """A valid checkpoint with a 512 MB adapters file of zeros (validation hashes it all)."""
+    """A valid checkpoint whose adapters file is zeros, big enough for validation (hashes and
+    the finite check) to take a few seconds here; 0.5-4 GB, written sparse."""
+    n = max(floats_to_hash_for(VALIDATION_SECONDS), 128 << 20)
 
     def files(tmp: Path) -> None:
-        header = json.dumps({"lora_a": {"dtype": "F32", "shape": [LARGE_FLOATS],
-                                        "data_offsets": [0, 4 * LARGE_FLOATS]}}).encode()
+        header = json.dumps({"lora_a": {"dtype": "F32", "shape": [n],
+                                        "data_offsets": [0, 4 * n]}}).encode()
         with open(tmp / ckpt.ADAPTERS, "wb") as f:
             f.write(struct.pack("<Q", len(header)) + header)
-            f.truncate(8 + len(header) + 4 * LARGE_FLOATS)
+            f.truncate(8 + len(header) + 4 * n)
         small = json.dumps({"m": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
         (tmp / ckpt.OPTIMIZER).write_bytes(struct.pack("<Q", len(small)) + small.encode()
                                            + b"\0" * 4)
@@ -116,7 +128,7 @@ def test_the_loop_stays_live_while_a_large_checkpoint_is_validated(tmp_path):
     seconds = validated[0]["seconds"]
     done_at = _epoch(validated[0]["timestamp"])
     began_at = done_at - seconds
-    assert seconds > 1.0, f"validation took only {seconds} s: the test proves nothing"
+    assert seconds > 1.5, f"validation took only {seconds} s: the test proves nothing"
     # a control request made while it hashed was answered at once (state: starting, no worker)
     assert replies, "no status request was made during the validation"
     asked, answered, state, pid = replies[0]

@@ -7,8 +7,8 @@ control REP socket and a wake-up socket: SIGCHLD wakes the loop the moment the w
 graceful stop, and the checkpoint validation that precedes every start runs in a thread
 (supervisor/daemon/checkpoint_choice.py) that wakes the loop when it is done. The poll
 timeout (at most 0.5 s) bounds the reaction to timers and is the fallback if a wake-up is
-missed; every pass sends the systemd watchdog when it is due (see WATCHDOG in
-supervisor/service/systemd.py for what that guarantees). Attempts are run by
+missed; every pass sends the systemd watchdog when it is due (WATCHDOG_SEC in
+supervisor/service/systemd.py says what that guarantees). Attempts are run by
 supervisor/daemon/runner.py. The clock, the service-manager notifier and the way background
 work runs are constructor arguments, so tests replay histories with fakes.
 """
@@ -16,6 +16,7 @@ work runs are constructor arguments, so tests replay histories with fakes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 import socket
 import threading
@@ -232,10 +233,10 @@ class Supervisor:
         attempt = self.runner.attempt if self.state.has_worker else None
         view = attempt.view if attempt is not None else None
         best = r.best_checkpoint
-        if best is not None and best.path is None:
+        if best is not None and best.path is None:  # written after the evaluation said so
             path = self.runner.run.checkpoint_dir(best.step)
             if path.is_dir():
-                best = type(best)(best.step, str(path), best.val_loss)
+                best = dataclasses.replace(best, path=str(path))
         return RunStatus(
             run_id=r.run_id, run_dir=str(self.runner.run.root), state=self.state,
             reason=r.reason, supervisor_pid=self.runner.supervisor_pid,

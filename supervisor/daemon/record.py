@@ -18,6 +18,7 @@ from typing import Any
 
 from shared import run_record
 from shared.errors import RecordError
+from shared.exitcodes import FailureClass
 from shared.fsutil import atomic_write_json
 from shared.run_record import (
     FINAL_STATES,
@@ -130,8 +131,8 @@ def totals(r: RunRecord) -> Totals:
         attempts=len(r.attempts),
         failures=sum(1 for a in ended if a.classification is not None
                      and a.classification.is_failure),
-        planned_restarts=sum(1 for a in ended if a.classification is not None
-                             and a.classification.value == "planned_restart"),
+        planned_restarts=sum(1 for a in ended
+                             if a.classification is FailureClass.PLANNED_RESTART),
         rollbacks=r.rollbacks,
         restarts=max(0, len(r.attempts) - 1),
         steps_trained=sum(max(0, a.steps_gained) for a in r.attempts),
