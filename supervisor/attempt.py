@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import time
@@ -54,6 +55,11 @@ class AttemptRunner:
         stored = record.data.get("overrides") or {}
         self.settings = Settings.from_dict({**base.to_dict(), **stored}) if stored else base
         self.base_settings = base
+        for a in record.attempts:  # a restarted supervisor knows which batches were non-finite
+            bad = a.get("bad_data") or {}
+            if a.get("classification") == "non_finite" and isinstance(bad.get("batch"), int) \
+                    and bad["batch"] >= 0:
+                policy.nonfinite_batches.setdefault(bad["batch"], float(bad.get("lr_scale", 1.0)))
         self.proc: WorkerProcess | None = None
         self.view: AttemptView | None = None
         self.mem: MemoryWatch | None = None
@@ -89,14 +95,22 @@ class AttemptRunner:
             # worker could find was quarantined above, so it starts from scratch.
             argv += ["--resume", "auto"]
         for key, value in self.settings.to_dict().items():
-            if key != "lr_scale" and value != getattr(self.base_settings, key):
+            if key not in ("lr_scale", "skip_batches") and value != getattr(self.base_settings,
+                                                                            key):
                 text = str(value).lower() if isinstance(value, bool) else str(value)
                 argv += ["--set", f"{key}={text}"]
         if self.settings.lr_scale is not None:
             argv += ["--lr-scale", repr(self.settings.lr_scale)]
+        for batch in self.settings.skip_batches:
+            argv += ["--skip-batch", str(batch)]
         skip = 0
-        if self.pending is not None and self.pending.bad_until >= 0:
+        if self.pending is not None and self.pending.skip_through_position >= 0:
+            # Data positions, not steps: earlier skips put the position ahead of the step.
+            at = int(found[1].get("data_position", start_step)) if found is not None else 0
+            skip = max(0, self.pending.skip_through_position + 1 - at)
+        elif self.pending is not None and self.pending.bad_until >= 0:
             skip = max(1, self.pending.bad_until - start_step)
+        if skip:
             argv += ["--skip-steps", str(skip)]
         output = self.run.attempt_output(n)
         proc = self.spawner.spawn(argv, self.env, output)
@@ -169,7 +183,8 @@ class AttemptRunner:
                           seconds=msg.seconds, bytes=msg.bytes)
             self.record.save()
             self.progress_dirty = False
-        elif isinstance(msg, EvalResult):
+        elif isinstance(msg, EvalResult) and msg.best_step >= 0 \
+                and math.isfinite(msg.best_val_loss):  # a NaN is never a best value
             path = self.run.checkpoint_dir(msg.best_step)
             d["best_checkpoint"] = {"step": msg.best_step, "val_loss": msg.best_val_loss,
                                     "path": str(path) if path.is_dir() else None}
@@ -177,7 +192,7 @@ class AttemptRunner:
         elif isinstance(msg, WorkerStopping):
             self.log.info("worker_stopping", reason=msg.reason, detail=msg.detail,
                           exit_code=msg.exit_code, step=msg.step,
-                          first_bad_step=msg.first_bad_step)
+                          first_bad_step=msg.first_bad_step, data_lines=msg.data_lines)
 
     def save_progress(self) -> None:
         current = self.record.current
@@ -244,6 +259,9 @@ class AttemptRunner:
             stopping_reason=stopping.reason if stopping else "",
             stopping_detail=stopping.detail if stopping else "",
             first_bad_step=stopping.first_bad_step if stopping else -1,
+            data_position=stopping.data_position if stopping else -1,
+            data_batch=stopping.data_batch if stopping else -1,
+            data_lines=stopping.data_lines if stopping else "",
             stderr_tail=tail, memory_mb=last.worker_mb if last else view.active_mb,
             memory_limit_mb=self.opts.memory_limit_mb,
             available_fraction=last.available_fraction if last else 1.0, stop_detail=detail,
@@ -253,7 +271,8 @@ class AttemptRunner:
         end_step = max(view.step, stopping.step if stopping else 0,
                        last_logged_step(self.run.metrics_log, view.attempt))
         outcome = Outcome(c.failure, c.detail, view.start_step, end_step, c.first_bad_step,
-                          self.user_stop, self.lr_in_effect)
+                          self.user_stop, self.lr_in_effect, c.data_position, c.data_batch,
+                          c.data_lines)
         decision = self.policy.decide(outcome, self.settings, now)
         new = decision.settings or self.settings
         changed = self.settings.diff(new)
@@ -283,6 +302,9 @@ class AttemptRunner:
             "restart_delay_s": round(decision.delay, 3) if decision.verdict.value == "restart"
             else None,
             "settings_changed": changed,
+            "bad_data": {"position": c.data_position, "batch": c.data_batch,
+                         "lines": c.data_lines, "lr_scale": self.lr_in_effect}
+            if c.data_position >= 0 else None,
         }
         self.record.end_attempt(fields)
         # Levels make `overnight logs --level warning` the list of what went wrong.

@@ -19,8 +19,8 @@ import zmq
 from shared.errors import OvernightError, ProtocolError
 from shared.layout import RunDir
 from shared.protocol import ControlReply, ControlRequest, decode
+from shared.runlock import Role, is_locked, read, read_holder
 from supervisor import record as record_mod
-from supervisor.lock import is_locked, read_holder
 from supervisor.runlogs import resolve_run_dir
 from supervisor.verdict import progress_line, verdict
 
@@ -52,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # the registry's fa
 def request(run: RunDir, command: str, timeout: float = TIMEOUT) -> ControlReply:
     """One request/reply on the control socket; NoSupervisor if nobody answers in time."""
     path = Path(run.control_endpoint.removeprefix("ipc://"))
-    if not path.exists() or not is_locked(run.lock):
+    holder = read(run.lock)
+    if not path.exists() or not is_locked(run.lock) or (
+            holder is not None and holder.role is Role.WORKER):  # `overnight train` alone
         raise NoSupervisor(f"{run.root}: no supervisor is running")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)

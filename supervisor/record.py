@@ -15,7 +15,8 @@ file. Times are ISO 8601 UTC strings; durations are seconds (float); memory is M
       "supervisor": {"pid": 123, "host": "mbp", "started": "...", "starts": 1},
       "worker": null | {"pid": 456, "attempt": 3, "started": "...", "argv": [...]},
       "overrides": {"batch_size": 2, "grad_accumulation_steps": 8,   # persisted settings:
-                    "grad_checkpoint": false, "lr_scale": 0.5},       # every attempt gets them
+                    "grad_checkpoint": false, "lr_scale": 0.5,        # every attempt gets them
+                    "skip_batches": [41]},   # epoch-plan batches found to be data problems
       "rollbacks": 1,                # rollbacks so far (budget: supervisor.max_rollbacks)
       "high_water_step": 830,        # highest step the run ever reached (progress measure)
       "final_step": 812,             # the step the run is at (after a rollback: below the
@@ -33,7 +34,8 @@ file. Times are ISO 8601 UTC strings; durations are seconds (float); memory is M
         "started": "...", "ended": null | "...",
         "start_reason": "initial" | "<previous attempt's action_reason>",
         "resumed_from": null | {"step": 250, "path": "..."},   # null: fresh start
-        "skip_steps": 0, "lr_scale": null | 0.5,
+        "skip_steps": 0,               # data positions skipped after the resume point
+        "lr_scale": null | 0.5,
         "settings": {...overrides in effect...},
         "start_step": 250, "end_step": 400, "steps_gained": 150,
         "exit_code": null | 21, "signal": null | 6, "signal_name": null | "SIGABRT",
@@ -49,8 +51,10 @@ file. Times are ISO 8601 UTC strings; durations are seconds (float); memory is M
         "peak_rss_mb": 1400.2, "peak_mlx_mb": 900.1, "min_available_mb": 5100.0,
         "checkpoints_saved": [300, 350, 400],
         "stderr_tail": "last lines of logs/worker-1.log",
-        "action": "restart" | "reduce_memory" | "rollback" | "planned_restart" | "finish"
-                  | "early_stop" | "stop" | "give_up"
+        "bad_data": null | {"position": 815, "batch": 41, "lines": "train.jsonl:88-91",
+                            "lr_scale": 1.0},  # the failing step's batch (non-finite, spike)
+        "action": "restart" | "reduce_memory" | "rollback" | "skip_batch" | "planned_restart"
+                  | "finish" | "early_stop" | "stop" | "give_up"
                   | "abandoned",   # the supervisor died during this attempt; the next
                                    # supervisor stopped the orphan (if any) and resumed
         "action_reason": "crash: killed by SIGABRT ...",

@@ -6,7 +6,8 @@ report, never an error):
     run.json            the supervisor's record: attempts, how each ended, what was done
     logs/metrics.jsonl  one line per step (shared.protocol.StepMetrics.to_dict())
     logs/worker.jsonl   evaluations, data problems, progress/ETA, each process's start and stop
-    COMPLETE            the worker's marker: final step, best step and validation loss
+    COMPLETE            the worker's marker: final step, best step and validation loss,
+                        the test loss when the config asked for mlx_lm's test pass
     checkpoints/        which checkpoints exist; adapters/: the final adapters
 
 A run trained with `overnight train` alone has no run.json: its attempts are the worker
@@ -32,8 +33,11 @@ RUNNING_STATES = ("starting", "training", "stopping", "backing_off", "restarting
 QUIET_SECONDS = 300.0
 WORKER_EVENTS = frozenset({
     "worker_started", "worker_stopping", "resumed", "evaluated", "data_lines_skipped",
-    "data_loaded", "progress", "run_complete", "config_resolved", "worker_crashed",
+    "data_loaded", "data_seen", "progress", "run_complete", "config_resolved", "worker_crashed",
 })
+# worker/data.py's summary of a data file: data_loaded / data_lines_skipped at load, data_seen
+# as streaming reads the first epoch (the last one per file is what is known).
+DATA_EVENTS = frozenset({"data_lines_skipped", "data_loaded", "data_seen"})
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Attempt:
     peak_rss_mb: float | None = None
     stderr_tail: str = ""
     log: str | None = None  # the raw output file, relative to the run directory
+    bad_data: str = ""  # file lines of the failing step's batch (non-finite, spike)
 
     @property
     def seconds(self) -> float | None:
@@ -91,6 +96,7 @@ class RunFacts:
     best: tuple[int, float] | None = None  # (step, val_loss)
     progress: list[dict[str, Any]] = field(default_factory=list)  # worker "progress" events
     data_skipped: dict[str, int] = field(default_factory=dict)  # data file -> malformed lines
+    data_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> DATA_EVENTS
     checkpoints: list[int] = field(default_factory=list)  # steps present, ascending
     quarantined: list[dict[str, Any]] = field(default_factory=list)
     complete: dict[str, Any] | None = None
@@ -108,6 +114,14 @@ class RunFacts:
     def wall_seconds(self) -> float | None:
         end = self.ended if self.ended is not None else time.time()
         return None if math.isnan(self.started) else max(0.0, end - self.started)
+
+    @property
+    def test(self) -> tuple[float, int] | None:
+        """(test loss, examples) of mlx_lm's test pass (`test: true`), from COMPLETE."""
+        loss = _num((self.complete or {}).get("test_loss"))
+        if loss is None:
+            return None
+        return loss, _int((self.complete or {}).get("test_examples"))
 
     @property
     def layout(self) -> RunDir:
@@ -132,7 +146,8 @@ class RunFacts:
 
 
 def _num(v: Any, default: float | None = None) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    """A finite number, else `default` (an old log's NaN is no measurement)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return default
     return float(v)
 
@@ -168,6 +183,8 @@ def attempts_from_record(record: dict[str, Any]) -> list[Attempt]:
             tokens_per_sec=_num(a.get("tokens_per_sec_avg")),
             peak_mlx_mb=_num(a.get("peak_mlx_mb")), peak_rss_mb=_num(a.get("peak_rss_mb")),
             stderr_tail=str(a.get("stderr_tail") or ""), log=a.get("log"),
+            bad_data=str((a.get("bad_data") or {}).get("lines") or "")
+            if isinstance(a.get("bad_data"), dict) else "",
         ))
     return out
 
@@ -216,6 +233,7 @@ def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
             outcome=outcome, detail=detail, detected_by=None,
             tokens_per_sec=toks / secs if secs > 0 else None,
             peak_mlx_mb=max(peaks) if peaks else None, peak_rss_mb=max(rss) if rss else None,
+            bad_data=str(s.get("data_lines") or ""),
         ))
     return out
 
@@ -261,6 +279,7 @@ def gather(run_dir: Path, record: dict[str, Any] | None = None, light: bool = Fa
     best: tuple[int, float] | None = None
     progress: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
+    data_files: dict[str, dict[str, Any]] = {}
     config: dict[str, Any] = dict(record.get("config") or {}) if record else {}
     first_seen = last_seen = math.nan
     by_pid: dict[Any, _Proc] = {}
@@ -292,8 +311,9 @@ def gather(run_dir: Path, record: dict[str, Any] | None = None, light: bool = Fa
                     best = (_int(d.get("best_step")), float(d["best_val_loss"]))
             elif ev == "progress":
                 progress.append({"time": t, **d})
-            elif ev in ("data_lines_skipped", "data_loaded") and d.get("path"):
+            elif ev in DATA_EVENTS and d.get("path"):
                 skipped[str(d["path"])] = _int(d.get("malformed"))
+                data_files[str(d["path"])] = d
             elif ev == "config_resolved" and not config and isinstance(d.get("config"), dict):
                 config = d["config"]
 
@@ -334,7 +354,7 @@ def gather(run_dir: Path, record: dict[str, Any] | None = None, light: bool = Fa
         reason=reason, total_steps=total, final_step=final, started=started, ended=ended,
         attempts=attempts, config=config, record=record, metrics=metrics,
         evals=sorted(evals.items()), best=best, progress=progress,
-        data_skipped={k: v for k, v in skipped.items() if v},
+        data_skipped={k: v for k, v in skipped.items() if v}, data_files=data_files,
         checkpoints=_checkpoint_steps(run),
         quarantined=list(record.get("quarantined") or []) if record else [],
         complete=complete, unreadable_lines=bad,

@@ -32,9 +32,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from shared import config as config_mod
-from shared.errors import ConfigError, OvernightError
+from shared.errors import ConfigError, OvernightError, RunDirError
 from shared.fsutil import atomic_write_bytes
-from shared.layout import RunDir
+from shared.layout import RunDir, creation_problem
 from supervisor import launchd, systemd
 from supervisor.service_model import STOP_MARGIN, Host, Platform, ServiceManager, ServiceSpec, Step
 
@@ -279,6 +279,13 @@ def main_install(args: argparse.Namespace) -> int:
             )
     before, after = b.install_steps(spec, state, old)
     what = {"new": "new", "same": "unchanged", "replace": "replaces the installed one"}[state]
+    # A run directory the service could never create: one line now, not a failing service.
+    if args.dry_run:
+        problem = creation_problem(spec.run_dir)
+        if problem:
+            raise RunDirError(problem)
+    else:
+        RunDir(spec.run_dir).create()
     if args.dry_run:
         print(f"# overnight install: dry run, nothing written or run\n# {path} ({what})")
         print(content, end="" if content.endswith("\n") else "\n")
@@ -291,7 +298,6 @@ def main_install(args: argparse.Namespace) -> int:
     for step in before:
         _execute(step, b)
     if state != "same":
-        RunDir(spec.run_dir).logs.mkdir(parents=True, exist_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, content.encode("utf-8"))
         print(f"wrote {path}")

@@ -13,9 +13,9 @@ import zmq
 
 from shared.layout import RunDir
 from shared.protocol import MAX_MESSAGE_BYTES, ControlReply, decode
+from shared.runlock import Role, RunLock
 from supervisor import control_client
 from supervisor.control import ControlError, ControlServer, handle
-from supervisor.lock import RunLock
 from supervisor.record import RunRecord
 
 
@@ -81,7 +81,7 @@ def test_the_client_talks_to_a_live_server_over_ipc(tmp_path, capsys):
     run.create_socket_dir()
     ctx = zmq.Context()
     server = ControlServer(ctx, run.control_endpoint, FakeTarget())
-    with RunLock(run.lock):
+    with RunLock(run.lock, Role.SUPERVISOR):
         t = _serve(server, 3)
         assert control_client.request(run, "status").data["state"] == "training"
         # raw garbage on the wire still gets an answer

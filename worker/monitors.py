@@ -30,8 +30,13 @@ class EarlyStopper:
     bad_evals: int = 0
 
     def observe(self, step: int, value: float) -> bool:
-        """Record one evaluation; True when training should stop."""
-        if not self.options.enabled or step <= self.options.warmup_steps:
+        """Record one evaluation; True when training should stop. A non-finite value is
+        not a measurement: it neither sets the best nor counts as a bad evaluation."""
+        if (
+            not self.options.enabled
+            or step <= self.options.warmup_steps
+            or not math.isfinite(value)
+        ):
             return False
         if value < self.best - self.options.min_delta:
             self.best, self.best_step, self.bad_evals = value, step, 0
@@ -46,8 +51,12 @@ class EarlyStopper:
     @classmethod
     def from_dict(cls, options: EarlyStopping, d: dict[str, Any]) -> EarlyStopper:
         best = d.get("best")
-        return cls(options, math.inf if best is None else float(best), int(d["best_step"]),
-                   int(d["bad_evals"]))
+        return cls(
+            options,
+            math.inf if best is None else float(best),
+            int(d["best_step"]),
+            int(d["bad_evals"]),
+        )
 
 
 @dataclass
@@ -67,6 +76,8 @@ class SpikeDetector:
     def observe(self, step: int, norm: float) -> str | None:
         """Record one step's gradient norm; a reason string when training should abort."""
         o = self.options
+        if not o.enabled:
+            return None
         reason = None
         if norm > o.threshold:
             reason = f"gradient norm {norm:.3g} > threshold {o.threshold:g}"
@@ -92,10 +103,17 @@ class SpikeDetector:
         return None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"history": list(self.history), "consecutive": self.consecutive,
-                "first_bad_step": self.first_bad_step}
+        return {
+            "history": list(self.history),
+            "consecutive": self.consecutive,
+            "first_bad_step": self.first_bad_step,
+        }
 
     @classmethod
     def from_dict(cls, options: GradSpike, d: dict[str, Any]) -> SpikeDetector:
-        return cls(options, deque(float(x) for x in d["history"]), int(d["consecutive"]),
-                   int(d["first_bad_step"]))
+        return cls(
+            options,
+            deque(float(x) for x in d["history"]),
+            int(d["consecutive"]),
+            int(d["first_bad_step"]),
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 import structlog
 
 from shared import checkpoint as ckpt
+from shared import mlx_lm_keys
 from shared import protocol as p
 from shared.config import Config
 from shared.errors import CheckpointError, ConfigError, DataError, OvernightError
@@ -27,7 +29,15 @@ from shared.layout import RunDir
 from worker.inject import ENV as INJECT_ENV
 from worker.inject import Injector
 from worker.progress import Progress
-from worker.reporting import FanOut, RunReporter, TelemetryReporter, tensorboard_reporter
+from worker.reporting import (
+    FanOut,
+    RunReporter,
+    TelemetryReporter,
+    callback_reporter,
+    check_report_to,
+    skip_unrequested_reporters,
+    tensorboard_reporter,
+)
 from worker.telemetry import LiveStatus, Telemetry
 from worker.train import Controls, Outcome, Trainer, TrainState
 
@@ -53,14 +63,26 @@ class Session:
         _Stopper(self.controls).install()
         if self.args.telemetry:
             self.telemetry = Telemetry(self.args.telemetry, self.status)
-        log.info("worker_started", pid=os.getpid(), attempt=self.args.attempt,
-                 run_dir=str(self.run_dir.root), telemetry=self.args.telemetry)
+        log.info(
+            "worker_started",
+            pid=os.getpid(),
+            attempt=self.args.attempt,
+            run_dir=str(self.run_dir.root),
+            telemetry=self.args.telemetry,
+        )
         try:
             outcome = self._run()
         except (ConfigError, DataError, CheckpointError) as e:
             outcome = Outcome(ExitCode.BAD_CONFIG, "bad_config", str(e))
         except OvernightError as e:
             outcome = Outcome(ExitCode.CRASH, "crash", str(e))
+        except BrokenPipeError:
+            # Our output's reader went away (`overnight train ... | head`): not a crash to
+            # log with a traceback; the CLI's boundary ends the process quietly (exit 141).
+            step = self.trainer.state.step if self.trainer is not None else self.status.step
+            log.warning("output_closed", step=step)
+            self._close()
+            raise
         except BaseException:
             log.exception("worker_crashed", step=self.status.step)
             self._send_stopping(Outcome(ExitCode.CRASH, "crash", "uncaught exception"))
@@ -75,15 +97,25 @@ class Session:
 
     def _send_stopping(self, o: Outcome) -> None:
         step = self.trainer.state.step if self.trainer is not None else self.status.step
-        msg = p.WorkerStopping(run_id=self.run_id, attempt=self.args.attempt, step=step,
-                               exit_code=int(o.code), reason=o.reason, detail=o.detail,
-                               first_bad_step=o.first_bad_step)
+        msg = p.WorkerStopping(
+            run_id=self.run_id,
+            attempt=self.args.attempt,
+            step=step,
+            exit_code=int(o.code),
+            reason=o.reason,
+            detail=o.detail,
+            first_bad_step=o.first_bad_step,
+            data_position=o.data_position,
+            data_batch=o.data_batch,
+            data_lines=o.data_lines,
+        )
         if self.reporter is not None:
             self.reporter.stopping(msg)
         else:
             level = "info" if o.code in (ExitCode.COMPLETED, ExitCode.GRACEFUL_STOP) else "error"
-            getattr(log, level)("worker_stopping", reason=o.reason, exit_code=int(o.code),
-                                detail=o.detail)
+            getattr(log, level)(
+                "worker_stopping", reason=o.reason, exit_code=int(o.code), detail=o.detail
+            )
             if self.telemetry is not None:
                 self.telemetry.send(msg)
 
@@ -102,10 +134,14 @@ class Session:
     # -------------------------------------------------------------- the attempt
     def _run(self) -> Outcome:
         c, run, args = self.config, self.run_dir, self.args
+        skip_unrequested_reporters(c)  # before the first mlx_lm import
         if run.is_complete and not args.fresh:
             log.info("run_already_complete", marker=str(run.complete_marker))
-            print(f"overnight train: run in {run.root} is already complete; nothing to do "
-                  "(--fresh starts over)", file=sys.stderr)
+            print(
+                f"overnight train: run in {run.root} is already complete; nothing to do "
+                "(--fresh starts over)",
+                file=sys.stderr,
+            )
             return Outcome(ExitCode.COMPLETED, "completed", "run was already complete")
         if args.fresh:
             self._move_previous_aside()
@@ -118,37 +154,66 @@ class Session:
 
         self._phase(p.Phase.LOADING)
         log.info("config_resolved", config=c.to_dict(), config_hash=c.hash())
+        from worker.data import find_valid_file, load_split
+
+        data_dir = Path(c.data).expanduser()
+        test_path = data_dir / "test.jsonl"
+        if c.test and not test_path.is_file():  # before anything is loaded or trained
+            raise DataError(
+                f"test: true but {test_path} not found (mlx_lm's test pass reads "
+                "test.jsonl; add it or set test: false)"
+            )
+        check_report_to(c)
+        self._announce_differences(c, find_valid_file(data_dir) is not None)
         import mlx.core as mx
         from mlx_lm.utils import maybe_set_recommended_wired_limit
 
         from worker import model as models
-        from worker.batching import EpochPlan, fixed_subset
+        from worker.batching import fixed_subset, plan_for_resume
         from worker.checkpointing import CheckpointWriter, restore
-        from worker.data import find_valid_file, load_split
         from worker.monitors import EarlyStopper, SpikeDetector
 
-        maybe_set_recommended_wired_limit()
-        mx.random.seed(c.seed)
+        if c.wired_limit:
+            mx.set_wired_limit(c.wired_limit)
+        else:
+            maybe_set_recommended_wired_limit()
         model, tokenizer = models.load_base(c)
+        # Seeded after loading, as mlx_lm lora: the same seed gives the same LoRA weights.
+        mx.random.seed(c.seed)
         models.make_trainable(model, c)
-        lr_scale = args.lr_scale if args.lr_scale is not None else (
-            float(stored["lr_scale"]) if stored else 1.0)
+        if chosen is None and c.resume_adapter_file:
+            # mlx_lm's resume_adapter_file: the starting weights of a fresh run (a run with a
+            # checkpoint of its own resumes from that instead).
+            loaded, n = models.load_adapter_weights(model, c.resume_adapter_file)
+            log.info("adapter_weights_loaded", path=str(loaded), tensors=n)
+        lr_scale = (
+            args.lr_scale
+            if args.lr_scale is not None
+            else (float(stored["lr_scale"]) if stored else 1.0)
+        )
         optimizer, schedule = models.make_optimizer(c, lr_scale)
         optimizer.init(model.trainable_parameters())
 
-        data_dir = Path(c.data).expanduser()
         if not (data_dir / "train.jsonl").is_file():
             raise DataError(f"data: {data_dir / 'train.jsonl'} not found")
         lam = c.training.lambda_weight
         train_set = load_split(data_dir / "train.jsonl", tokenizer, c, lam)
+        if chosen is not None and stored is not None:
+            train_set.restore(stored.get("data"))  # streaming's counts so far
         self._log_scan(train_set)
         valid_path = find_valid_file(data_dir)
         valid_set = None
         if valid_path is None:
             log.info("validation_skipped", reason=f"no valid.jsonl or val.jsonl in {data_dir}")
+        elif c.val_batches == 0:
+            log.info("validation_skipped", reason="val_batches: 0")
         else:
             valid_set = load_split(valid_path, tokenizer, c, 0.0)
             self._log_scan(valid_set)
+        test_set = None
+        if c.test:
+            test_set = load_split(test_path, tokenizer, c, 0.0)
+            self._log_scan(test_set)
 
         state = TrainState(lr_scale=lr_scale)
         stopper = EarlyStopper(c.early_stopping)
@@ -158,10 +223,13 @@ class Session:
             restore(chosen, model, optimizer)
             self._check_data(stored, train_set)
             state = TrainState(
-                step=stored["step"], data_position=stored["data_position"] + args.skip_steps,
-                lr_scale=lr_scale, tokens_total=stored.get("tokens_total", 0),
+                step=stored["step"],
+                data_position=stored["data_position"] + args.skip_steps,
+                lr_scale=lr_scale,
+                tokens_total=stored.get("tokens_total", 0),
                 train_seconds=stored.get("train_seconds", 0.0),
-                best_val=stored["best"]["val_loss"], best_step=stored["best"]["step"],
+                best_val=stored["best"]["val_loss"],
+                best_step=stored["best"]["step"],
                 val_examples=stored.get("val_examples", -1),
                 last_val=stored.get("last_val_loss"),
             )
@@ -173,18 +241,34 @@ class Session:
             progress.val = state.last_val
             progress.best_val = state.best_val
             progress.step = progress.last_checkpoint_step = state.step
-            log.info("resumed", checkpoint=str(chosen), step=state.step,
-                     data_position=state.data_position, skip_steps=args.skip_steps,
-                     lr_scale=lr_scale)
+            log.info(
+                "resumed",
+                checkpoint=str(chosen),
+                step=state.step,
+                data_position=state.data_position,
+                skip_steps=args.skip_steps,
+                lr_scale=lr_scale,
+            )
         if args.skip_steps and chosen is None:
             state.data_position += args.skip_steps
         if valid_set is not None and state.val_examples < 0:
             per = c.val_batches * c.batch_size if c.val_batches >= 0 else -1
             state.val_examples = len(valid_set) if per < 0 else min(per, len(valid_set))
-        val_subset = (fixed_subset(len(valid_set), state.val_examples, c.seed)
-                      if valid_set is not None else None)
+        val_subset = (
+            fixed_subset(len(valid_set), state.val_examples, c.seed)
+            if valid_set is not None
+            else None
+        )
 
-        plan = EpochPlan(train_set.lengths, c.effective_batch, c.seed)
+        plan, plan_note = plan_for_resume(
+            train_set.lengths, c.effective_batch, c.seed, stored if chosen is not None else None
+        )
+        if plan_note:
+            log.warning("data_plan_changed", detail=plan_note, plan=plan.to_dict())
+            print(f"overnight train: {plan_note}", file=sys.stderr, flush=True)
+        skip_batches = frozenset((stored or {}).get("skipped_batches") or []) | frozenset(
+            getattr(args, "skip_batch", None) or []
+        )
         self.status.step = state.step
         reporters: list[Any] = [RunReporter(progress, run.metrics_log, c.steps_per_report)]
         if self.telemetry is not None:
@@ -193,30 +277,55 @@ class Session:
         if board is not None:
             reporters.append(board)
             log.info("tensorboard_enabled", logdir=str(run.root / "tensorboard"))
+        callbacks = callback_reporter(c, run.root, c.iters, state.tokens_total)
+        if callbacks is not None:
+            reporters.append(callbacks)
+            log.info(
+                "report_to_enabled",
+                services=c.report_to,
+                project_name=c.project_name,
+                log_dir=str(run.root),
+            )
         self.reporter = FanOut(*reporters)
         spec = os.environ.get(INJECT_ENV) or c.debug.inject
         trainer = Trainer(
-            config=c, run_id=self.run_id, attempt=args.attempt, model=model,
-            optimizer=optimizer, train_set=train_set, valid_set=valid_set,
+            config=c,
+            run_id=self.run_id,
+            attempt=args.attempt,
+            model=model,
+            optimizer=optimizer,
+            train_set=train_set,
+            valid_set=valid_set,
             val_subset=val_subset if val_subset is not None else _empty(),
-            plan=plan, state=state, stopper=stopper, spikes=spikes,
-            writer=CheckpointWriter(run.checkpoints, c.checkpoints.keep_last,
-                                    c.checkpoints.async_save),
-            reporter=self.reporter, progress=progress, controls=self.controls,
+            plan=plan,
+            state=state,
+            stopper=stopper,
+            spikes=spikes,
+            writer=CheckpointWriter(
+                run.checkpoints, c.checkpoints.keep_last, c.checkpoints.async_save
+            ),
+            reporter=self.reporter,
+            progress=progress,
+            controls=self.controls,
             injector=Injector(spec, run.root / "inject"),
-            adapter_config=models.adapter_config(c), lr_schedule=schedule,
-            state_extra={"versions": _versions(), "data": {
-                "train_fingerprint": train_set.index.fingerprint,
-                "train_examples": len(train_set),
-                "malformed_lines": train_set.index.report.malformed,
-            }},
+            adapter_config=models.adapter_config(c),
+            lr_schedule=schedule,
+            state_extra={
+                "versions": _versions(),
+                "data": {
+                    "train_fingerprint": train_set.index.fingerprint,
+                    "train_examples": len(train_set),
+                },
+            },
             last_saved_step=state.step,
+            skip_batches=skip_batches,
         )
         self.trainer = trainer
         outcome = trainer.run()
         trainer.writer.wait()
         if outcome.code in (ExitCode.COMPLETED, ExitCode.EARLY_STOPPED):
-            self._finish(trainer, outcome)
+            test = self._test(trainer, test_set) if test_set is not None else None
+            self._finish(trainer, outcome, test)
         return outcome
 
     # -------------------------------------------------------------- helpers
@@ -226,7 +335,15 @@ class Session:
         if self.args.fresh:
             return None, None
         if resume != "auto":
+            from worker.model import is_mlx_lm_adapter  # no MLX import
+
             path = Path(resume).expanduser().resolve()
+            if is_mlx_lm_adapter(path):
+                raise CheckpointError(
+                    f"--resume {resume}: an mlx_lm adapter, not a checkpoint: use "
+                    f"resume_adapter_file: {path} in the config (or --resume-adapter-file) to "
+                    "start a fresh run from its weights"
+                )
             result = ckpt.validate(path)
             if not result.ok:
                 raise CheckpointError(f"--resume {resume}: {result.reason}")
@@ -259,8 +376,12 @@ class Session:
                     f"{effective} (batch_size x grad_accumulation_steps must stay {effective})"
                 )
             accum = effective // c.batch_size
-            log.info("effective_batch_kept", effective=effective, batch_size=c.batch_size,
-                     grad_accumulation_steps=accum)
+            log.info(
+                "effective_batch_kept",
+                effective=effective,
+                batch_size=c.batch_size,
+                grad_accumulation_steps=accum,
+            )
             c = dataclasses.replace(c, grad_accumulation_steps=accum)
         return c
 
@@ -274,29 +395,75 @@ class Session:
             )
 
     def _log_scan(self, examples: Any) -> None:
-        r = examples.index.report
-        event = "data_loaded" if r.malformed == 0 else "data_lines_skipped"
-        level = "info" if r.malformed == 0 else "warning"
-        getattr(log, level)(event, path=str(r.path), examples=r.good, malformed=r.malformed,
-                            blank=r.blank, first_problems=r.examples[:5],
-                            format=examples.index.fmt, streaming=examples.streaming)
+        examples.log_loaded()  # skipped lines and truncation: worker/data.py
 
     def _move_previous_aside(self) -> None:
         run = self.run_dir
-        if not (run.checkpoints.exists() and any(run.checkpoints.iterdir())) \
-                and not run.is_complete:
+        if (
+            not (run.checkpoints.exists() and any(run.checkpoints.iterdir()))
+            and not run.is_complete
+        ):
             return
         dest = run.root / "previous" / time.strftime("%Y%m%dT%H%M%S")
         dest.mkdir(parents=True)
-        for item in (run.checkpoints, run.adapters, run.complete_marker,
-                     run.root / "inject"):
+        for item in (run.checkpoints, run.adapters, run.complete_marker, run.root / "inject"):
             if item.exists():
                 os.replace(item, dest / item.name)
         run.checkpoints.mkdir()
         fsync_dir(run.root)
         log.info("previous_run_moved_aside", to=str(dest))
 
-    def _finish(self, trainer: Trainer, outcome: Outcome) -> None:
+    def _announce_differences(self, c: Config, has_valid: bool) -> None:
+        """The start-up block: how this run differs from `mlx_lm lora` with the same config
+        (stderr, and one structlog event), and the keys that do nothing here."""
+        from worker.main import overrides_from
+
+        file_values: dict[str, Any] = {}
+        if self.args.config is not None:
+            from shared.config import load_yaml
+
+            file_values = load_yaml(Path(self.args.config))
+        given = set(file_values) | {k.split(".")[0] for k in overrides_from(self.args)}
+        diffs = mlx_lm_keys.differences(c, given, has_valid)
+        log.info("mlx_lm_differences", differences=[d.line() for d in diffs])
+        print(mlx_lm_keys.render(diffs), file=sys.stderr, flush=True)
+        for warning in mlx_lm_keys.warnings(file_values):
+            log.warning("config_key_ignored", detail=warning)
+
+    def _test(self, trainer: Trainer, test_set: Any) -> dict[str, Any]:
+        """mlx_lm's test pass (`mlx_lm lora --test`): the loss of the trained model on
+        test.jsonl, over test_batches x batch_size examples (a fixed subset; -1 = all)."""
+        from worker.batching import fixed_subset
+
+        c = self.config
+        self._phase(p.Phase.EVALUATING)
+        tic = time.perf_counter()
+        n = (
+            len(test_set)
+            if c.test_batches < 0
+            else min(c.test_batches * c.batch_size, len(test_set))
+        )
+        loss = trainer.evaluate(test_set, fixed_subset(len(test_set), n, c.seed))
+        ppl = math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
+        result = {"test_loss": loss, "test_ppl": ppl, "test_examples": n}
+        log.info(
+            "tested",
+            step=trainer.state.step,
+            seconds=time.perf_counter() - tic,
+            path=str(test_set.index.path),
+            **result,
+        )
+        print(
+            f"overnight train: test loss {loss:.3f}, test ppl {ppl:.3f} ({n} examples of "
+            f"{test_set.index.path.name})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return result
+
+    def _finish(
+        self, trainer: Trainer, outcome: Outcome, test: dict[str, Any] | None = None
+    ) -> None:
         run = self.run_dir
         last = trainer.writer.last
         assert last is not None
@@ -304,13 +471,28 @@ class Session:
         if self.config.adapter_path:
             publish_adapters(last.path, Path(self.config.adapter_path).expanduser().resolve())
         s = trainer.state
-        atomic_write_json(run.complete_marker, {
-            "status": outcome.reason, "step": s.step, "total_steps": self.config.iters,
-            "final_checkpoint": str(last.path), "adapters": str(run.adapters),
-            "best_step": s.best_step, "best_val_loss": s.best_val, "time": time.time(),
-        })
-        log.info("run_complete", status=outcome.reason, step=s.step,
-                 adapters=str(run.adapters), best_step=s.best_step, best_val_loss=s.best_val)
+        atomic_write_json(
+            run.complete_marker,
+            {
+                "status": outcome.reason,
+                "step": s.step,
+                "total_steps": self.config.iters,
+                "final_checkpoint": str(last.path),
+                "adapters": str(run.adapters),
+                "best_step": s.best_step,
+                "best_val_loss": s.best_val,
+                "time": time.time(),
+                **(test or {}),
+            },
+        )
+        log.info(
+            "run_complete",
+            status=outcome.reason,
+            step=s.step,
+            adapters=str(run.adapters),
+            best_step=s.best_step,
+            best_val_loss=s.best_val,
+        )
 
 
 def publish_adapters(checkpoint: Path, dest: Path) -> None:
