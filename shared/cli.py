@@ -17,12 +17,17 @@ service files that earlier versions installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
+import signal
 import sys
 from typing import NoReturn
 
 from shared.errors import OvernightError
 from shared.exitcodes import ExitCode
+
+BROKEN_PIPE = 128 + int(signal.SIGPIPE)  # 141: the output's reader went away (`| head -1`)
 
 # (command, module, one-line help)
 COMMANDS: list[tuple[str, str, str]] = [
@@ -88,7 +93,33 @@ def _command_in(argv: list[str], commands: Commands) -> str | None:
 
 
 def main(argv: list[str] | None = None, commands: Commands = COMMANDS) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """The outermost boundary: run one command; its output to a closed pipe ends it quietly.
+
+    `overnight status RUN | head -1`: once the reader has gone, a write (or the final flush)
+    raises BrokenPipeError. As the Python docs advise (library/signal.html, "Note on SIGPIPE"),
+    stdout and stderr are pointed at /dev/null so that the interpreter's own flush at exit
+    cannot fail again, and the process exits with 141 (128 + SIGPIPE), what a shell reports
+    for a command that the pipe's signal ended (`yes | head -1`).
+    """
+    try:
+        try:
+            return _dispatch(sys.argv[1:] if argv is None else argv, commands)
+        finally:  # also after --help (SystemExit): a closed pipe shows here, not at exit
+            sys.stdout.flush()
+    except BrokenPipeError:
+        _silence_output()
+        return BROKEN_PIPE
+
+
+def _silence_output() -> None:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
+def _dispatch(argv: list[str], commands: Commands) -> int:
     command = _command_in(argv, commands)
     parser = build_parser(command or "", commands)
     args = parser.parse_args(argv)

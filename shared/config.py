@@ -24,13 +24,14 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal, cast, get_type_hints
 
-import yaml
-
 from shared import records
 from shared.errors import ConfigError
+from shared.mlx_lm_keys import KEYS as MLX_LM_KEYS
+from shared.yamlfile import load_yaml
 
 
 def _f(default: Any, help: str) -> Any:
@@ -75,6 +76,7 @@ class EarlyStopping:
 
 @dataclass(frozen=True)
 class GradSpike:
+    enabled: bool = _f(True, "stop the attempt (for a rollback) on a gradient spike")
     threshold: float = _f(1000.0, "abort when the gradient norm exceeds this ...")
     patience: int = _f(3, "... for this many consecutive steps")
     robust_z: float = _f(50.0, "or when it exceeds median + robust_z * MAD of recent norms")
@@ -166,6 +168,21 @@ class Config:
     text_feature: str = _f("text", "key of the text in text data")
     chat_feature: str = _f("messages", "key of the messages in chat data")
     trust_remote_code: bool = _f(False, "allow custom model code (mlx_lm's key)")
+    resume_adapter_file: str | None = _f(
+        None, "a fresh run starts from these adapter weights: an adapters.safetensors file or "
+        "an adapter directory (mlx_lm's key; keys and shapes must match the LoRA layers)")
+    test: bool = _f(False, "after training, evaluate test.jsonl (mlx_lm's test pass)")
+    test_batches: int = _f(500, "test batches of batch_size examples; -1 = the whole test set")
+    report_to: list[str] | None = _f(
+        None, "also report to wandb and/or swanlab ('wandb,swanlab') through mlx_lm's callbacks")
+    project_name: str | None = _f(None, "project name for report_to (mlx_lm's key)")
+    clear_cache_threshold: int = _f(
+        0, "clear MLX's allocator cache after a step when it holds more than this many bytes "
+        "(e.g. 2GB); 0 = never")
+    wired_limit: int = _f(
+        0, "Metal wired memory limit in bytes (e.g. 8GB); 0 = the device's recommended size")
+    train: bool = _f(True, "mlx_lm's --train; overnight always trains (false is refused)")
+    config: str | None = _f(None, "mlx_lm's --config; inside a config file it does nothing")
     # --- our sections ---
     training: TrainingOptions = field(default_factory=TrainingOptions)
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
@@ -188,71 +205,44 @@ class Config:
         for k in ("supervisor", "logging", "debug", "steps_per_report", "batch_size",
                   "grad_accumulation_steps", "grad_checkpoint", "adapter_path", "learning_rate",
                   "lr_schedule", "iters", "checkpoints", "steps_per_eval", "save_every",
-                  "val_batches", "early_stopping", "grad_spike"):
+                  "val_batches", "early_stopping", "grad_spike", "test", "test_batches",
+                  "report_to", "project_name", "clear_cache_threshold", "wired_limit",
+                  "train", "config"):
             d.pop(k, None)
+        if d["resume_adapter_file"] is None:
+            d.pop("resume_adapter_file")  # runs from before the key existed keep their hash
         d["training"].pop("streaming", None)
         d["training"].pop("compile", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# mlx_lm keys we accept and ignore (they concern mlx_lm's own CLI, not training semantics).
-IGNORED_MLX_LM_KEYS = {
-    "train": "training is what overnight does",
-    "test": "run `mlx_lm lora --test` on the final adapters",
-    "test_batches": "run `mlx_lm lora --test` on the final adapters",
-    "resume_adapter_file": "overnight resumes from its own checkpoints",
-    "clear_cache_threshold": "not needed",
-    "report_to": "use `overnight report` (and TensorBoard if installed)",
-    "project_name": "not needed",
-    "config": "not needed",
-    "wired_limit": "not needed",
-}
-UNSUPPORTED_MLX_LM_KEYS = {
-    "hf_dataset": "Hugging Face datasets need the network at run time; export them to JSONL",
-}
+# Every mlx_lm key is honoured, refused or warned about: shared/mlx_lm_keys.py.
+REPORTERS = ("wandb", "swanlab")  # mlx_lm.tuner.callbacks.SUPPORT_CALLBACK
+SIZE_KEYS = ("clear_cache_threshold", "wired_limit")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-# Values from YAML and flags convert ("3" -> 3); unknown keys get a did-you-mean.
-_RULES = records.Rules(ConfigError, lenient=True, suggest=True)
-
-
-def load_yaml(path: Path) -> dict[str, Any]:
+def parse_size(value: Any, key: str) -> Any:
+    """"2GB" -> 2_000_000_000, as mlx_lm's `--clear-cache-threshold` reads sizes
+    (mlx_lm.utils._parse_size: units M, MB, G, GB, decimal); other values pass through."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    digits = re.match(r"[0-9.]*", text).group()  # type: ignore[union-attr]
+    unit = text[len(digits):].strip().upper()
+    units = {"M": 10**6, "G": 10**9, "MB": 10**6, "GB": 10**9, "": 1}
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
-    try:
-        # mlx_lm's loader also reads 1e-5 as a float (plain YAML 1.1 reads it as a string).
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
-    return data
+        if unit not in units:
+            raise InvalidOperation
+        return int(Decimal(digits) * units[unit])
+    except InvalidOperation:
+        raise ConfigError(f"{key}: expected a size in bytes like 2GB or 500MB, "
+                          f"got {value!r}") from None
 
 
-class _Loader(yaml.SafeLoader):
-    pass
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
+# Values from YAML and flags convert ("3" -> 3), numbers must be finite (a NaN would be
+# stored as null and mean nothing), unknown keys get a did-you-mean.
+_RULES = records.Rules(ConfigError, lenient=True, suggest=True, finite=True)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -277,17 +267,19 @@ def resolve(
     `overrides` maps dotted keys ("lora_parameters.rank") to values from the command line.
     """
     merged: dict[str, Any] = json.loads(json.dumps(file_values or {}, default=str))
-    ignored = []
     for key in list(merged):
-        if key in UNSUPPORTED_MLX_LM_KEYS:
-            reason = UNSUPPORTED_MLX_LM_KEYS[key]
-            raise ConfigError(f"{source}: key {key!r} is not supported: {reason}")
-        if key in IGNORED_MLX_LM_KEYS:
-            ignored.append(key)
-            merged.pop(key)
+        handling = MLX_LM_KEYS.get(key)
+        if handling is not None and handling.status == "refused":
+            raise ConfigError(f"{source}: key {key!r} is not supported: {handling.note}")
     for dotted, value in (overrides or {}).items():
         _set_dotted(merged, dotted, value)
     try:
+        for key in SIZE_KEYS:
+            if key in merged:
+                merged[key] = parse_size(merged[key], key)
+        if isinstance(merged.get("report_to"), str):  # mlx_lm: "wandb,swanlab", any case
+            merged["report_to"] = [r.strip().lower() for r in merged["report_to"].split(",")
+                                   if r.strip()]
         config = records.build(Config, merged, "", _RULES)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -302,6 +294,14 @@ def _check_ranges(c: Config, source: str) -> None:
 
     need(bool(c.model), "model", "a model directory", c.model)
     need(bool(c.data), "data", "a data directory", c.data)
+    if _HUB_ID.fullmatch(c.data) and not Path(c.data).expanduser().exists():
+        raise ConfigError(
+            f"{source}: data: {c.data!r} is not a local directory but looks like a Hugging Face "
+            "dataset id; overnight trains from local JSONL only: export the splits once with "
+            f"the datasets package (load_dataset({c.data!r})[split].to_json('DIR/train.jsonl'), "
+            "likewise valid.jsonl and test.jsonl) and set data: DIR")
+    need(c.train, "train", "true (overnight always trains; for a test-only pass run "
+         "`mlx_lm lora --test`)", c.train)
     need(c.batch_size >= 1, "batch_size", "an integer >= 1", c.batch_size)
     need(c.grad_accumulation_steps >= 1, "grad_accumulation_steps", "an integer >= 1",
          c.grad_accumulation_steps)
@@ -313,7 +313,15 @@ def _check_ranges(c: Config, source: str) -> None:
     need(0 <= c.lora_parameters.dropout < 1, "lora_parameters.dropout", "0 <= x < 1",
          c.lora_parameters.dropout)
     need(c.max_seq_length >= 2, "max_seq_length", "an integer >= 2", c.max_seq_length)
-    need(c.val_batches == -1 or c.val_batches >= 0, "val_batches", "-1 or >= 0", c.val_batches)
+    need(c.val_batches == -1 or c.val_batches >= 0, "val_batches",
+         "-1 (the whole set), 0 (no validation) or >= 1", c.val_batches)
+    need(c.test_batches == -1 or c.test_batches >= 1 or not c.test, "test_batches",
+         "-1 (the whole set) or >= 1 with test: true", c.test_batches)
+    for name in c.report_to or []:
+        need(name in REPORTERS, "report_to", f"{' and/or '.join(REPORTERS)} "
+             "(comma-separated, as mlx_lm)", name)
+    for key in SIZE_KEYS:
+        need(getattr(c, key) >= 0, key, "a size >= 0", getattr(c, key))
     for key in ("steps_per_report", "steps_per_eval", "save_every"):
         need(getattr(c, key) >= 1, key, "an integer >= 1", getattr(c, key))
     need(c.training.lambda_weight >= 0, "training.lambda_weight", "a number >= 0",

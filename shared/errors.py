@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.runlock import Holder
+
 
 class OvernightError(Exception):
     """Base class: an error we expect and report in one line, without a traceback."""
@@ -23,8 +28,19 @@ class ProtocolError(OvernightError):
     """A message on a socket is not valid JSON of a known, well-formed type."""
 
 
+class RunDirError(OvernightError):
+    """A run directory cannot be created or written (read-only file system, a parent that is a
+    file, permission denied); the message names the path."""
+
+
 class RunDirLocked(OvernightError):
-    """Another supervisor holds the run directory."""
+    """Another process (a supervisor or a worker) holds the run directory's lock.
+
+    `holder`: who the lock file names (None if unknown)."""
+
+    def __init__(self, message: str, holder: Holder | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class RecordError(OvernightError):

@@ -6,10 +6,11 @@ one on disk, never a torn mixture.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
+
+from shared import strictjson
 
 
 def fsync_dir(path: Path) -> None:
@@ -37,13 +38,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """Strict JSON (non-finite floats become null: shared/strictjson.py), written atomically."""
+    atomic_write_bytes(path, (strictjson.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def write_json_synced(path: Path, obj: Any) -> None:
     """Write JSON into a file inside a directory that is itself renamed into place later."""
+    text = strictjson.dumps(obj, indent=2, sort_keys=True)  # before opening: no torn file
     with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text + "\n")
         f.flush()
         os.fsync(f.fileno())

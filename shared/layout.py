@@ -13,7 +13,7 @@
       logs/worker-<attempt>.log   raw stdout/stderr of each worker attempt
       logs/metrics.jsonl          one line per optimizer step (loss, grad norm, lr, tok/s, memory)
       sock/                       mode 0700: ipc:// endpoints for telemetry and control
-      supervisor.lock             flock held by the running supervisor (contains its PID)
+      run.lock                    flock held by the process writing the run (shared/runlock.py)
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from shared.errors import RunDirError
 
 CHECKPOINT_PREFIX = "step-"
 
@@ -96,14 +98,18 @@ class RunDir:
 
     @property
     def lock(self) -> Path:
-        return self.root / "supervisor.lock"
+        return self.root / "run.lock"
 
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{step:07d}"
 
     def create(self) -> None:
+        """Make the run directory; RunDirError (one line naming the path) when it cannot be."""
         for d in (self.root, self.checkpoints, self.logs):
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise RunDirError(cannot_create(self.root, e)) from None
 
     def create_socket_dir(self) -> None:
         """ipc:// sockets live in a directory only the user can enter."""
@@ -124,3 +130,35 @@ class RunDir:
     @property
     def is_complete(self) -> bool:
         return self.complete_marker.exists()
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path("/")
+
+
+def cannot_create(root: Path, error: OSError, what: str = "run directory") -> str:
+    """The one line for a directory that mkdir refused: which path is in the way and why."""
+    blocker = _nearest_existing(root)
+    if not blocker.is_dir():
+        why = f"{blocker} is a file, not a directory"
+    else:
+        why = f"{error.strerror or error} ({error.filename or blocker})"
+    return f"{root}: cannot create the {what}: {why}"
+
+
+def creation_problem(root: Path) -> str | None:
+    """Why `root` could not be created or written, without creating anything (None: it can).
+    The nearest existing ancestor must be a writable directory on a writable file system."""
+    blocker = _nearest_existing(root)
+    if not blocker.is_dir():
+        why = f"{blocker} is a file, not a directory"
+    elif os.statvfs(blocker).f_flag & os.ST_RDONLY:
+        why = f"{blocker} is on a read-only file system"
+    elif not os.access(blocker, os.W_OK | os.X_OK):
+        why = f"{blocker} is not writable by this user"
+    else:
+        return None
+    return f"{root}: cannot create the run directory: {why}"

@@ -17,6 +17,8 @@ from typing import Any
 
 import structlog
 
+from shared import strictjson
+
 _SHARED: list[Any] = [
     structlog.contextvars.merge_contextvars,
     structlog.stdlib.add_log_level,
@@ -76,7 +78,8 @@ def configure(
                 processors=[
                     structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.dict_tracebacks,
-                    structlog.processors.JSONRenderer(),
+                    # strict JSON lines: a NaN field is written as null (shared/strictjson.py)
+                    structlog.processors.JSONRenderer(serializer=strictjson.dumps),
                 ],
             )
         )

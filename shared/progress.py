@@ -35,8 +35,9 @@ class Progress:
     best_val: float | None = None
     last_checkpoint_step: int = 0
 
-    def record_step(self, step: int, loss: float, lr: float, tokens: int, seconds: float,
-                    memory_mb: float) -> None:
+    def record_step(
+        self, step: int, loss: float, lr: float, tokens: int, seconds: float, memory_mb: float
+    ) -> None:
         self.step, self.loss, self.lr, self.memory_mb = step, loss, lr, memory_mb
         self.losses.append(loss)
         self.step_seconds.append(seconds)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
 
-from shared import records
+from shared import records, strictjson
 from shared.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -48,12 +48,14 @@ class _Message:
                 d[k] = v.value
             elif isinstance(v, float) and not math.isfinite(v):
                 d[k] = str(v)  # JSON has no NaN/Inf; keep them readable ("nan", "inf")
+            elif isinstance(v, (dict, list)):
+                d[k] = strictjson.finite(v)  # nested (ControlReply.data): null
         d["type"] = self.TYPE
         d["v"] = PROTOCOL_VERSION
         return d
 
     def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False).encode()
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,13 @@ class WorkerStopping(_Message):
     """Sent (best effort) just before the worker exits on purpose; says why.
 
     {"type":"stopping","v":1,"run_id":"r1","attempt":1,"step":812,"exit_code":21,
-     "reason":"grad_spike","detail":"grad norm 3.1e4 > 1000 for 3 steps","first_bad_step":810}
+     "reason":"grad_spike","detail":"grad norm 3.1e4 > 1000 for 3 steps","first_bad_step":810,
+     "data_position":815,"data_batch":41,"data_lines":"train.jsonl:88-91"}
+
+    The data fields (non-finite loss, gradient spike) name the batch of the failing step: its
+    data position, its group in the epoch plan (the same group in every epoch,
+    worker/batching.py) and the file lines of its examples; -1 / "" when unknown (and in
+    messages from older workers).
     """
 
     TYPE: ClassVar[str] = "stopping"
@@ -157,6 +165,9 @@ class WorkerStopping(_Message):
     reason: str
     detail: str
     first_bad_step: int = -1
+    data_position: int = -1
+    data_batch: int = -1
+    data_lines: str = ""
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ list[X], tuple[X, ...], dict[str, X], and nested dataclasses. Two rule sets:
 - strict (the default: wire and disk): JSON types as written; an int is accepted for a float and
   "nan"/"inf"/"-inf" strings for non-finite floats (how the wire carries them); unknown
   fields are an error.
-- lenient (config, `Rules(lenient=True, suggest=True)`): values from YAML or a command line
-  convert ("3" -> 3, "yes" -> True, "a,b" -> ["a", "b"], 2.0 -> 2), and an unknown key gets a
-  did-you-mean suggestion.
+- lenient (config, `Rules(lenient=True, suggest=True, finite=True)`): values from YAML or a
+  command line convert ("3" -> 3, "yes" -> True, "a,b" -> ["a", "b"], 2.0 -> 2), numbers must
+  be finite, and an unknown key gets a did-you-mean suggestion.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import difflib
 import functools
+import math
 import types
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, is_dataclass
@@ -48,6 +49,7 @@ class Rules:
     error: type[Exception]
     lenient: bool = False  # convert strings and whole floats (config from YAML / flags)
     suggest: bool = False  # an unknown key is "unknown key 'x'; did you mean 'y'?"
+    finite: bool = False  # a float must be finite (not NaN or infinite)
 
 
 def build(cls: type[T], obj: Any, where: str, rules: Rules) -> T:
@@ -145,7 +147,7 @@ def _converter(hint: Any, rules: Rules) -> Converter:
     if hint is int:
         return functools.partial(_int, err, lenient)
     if hint is float:
-        return functools.partial(_float, err, lenient)
+        return functools.partial(_float, err, lenient, rules.finite)
     if hint is str:
         return functools.partial(_str, err, lenient)
     if origin in (list, tuple):
@@ -195,12 +197,14 @@ def _int(err: type[Exception], lenient: bool, v: Any, where: str) -> int:
     return v
 
 
-def _float(err: type[Exception], lenient: bool, v: Any, where: str) -> float:
+def _float(err: type[Exception], lenient: bool, finite: bool, v: Any, where: str) -> float:
     if isinstance(v, str) and (lenient or v in NON_FINITE):
         with contextlib.suppress(ValueError):
             v = float(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise err(f"{where}: expected a number, got {v!r}")
+    if finite and not math.isfinite(v):
+        raise err(f"{where}: expected a finite number, got {v!r}")
     return float(v)
 
 

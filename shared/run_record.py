@@ -17,7 +17,8 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
       "supervisor": {"pid": 123, "host": "mbp", "started": "...", "starts": 1},
       "worker": null | {"pid": 456, "attempt": 3, "started": "...", "argv": [...]},
       "overrides": {"batch_size": 2, "grad_accumulation_steps": 8,   # persisted settings:
-                    "grad_checkpoint": false, "lr_scale": 0.5},       # every attempt gets them
+                    "grad_checkpoint": false, "lr_scale": 0.5,        # every attempt gets them
+                    "skip_batches": [41]},   # epoch-plan batches found to be data problems
       "rollbacks": 1,                # rollbacks so far (budget: supervisor.max_rollbacks)
       "high_water_step": 830,        # highest step the run ever reached (progress measure)
       "final_step": 812,             # the step the run is at (after a rollback: below the
@@ -35,7 +36,8 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
         "started": "...", "ended": null | "...",
         "start_reason": "initial" | "<previous attempt's action_reason>",
         "resumed_from": null | {"step": 250, "path": "..."},   # null: fresh start
-        "skip_steps": 0, "lr_scale": null | 0.5,
+        "skip_steps": 0,               # data positions skipped after the resume point
+        "lr_scale": null | 0.5,
         "settings": {...overrides in effect...},
         "start_step": 250, "end_step": 400, "steps_gained": 150,
         "checkpoints_saved": [300, 350, 400],
@@ -52,6 +54,8 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
         "tokens": 40960, "tokens_per_sec_avg": 812.5,
         "peak_rss_mb": 1400.2, "peak_mlx_mb": 900.1, "min_available_mb": 5100.0,
         "stderr_tail": "last lines of logs/worker-1.log",
+        "bad_data": null | {"position": 815, "batch": 41, "lines": "train.jsonl:88-91",
+                            "lr_scale": 1.0},  # the failing step's batch (non-finite, spike)
         "action": Action below,
         "action_reason": "crash: killed by SIGABRT ...",
         "restart_delay_s": 5.3,
@@ -113,6 +117,7 @@ class Action(str, Enum):
     RESTART = "restart"
     REDUCE_MEMORY = "reduce_memory"
     ROLLBACK = "rollback"
+    SKIP_BATCH = "skip_batch"  # the same batch non-finite again: a data problem, skipped
     PLANNED_RESTART = "planned_restart"
     FINISH = "finish"
     EARLY_STOP = "early_stop"
@@ -182,6 +187,18 @@ class Totals:
 
 
 @dataclass(frozen=True)
+class BadData:
+    """The batch of a failing step, as the worker named it (non-finite loss, gradient spike):
+    its data position, its group in the epoch plan, its file lines, and the learning-rate
+    scale in effect."""
+
+    position: int
+    batch: int
+    lines: str
+    lr_scale: float
+
+
+@dataclass(frozen=True)
 class AttemptRecord:
     """One worker process: the first block is known at its start, the rest at its end."""
 
@@ -221,6 +238,7 @@ class AttemptRecord:
     action_reason: str = ""
     restart_delay_s: float | None = None
     settings_changed: dict[str, Any] = field(default_factory=dict)
+    bad_data: BadData | None = None
 
 
 @dataclass(frozen=True)
@@ -271,6 +289,13 @@ def decode(obj: Any, where: str = "run.json") -> RunRecord:
 
 def load(path: Path) -> RunRecord | None:
     """The record in `path`, or None when there is none; RecordError when it is not one."""
+    found = load_with_json(path)
+    return found[0] if found is not None else None
+
+
+def load_with_json(path: Path) -> tuple[RunRecord, dict[str, Any]] | None:
+    """The record in `path` and the JSON object it was decoded from (`overnight status
+    --json` prints the file as written); None when there is none; RecordError otherwise."""
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -281,4 +306,4 @@ def load(path: Path) -> RunRecord | None:
         obj = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RecordError(f"{path}: not valid JSON ({e})") from None
-    return decode(obj, str(path))
+    return decode(obj, str(path)), obj

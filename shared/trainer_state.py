@@ -12,6 +12,9 @@ existed are version 1):
       "step": 250, "total_steps": 2000,
       "data_position": 250,          # effective batches consumed (worker/batching.py)
       "groups_per_epoch": 64,
+      "plan": {"leftover": "short_group", "groups_per_epoch": 64, "examples": 256,
+               "effective_batch": 4, "fingerprint": "..."},
+      "skipped_batches": [41],       # epoch-plan batches never trained on (data problems)
       "rng": {"scheme": "seed(seed*1000003 + step*1009 + micro_batch)", "seed": 0},
       "early_stopping": {"best": 1.84, "best_step": 250, "bad_evals": 0},   # best: null = none
       "grad_spike": {"history": [0.8, ...], "consecutive": 0, "first_bad_step": -1},
@@ -28,7 +31,8 @@ existed are version 1):
       "run_id": "...", "attempt": 2, "time": 1.7e9,
       "versions": {"mlx": "0.32.4", "mlx-lm": "0.32.2", "mlx-overnight": "0.1.0"},
       "data": {"train_fingerprint": "080969fc3b4e257d", "train_examples": 256,
-               "malformed_lines": 1}
+               "path": ".../train.jsonl", "examples": 256, "malformed": 1, ...}
+                                     # worker/data.py Examples.summary()
     }
 
 Fields without a default are required: a file missing one is not a checkpoint.
@@ -39,7 +43,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from shared import records
 from shared.errors import CheckpointError
@@ -93,12 +97,40 @@ class BatchSplit:
 
 
 @dataclass(frozen=True)
+class PlanState:
+    """The epoch plan the data position counts in (worker/batching.py EpochPlan.to_dict):
+    written since the plan keeps a short last group; absent in older checkpoints."""
+
+    leftover: Literal["short_group", "drop"]
+    groups_per_epoch: int
+    examples: int
+    effective_batch: int
+    fingerprint: str
+
+
+@dataclass(frozen=True)
 class DataIdentity:
-    """Which training file the data position counts in (worker/data.py's fingerprint)."""
+    """Which training file the data position counts in (worker/data.py's fingerprint) and
+    the worker's counts for it (worker/data.py Examples.summary(); `use`: streaming's counts
+    so far, UseCounts.to_dict()). malformed_lines: what older workers wrote instead."""
 
     train_fingerprint: str
     train_examples: int
-    malformed_lines: int
+    malformed_lines: int | None = None
+    path: str = ""
+    examples: int | None = None
+    malformed: int = 0
+    no_targets: int = 0
+    blank: int = 0
+    truncated: int = 0
+    longest: int = 0
+    max_seq_length: int = 0
+    lengths_known: bool = True
+    first_problems: tuple[str, ...] = ()
+    format: str = ""
+    streaming: bool = False
+    examples_read: int | None = None
+    use: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +152,8 @@ class TrainerState:
     reason: str
     schema_version: int = SCHEMA_VERSION
     groups_per_epoch: int | None = None
+    plan: PlanState | None = None
+    skipped_batches: tuple[int, ...] = ()  # epoch-plan batches never trained on (--skip-batch)
     last_val_loss: float | None = None
     val_examples: int = -1
     config: dict[str, Any] = field(default_factory=dict)

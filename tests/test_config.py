@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from shared import config as cfg
+from shared import yamlfile
 from shared.errors import ConfigError
 from tests.conftest import overnight
 
@@ -135,3 +137,58 @@ def test_cli_argument_errors_are_one_line_and_exit_78() -> None:
     assert result.stderr.strip().splitlines() == [
         "overnight train: argument --batch-size: invalid int value: 'four' "
         "(see overnight train --help)"]
+
+
+def test_sizes_are_read_as_mlx_lm_reads_them() -> None:
+    """clear_cache_threshold (mlx_lm's --clear-cache-threshold) and wired_limit: bytes, or a
+    size with M, MB, G or GB (decimal units, as mlx_lm.utils._parse_size)."""
+    def size(value: object) -> int:
+        return cfg.resolve({"model": "m", "data": "d", "clear_cache_threshold": value,
+                            "wired_limit": value}).clear_cache_threshold
+
+    assert size("2GB") == 2_000_000_000
+    assert size("500MB") == 500_000_000
+    assert size("1.5G") == 1_500_000_000
+    assert size(123) == 123
+    with pytest.raises(ConfigError, match=r"^x.yaml: clear_cache_threshold: expected a size in "
+                                          r"bytes like 2GB or 500MB, got 'lots'$"):
+        cfg.resolve({"model": "m", "data": "d", "clear_cache_threshold": "lots"},
+                    source="x.yaml")
+
+
+def test_configs_without_the_new_keys_keep_their_hash() -> None:
+    """Checkpoints written before test/report_to/resume_adapter_file existed still resume:
+    the hash of a plain config is the one the earlier code computed."""
+    plain = {"model": "m", "data": "d"}
+    assert cfg.resolve(plain).hash() == "9879df303cad6775"
+    assert cfg.resolve({**plain, "test": True, "report_to": "wandb", "project_name": "p",
+                        "clear_cache_threshold": "1GB"}).hash() == "9879df303cad6775"
+    # the starting weights are part of what is trained
+    assert cfg.resolve({**plain, "resume_adapter_file": "a"}).hash() != "9879df303cad6775"
+
+
+def test_mlx_lm_lora_flags_work_on_overnight_train() -> None:
+    import argparse
+
+    from worker.main import add_arguments, overrides_from
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["c.yaml", "--train", "--test", "--test-batches", "7",
+                              "--resume-adapter-file", "adapters", "--report-to", "wandb",
+                              "--project-name", "p", "--clear-cache-threshold", "2GB",
+                              "--trust-remote-code"])
+    c = cfg.resolve({"model": "m", "data": "d"}, overrides_from(args))
+    assert (c.train, c.test, c.test_batches, c.resume_adapter_file, c.report_to,
+            c.project_name, c.clear_cache_threshold, c.trust_remote_code) == (
+        True, True, 7, "adapters", ["wandb"], "p", 2_000_000_000, True)
+
+
+def test_non_finite_numbers_are_refused() -> None:
+    """A NaN or Inf setting would be written as null in every JSON file (strict JSON)."""
+    for text, shown in ((".nan", "nan"), (".inf", "inf"), ("-.inf", "-inf")):
+        with pytest.raises(ConfigError, match=rf"^x.yaml: grad_spike.threshold: expected a finite "
+                                              rf"number, got {shown}$"):
+            cfg.resolve({"model": "m", "data": "d",
+                         "grad_spike": {"threshold": yaml.load(text, yamlfile._Loader)}},
+                        source="x.yaml")

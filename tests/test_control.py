@@ -15,9 +15,9 @@ from shared.errors import ProtocolError
 from shared.layout import RunDir
 from shared.protocol import MAX_MESSAGE_BYTES, ControlReply, Phase, decode
 from shared.run_record import BestCheckpoint, State
+from shared.runlock import Role, RunLock
 from supervisor.daemon.control import ControlError, ControlServer, RunStatus, decode_status, handle
 from supervisor.daemon.record import RecordKeeper
-from supervisor.lock import RunLock
 from supervisor.morning import status as control_client
 
 STATUS = RunStatus(
@@ -91,7 +91,7 @@ def test_the_client_talks_to_a_live_server_over_ipc(tmp_path, capsys):
     run.create_socket_dir()
     ctx = zmq.Context()
     server = ControlServer(ctx, run.control_endpoint, FakeTarget())
-    with RunLock(run.lock):
+    with RunLock(run.lock, Role.SUPERVISOR):
         t = _serve(server, 4)
         assert control_client.request(run, "status").data["state"] == "training"
         control_client.main_status(argparse.Namespace(run_dir=run.root, json=False,

@@ -245,7 +245,7 @@ def test_live_control_status_checkpoint_stop_and_a_second_supervisor_refused(tmp
         second = start_daemon(config, run_dir)
         _, err = second.communicate(timeout=20)
         assert second.returncode == 78
-        assert f"locked by supervisor PID {sup.pid}" in err.decode()
+        assert f"run directory is in use by supervisor PID {sup.pid}" in err.decode()
 
         run = RunDir(run_dir)
         status = control_client.request(run, "status").data

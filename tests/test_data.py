@@ -1,4 +1,5 @@
-"""worker/data.py and worker/batching.py: formats, malformed lines, weights, batches."""
+"""worker/data.py: formats, malformed lines, rows the tokenizer rejects, rows with no target
+tokens, truncation counts, weights — in memory and streaming."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import pytest
 from shared import config as cfg
 from shared.errors import DataError
 from worker import data
-from worker.batching import EpochPlan, collate, fixed_subset, micro_batches
 
 
 @pytest.fixture(scope="module")
@@ -108,42 +108,182 @@ def test_val_jsonl_is_accepted_as_validation_file(tmp_path: Path) -> None:
     assert data.find_valid_file(tmp_path) == tmp_path / "valid.jsonl"
 
 
-def test_batches_do_not_depend_on_the_micro_batch_size() -> None:
-    lengths = np.random.default_rng(0).integers(5, 50, size=103)
-    plan = EpochPlan(lengths, effective_batch=8, seed=3)
-    assert plan.groups_per_epoch == 12
-    for position in (0, 5, 11, 12, 40):
-        group = plan.group(position)
-        assert len(group) == 8
-        for b in (1, 2, 4, 8):
-            assert np.array_equal(np.concatenate(list(micro_batches(group, b))), group)
+def _cfg(training: dict | None = None, **top) -> cfg.Config:
+    return cfg.resolve({"model": "m", "data": "d", "training": training or {}, **top})
 
 
-def test_epochs_are_shuffled_deterministically() -> None:
-    lengths = np.arange(64)
-    a, b = EpochPlan(lengths, 4, seed=1), EpochPlan(lengths, 4, seed=1)
-    epoch0 = [tuple(a.group(p)) for p in range(16)]
-    epoch1 = [tuple(a.group(p)) for p in range(16, 32)]
-    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1  # same groups, new order
-    assert [tuple(b.group(p)) for p in range(16, 32)] == epoch1  # random access, same result
-    assert [tuple(EpochPlan(lengths, 4, seed=2).group(p)) for p in range(16)] != epoch0
+# A chat template that knows tools, like real instruct models' (Qwen, Llama 3.1): it renders
+# the top-level tools, assistant tool calls without content, and tool results with their id;
+# an unknown role is an error raised by the template itself.
+TOOLS_TEMPLATE = (
+    "{%- if tools %}<s>tools: {{ tools | tojson }}</s>{% endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] not in ['system', 'user', 'assistant', 'tool'] -%}"
+    "{{ raise_exception('unknown role ' ~ m['role']) }}{%- endif -%}"
+    "<s>{{ m['role'] }}{% if m['role'] == 'tool' %} [{{ m['tool_call_id'] }}]{% endif %}: "
+    "{%- if m.get('content') %}{{ m['content'] }}{% endif -%}"
+    "{%- for call in m.get('tool_calls') or [] %} call {{ call['function']['name'] }}"
+    "({{ call['function']['arguments'] | tojson }}){% endfor -%}</s>"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt %}<s>assistant: {% endif -%}"
+)
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "the weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
-def test_too_small_a_dataset_is_an_error() -> None:
-    with pytest.raises(DataError, match="fewer than one effective batch"):
-        EpochPlan(np.arange(3), effective_batch=4, seed=0)
+def tool_row(city: str) -> dict:
+    """An OpenAI-style tool-calling conversation (as in OpenAI's fine-tuning guide)."""
+    return {"messages": [
+        {"role": "user", "content": f"weather in {city}?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": {"city": city}}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "assistant", "content": f"it is sunny in {city}"},
+    ], "tools": TOOLS}
 
 
-def test_collate_pads_like_mlx_lm_and_records_spans() -> None:
-    mb = collate([([5, 6, 7], 1, 1.0), ([5] * 40, 0, 2.0)], max_seq_length=2048)
-    assert mb.tokens.shape == (2, 65)  # 1 + next multiple of 32
-    assert mb.spans.tolist() == [[1, 3], [0, 40]]
-    assert mb.weights.tolist() == [1.0, 2.0] and mb.n_truncated == 0
-    cut = collate([([1] * 100, 0, 1.0)], max_seq_length=50)
-    assert cut.tokens.shape == (1, 50) and cut.n_truncated == 1
+@pytest.fixture(scope="module")
+def tools_tokenizer(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    from mlx_lm.utils import load_tokenizer
+
+    out = tmp_path_factory.mktemp("tools-tokenizer")
+    (out / "tokenizer.json").write_bytes((tiny_model / "tokenizer.json").read_bytes())
+    conf = json.loads((tiny_model / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**conf,
+                                                           "chat_template": TOOLS_TEMPLATE}))
+    return load_tokenizer(out)
 
 
-def test_validation_subset_is_fixed() -> None:
-    a = fixed_subset(100, 10, seed=0)
-    assert np.array_equal(a, fixed_subset(100, 10, seed=0)) and len(set(a)) == 10
-    assert len(fixed_subset(5, 10, seed=0)) == 5
+@pytest.mark.parametrize("streaming", ["false", "true"])
+@pytest.mark.parametrize("mask_prompt", [False, True])
+def test_tool_calling_chat_rows_train_as_the_chat_template_tokenises_them(
+        tmp_path: Path, tools_tokenizer, streaming: str, mask_prompt: bool) -> None:
+    from mlx_lm.tuner.datasets import ChatDataset
+
+    rows = [tool_row(c) for c in ("paris", "rome", "oslo")]
+    rows.insert(1, {"messages": [{"role": "narrator", "content": "once upon a time"},
+                                 {"role": "assistant", "content": "hi"}]})
+    path = _write(tmp_path / "train.jsonl", rows)
+    ex = data.load_split(path, tools_tokenizer, _cfg({"streaming": streaming},
+                                                     mask_prompt=mask_prompt), 0.0)
+    got = ex.fetch(range(len(ex)), count=True)
+    reference = ChatDataset([], tools_tokenizer, mask_prompt=mask_prompt)  # mlx_lm's own
+    assert [e for _, e in got] == [(*reference.process(r), 1.0) for r in rows if
+                                   r["messages"][0]["role"] != "narrator"]
+    text = tools_tokenizer.decode(got[0][1][0])
+    assert "call get_weather" in text and "tool [call_1]:sunny" in text and '"city"' in text
+    # The row the template rejects is skipped, counted and named by its line.
+    s = ex.summary()
+    assert s["malformed"] == 1 and s["examples"] == (4 if streaming == "true" else 3)
+    assert s["first_problems"] == [
+        "line 2: cannot be tokenised (TemplateError: unknown role narrator)"]
+
+
+LONE_SURROGATE = '{"text": "the fox \\ud83e jumps"}'  # the JSON escape of half an emoji
+
+
+def _surrogate_file(tmp_path: Path) -> Path:
+    """24 lines; line 21 holds a lone surrogate; two earlier lines are not examples, so the
+    example index (18) differs from the line number."""
+    lines: list[object] = [{"text": f"the fox number {i} jumps over the dog"} for i in range(24)]
+    lines[3] = ""
+    lines[7] = "{not json"
+    lines[20] = LONE_SURROGATE
+    return _write(tmp_path / "train.jsonl", lines)
+
+
+def test_a_row_the_tokenizer_rejects_is_a_skipped_line_when_loading(tmp_path: Path,
+                                                                    tokenizer) -> None:
+    ex = data.load_split(_surrogate_file(tmp_path), tokenizer, _cfg(), 0.0)
+    s = ex.summary()
+    assert (s["examples"], s["malformed"], s["blank"]) == (21, 2, 1)
+    assert s["first_problems"][1] == (
+        "line 21: cannot be tokenised: a string holds the lone UTF-16 surrogate \\ud83e, "
+        "which is not valid Unicode text")
+    assert 21 not in ex.index.lines.tolist() and len(ex.lengths) == 21
+
+
+def test_streaming_skips_the_rejected_row_when_it_reads_it(tmp_path: Path, tokenizer) -> None:
+    path = _surrogate_file(tmp_path)
+    ex = data.load_split(path, tokenizer, _cfg({"streaming": "true"}), 0.0)
+    assert ex.summary()["malformed"] == 1  # only the bad JSON is known at load
+    got = ex.fetch(range(len(ex)), count=True)
+    assert [int(ex.index.lines[i]) for i, _ in got] == [
+        n for n in range(1, 25) if n not in (4, 8, 21)]
+    s = ex.summary()
+    assert s["malformed"] == 2 and s["first_problems"][1].startswith("line 21: cannot be "
+                                                                     "tokenised: a string")
+    with pytest.raises(DataError, match=r"train.jsonl:21: cannot be tokenised"):
+        ex.get(int(np.flatnonzero(ex.index.lines == 21)[0]))
+    # the same rows as in memory, token for token
+    mem = data.load_split(path, tokenizer, _cfg(), 0.0)
+    assert [e for _, e in got] == [mem.get(i) for i in range(len(mem))]
+
+
+def test_truncation_is_counted_with_the_longest_length(tmp_path: Path, tokenizer) -> None:
+    texts = [" ".join(["the fox jumps over the lazy dog"] * k) for k in (1, 2, 3, 5, 8, 1)]
+    path = _write(tmp_path / "train.jsonl", [{"text": t} for t in texts])
+    lengths = [len(tokenizer.encode(t)) + 1 for t in texts]  # mlx_lm appends EOS
+    limit = 20
+    expected = (sum(n > limit for n in lengths), max(lengths))
+    assert expected[0] == 3  # the data is what the test means it to be
+    mem = data.load_split(path, tokenizer, _cfg(max_seq_length=limit), 0.0)
+    s = mem.summary()
+    assert (s["truncated"], s["longest"], s["lengths_known"]) == (*expected, True)
+    stream = data.load_split(path, tokenizer, _cfg({"streaming": "true"},
+                                                   max_seq_length=limit), 0.0)
+    assert stream.summary()["lengths_known"] is False  # nothing read yet
+    stream.fetch(range(3), count=True)
+    stream.fetch(range(3, 6), count=False)  # not counted (e.g. a later epoch)
+    assert stream.summary()["examples_read"] == 3
+    stream.fetch(range(3, 6), count=True)
+    s = stream.summary()
+    assert (s["truncated"], s["longest"], s["lengths_known"]) == (*expected, True)
+    # a resumed run continues the counts of its checkpoint
+    again = data.load_split(path, tokenizer, _cfg({"streaming": "true"},
+                                                  max_seq_length=limit), 0.0)
+    again.restore(s)
+    assert again.summary()["truncated"] == expected[0]
+
+
+def test_rows_whose_prompt_fills_max_seq_length_are_skipped_and_named(tmp_path: Path,
+                                                                      tokenizer) -> None:
+    long_prompt = " ".join(["the fox jumps over the lazy dog"] * 6)
+    rows = [{"prompt": "the fox", "completion": f"jumps {i}"} for i in range(8)]
+    rows[2] = rows[5] = {"prompt": long_prompt, "completion": "jumps"}
+    path = _write(tmp_path / "train.jsonl", rows)
+    c = _cfg(mask_prompt=True, max_seq_length=24)
+    prompt_tokens = len(tokenizer.apply_chat_template(
+        [{"role": "user", "content": long_prompt}], add_generation_prompt=True,
+        return_dict=False))
+    assert prompt_tokens >= 24
+    mem = data.load_split(path, tokenizer, c, 0.0)
+    s = mem.summary()
+    assert (s["examples"], s["no_targets"], s["malformed"]) == (6, 2, 0)
+    assert s["first_problems"][0].startswith(
+        f"line 3: no target tokens: the prompt is {prompt_tokens} of ")
+    assert s["first_problems"][1].startswith("line 6: no target tokens")
+    stream = data.load_split(path, tokenizer, _cfg({"streaming": "true"}, mask_prompt=True,
+                                                   max_seq_length=24), 0.0)
+    kept = stream.fetch(range(8), count=True)
+    assert [int(stream.index.lines[i]) for i, _ in kept] == [1, 2, 4, 5, 7, 8]
+    assert stream.summary()["no_targets"] == 2
+    # without mask_prompt the same rows train (their completion is cut, not their prompt)
+    plain = data.load_split(path, tokenizer, _cfg(max_seq_length=24), 0.0)
+    assert len(plain) == 8 and plain.summary()["truncated"] == 2
+
+
+def test_a_file_of_mostly_unusable_rows_is_an_error(tmp_path: Path, tokenizer) -> None:
+    rows = [{"prompt": " ".join(["the fox"] * 30), "completion": "x"}] * 6 + [
+        {"prompt": "a", "completion": "b"}] * 4
+    path = _write(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"train.jsonl: 6 of 10 lines are unusable"):
+        data.load_split(path, tokenizer, _cfg(mask_prompt=True, max_seq_length=40), 0.0)
+
+
+def test_describe_lines_joins_runs_and_caps_the_list() -> None:
+    assert data.describe_lines(Path("d/train.jsonl"), [8, 3, 9, 10, 40]) == (
+        "train.jsonl:3,8-10,40")
+    assert data.describe_lines(Path("t.jsonl"), range(1, 200, 2), most=3) == (
+        "t.jsonl:1,3,5 (+97 more lines)")

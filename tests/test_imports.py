@@ -29,10 +29,17 @@ def modules() -> dict[str, Path]:
 
 
 def imports(path: Path, name: str) -> set[str]:
-    """Every module `path` imports, at any depth (functions included), as dotted names."""
+    """Every module `path` imports, at any depth (functions included), as dotted names; not
+    the imports only type checkers see (`if TYPE_CHECKING:`), which cannot make a cycle."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and ast.unparse(block.test).endswith("TYPE_CHECKING")
+                   for stmt in block.body for n in ast.walk(stmt)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):

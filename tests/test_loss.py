@@ -51,3 +51,26 @@ def test_weights_scale_each_examples_share(model) -> None:
     alone = _sums(model, [rows[1]], 8, [[0, 5]], [1.0])
     assert heavy[0] == pytest.approx(plain[0] + 2 * alone[0], rel=1e-5)
     assert heavy[1] == plain[1] + 2 * 4 and heavy[2] == plain[2] == 7
+
+
+def test_a_batch_without_target_tokens_gives_loss_zero_and_zero_gradients_not_nan(model):
+    """mask_prompt with a prompt that fills max_seq_length: every target is masked. The step
+    math (sums, then one division by the batch's weight) must not make 0/0 = NaN, which the
+    supervisor would take for divergence."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    from worker.loss import token_mean
+
+    tokens = mx.array(np.array([[1, 50, 60, 70, 80, 2], [1, 70, 80, 90, 2, 0]], np.int32))
+    spans = mx.array(np.array([[6, 6], [5, 5]], np.int32))  # prompt offset = length
+    weights = mx.array(np.array([1.0, 2.0], np.float32))
+
+    def loss(m, t, s, w):
+        wce, (wtok, _) = weighted_ce_sums(m, t, s, w)
+        return token_mean(wce, wtok)
+
+    value, grads = nn.value_and_grad(model, loss)(model, tokens, spans, weights)
+    assert value.item() == 0.0
+    assert all(np.all(np.array(g) == 0.0) for _, g in tree_flatten(grads))
+    assert token_mean(mx.array(3.0), mx.array(2.0)).item() == 1.5  # the normal case is a mean

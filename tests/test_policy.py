@@ -149,3 +149,61 @@ def test_backoff_resets_after_sustained_progress():
     p.decide(out(F.HANG, start=10, end=20), BASE, 1)
     assert p.decide(out(F.STALL, start=20, end=30), BASE, 2).delay > 15
     assert p.decide(out(F.CRASH, start=30, end=100), BASE, 3).delay <= 6
+
+
+def nan_at(batch: int, position: int, start: int, end: int, lr: float, **kw) -> Outcome:
+    return Outcome(F.NON_FINITE, f"loss is nan at step {end + 1}", start, end,
+                   first_bad_step=end + 1, lr_scale=lr, data_position=position,
+                   data_batch=batch, data_lines=f"train.jsonl:{batch * 4 + 1}-{batch * 4 + 4}",
+                   **kw)
+
+
+def test_a_non_finite_loss_again_on_the_same_batch_is_data_the_batch_is_skipped_for_good():
+    """The issue's night: a batch whose loss is always NaN. Before: three rollbacks, the lr
+    cut three times, the night abandoned. Now: one rollback (nothing tells data from
+    divergence the first time), then the batch is skipped and the cut undone."""
+    p, s = policy(max_rollbacks=3), BASE
+    first = p.decide(nan_at(batch=12, position=7, start=0, end=7, lr=1.0), s, 0)
+    assert first.action == "rollback" and first.settings.lr_scale == 0.5
+    assert first.skip_through_position == 7  # a data position, not a step
+    assert "train.jsonl:49-52" in first.reason
+    # the same batch, next epoch (another position), at the lowered learning rate
+    d = p.decide(nan_at(batch=12, position=77, start=5, end=70, lr=0.5), first.settings, 1)
+    assert (d.verdict, d.action) == (Verdict.RESTART, "skip_batch")
+    assert d.settings.skip_batches == (12,) and d.settings.lr_scale == 1.0  # cut undone
+    assert d.rollback_before == 71 and d.skip_through_position == -1 and d.bad_until == -1
+    assert "data problem, not divergence" in d.reason and "train.jsonl:49-52" in d.reason
+    assert p.rollbacks == 1  # not a rollback: the budget is left for real divergence
+    # a second bad batch: a rollback again; the skipped batch stays skipped
+    d2 = p.decide(nan_at(batch=3, position=90, start=70, end=85, lr=1.0), d.settings, 2)
+    assert d2.action == "rollback" and d2.settings.skip_batches == (12,)
+    d3 = p.decide(nan_at(batch=3, position=130, start=80, end=120, lr=0.5), d2.settings, 3)
+    assert d3.action == "skip_batch" and d3.settings.skip_batches == (3, 12)
+
+
+def test_undoing_a_cut_undoes_only_the_one_that_batch_caused():
+    p, s = policy(max_rollbacks=5), BASE
+    a = p.decide(nan_at(batch=1, position=5, start=0, end=5, lr=1.0), s, 0)  # 1 -> 0.5
+    b = p.decide(nan_at(batch=2, position=20, start=5, end=20, lr=0.5), a.settings, 1)
+    assert b.action == "rollback" and b.settings.lr_scale == 0.25  # another batch: divergence?
+    again = p.decide(nan_at(batch=1, position=70, start=20, end=60, lr=0.25), b.settings, 2)
+    assert again.action == "skip_batch" and again.settings.lr_scale == 0.5
+
+
+def test_a_spike_or_an_outcome_without_data_keeps_the_old_window_rule():
+    p = policy()
+    d = p.decide(out(F.NON_FINITE, start=0, end=42, first_bad_step=43, lr_scale=1.0), BASE, 0)
+    assert (d.action, d.skip_through_position, d.bad_until) == ("rollback", -1, 43)
+    d = p.decide(out(F.NON_FINITE, start=30, end=60, first_bad_step=61, lr_scale=0.5),
+                 d.settings, 1)
+    assert d.action == "rollback"  # no batch named: nothing to recognise
+
+
+def test_settings_with_skipped_batches_round_trip_through_the_record():
+    s = dataclasses.replace(BASE, lr_scale=0.5, skip_batches=(3, 12))
+    d = s.to_dict()
+    assert d["skip_batches"] == [3, 12]
+    assert Settings.from_dict(d) == s
+    assert Settings.from_dict(BASE.to_dict()) == BASE  # records without the key
+    old = {"batch_size": 4, "grad_accumulation_steps": 2, "grad_checkpoint": False}
+    assert Settings.from_dict(old).skip_batches == ()

@@ -87,8 +87,13 @@ def _assign_flat(state: dict[str, Any], flat: dict[str, Any], path: Path) -> Non
 
 
 class CheckpointWriter:
-    def __init__(self, checkpoints_dir: Path, keep_last: int, async_save: bool,
-                 before_manifest: Callable[[Path], None] | None = None):
+    def __init__(
+        self,
+        checkpoints_dir: Path,
+        keep_last: int,
+        async_save: bool,
+        before_manifest: Callable[[Path], None] | None = None,
+    ):
         self.dir = checkpoints_dir
         self.keep_last = keep_last
         self.async_save = async_save
@@ -124,8 +129,9 @@ class CheckpointWriter:
             ckpt.apply_retention(self.dir, self.keep_last, best_step)
             size = sum(f.stat().st_size for f in path.iterdir())
             seconds = time.perf_counter() - started
-            self.last = SavedCheckpoint(step, path, seconds,
-                                        seconds if blocked is None else blocked, size)
+            self.last = SavedCheckpoint(
+                step, path, seconds, seconds if blocked is None else blocked, size
+            )
             on_saved(self.last)
 
         if not self.async_save:

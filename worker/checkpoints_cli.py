@@ -14,8 +14,11 @@ from shared.layout import RunDir
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, help="the run directory")
-    parser.add_argument("--verify", action="store_true",
-                        help="check hashes and tensor values (slower), not just the manifest")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check hashes and tensor values (slower), not just the manifest",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per checkpoint")
 
 
@@ -33,7 +36,8 @@ def main(args: argparse.Namespace) -> int:
         state = result.state
         bad += not result.ok
         row = {
-            "step": info.step, "path": str(info.path),
+            "step": info.step,
+            "path": str(info.path),
             "status": "valid" if result.ok else "INVALID",
             "verified": args.verify, "reason": state.reason if state else result.reason,
             "val_loss": state.last_val_loss if state else None,
@@ -42,10 +46,15 @@ def main(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(row))
             continue
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(row["written"])) \
-            if row["written"] else "-"
+        when = (
+            time.strftime("%Y-%m-%d %H:%M", time.localtime(row["written"]))
+            if row["written"]
+            else "-"
+        )
         val = f"{row['val_loss']:.4f}" if isinstance(row["val_loss"], float) else "-"
         status = row["status"] + (" (verified)" if args.verify and result.ok else "")
-        print(f"step {info.step:>7}  {status:<17} val={val:<8} {when}  "
-              f"{row['reason'] or ''}  {info.path.name}")
+        print(
+            f"step {info.step:>7}  {status:<17} val={val:<8} {when}  "
+            f"{row['reason'] or ''}  {info.path.name}"
+        )
     return 1 if bad else 0

@@ -3,11 +3,15 @@
     overnight import-gguf SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2          # QLoRA-ready
     overnight import-gguf SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2-f16 --dequantize
 
-`mx.load` reads the GGUF: Q4_0, Q4_1 and Q8_0 tensors come back already in MLX's affine
-quantized layout (uint32 `weight`, float16 `scales` and `biases`, groups of 32), every other
-tensor type as float. We rename the tensors to mlx_lm's llama names, undo llama.cpp's Q/K row
-permutation, write `config.json` + `model.safetensors` with mlx_lm's own `save_model` /
-`save_config`, and rebuild the tokenizer from the GGUF vocabulary (worker/gguf_tokenizer.py).
+llama.cpp's `gguf` package reads the file (`GGUFReader`, worker/gguf_read.py; a file it cannot
+read -- cut short, a tensor type id it does not know, big-endian -- is refused in one line) and
+worker/gguf_tensors.py, with the same package, turns each tensor into MLX arrays exactly or
+refuses it: Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K matrices stay packed in MLX's affine layout
+(groups of 32), other quantized types become float16, F32/F16/BF16 stay as stored. Not
+`mx.load`: see worker/gguf_tensors.py for what mlx's GGUF reader gets wrong. We rename the
+tensors to mlx_lm's llama names, undo llama.cpp's Q/K row permutation, write `config.json` +
+`model.safetensors` with mlx_lm's own `save_model` / `save_config`, and rebuild the tokenizer
+from the GGUF vocabulary (worker/gguf_tokenizer.py).
 
 Rotary embeddings: llama.cpp's converter permutes the rows of every head of `attn_q`/`attn_k`
 from Hugging Face's half-split layout (rotate dims i and i + d/2) to the interleaved one (rotate
@@ -40,6 +44,8 @@ from shared.errors import ConfigError, DataError
 if TYPE_CHECKING:
     import mlx.core as mx
     import mlx.nn as nn
+
+    from worker.gguf_read import GGUFTensor
 
 # GGUF tensor names (llama.cpp's LLM_ARCH_LLAMA table) -> mlx_lm llama module paths.
 _GLOBAL_NAMES = {
@@ -84,6 +90,7 @@ class ImportSummary:
     num_parameters: int
     dtype: str
     quantization: str  # "none", or e.g. "4-bit, group 32 (model.embed_tokens 8-bit)"
+    tensor_types: str  # the file's GGUF tensor types by count, e.g. "Q4_K 155, F32 61, Q6_K 25"
     bytes_written: int
     seconds: float
 
@@ -94,8 +101,9 @@ def add_import_gguf_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dequantize",
         action="store_true",
-        help="write float weights (float16, or float32 if the file stores float32 matrices) "
-        "instead of keeping Q4_0/Q4_1/Q8_0 tensors quantized for QLoRA",
+        help="write float weights (float16; float32 if the file stores float32 matrices; "
+        "bfloat16 if all are bfloat16) instead of keeping Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K "
+        "matrices quantized for QLoRA",
     )
     parser.add_argument(
         "--force",
@@ -108,8 +116,8 @@ def main_import_gguf(args: argparse.Namespace) -> int:
     s = import_gguf(args.gguf, args.out_dir, dequantize=args.dequantize, force=args.force)
     print(
         f"imported {args.gguf} -> {s.out_dir}: llama, {s.num_layers} layers, "
-        f"{s.num_parameters / 1e6:.1f}M parameters, {s.dtype}, quantization: {s.quantization}; "
-        f"{s.bytes_written / 1e6:.1f} MB in {s.seconds:.1f} s"
+        f"{s.num_parameters / 1e6:.1f}M parameters, {s.dtype}, quantization: {s.quantization} "
+        f"(GGUF tensors: {s.tensor_types}); {s.bytes_written / 1e6:.1f} MB in {s.seconds:.1f} s"
     )
     return 0
 
@@ -117,14 +125,23 @@ def main_import_gguf(args: argparse.Namespace) -> int:
 def import_gguf(
     gguf: Path, out_dir: Path, *, dequantize: bool = False, force: bool = False
 ) -> ImportSummary:
-    """Convert `gguf` into an mlx_lm model directory at `out_dir`; raise DataError/ConfigError."""
+    """Convert `gguf` into an mlx_lm model directory at `out_dir`; raise DataError/ConfigError
+    (one line: a tensor type that cannot be imported exactly names the tensor and its type)."""
+    from worker.gguf_read import read_gguf
+    from worker.gguf_tensors import convert, dequantize_dtype
+
     start = time.monotonic()
     _check_paths(gguf, out_dir, force)
     tensors, metadata = read_gguf(gguf)
     config = llama_config(gguf, metadata, tensors)
-    weights = mlx_weights(gguf, tensors, config)
-    del tensors
-    model, quantization = build_model(gguf, weights, config, dequantize=dequantize)
+    used = {n: t for n, t in tensors.items() if mlx_name(gguf, n) is not None}
+    types = Counter(t.type_name for t in used.values())
+    dtype = dequantize_dtype(used) if dequantize else None
+    arrays = {k: v for t in used.values() for k, v in convert(gguf, t, dtype=dtype).items()}
+    del tensors, used
+    weights = mlx_weights(gguf, arrays, config)
+    del arrays
+    model, quantization = build_model(gguf, weights, config)
 
     target = out_dir.resolve()
     tmp = target.parent / f".{target.name}.import-{os.getpid()}"
@@ -141,6 +158,7 @@ def import_gguf(
         num_parameters=_num_parameters(model),
         dtype=config["torch_dtype"],
         quantization=quantization,
+        tensor_types=", ".join(f"{k} {n}" for k, n in types.most_common()),
         bytes_written=written,
         seconds=time.monotonic() - start,
     )
@@ -157,24 +175,6 @@ def _check_paths(gguf: Path, out_dir: Path, force: bool) -> None:
         )
 
 
-def read_gguf(path: Path) -> tuple[dict[str, mx.array], dict[str, Any]]:
-    """All tensors and metadata of a GGUF file; DataError if mlx cannot parse it."""
-    import mlx.core as mx
-
-    try:
-        loaded = mx.load(str(path), format="gguf", return_metadata=True)
-    except (RuntimeError, ValueError) as e:
-        detail = str(e).removeprefix("[load_gguf] ")
-        raise DataError(f"{path}: expected a GGUF file, could not read it ({detail})") from None
-    tensors, metadata = loaded  # type: ignore[misc]
-    return tensors, metadata
-
-
-def _meta(md: dict[str, Any], key: str) -> Any:
-    value = md.get(key)
-    return value.item() if hasattr(value, "item") else value
-
-
 def _f32(value: float) -> float:
     """The shortest decimal that reads back as the same float32 (1e-05, not 9.99999974e-06)."""
     import numpy as np
@@ -182,14 +182,14 @@ def _f32(value: float) -> float:
     return float(str(np.float32(value)))
 
 
-def llama_config(path: Path, md: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any]:
+def llama_config(path: Path, md: dict[str, Any], tensors: dict[str, GGUFTensor]) -> dict[str, Any]:
     """mlx_lm's llama config.json from the GGUF metadata (and the tensors' shapes)."""
     arch = md.get("general.architecture")
     if arch != "llama":
         raise DataError(f"{path}: expected general.architecture 'llama', got {arch!r}")
 
     def get(key: str, default: Any = None, kind: type = int) -> Any:
-        value = _meta(md, f"llama.{key}")
+        value = md.get(f"llama.{key}")
         if value is None:
             if default is None:
                 raise DataError(f"{path}: expected metadata key llama.{key}, it is missing")
@@ -207,7 +207,7 @@ def llama_config(path: Path, md: dict[str, Any], tensors: dict[str, Any]) -> dic
             f"{path}: llama.rope.dimension_count is {rope_dim} but heads are {head_dim} wide; "
             "partial rotary embeddings are not supported"
         )
-    if _meta(md, "llama.expert_count"):
+    if md.get("llama.expert_count"):
         raise DataError(f"{path}: mixture-of-experts llama files are not supported")
     if "rope_freqs.weight" in tensors:
         raise DataError(
@@ -235,7 +235,7 @@ def llama_config(path: Path, md: dict[str, Any], tensors: dict[str, Any]) -> dic
     }
     if head_dim != hidden // heads:
         config["head_dim"] = head_dim
-    if isinstance(context := _meta(md, "llama.context_length"), int):
+    if isinstance(context := md.get("llama.context_length"), int):
         config["max_position_embeddings"] = context
     scaling = md.get("llama.rope.scaling.type")
     if scaling == "linear":
@@ -302,26 +302,6 @@ def mlx_weights(
     return weights
 
 
-def _float_dtype(weights: dict[str, mx.array]) -> mx.Dtype:
-    """The dtype for --dequantize: float32 if the file stores float32 matrices, bfloat16 if it
-    stores only bfloat16 ones, else float16 -- the precision of GGUF's F16 tensors and of every
-    Q4_0/Q4_1/Q8_0 scale, so float32 would double the size without adding information."""
-    import mlx.core as mx
-
-    kinds = {
-        x.dtype
-        for k, x in weights.items()
-        if x.ndim >= 2
-        and mx.issubdtype(x.dtype, mx.floating)
-        and not k.endswith((".scales", ".biases"))
-    }
-    if mx.float32 in kinds:
-        return mx.float32
-    if kinds == {mx.bfloat16}:
-        return mx.bfloat16
-    return mx.float16
-
-
 def _quant_params(path: Path, p: str, module: nn.Module, weights: dict) -> dict[str, Any]:
     """group_size and bits of one quantized layer, recovered from the packed shapes."""
     if f"{p}.weight" not in weights or f"{p}.biases" not in weights:
@@ -338,17 +318,17 @@ def _quant_params(path: Path, p: str, module: nn.Module, weights: dict) -> dict[
     return {"group_size": group_size, "bits": bits, "mode": "affine"}
 
 
-def build_model(
-    path: Path, weights: dict, config: dict[str, Any], *, dequantize: bool
-) -> tuple[nn.Module, str]:
+def build_model(path: Path, weights: dict, config: dict[str, Any]) -> tuple[nn.Module, str]:
     """The mlx_lm llama model holding `weights`, and a one-line description of its quantization.
 
-    Keeping the quantization changes no tensor: norms stay float32 (as llama.cpp keeps them, so
-    activations run in float32, which is also ~35x faster than float16 for mlx's quantized
-    matmul on CPU), scales and biases float16. config["quantization"] gets the most common
-    group/bits plus per-layer entries: a dict for layers packed differently (llama.cpp often
-    keeps token_embd at 8 bits), False for layers the file stores as float (mx.load returns
-    K-quants and other types as float16). --dequantize writes every float in one dtype.
+    The weights are used as converted (worker/gguf_tensors.py): norms stay float32 (as llama.cpp
+    keeps them, so activations run in float32, which is also ~35x faster than float16 for mlx's
+    quantized matmul on CPU). config["quantization"] gets the most common group/bits plus
+    per-layer entries: a dict for layers packed differently (llama.cpp often keeps token_embd
+    at 8 bits, and falls back to Q5_0 for rows K-quants cannot hold), False for layers that are
+    float (F16/BF16 matrices, Q6_K and other types MLX cannot hold packed).
+    config["torch_dtype"] is the most common dtype of the float matrices (of the scales if
+    every matrix is packed).
     """
     import mlx.core as mx
     import mlx.nn as nn
@@ -360,26 +340,19 @@ def build_model(
         for p, m in model.named_modules()
         if hasattr(m, "to_quantized")
     }
-    packed = {p: q for p, q in per_layer.items() if q}
     description = "none"
-    if dequantize:
-        dtype = _float_dtype(weights)
-        for p, q in packed.items():
-            w, s, b = (weights.pop(f"{p}.{k}") for k in ("weight", "scales", "biases"))
-            weights[f"{p}.weight"] = mx.dequantize(
-                w, s.astype(mx.float32), b.astype(mx.float32), q["group_size"], q["bits"]
-            )
-        for k, x in weights.items():
-            if mx.issubdtype(x.dtype, mx.floating):
-                weights[k] = x.astype(dtype)
-    else:
-        kinds = Counter(
-            x.dtype for x in weights.values() if x.ndim >= 2 and mx.issubdtype(x.dtype, mx.floating)
-        )
-        dtype = kinds.most_common(1)[0][0] if kinds else mx.float32
-        if packed:
-            config["quantization"], description = _quantization_config(per_layer)
-            nn.quantize(model, class_predicate=lambda p, _: per_layer.get(p, False))
+    if any(per_layer.values()):
+        config["quantization"], description = _quantization_config(per_layer)
+        nn.quantize(model, class_predicate=lambda p, _: per_layer.get(p, False))
+    floats = Counter(
+        x.dtype
+        for k, x in weights.items()
+        if x.ndim >= 2
+        and mx.issubdtype(x.dtype, mx.floating)
+        and not k.endswith((".scales", ".biases"))
+    )
+    kinds = floats or Counter(x.dtype for k, x in weights.items() if k.endswith(".scales"))
+    dtype = kinds.most_common(1)[0][0] if kinds else mx.float32
     config["torch_dtype"] = str(dtype).removeprefix("mlx.core.")
 
     try:

@@ -75,6 +75,8 @@ class SpecialTokens:
         return ids + [i for i in self.extra_eos if i not in ids]
 
 
+# Metadata values are plain Python (gguf.GGUFReader's ReaderField.contents(): int, float, bool,
+# str, list); numpy/mlx scalars, as other readers give them, are unwrapped too.
 def _scalar(md: dict[str, Any], key: str) -> Any:
     value = md.get(key)
     return value.item() if hasattr(value, "item") else value
@@ -82,7 +84,8 @@ def _scalar(md: dict[str, Any], key: str) -> Any:
 
 def _as_list(md: dict[str, Any], key: str) -> list[Any] | None:
     value = md.get(key)
-    return value.tolist() if hasattr(value, "tolist") else value
+    value = value.tolist() if hasattr(value, "tolist") else value
+    return value if value is None or isinstance(value, list) else [value]
 
 
 def special_tokens(path: Path, md: dict[str, Any], n_tokens: int) -> SpecialTokens:

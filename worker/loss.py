@@ -27,3 +27,12 @@ def weighted_ce_sums(model: Any, tokens: Any, spans: Any, weights: Any) -> tuple
     ce = nn.losses.cross_entropy(logits, targets).astype(mx.float32) * mask
     w = weights[:, None]
     return (ce * w).sum(), ((mask * w).sum(), mask.sum())
+
+
+def token_mean(total: Any, weight: Any) -> Any:
+    """total / weight, and 0 where weight is 0: a batch with no target tokens (every prompt
+    masked, or cut away by max_seq_length) has total 0 and must not give 0/0 = NaN, which
+    the supervisor would take for divergence. The gradient of such a batch is 0 as well."""
+    import mlx.core as mx
+
+    return total / mx.where(weight > 0, weight, mx.ones_like(weight))

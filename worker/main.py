@@ -6,7 +6,8 @@
     overnight train --demo                                       # tiny built-in model
 
 The supervisor runs this same entry point as its child, adding --telemetry, --attempt,
---run-id and (after failures) --set/--lr-scale/--skip-steps. Command line > YAML > defaults.
+--run-id and (after failures) --set/--lr-scale/--skip-steps/--skip-batch.
+Command line > YAML > defaults.
 Exit codes: shared/exitcodes.py.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 import structlog
 
 from shared import config as cfg
-from shared import logsetup
+from shared import logsetup, runlock
 from shared.errors import ConfigError
 from shared.layout import RunDir
 
@@ -47,44 +48,110 @@ FLAG_KEYS: dict[str, tuple[str, type]] = {
     "max_seq_length": ("max_seq_length", int),
     "seed": ("seed", int),
     "adapter_path": ("adapter_path", str),
+    "resume_adapter_file": ("resume_adapter_file", str),
+    "test_batches": ("test_batches", int),
+    "report_to": ("report_to", str),
+    "project_name": ("project_name", str),
+    "clear_cache_threshold": ("clear_cache_threshold", str),
     "lambda_weight": ("training.lambda_weight", float),
 }
+# mlx_lm lora's on/off flags (--train is accepted: training is what this command does).
+SWITCHES = ("grad_checkpoint", "mask_prompt", "test", "train", "trust_remote_code")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", type=Path, help="YAML config (mlx_lm lora keys work)")
     parser.add_argument("--run-dir", type=Path, help="default: runs/<config name>")
-    parser.add_argument("--demo", action="store_true",
-                        help="train the built-in tiny model on a built-in corpus (no config)")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="train the built-in tiny model on a built-in corpus (no config)",
+    )
     resume = parser.add_mutually_exclusive_group()
-    resume.add_argument("--resume", default="auto", metavar="auto|PATH",
-                        help="auto (default): newest valid checkpoint; or a checkpoint dir")
-    resume.add_argument("--auto-resume", dest="resume", action="store_const", const="auto",
-                        help="alias of --resume auto")
-    resume.add_argument("--fresh", action="store_true",
-                        help="start over (existing checkpoints are moved aside, not deleted)")
+    resume.add_argument(
+        "--resume",
+        default="auto",
+        metavar="auto|PATH",
+        help="auto (default): newest valid checkpoint; or a checkpoint dir",
+    )
+    resume.add_argument(
+        "--auto-resume",
+        dest="resume",
+        action="store_const",
+        const="auto",
+        help="alias of --resume auto",
+    )
+    resume.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over (existing checkpoints are moved aside, not deleted)",
+    )
     helps = {key: text for key, _, text in cfg.help_table()}
     for flag, (key, typ) in FLAG_KEYS.items():
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"opt_{flag}", type=typ,
-                            metavar=typ.__name__.upper(), help=f"{key}: {helps[key]}")
-    parser.add_argument("--grad-checkpoint", dest="opt_grad_checkpoint", action="store_const",
-                        const=True, help=f"grad_checkpoint: {helps['grad_checkpoint']}")
-    parser.add_argument("--mask-prompt", dest="opt_mask_prompt", action="store_const", const=True,
-                        help=f"mask_prompt: {helps['mask_prompt']}")
-    parser.add_argument("--no-streaming", action="store_true",
-                        help="load the whole training set into memory")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set early_stopping.patience=3")
+        parser.add_argument(
+            f"--{flag.replace('_', '-')}",
+            dest=f"opt_{flag}",
+            type=typ,
+            metavar=typ.__name__.upper(),
+            help=f"{key}: {helps[key]}",
+        )
+    parser.add_argument(
+        "--grad-checkpoint",
+        dest="opt_grad_checkpoint",
+        action="store_const",
+        const=True,
+        help=f"grad_checkpoint: {helps['grad_checkpoint']}",
+    )
+    parser.add_argument(
+        "--mask-prompt",
+        dest="opt_mask_prompt",
+        action="store_const",
+        const=True,
+        help=f"mask_prompt: {helps['mask_prompt']}",
+    )
+    for flag in ("test", "train", "trust_remote_code"):
+        parser.add_argument(
+            f"--{flag.replace('_', '-')}",
+            dest=f"opt_{flag}",
+            action="store_const",
+            const=True,
+            help=f"{flag}: {helps[flag]}",
+        )
+    parser.add_argument(
+        "--no-streaming", action="store_true", help="load the whole training set into memory"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set early_stopping.patience=3",
+    )
     sup = parser.add_argument_group("used by the supervisor")
     sup.add_argument("--telemetry", metavar="ENDPOINT", help="ZeroMQ endpoint to publish to")
     sup.add_argument("--attempt", type=int, default=1)
     sup.add_argument("--run-id", help="default: RUN_DIR/run_id (created once)")
     sup.add_argument("--lr-scale", type=float, help="learning-rate multiplier (rollbacks)")
-    sup.add_argument("--skip-steps", type=int, default=0,
-                     help="after resuming, skip this many steps' worth of data")
-    sup.add_argument("--validated", metavar="SHA256",
-                     help="the --resume checkpoint was validated by the supervisor; this is "
-                          "its manifest's sha256 (re-checked; every byte is not read again)")
+    sup.add_argument(
+        "--skip-steps",
+        type=int,
+        default=0,
+        help="after resuming, skip this many steps' worth of data",
+    )
+    sup.add_argument(
+        "--skip-batch",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="never train on batch N of the epoch plan (a data problem)",
+    )
+    sup.add_argument(
+        "--validated",
+        metavar="SHA256",
+        help="the --resume checkpoint was validated by the supervisor; this is its "
+        "manifest's sha256 (re-checked; every byte is not read again)",
+    )
 
 
 def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,7 +160,7 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, f"opt_{flag}", None)
         if value is not None:
             out[key] = value
-    for flag in ("grad_checkpoint", "mask_prompt"):
+    for flag in SWITCHES:
         if getattr(args, f"opt_{flag}", None):
             out[flag] = True
     if args.no_streaming:
@@ -136,14 +203,28 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError("train: a CONFIG.yaml is required (or --demo)")
     config = cfg.load(args.config, overrides_from(args))
     run = RunDir((args.run_dir or Path("runs") / args.config.stem).resolve())
-    run.create()
+    run.create()  # RunDirError: one line naming the path
+    # One writer per run directory: the supervisor's lock handed down to its worker, or our
+    # own (RunDirLocked names the holder); held until this process exits.
+    lock = runlock.worker_lock(run.lock)
+    try:
+        return _train(args, config, run)
+    finally:
+        lock.release()
+
+
+def _train(args: argparse.Namespace, config: cfg.Config, run: RunDir) -> int:
     # The progress line already shows what the progress and phase events say.
-    logsetup.configure("worker", run.worker_log, max_bytes=config.logging.max_bytes,
-                       backups=config.logging.backups,
-                       console_skip=frozenset({"progress", "phase_changed"}))
+    logsetup.configure(
+        "worker",
+        run.worker_log,
+        max_bytes=config.logging.max_bytes,
+        backups=config.logging.backups,
+        console_skip=frozenset({"progress", "phase_changed", "mlx_lm_differences"}),
+    )
     run_id = run_id_for(run, args.run_id, args.config.stem)
     structlog.contextvars.bind_contextvars(run_id=run_id, attempt=args.attempt)
     from worker.session import Session
 
-    session = Session(config, run, run_id, args)
+    session = Session(config, run, run_id, args, overrides_from(args))
     return int(session.run())

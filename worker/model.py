@@ -1,7 +1,10 @@
 """Load a model with mlx_lm and make it trainable: LoRA, DoRA or full fine-tuning.
 
 Everything here is mlx_lm's own machinery (`mlx_lm.utils.load`, `linear_to_lora_layers`,
-`build_schedule`); a quantized base model gives QLoRA.
+`build_schedule`); a quantized base model gives QLoRA. `resume_adapter_file` loads adapter
+weights (mlx_lm's `adapters.safetensors`, or a directory holding one) as the starting point
+of a fresh run, as `mlx_lm lora` does, but strictly: the file must hold exactly the
+trainable tensors, with their shapes, that this config builds.
 """
 
 from __future__ import annotations
@@ -11,12 +14,27 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import Config
-from shared.errors import ConfigError
+from shared.errors import CheckpointError, ConfigError
+from shared.safetensors_check import check_finite, read_header
+
+ADAPTERS_FILE = "adapters.safetensors"  # mlx_lm's name, and our checkpoints'
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 
 MLX_LM_ADAPTER_KEYS = (
-    "model", "fine_tune_type", "num_layers", "batch_size", "iters", "learning_rate",
-    "optimizer", "max_seq_length", "grad_checkpoint", "grad_accumulation_steps", "seed",
-    "mask_prompt", "lr_schedule", "data",
+    "model",
+    "fine_tune_type",
+    "num_layers",
+    "batch_size",
+    "iters",
+    "learning_rate",
+    "optimizer",
+    "max_seq_length",
+    "grad_checkpoint",
+    "grad_accumulation_steps",
+    "seed",
+    "mask_prompt",
+    "lr_schedule",
+    "data",
 )
 
 
@@ -41,20 +59,23 @@ def load_base(c: Config) -> tuple[Any, Any]:
 def make_trainable(model: Any, c: Config) -> None:
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    n_layers = len(model.layers)
-    if c.num_layers > n_layers:
-        raise ConfigError(f"num_layers: {c.num_layers} requested but the model has {n_layers}")
+    from worker import preflight
+
+    # Combinations that cannot train are one line here, not an error at the first step.
+    n_layers = len(preflight.layers_of(model, c))
     model.freeze()
     if c.fine_tune_type == "full":
         for layer in model.layers[-max(c.num_layers, 0) if c.num_layers != -1 else 0 :]:
             layer.unfreeze()
-        return
-    params = {k: v for k, v in asdict(c.lora_parameters).items() if v is not None}
-    num = n_layers if c.num_layers == -1 else c.num_layers
-    try:
-        linear_to_lora_layers(model, num, params, use_dora=c.fine_tune_type == "dora")
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"lora_parameters: {e}") from None
+    else:
+        preflight.check_lora_targets(model, c, list(model.layers))
+        params = {k: v for k, v in asdict(c.lora_parameters).items() if v is not None}
+        num = n_layers if c.num_layers == -1 else c.num_layers
+        try:
+            linear_to_lora_layers(model, num, params, use_dora=c.fine_tune_type == "dora")
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"lora_parameters: {e}") from None
+    preflight.check_trainable(model, c)
 
 
 def adapter_config(c: Config) -> dict[str, Any]:
@@ -63,7 +84,8 @@ def adapter_config(c: Config) -> dict[str, Any]:
     if c.num_layers == -1:
         d["num_layers"] = -1
     d["lora_parameters"] = (
-        None if c.fine_tune_type == "full"
+        None
+        if c.fine_tune_type == "full"
         else {k: v for k, v in asdict(c.lora_parameters).items() if v is not None}
     )
     return d
@@ -94,11 +116,99 @@ def make_optimizer(c: Config, lr_scale: float) -> tuple[Any, Any]:
     """(optimizer, its learning-rate schedule)."""
     import mlx.optimizers as optim
 
-    classes = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
-               "adafactor": optim.Adafactor, "muon": optim.Muon}
+    classes = {
+        "adam": optim.Adam,
+        "adamw": optim.AdamW,
+        "sgd": optim.SGD,
+        "adafactor": optim.Adafactor,
+        "muon": optim.Muon,
+    }
+    from worker import preflight
+
     kwargs = dict(c.optimizer_config.get(c.optimizer, {}) or {})
     schedule = learning_rate_schedule(c, lr_scale)
+    preflight.probe_schedule(schedule, c)
     try:
-        return classes[c.optimizer](learning_rate=schedule, **kwargs), schedule
+        optimizer = classes[c.optimizer](learning_rate=schedule, **kwargs)
     except TypeError as e:
         raise ConfigError(f"optimizer_config.{c.optimizer}: {e}") from None
+    preflight.probe_optimizer(lambda: classes[c.optimizer](learning_rate=schedule, **kwargs), c)
+    return optimizer, schedule
+
+
+def adapter_weights_file(given: str) -> Path:
+    """The adapters.safetensors that `resume_adapter_file: GIVEN` names: the file itself or,
+    for a directory (mlx_lm's --adapter-path, our adapters/ or a checkpoint), the one in it.
+
+    Raises ConfigError (one line) when there is none.
+    """
+    path = Path(given).expanduser()
+    if path.is_dir():
+        path = path / ADAPTERS_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"resume_adapter_file: {given!r}: no such file or adapter directory "
+            f"(expected {ADAPTERS_FILE} or a directory holding it)"
+        )
+    return path
+
+
+def is_mlx_lm_adapter(path: Path) -> bool:
+    """An mlx_lm adapter (`adapters.safetensors`, or a directory with it and
+    adapter_config.json) rather than one of our checkpoints (which add a trainer state)."""
+    if path.is_file():
+        return path.suffix == ".safetensors"
+    return (
+        (path / ADAPTERS_FILE).is_file()
+        and (path / ADAPTER_CONFIG_FILE).is_file()
+        and not (path / "trainer_state.json").exists()
+    )
+
+
+def load_adapter_weights(model: Any, given: str) -> tuple[Path, int]:
+    """Load `resume_adapter_file` into the trainable parameters; (file, tensors loaded).
+
+    The file must hold exactly the trainable parameters of the model as this config built it
+    (same names, same shapes) and only finite values; anything else is one ConfigError line
+    naming the first differences (mlx_lm's `load_weights(strict=False)` would silently keep
+    the fresh initialisation for missing tensors).
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    path = adapter_weights_file(given)
+    where = f"resume_adapter_file: {path}"
+    try:
+        header, _ = read_header(path)
+        bad = check_finite(path)
+    except (CheckpointError, OSError) as e:
+        raise ConfigError(f"{where}: not a readable safetensors file ({e})") from None
+    if bad:
+        raise ConfigError(f"{where}: non-finite values in {len(bad)} tensors, e.g. {bad[0]}")
+    params = dict(tree_flatten(model.trainable_parameters()))
+    expected = {k: tuple(v.shape) for k, v in params.items()}
+    got = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    shapes = [
+        f"{k} {got[k]} != {expected[k]}"
+        for k in sorted(set(got) & set(expected))
+        if got[k] != expected[k]
+    ]
+    if missing or extra or shapes:
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensors, e.g. {missing[0]}")
+        if extra:
+            problems.append(f"{len(extra)} unexpected, e.g. {extra[0]}")
+        if shapes:
+            problems.append(f"{len(shapes)} of another shape, e.g. {shapes[0]}")
+        raise ConfigError(
+            f"{where}: does not match the layers this config trains ({'; '.join(problems)}): "
+            "fine_tune_type, num_layers and lora_parameters must be those it was trained with"
+        )
+    weights = mx.load(str(path))
+    # In the dtype the model trains in (an fp16 file into fp32 LoRA layers stays fp32).
+    model.load_weights([(k, v.astype(params[k].dtype)) for k, v in weights.items()], strict=False)
+    mx.eval(model.parameters())
+    return path, len(weights)

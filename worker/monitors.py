@@ -31,8 +31,13 @@ class EarlyStopper:
     bad_evals: int = 0
 
     def observe(self, step: int, value: float) -> bool:
-        """Record one evaluation; True when training should stop."""
-        if not self.options.enabled or step <= self.options.warmup_steps:
+        """Record one evaluation; True when training should stop. A non-finite value is
+        not a measurement: it neither sets the best nor counts as a bad evaluation."""
+        if (
+            not self.options.enabled
+            or step <= self.options.warmup_steps
+            or not math.isfinite(value)
+        ):
             return False
         if value < self.best - self.options.min_delta:
             self.best, self.best_step, self.bad_evals = value, step, 0
@@ -66,6 +71,8 @@ class SpikeDetector:
     def observe(self, step: int, norm: float) -> str | None:
         """Record one step's gradient norm; a reason string when training should abort."""
         o = self.options
+        if not o.enabled:
+            return None
         reason = None
         if norm > o.threshold:
             reason = f"gradient norm {norm:.3g} > threshold {o.threshold:g}"

@@ -2,12 +2,14 @@
 
 The loop calls a `Reporter`; it never prints, logs or sends directly. `RunReporter` writes
 the structlog events, the per-step metrics file and the progress line; `TelemetryReporter`
-publishes to the supervisor; `FanOut` combines them. Tests pass a recording fake.
+publishes to the supervisor; `TensorBoardReporter` writes scalars when tensorboardX is
+installed; `CallbackReporter` feeds mlx_lm's own reporting callbacks (`report_to: wandb,
+swanlab`); `FanOut` combines them. Tests pass a recording fake.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -15,6 +17,9 @@ from typing import Any, Protocol, TextIO
 import structlog
 
 from shared import protocol as p
+from shared import strictjson
+from shared.config import Config
+from shared.errors import ConfigError
 from shared.progress import Progress
 from worker.telemetry import LiveStatus, Telemetry
 
@@ -31,8 +36,13 @@ class Reporter(Protocol):
 class RunReporter:
     """structlog events, logs/metrics.jsonl and the progress line."""
 
-    def __init__(self, progress: Progress, metrics_path: Path, steps_per_report: int,
-                 out: TextIO | None = None):
+    def __init__(
+        self,
+        progress: Progress,
+        metrics_path: Path,
+        steps_per_report: int,
+        out: TextIO | None = None,
+    ):
         self.progress = progress
         self.steps_per_report = steps_per_report
         self.log = structlog.get_logger("worker")
@@ -46,36 +56,65 @@ class RunReporter:
 
     def step(self, m: p.StepMetrics) -> None:
         self.progress.record_step(m.step, m.loss, m.lr, m.tokens, m.step_seconds, m.active_mb)
-        self._metrics.write(json.dumps(m.to_dict()) + "\n")
+        self._metrics.write(strictjson.dumps(m.to_dict()) + "\n")
         if m.step % self.steps_per_report == 0 or m.step == self.progress.total_steps:
             structlog.contextvars.bind_contextvars(step=m.step)
             line = self.progress.line()
             self.log.info(
-                "progress", step=m.step, loss=m.loss, loss_avg=self.progress.loss_avg,
-                lr=m.lr, grad_norm=m.grad_norm, tokens_per_sec=self.progress.tokens_per_sec,
-                eta_h=self.progress.eta_hours, active_mb=m.active_mb, peak_mb=m.peak_mb,
-                rss_mb=m.rss_mb, memory_warning=self.progress.memory_warning,
+                "progress",
+                step=m.step,
+                loss=m.loss,
+                loss_avg=self.progress.loss_avg,
+                lr=m.lr,
+                grad_norm=m.grad_norm,
+                tokens_per_sec=self.progress.tokens_per_sec,
+                eta_h=self.progress.eta_hours,
+                active_mb=m.active_mb,
+                peak_mb=m.peak_mb,
+                rss_mb=m.rss_mb,
+                memory_warning=self.progress.memory_warning,
             )
             end = "\r" if self._tty and m.step != self.progress.total_steps else "\n"
             print(("\x1b[2K" if self._tty else "") + line, end=end, file=self._out, flush=True)
 
     def evaluation(self, e: p.EvalResult) -> None:
         self.progress.val, self.progress.best_val = e.val_loss, e.best_val_loss
-        self.log.info("evaluated", step=e.step, val_loss=e.val_loss,
-                      best_val_loss=e.best_val_loss, best_step=e.best_step, seconds=e.seconds)
+        self.log.info(
+            "evaluated",
+            step=e.step,
+            val_loss=e.val_loss,
+            best_val_loss=e.best_val_loss,
+            best_step=e.best_step,
+            seconds=e.seconds,
+        )
 
     def checkpoint(self, c: p.CheckpointSaved) -> None:
         self.progress.last_checkpoint_step = max(self.progress.last_checkpoint_step, c.step)
-        self.log.info("checkpoint_saved", step=c.step, path=c.path, seconds=c.seconds,
-                      bytes=c.bytes)
+        self.log.info(
+            "checkpoint_saved", step=c.step, path=c.path, seconds=c.seconds, bytes=c.bytes
+        )
 
     def stopping(self, s: p.WorkerStopping) -> None:
         if self._tty:
             print(file=self._out)
         level = "info" if s.reason in ("completed", "early_stopped", "graceful_stop") else "error"
-        getattr(self.log, level)("worker_stopping", step=s.step, reason=s.reason,
-                                 exit_code=s.exit_code, detail=s.detail,
-                                 first_bad_step=s.first_bad_step)
+        getattr(self.log, level)(
+            "worker_stopping",
+            step=s.step,
+            reason=s.reason,
+            exit_code=s.exit_code,
+            detail=s.detail,
+            first_bad_step=s.first_bad_step,
+            **(
+                {
+                    "data_position": s.data_position,
+                    "data_batch": s.data_batch,
+                    "data_lines": s.data_lines,
+                }
+                if s.data_position >= 0
+                else {}
+            ),
+        )
 
     def close(self) -> None:
         self._metrics.close()
@@ -137,7 +176,8 @@ class TensorBoardReporter:
             ("train/loss", sum(x.loss for x in w) / n),
             ("train/grad_norm", sum(x.grad_norm for x in w) / n),
             ("train/tokens_per_sec", sum(x.tokens for x in w) / sum(x.step_seconds for x in w)),
-            ("train/lr", m.lr), ("memory/active_mb", m.active_mb),
+            ("train/lr", m.lr),
+            ("memory/active_mb", m.active_mb),
         ):
             self.writer.add_scalar(name, value, m.step)
 
@@ -159,6 +199,146 @@ def tensorboard_reporter(logdir: Path, every: int) -> TensorBoardReporter | None
         return TensorBoardReporter(logdir, every)
     except ImportError:
         return None
+
+
+PACKAGES = {"wandb": "wandb", "swanlab": "swanlab"}  # report_to name -> module to import
+
+
+def skip_unrequested_reporters(c: Config) -> None:
+    """Keep mlx_lm from importing reporting packages this run does not report to.
+
+    Any `mlx_lm.tuner` import runs mlx_lm/tuner/callbacks.py, whose `try: import wandb`
+    (and swanlab) imports the package whenever it is installed: about a second of start-up
+    for wandb, on every worker start and restart. A None in sys.modules makes that import
+    raise ImportError, the branch mlx_lm takes when the package is absent. Call before the
+    first mlx_lm import; packages already imported are left alone.
+    """
+    asked = set(c.report_to or [])
+    for name, module in PACKAGES.items():
+        if name not in asked and module not in sys.modules:
+            sys.modules[module] = None  # type: ignore[assignment]
+
+
+def check_report_to(c: Config) -> None:
+    """At start: every `report_to` service has its package installed (ConfigError if not)."""
+    for name in c.report_to or []:
+        module = PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(
+                f"report_to: {name} is not installed in this Python "
+                f"({sys.executable}): pip install {module}, or remove it "
+                "from report_to"
+            )
+
+
+class CallbackReporter:
+    """mlx_lm's reporting callbacks (`mlx_lm.tuner.callbacks.get_reporting_callbacks`), fed
+    the dicts mlx_lm's trainer gives them (mlx_lm/tuner/trainer.py, 0.32.2):
+
+        on_train_loss_report({"iteration", "train_loss", "learning_rate",
+                              "iterations_per_second", "tokens_per_second",
+                              "trained_tokens", "peak_memory"})      every steps_per_report
+        on_val_loss_report({"iteration", "val_loss", "val_time"})    after each evaluation
+
+    train_loss is the mean step loss over the report window, the rates are over the window's
+    step time, trained_tokens counts from the start of the run (a resumed attempt continues
+    the count), peak_memory is in GB (1e9 bytes), as mlx_lm. A callback that raises is
+    logged once and dropped: a reporting service never ends the night.
+    """
+
+    def __init__(
+        self, callback: Any, every: int, total_steps: int, names: list[str], trained_tokens: int = 0
+    ):
+        self.callback = callback
+        self.every = every
+        self.total_steps = total_steps
+        self.names = names
+        self.trained_tokens = trained_tokens
+        self._window: list[p.StepMetrics] = []
+        self.log = structlog.get_logger("worker")
+
+    def _call(self, method: str, info: dict[str, Any]) -> None:
+        if self.callback is None:
+            return
+        try:
+            getattr(self.callback, method)(info)
+        except Exception as e:  # wandb/swanlab raise many kinds; training goes on
+            self.log.warning("report_to_failed", services=self.names, error=str(e))
+            self.callback = None
+
+    def phase(self, phase: p.Phase, step: int) -> None:
+        pass
+
+    def step(self, m: p.StepMetrics) -> None:
+        self._window.append(m)
+        self.trained_tokens += m.tokens
+        if m.step % self.every and m.step != self.total_steps:
+            return
+        w, self._window = self._window, []
+        seconds = sum(x.step_seconds for x in w)
+        self._call(
+            "on_train_loss_report",
+            {
+                "iteration": m.step,
+                "train_loss": sum(x.loss for x in w) / len(w),
+                "learning_rate": m.lr,
+                "iterations_per_second": len(w) / seconds if seconds > 0 else 0.0,
+                "tokens_per_second": sum(x.tokens for x in w) / seconds if seconds > 0 else 0.0,
+                "trained_tokens": self.trained_tokens,
+                "peak_memory": max(x.peak_mb for x in w) * 2**20 / 1e9,
+            },
+        )
+
+    def evaluation(self, e: p.EvalResult) -> None:
+        self._call(
+            "on_val_loss_report",
+            {"iteration": e.step, "val_loss": e.val_loss, "val_time": e.seconds},
+        )
+
+    def checkpoint(self, c: p.CheckpointSaved) -> None:
+        pass
+
+    def stopping(self, s: p.WorkerStopping) -> None:
+        pass
+
+    def close(self) -> None:
+        """Finish the services' runs, so that (e.g.) wandb's offline directory is complete."""
+        for name in self.names:
+            module = sys.modules.get(PACKAGES[name])
+            finish = getattr(module, "finish", None)
+            if finish is not None:
+                try:
+                    finish()
+                except Exception as e:  # never let a reporting service fail the exit
+                    self.log.warning("report_to_finish_failed", service=name, error=str(e))
+
+
+def callback_reporter(
+    c: Config, log_dir: Path, total_steps: int, trained_tokens: int = 0
+) -> CallbackReporter | None:
+    """mlx_lm's callbacks for `report_to`, or None (and nothing imported) without it.
+
+    As `mlx_lm lora`: project_name, log_dir (the run's name is its last part) and the config
+    as a dict. A service that cannot start is a ConfigError (one line, exit 78).
+    """
+    if not c.report_to:
+        return None
+    check_report_to(c)
+    from mlx_lm.tuner.callbacks import get_reporting_callbacks
+
+    try:
+        callback = get_reporting_callbacks(
+            ",".join(c.report_to),
+            project_name=c.project_name,
+            log_dir=str(log_dir),
+            config=c.to_dict(),
+        )
+    except Exception as e:  # wandb.init/swanlab.init: login, permissions, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"report_to: {','.join(c.report_to)} could not start: {first}") from None
+    return CallbackReporter(
+        callback, c.steps_per_report, total_steps, list(c.report_to), trained_tokens
+    )
 
 
 class FanOut:

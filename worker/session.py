@@ -1,15 +1,14 @@
 """One worker attempt from start to exit: pick the checkpoint, build everything, train, finish.
 
 Kept apart from the loop (worker/train.py) so the loop stays a loop, and from the command
-line (worker/main.py) so the command line stays parsing.
+line (worker/main.py) so the command line stays parsing. Where it starts from is
+worker/resume.py; what a completed run leaves, worker/finish.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -17,18 +16,28 @@ from typing import Any
 
 import structlog
 
-from shared import checkpoint as ckpt
+from shared import mlx_lm_keys
 from shared import protocol as p
 from shared.config import Config
 from shared.errors import CheckpointError, ConfigError, DataError, OvernightError
 from shared.exitcodes import ExitCode
-from shared.fsutil import atomic_write_json, fsync_dir
+from shared.fsutil import fsync_dir
 from shared.layout import RunDir
 from shared.progress import Progress
-from shared.trainer_state import DataIdentity, TrainerState
+from shared.trainer_state import DataIdentity
+from worker.finish import finish, mlx_lm_test_pass
 from worker.inject import ENV as INJECT_ENV
 from worker.inject import Injector
-from worker.reporting import FanOut, RunReporter, TelemetryReporter, tensorboard_reporter
+from worker.reporting import (
+    FanOut,
+    RunReporter,
+    TelemetryReporter,
+    callback_reporter,
+    check_report_to,
+    skip_unrequested_reporters,
+    tensorboard_reporter,
+)
+from worker.resume import check_data, choose_checkpoint, reconcile
 from worker.signals import Stopper
 from worker.telemetry import LiveStatus, Telemetry
 from worker.train import Controls, Outcome, Trainer, TrainState
@@ -37,11 +46,14 @@ log = structlog.get_logger("worker")
 
 
 class Session:
-    def __init__(self, config: Config, run: RunDir, run_id: str, args: argparse.Namespace):
+    def __init__(self, config: Config, run: RunDir, run_id: str, args: argparse.Namespace,
+                 overrides: dict[str, Any] | None = None):
+        """`overrides`: the config keys the command line set (worker/main.py overrides_from)."""
         self.config = config
         self.run_dir = run
         self.run_id = run_id
         self.args = args
+        self.overrides = overrides or {}
         self.controls = Controls()
         self.status = LiveStatus(run_id, args.attempt, config.iters)
         self.telemetry: Telemetry | None = None
@@ -53,14 +65,26 @@ class Session:
         Stopper(self.controls).install()
         if self.args.telemetry:
             self.telemetry = Telemetry(self.args.telemetry, self.status)
-        log.info("worker_started", pid=os.getpid(), attempt=self.args.attempt,
-                 run_dir=str(self.run_dir.root), telemetry=self.args.telemetry)
+        log.info(
+            "worker_started",
+            pid=os.getpid(),
+            attempt=self.args.attempt,
+            run_dir=str(self.run_dir.root),
+            telemetry=self.args.telemetry,
+        )
         try:
             outcome = self._run()
         except (ConfigError, DataError, CheckpointError) as e:
             outcome = Outcome(ExitCode.BAD_CONFIG, "bad_config", str(e))
         except OvernightError as e:
             outcome = Outcome(ExitCode.CRASH, "crash", str(e))
+        except BrokenPipeError:
+            # Our output's reader went away (`overnight train ... | head`): not a crash to
+            # log with a traceback; the CLI's boundary ends the process quietly (exit 141).
+            step = self.trainer.state.step if self.trainer is not None else self.status.step
+            log.warning("output_closed", step=step)
+            self._close()
+            raise
         except BaseException:
             log.exception("worker_crashed", step=self.status.step)
             self._send_stopping(Outcome(ExitCode.CRASH, "crash", "uncaught exception"))
@@ -75,15 +99,25 @@ class Session:
 
     def _send_stopping(self, o: Outcome) -> None:
         step = self.trainer.state.step if self.trainer is not None else self.status.step
-        msg = p.WorkerStopping(run_id=self.run_id, attempt=self.args.attempt, step=step,
-                               exit_code=int(o.code), reason=o.reason, detail=o.detail,
-                               first_bad_step=o.first_bad_step)
+        msg = p.WorkerStopping(
+            run_id=self.run_id,
+            attempt=self.args.attempt,
+            step=step,
+            exit_code=int(o.code),
+            reason=o.reason,
+            detail=o.detail,
+            first_bad_step=o.first_bad_step,
+            data_position=o.data_position,
+            data_batch=o.data_batch,
+            data_lines=o.data_lines,
+        )
         if self.reporter is not None:
             self.reporter.stopping(msg)
         else:
             level = "info" if o.code in (ExitCode.COMPLETED, ExitCode.GRACEFUL_STOP) else "error"
-            getattr(log, level)("worker_stopping", reason=o.reason, exit_code=int(o.code),
-                                detail=o.detail)
+            getattr(log, level)(
+                "worker_stopping", reason=o.reason, exit_code=int(o.code), detail=o.detail
+            )
             if self.telemetry is not None:
                 self.telemetry.send(msg)
 
@@ -102,53 +136,87 @@ class Session:
     # -------------------------------------------------------------- the attempt
     def _run(self) -> Outcome:
         c, run, args = self.config, self.run_dir, self.args
+        skip_unrequested_reporters(c)  # before the first mlx_lm import
         if run.is_complete and not args.fresh:
             log.info("run_already_complete", marker=str(run.complete_marker))
-            print(f"overnight train: run in {run.root} is already complete; nothing to do "
-                  "(--fresh starts over)", file=sys.stderr)
+            print(
+                f"overnight train: run in {run.root} is already complete; nothing to do "
+                "(--fresh starts over)",
+                file=sys.stderr,
+            )
             return Outcome(ExitCode.COMPLETED, "completed", "run was already complete")
         if args.fresh:
             self._move_previous_aside()
-        chosen, stored = self._choose_checkpoint()
+        chosen, stored = choose_checkpoint(self.args, self.run_dir)
         if chosen is not None and stored is not None:
-            c = self._reconcile(c, stored, chosen)
+            c = reconcile(c, stored, chosen)
         self.config = c
         if self.controls.stop_requested:
             return Outcome(ExitCode.GRACEFUL_STOP, "graceful_stop", "stopped before loading")
 
         self._phase(p.Phase.LOADING)
         log.info("config_resolved", config=c.to_dict(), config_hash=c.hash())
+        from worker.data import find_valid_file, load_split
+
+        data_dir = Path(c.data).expanduser()
+        test_path = data_dir / "test.jsonl"
+        if c.test and not test_path.is_file():  # before anything is loaded or trained
+            raise DataError(
+                f"test: true but {test_path} not found (mlx_lm's test pass reads "
+                "test.jsonl; add it or set test: false)"
+            )
+        check_report_to(c)
+        self._announce_differences(c, find_valid_file(data_dir) is not None)
         import mlx.core as mx
         from mlx_lm.utils import maybe_set_recommended_wired_limit
 
         from worker import model as models
-        from worker.batching import EpochPlan, fixed_subset
+        from worker.batching import fixed_subset, plan_for_resume
         from worker.checkpointing import CheckpointWriter, restore
-        from worker.data import find_valid_file, load_split
         from worker.monitors import EarlyStopper, SpikeDetector
 
-        maybe_set_recommended_wired_limit()
-        mx.random.seed(c.seed)
+        if c.wired_limit:
+            mx.set_wired_limit(c.wired_limit)
+        else:
+            maybe_set_recommended_wired_limit()
         model, tokenizer = models.load_base(c)
+        # Seeded after loading, as mlx_lm lora: the same seed gives the same LoRA weights.
+        mx.random.seed(c.seed)
         models.make_trainable(model, c)
-        lr_scale = args.lr_scale if args.lr_scale is not None else (
-            stored.lr_scale if stored else 1.0)
+        if chosen is None and c.resume_adapter_file:
+            # mlx_lm's resume_adapter_file: the starting weights of a fresh run (a run with a
+            # checkpoint of its own resumes from that instead).
+            loaded, n = models.load_adapter_weights(model, c.resume_adapter_file)
+            log.info("adapter_weights_loaded", path=str(loaded), tensors=n)
+        lr_scale = (
+            args.lr_scale
+            if args.lr_scale is not None
+            else (stored.lr_scale if stored else 1.0)
+        )
         optimizer, schedule = models.make_optimizer(c, lr_scale)
         optimizer.init(model.trainable_parameters())
 
-        data_dir = Path(c.data).expanduser()
         if not (data_dir / "train.jsonl").is_file():
             raise DataError(f"data: {data_dir / 'train.jsonl'} not found")
         lam = c.training.lambda_weight
         train_set = load_split(data_dir / "train.jsonl", tokenizer, c, lam)
+        if chosen is not None and stored is not None:
+            train_set.restore(  # streaming's counts so far
+                {"use": stored.data.use} if stored.data is not None else None)
         self._log_scan(train_set)
         valid_path = find_valid_file(data_dir)
         valid_set = None
         if valid_path is None:
             log.info("validation_skipped", reason=f"no valid.jsonl or val.jsonl in {data_dir}")
+        elif c.val_batches == 0:
+            log.info("validation_skipped", reason="val_batches: 0")
         else:
             valid_set = load_split(valid_path, tokenizer, c, 0.0)
             self._log_scan(valid_set)
+        test_set = None
+        if c.test:
+            test_set = load_split(test_path, tokenizer, c, 0.0)
+            self._log_scan(test_set)
 
         state = TrainState(lr_scale=lr_scale)
         stopper = EarlyStopper(c.early_stopping)
@@ -156,7 +224,7 @@ class Session:
         progress = Progress(c.iters)
         if chosen is not None and stored is not None:
             restore(chosen, model, optimizer)
-            self._check_data(stored, train_set)
+            check_data(stored, train_set)
             state = TrainState(
                 step=stored.step, data_position=stored.data_position + args.skip_steps,
                 lr_scale=lr_scale, tokens_total=stored.tokens_total,
@@ -172,18 +240,34 @@ class Session:
             progress.val = state.last_val
             progress.best_val = state.best_val
             progress.step = progress.last_checkpoint_step = state.step
-            log.info("resumed", checkpoint=str(chosen), step=state.step,
-                     data_position=state.data_position, skip_steps=args.skip_steps,
-                     lr_scale=lr_scale)
+            log.info(
+                "resumed",
+                checkpoint=str(chosen),
+                step=state.step,
+                data_position=state.data_position,
+                skip_steps=args.skip_steps,
+                lr_scale=lr_scale,
+            )
         if args.skip_steps and chosen is None:
             state.data_position += args.skip_steps
         if valid_set is not None and state.val_examples < 0:
             per = c.val_batches * c.batch_size if c.val_batches >= 0 else -1
             state.val_examples = len(valid_set) if per < 0 else min(per, len(valid_set))
-        val_subset = (fixed_subset(len(valid_set), state.val_examples, c.seed)
-                      if valid_set is not None else None)
+        val_subset = (
+            fixed_subset(len(valid_set), state.val_examples, c.seed)
+            if valid_set is not None
+            else None
+        )
 
-        plan = EpochPlan(train_set.lengths, c.effective_batch, c.seed)
+        plan, plan_note = plan_for_resume(
+            train_set.lengths, c.effective_batch, c.seed, stored if chosen is not None else None
+        )
+        if plan_note:
+            log.warning("data_plan_changed", detail=plan_note, plan=plan.to_dict())
+            print(f"overnight train: {plan_note}", file=sys.stderr, flush=True)
+        skip_batches = frozenset(stored.skipped_batches if stored else ()) | frozenset(
+            getattr(args, "skip_batch", None) or []
+        )
         self.status.step = state.step
         reporters: list[Any] = [RunReporter(progress, run.metrics_log, c.steps_per_report)]
         if self.telemetry is not None:
@@ -192,153 +276,94 @@ class Session:
         if board is not None:
             reporters.append(board)
             log.info("tensorboard_enabled", logdir=str(run.root / "tensorboard"))
+        callbacks = callback_reporter(c, run.root, c.iters, state.tokens_total)
+        if callbacks is not None:
+            reporters.append(callbacks)
+            log.info(
+                "report_to_enabled",
+                services=c.report_to,
+                project_name=c.project_name,
+                log_dir=str(run.root),
+            )
         self.reporter = FanOut(*reporters)
         spec = os.environ.get(INJECT_ENV) or c.debug.inject
         trainer = Trainer(
-            config=c, run_id=self.run_id, attempt=args.attempt, model=model,
-            optimizer=optimizer, train_set=train_set, valid_set=valid_set,
+            config=c,
+            run_id=self.run_id,
+            attempt=args.attempt,
+            model=model,
+            optimizer=optimizer,
+            train_set=train_set,
+            valid_set=valid_set,
             val_subset=val_subset if val_subset is not None else _empty(),
-            plan=plan, state=state, stopper=stopper, spikes=spikes,
-            writer=CheckpointWriter(run.checkpoints, c.checkpoints.keep_last,
-                                    c.checkpoints.async_save),
-            reporter=self.reporter, progress=progress, controls=self.controls,
+            plan=plan,
+            state=state,
+            stopper=stopper,
+            spikes=spikes,
+            writer=CheckpointWriter(
+                run.checkpoints, c.checkpoints.keep_last, c.checkpoints.async_save
+            ),
+            reporter=self.reporter,
+            progress=progress,
+            controls=self.controls,
             injector=Injector(spec, run.root / "inject"),
-            adapter_config=models.adapter_config(c), lr_schedule=schedule,
-            state_extra={"versions": _versions(), "data": DataIdentity(
-                train_fingerprint=train_set.index.fingerprint,
-                train_examples=len(train_set),
-                malformed_lines=train_set.index.report.malformed,
-            )},
+            adapter_config=models.adapter_config(c),
+            lr_schedule=schedule,
+            state_extra={
+                "versions": _versions(),
+                "data": DataIdentity(
+                    train_fingerprint=train_set.index.fingerprint,
+                    train_examples=len(train_set),
+                ),
+            },
             last_saved_step=state.step,
+            skip_batches=skip_batches,
         )
         self.trainer = trainer
         outcome = trainer.run()
         trainer.writer.wait()
         if outcome.code in (ExitCode.COMPLETED, ExitCode.EARLY_STOPPED):
-            self._finish(trainer, outcome)
+            test = None
+            if test_set is not None:
+                self._phase(p.Phase.EVALUATING)
+                test = mlx_lm_test_pass(trainer, test_set, self.config)
+            finish(self.run_dir, self.config, trainer, outcome, test)
         return outcome
 
     # -------------------------------------------------------------- helpers
-    def _choose_checkpoint(self) -> tuple[Path | None, TrainerState | None]:
-        """The checkpoint to resume from and its (validated) trainer state.
-
-        A checkpoint the supervisor validated comes with `--validated SHA256` (its manifest's
-        hash): then only that the manifest is unchanged, the sizes and the trainer state are
-        checked here, not every byte again.
-        """
-        resume = self.args.resume
-        if self.args.fresh:
-            return None, None
-        if resume != "auto":
-            path = Path(resume).expanduser().resolve()
-            trusted = getattr(self.args, "validated", None)
-            result = ckpt.validate(path, trusted_manifest=trusted)
-            if not result.ok or result.state is None:
-                raise CheckpointError(f"--resume {resume}: {result.reason}")
-            log.info("checkpoint_validated", path=str(path), step=result.state.step,
-                     by_supervisor=trusted == result.manifest_sha256)
-            return path, result.state
-
-        def skipped(info: ckpt.CheckpointInfo, reason: str) -> None:
-            log.warning("checkpoint_invalid_skipped", path=str(info.path), reason=reason)
-
-        found = ckpt.newest_valid(self.run_dir.checkpoints, on_invalid=skipped)
-        if found is None:
-            log.info("starting_fresh", reason="no valid checkpoint")
-            return None, None
-        return found[0].path, found[1].state
-
-    def _reconcile(self, c: Config, stored: TrainerState, path: Path) -> Config:
-        """The config of a resumed run must train the same thing; the batch split may change."""
-        if stored.config_hash != c.hash():
-            old = stored.config
-            new = c.to_dict()
-            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError(
-                f"{path.name} was written with a different config (changed: {keys}); "
-                "use --fresh to start over, or restore the original config"
-            )
-        effective = stored.batch.effective
-        if c.effective_batch != effective:
-            if effective % c.batch_size:
-                raise ConfigError(
-                    f"batch_size: {c.batch_size} does not divide the run's effective batch "
-                    f"{effective} (batch_size x grad_accumulation_steps must stay {effective})"
-                )
-            accum = effective // c.batch_size
-            log.info("effective_batch_kept", effective=effective, batch_size=c.batch_size,
-                     grad_accumulation_steps=accum)
-            c = dataclasses.replace(c, grad_accumulation_steps=accum)
-        return c
-
-    def _check_data(self, stored: TrainerState, train_set: Any) -> None:
-        before = stored.data.train_fingerprint if stored.data is not None else None
-        if before and before != train_set.index.fingerprint:
-            raise DataError(
-                f"{train_set.index.path} changed since the checkpoint was written "
-                "(fingerprint differs): the data position would be meaningless; "
-                "restore the file or use --fresh"
-            )
-
     def _log_scan(self, examples: Any) -> None:
-        r = examples.index.report
-        event = "data_loaded" if r.malformed == 0 else "data_lines_skipped"
-        level = "info" if r.malformed == 0 else "warning"
-        getattr(log, level)(event, path=str(r.path), examples=r.good, malformed=r.malformed,
-                            blank=r.blank, first_problems=r.examples[:5],
-                            format=examples.index.fmt, streaming=examples.streaming)
+        examples.log_loaded()  # skipped lines and truncation: worker/data.py
 
     def _move_previous_aside(self) -> None:
         run = self.run_dir
-        if not (run.checkpoints.exists() and any(run.checkpoints.iterdir())) \
-                and not run.is_complete:
+        if (
+            not (run.checkpoints.exists() and any(run.checkpoints.iterdir()))
+            and not run.is_complete
+        ):
             return
         dest = run.root / "previous" / time.strftime("%Y%m%dT%H%M%S")
         dest.mkdir(parents=True)
-        for item in (run.checkpoints, run.adapters, run.complete_marker,
-                     run.root / "inject"):
+        for item in (run.checkpoints, run.adapters, run.complete_marker, run.root / "inject"):
             if item.exists():
                 os.replace(item, dest / item.name)
         run.checkpoints.mkdir()
         fsync_dir(run.root)
         log.info("previous_run_moved_aside", to=str(dest))
 
-    def _finish(self, trainer: Trainer, outcome: Outcome) -> None:
-        run = self.run_dir
-        last = trainer.writer.last
-        assert last is not None
-        publish_adapters(last.path, run.adapters)
-        if self.config.adapter_path:
-            publish_adapters(last.path, Path(self.config.adapter_path).expanduser().resolve())
-        s = trainer.state
-        atomic_write_json(run.complete_marker, {
-            "status": outcome.reason, "step": s.step, "total_steps": self.config.iters,
-            "final_checkpoint": str(last.path), "adapters": str(run.adapters),
-            "best_step": s.best_step, "best_val_loss": s.best_val, "time": time.time(),
-        })
-        log.info("run_complete", status=outcome.reason, step=s.step,
-                 adapters=str(run.adapters), best_step=s.best_step, best_val_loss=s.best_val)
+    def _announce_differences(self, c: Config, has_valid: bool) -> None:
+        """The start-up block: how this run differs from `mlx_lm lora` with the same config
+        (stderr, and one structlog event), and the keys that do nothing here."""
+        file_values: dict[str, Any] = {}
+        if self.args.config is not None:
+            from shared.yamlfile import load_yaml
 
-
-def publish_adapters(checkpoint: Path, dest: Path) -> None:
-    """Place adapters.safetensors + adapter_config.json at dest, replacing it atomically."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name in (ckpt.ADAPTERS, ckpt.ADAPTER_CONFIG):
-        shutil.copy2(checkpoint / name, tmp / name)
-        with open(tmp / name, "rb") as f:
-            os.fsync(f.fileno())
-    fsync_dir(tmp)
-    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    fsync_dir(dest.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
+            file_values = load_yaml(Path(self.args.config))
+        given = set(file_values) | {k.split(".")[0] for k in self.overrides}
+        diffs = mlx_lm_keys.differences(c, given, has_valid)
+        log.info("mlx_lm_differences", differences=[d.line() for d in diffs])
+        print(mlx_lm_keys.render(diffs), file=sys.stderr, flush=True)
+        for warning in mlx_lm_keys.warnings(file_values):
+            log.warning("config_key_ignored", detail=warning)
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version

@@ -87,10 +87,19 @@ class Telemetry:
         s = self.status
         self._seq += 1
         return p.Heartbeat(
-            run_id=s.run_id, pid=os.getpid(), attempt=s.attempt, seq=self._seq,
-            time=time.time(), phase=s.phase, step=s.step, total_steps=s.total_steps,
-            last_step_time=s.last_step_time, active_mb=s.active_mb, peak_mb=s.peak_mb,
-            rss_mb=self._proc.memory_info().rss / 2**20, dropped=self.dropped,
+            run_id=s.run_id,
+            pid=os.getpid(),
+            attempt=s.attempt,
+            seq=self._seq,
+            time=time.time(),
+            phase=s.phase,
+            step=s.step,
+            total_steps=s.total_steps,
+            last_step_time=s.last_step_time,
+            active_mb=s.active_mb,
+            peak_mb=s.peak_mb,
+            rss_mb=self._proc.memory_info().rss / 2**20,
+            dropped=self.dropped,
         )
 
     def _send_now(self, message: p._Message) -> None:

@@ -124,8 +124,12 @@ def make_corpus(
         elif fmt == "completions":
             r = {"prompt": head, "completion": tail}
         elif fmt == "chat":
-            r = {"messages": [{"role": "user", "content": head},
-                              {"role": "assistant", "content": tail}]}
+            r = {
+                "messages": [
+                    {"role": "user", "content": head},
+                    {"role": "assistant", "content": tail},
+                ]
+            }
         else:
             raise ValueError(f"unknown corpus format {fmt!r}")
         if weights:

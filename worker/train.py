@@ -7,10 +7,15 @@ gradient of each micro-batch is the gradient of a weighted *sum* of token losses
 added up and divided once by the batch's total weight, so accumulation is the same math as
 one big batch. Dropout randomness is seeded from (seed, step, micro-batch), so a resumed run
 draws the same masks as an uninterrupted one without saving generator state.
+
+Longer than 400 lines: the loop is kept whole, as mlx_lm keeps its `train()`: the step
+functions, which batch comes next, the step itself, evaluation and what a checkpoint holds
+are read top to bottom in the order a step runs them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -20,17 +25,19 @@ from typing import Any
 
 import numpy as np
 import psutil
+import structlog
 
 from shared import protocol as p
 from shared.config import Config
+from shared.errors import DataError
 from shared.exitcodes import ExitCode
 from shared.progress import Progress
-from shared.trainer_state import BatchSplit, Best, RngScheme, TrainerState
-from worker.batching import EpochPlan, collate, micro_batches
+from shared.trainer_state import BatchSplit, Best, PlanState, RngScheme, TrainerState
+from worker.batching import EpochPlan, collate, micro_batches, target_count
 from worker.checkpointing import CheckpointWriter, SavedCheckpoint, snapshot
-from worker.data import Examples
+from worker.data import Example, Examples
 from worker.inject import Injector
-from worker.loss import weighted_ce_sums
+from worker.loss import token_mean, weighted_ce_sums
 from worker.monitors import EarlyStopper, SpikeDetector
 from worker.reporting import Reporter
 
@@ -66,6 +73,9 @@ class Outcome:
     reason: str
     detail: str = ""
     first_bad_step: int = -1
+    data_position: int = -1  # the batch of the failing step (non-finite, spike): its position,
+    data_batch: int = -1  # its group in the epoch plan (the same in every epoch)
+    data_lines: str = ""  # and where its examples are, e.g. "train.jsonl:3,8-11"
 
 
 @dataclass
@@ -91,6 +101,9 @@ class Trainer:
     lr_schedule: Any  # the optimizer's learning-rate schedule (step -> rate)
     state_extra: dict[str, Any]  # TrainerState's versions and data identity
     last_saved_step: int = 0
+    skip_batches: frozenset[int] = frozenset()  # plan groups never trained on (data problems)
+    position: int = 0  # data position of the batch being computed
+    batch_examples: list[int] = field(default_factory=list)  # its usable examples
     _proc: Any = None
 
     # ------------------------------------------------------------------ step machinery
@@ -118,9 +131,9 @@ class Trainer:
         def finish(acc: Any) -> Any:
             """Divide once by the batch's total weight; the norm is before any clipping."""
             wce, wtok, ntok, grads = acc
-            grads = tree_map(lambda g: g / wtok, grads)
+            grads = tree_map(lambda g: token_mean(g, wtok), grads)
             sq = [mx.sum(mx.square(g.astype(mx.float32))) for g in _leaves(grads)]
-            return grads, mx.sqrt(sum(sq[1:], sq[0])), wce / wtok, ntok
+            return grads, mx.sqrt(sum(sq[1:], sq[0])), token_mean(wce, wtok), ntok
 
         def only(tokens: Any, spans: Any, weights: Any) -> Any:
             return finish(first(tokens, spans, weights))
@@ -143,6 +156,14 @@ class Trainer:
         self._first, self._more, self._only, self._last = fns
         self._apply = apply
 
+    def _clear_cache(self) -> None:
+        """mlx_lm's `clear_cache_threshold`: free MLX's buffer cache when it holds more."""
+        import mlx.core as mx
+
+        limit = self.config.clear_cache_threshold
+        if limit > 0 and mx.get_cache_memory() > limit:
+            mx.clear_cache()
+
     def _memory(self) -> tuple[float, float, float]:
         import mlx.core as mx
 
@@ -151,8 +172,48 @@ class Trainer:
         rss = self._proc.memory_info().rss / 2**20
         return mx.get_active_memory() / 2**20, mx.get_peak_memory() / 2**20, rss
 
+    def _next_batch(self) -> tuple[int, list[tuple[int, Example]]]:
+        """The data position of the next batch to train on and its usable examples.
+
+        Positions whose group is in `skip_batches`, or whose examples are all unusable
+        (streaming finds unusable rows only when it reads them, worker/data.py), are passed
+        over: deterministic, so a resumed run passes over the same ones.
+        """
+        c, plan = self.config, self.plan
+        pos = self.state.data_position
+        for _ in range(plan.groups_per_epoch + 1):
+            batch = plan.batch_id(pos)
+            if batch in self.skip_batches:
+                _log.info(
+                    "batch_skipped",
+                    data_position=pos,
+                    batch=batch,
+                    reason="a data problem found by the supervisor",
+                    lines=self.train_set.index.where(plan.members(batch)),
+                )
+                pos += 1
+                continue
+            usable = [
+                (i, ex)
+                for i, ex in self.train_set.fetch(plan.group(pos), count=plan.epoch(pos) == 0)
+                if target_count(len(ex[0]), ex[1], c.max_seq_length) > 0
+            ]
+            if usable:
+                return pos, usable
+            _log.warning(
+                "batch_skipped",
+                data_position=pos,
+                batch=batch,
+                reason="no usable example",
+                lines=self.train_set.index.where(plan.members(batch)),
+            )
+            pos += 1
+        raise DataError(
+            f"{self.train_set.index.path}: no batch of the training set has a usable example"
+        )
+
     def _compute_step(self, step: int) -> tuple[Any, float, float, int]:
-        """Gradients of the effective batch at the current data position.
+        """Gradients of the effective batch at the next data position (`self.position`).
 
         One sync point per micro-batch, as mlx_lm: it keeps one micro-batch's graph alive,
         and the last one also yields the loss and gradient norm the checks need on the host.
@@ -160,40 +221,49 @@ class Trainer:
         import mlx.core as mx
 
         c = self.config
-        group = self.plan.group(self.state.data_position)
-        parts = list(micro_batches(group, c.batch_size))
+        self.position, usable = self._next_batch()
+        self.batch_examples = [i for i, _ in usable]
+        examples = [ex for _, ex in usable]
+        parts = list(micro_batches(np.arange(len(examples)), c.batch_size))
         acc = None
         for j, idx in enumerate(parts):
-            mb = collate([self.train_set.get(int(i)) for i in idx], c.max_seq_length)
+            mb = collate([examples[int(i)] for i in idx], c.max_seq_length)
             mx.random.seed((c.seed * 1_000_003 + step * 1_009 + j) % 2**63)
             batch = (mx.array(mb.tokens), mx.array(mb.spans), mx.array(mb.weights))
             if j < len(parts) - 1:
                 acc = self._first(*batch) if acc is None else self._more(acc, *batch)
                 mx.eval(acc)
                 continue
-            grads, norm, loss, ntok = (self._only(*batch) if acc is None
-                                       else self._last(acc, *batch))
+            grads, norm, loss, ntok = self._only(*batch) if acc is None else self._last(acc, *batch)
             mx.eval(grads, norm, loss, ntok)
         return grads, float(loss.item()), float(norm.item()), int(ntok.item())
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> float:
+    def evaluate(self, dataset: Examples | None = None, subset: np.ndarray | None = None) -> float:
+        """Token-mean loss over `subset` of `dataset` (default: the validation subset; the
+        session's test pass gives test.jsonl)."""
         import mlx.core as mx
 
         c = self.config
-        assert self.valid_set is not None
+        dataset = self.valid_set if dataset is None else dataset
+        subset = self.val_subset if subset is None else subset
+        assert dataset is not None
         self.model.eval()
-        order = self.val_subset[np.argsort(self.valid_set.lengths[self.val_subset],
-                                           kind="stable")]
+        order = subset[np.argsort(dataset.lengths[subset], kind="stable")]
         total = mx.array(0.0)
         ntok = mx.array(0.0)
         for idx in micro_batches(order, c.batch_size):
-            mb = collate([self.valid_set.get(int(i)) for i in idx], c.max_seq_length)
-            ones = mx.ones((len(idx),), mx.float32)
-            wce, (_, n) = weighted_ce_sums(self.model, mx.array(mb.tokens),
-                                           mx.array(mb.spans), ones)
+            examples = [ex for _, ex in dataset.fetch(idx)]
+            if not examples:
+                continue
+            mb = collate(examples, c.max_seq_length)
+            ones = mx.ones((len(examples),), mx.float32)
+            wce, (_, n) = weighted_ce_sums(
+                self.model, mx.array(mb.tokens), mx.array(mb.spans), ones
+            )
             total, ntok = total + wce, ntok + n
             mx.eval(total, ntok)
+            self._clear_cache()
         self.model.train()
         return float((total / ntok).item())
 
@@ -205,6 +275,8 @@ class Trainer:
             total_steps=c.iters,
             data_position=s.data_position,
             groups_per_epoch=self.plan.groups_per_epoch,
+            plan=PlanState(**self.plan.to_dict()),
+            skipped_batches=tuple(sorted(self.skip_batches)),
             rng=RngScheme("seed(seed*1000003 + step*1009 + micro_batch)", c.seed),
             early_stopping=self.stopper.state(),
             grad_spike=self.spikes.state(),
@@ -225,7 +297,8 @@ class Trainer:
             run_id=self.run_id,
             attempt=self.attempt,
             time=time.time(),
-            **self.state_extra,
+            versions=self.state_extra["versions"],
+            data=dataclasses.replace(self.state_extra["data"], **_summary(self.train_set)),
         )
 
     def save(self, reason: str) -> None:
@@ -233,17 +306,32 @@ class Trainer:
 
         mx.eval(self.model.state, self.optimizer.state)  # pending update; not in a writer thread
         self.reporter.phase(p.Phase.CHECKPOINTING, self.state.step)
+        self.train_set.log_progress()
         adapters, opt_state = snapshot(self.model, self.optimizer)
         best = self.state.best_step if self.state.best_step >= 0 else None
         self.writer.before_manifest = self.injector.checkpoint_hook(self.state.step)
 
         def on_saved(saved: SavedCheckpoint) -> None:
-            self.reporter.checkpoint(p.CheckpointSaved(
-                run_id=self.run_id, attempt=self.attempt, step=saved.step,
-                path=str(saved.path), seconds=saved.seconds, bytes=saved.bytes))
+            self.reporter.checkpoint(
+                p.CheckpointSaved(
+                    run_id=self.run_id,
+                    attempt=self.attempt,
+                    step=saved.step,
+                    path=str(saved.path),
+                    seconds=saved.seconds,
+                    bytes=saved.bytes,
+                )
+            )
 
-        self.writer.save(self.state.step, adapters, opt_state, self.adapter_config,
-                         self.trainer_state(reason), best, on_saved)
+        self.writer.save(
+            self.state.step,
+            adapters,
+            opt_state,
+            self.adapter_config,
+            self.trainer_state(reason),
+            best,
+            on_saved,
+        )
         self.last_saved_step = self.state.step
         self.reporter.phase(p.Phase.TRAINING, self.state.step)
 
@@ -268,32 +356,57 @@ class Trainer:
             norm *= self.injector.spike_factor(step, c.grad_spike.patience)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
-                return Outcome(ExitCode.NON_FINITE, "non_finite",
-                               f"{what} is {loss if what == 'loss' else norm} at step {step}",
-                               first_bad_step=step)
+                where = self._where()
+                return Outcome(
+                    ExitCode.NON_FINITE,
+                    "non_finite",
+                    f"{what} is {loss if what == 'loss' else norm} at step {step} "
+                    f"(data position {self.position}, batch {where['data_batch']}: "
+                    f"{where['data_lines']})",
+                    first_bad_step=step,
+                    **where,
+                )
             spike = self.spikes.observe(step, norm)
             if spike is not None:
                 # This step's update is not applied; the checkpoint holds the last one.
                 self.save("grad_spike")
-                return Outcome(ExitCode.GRAD_SPIKE, "grad_spike", spike,
-                               first_bad_step=self.spikes.first_bad_step)
+                return Outcome(
+                    ExitCode.GRAD_SPIKE,
+                    "grad_spike",
+                    spike,
+                    first_bad_step=self.spikes.first_bad_step,
+                    **self._where(),
+                )
             # The update is evaluated lazily, with the next step's gradients (one sync per
             # step, as mlx_lm); the rate it uses is the schedule at the step before it.
             self._apply(grads)
             lr = float(self.lr_schedule(mx.array(s.step, mx.uint64)).item())
+            self._clear_cache()
             seconds = time.perf_counter() - tic
-            s.step, s.data_position = step, s.data_position + 1
+            s.step, s.data_position = step, self.position + 1
             s.tokens_total += ntok
             s.train_seconds += seconds
             if first:
                 self.reporter.phase(p.Phase.TRAINING, step)
                 first = False
             active, peak, rss = self._memory()
-            self.reporter.step(p.StepMetrics(
-                run_id=self.run_id, attempt=self.attempt, step=step, time=time.time(),
-                loss=loss, grad_norm=norm, lr=lr, tokens=ntok,
-                tokens_per_sec=ntok / seconds if seconds > 0 else 0.0, step_seconds=seconds,
-                active_mb=active, peak_mb=peak, rss_mb=rss))
+            self.reporter.step(
+                p.StepMetrics(
+                    run_id=self.run_id,
+                    attempt=self.attempt,
+                    step=step,
+                    time=time.time(),
+                    loss=loss,
+                    grad_norm=norm,
+                    lr=lr,
+                    tokens=ntok,
+                    tokens_per_sec=ntok / seconds if seconds > 0 else 0.0,
+                    step_seconds=seconds,
+                    active_mb=active,
+                    peak_mb=peak,
+                    rss_mb=rss,
+                )
+            )
 
             stop_early = False
             new_best = False
@@ -301,18 +414,22 @@ class Trainer:
                 stop_early, new_best = self._evaluate_and_watch(step)
             if stop_early:
                 self.save("early_stop")
-                return Outcome(ExitCode.EARLY_STOPPED, "early_stopped",
-                               f"no improvement of {c.early_stopping.min_delta} in "
-                               f"{c.early_stopping.patience} evaluations "
-                               f"(best {self.stopper.best:.4f} at step {self.stopper.best_step})")
+                return Outcome(
+                    ExitCode.EARLY_STOPPED,
+                    "early_stopped",
+                    f"no improvement of {c.early_stopping.min_delta} in "
+                    f"{c.early_stopping.patience} evaluations "
+                    f"(best {self.stopper.best:.4f} at step {self.stopper.best_step})",
+                )
             if step == c.iters:
                 self.save("final")
                 return Outcome(ExitCode.COMPLETED, "completed", f"{step} steps")
             if self.controls.stop_requested:
                 return self._stop_gracefully()
             if step % c.save_every == 0 or new_best or self.controls.checkpoint_requested:
-                reason = ("periodic" if step % c.save_every == 0
-                          else "best" if new_best else "requested")
+                reason = (
+                    "periodic" if step % c.save_every == 0 else "best" if new_best else "requested"
+                )
                 self.controls.checkpoint_requested = False
                 self.save(reason)
         return Outcome(ExitCode.COMPLETED, "completed", f"{s.step} steps (already done)")
@@ -326,24 +443,54 @@ class Trainer:
         tic = time.perf_counter()
         val = self.evaluate()
         s.last_val = val
-        new_best = s.best_val is None or val < s.best_val
+        # A NaN (no target tokens, or a broken model) is never a best value.
+        new_best = math.isfinite(val) and (s.best_val is None or val < s.best_val)
         if new_best:
             s.best_val, s.best_step = val, step
-        self.reporter.evaluation(p.EvalResult(
-            run_id=self.run_id, attempt=self.attempt, step=step, val_loss=val,
-            best_val_loss=s.best_val if s.best_val is not None else val,
-            best_step=s.best_step, seconds=time.perf_counter() - tic))
+        self.reporter.evaluation(
+            p.EvalResult(
+                run_id=self.run_id,
+                attempt=self.attempt,
+                step=step,
+                val_loss=val,
+                best_val_loss=s.best_val if s.best_val is not None else val,
+                best_step=s.best_step,
+                seconds=time.perf_counter() - tic,
+            )
+        )
         self.reporter.phase(p.Phase.TRAINING, step)
         return self.stopper.observe(step, val), new_best
+
+    def _where(self) -> dict[str, Any]:
+        """The data of the step just computed, as Outcome fields."""
+        return {
+            "data_position": self.position,
+            "data_batch": self.plan.batch_id(self.position),
+            "data_lines": self.train_set.index.where(self.batch_examples),
+        }
 
     def _stop_gracefully(self) -> Outcome:
         if self.state.step != self.last_saved_step:
             self.save("graceful_stop")
-        return Outcome(ExitCode.GRACEFUL_STOP, "graceful_stop",
-                       self.controls.stop_reason or "stop requested", -1)
+        return Outcome(
+            ExitCode.GRACEFUL_STOP,
+            "graceful_stop",
+            self.controls.stop_reason or "stop requested",
+            -1,
+        )
+
+
+_log = structlog.get_logger("worker")
 
 
 def _leaves(tree: Any) -> list[Any]:
     from mlx.utils import tree_flatten
 
     return [v for _, v in tree_flatten(tree)]
+
+
+def _summary(examples: Any) -> dict[str, Any]:
+    """worker/data.py's counts as trainer_state.json's "data" fields (DataIdentity)."""
+    s = dict(examples.summary())
+    s["first_problems"] = tuple(s.get("first_problems") or ())
+    return s

@@ -55,6 +55,9 @@ class ExitFacts:
     stopping_reason: str = ""  # WorkerStopping.reason, if one arrived
     stopping_detail: str = ""
     first_bad_step: int = -1
+    data_position: int = -1  # WorkerStopping's data fields: the failing step's batch
+    data_batch: int = -1
+    data_lines: str = ""
     stderr_tail: str = ""
     memory_mb: float = 0.0  # the worker's memory at the last sample (max of RSS and MLX)
     memory_limit_mb: float = 0.0
@@ -69,6 +72,9 @@ class Classification:
     exit_code: int | None
     signal: int | None
     first_bad_step: int = -1
+    data_position: int = -1  # the failing batch, when the worker named it (non-finite, spike)
+    data_batch: int = -1
+    data_lines: str = ""
 
     @property
     def signal_name(self) -> str | None:
@@ -109,6 +115,9 @@ def classify(f: ExitFacts) -> Classification:
     exit_code, sig, status = _status(f.returncode)
 
     def result(failure: FailureClass, detail: str) -> Classification:
+        if failure in (FailureClass.NON_FINITE, FailureClass.GRAD_SPIKE):
+            return Classification(failure, detail, exit_code, sig, f.first_bad_step,
+                                  f.data_position, f.data_batch, f.data_lines)
         return Classification(failure, detail, exit_code, sig, f.first_bad_step)
 
     code = ExitCode.from_returncode(exit_code) if exit_code is not None else None

@@ -18,7 +18,7 @@ from typing import Any
 
 from shared.config import SupervisorOptions
 from shared.protocol import WorkerStopping
-from shared.run_record import Action, Detection
+from shared.run_record import Action, BadData, Detection
 from shared.tail import tail_lines
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.classify import Classification, ExitFacts, classify
@@ -59,6 +59,9 @@ def read_end(attempt: Attempt, returncode: int, now: float, metrics_log: Path,
         stopping_reason=stopping.reason if stopping else "",
         stopping_detail=stopping.detail if stopping else "",
         first_bad_step=stopping.first_bad_step if stopping else -1,
+        data_position=stopping.data_position if stopping else -1,
+        data_batch=stopping.data_batch if stopping else -1,
+        data_lines=stopping.data_lines if stopping else "",
         stderr_tail=tail, memory_mb=last.worker_mb if last else view.active_mb,
         memory_limit_mb=opts.memory_limit_mb,
         available_fraction=last.available_fraction if last else 1.0, stop_detail=detail,
@@ -74,7 +77,8 @@ def outcome(attempt: Attempt, ending: Ending) -> Outcome:
     """The policy's view of the ending (supervisor/daemon/policy.py)."""
     c = ending.classification
     return Outcome(c.failure, c.detail, attempt.view.start_step, ending.end_step,
-                   c.first_bad_step, attempt.user_stop, attempt.lr_scale)
+                   c.first_bad_step, attempt.user_stop, attempt.lr_scale, c.data_position,
+                   c.data_batch, c.data_lines)
 
 
 def end_fields(attempt: Attempt, ending: Ending, decision: Decision,
@@ -99,6 +103,8 @@ def end_fields(attempt: Attempt, ending: Ending, decision: Decision,
         "restart_delay_s": round(decision.delay, 3) if decision.verdict is Verdict.RESTART
         else None,
         "settings_changed": changed,
+        "bad_data": BadData(c.data_position, c.data_batch, c.data_lines, attempt.lr_scale)
+        if c.data_position >= 0 else None,
     }
 
 

@@ -4,14 +4,17 @@
     overnight status runs/mini                      # from another terminal
     overnight stop runs/mini                        # checkpoint, then stop
 
-Start-up: create the run dir, lock it (a second supervisor refuses, naming the holder's
-PID), open or continue the run record, stop any orphaned worker of this run, bind the
-telemetry (SUB) and control (REP) sockets in a 0700 directory, then hand over to the loop.
+Start-up: create the run dir, lock it (shared/runlock.py: a second supervisor, or one while
+an `overnight train` writes the directory, is refused naming the holder's PID; the lock is
+handed down to each worker), open or continue the run record, stop any orphaned worker of
+this run, bind the telemetry (SUB) and control (REP) sockets in a 0700 directory, then hand
+over to the loop.
 
 Exit status: 0 whenever the supervisor reached a final decision (finished, early_stopped,
 stopped, gave_up: the reason is in run.json and on the last log line); 1 only when the
 supervisor itself failed, so a service manager restarts only a broken supervisor. A config
-it cannot read at all, or a locked run dir, exits 78 (EX_CONFIG) before anything starts:
+it cannot read at all, a run dir it cannot create, or a locked one, exits 78 (EX_CONFIG)
+before anything starts:
 use `RestartPreventExitStatus=78` (systemd). Stopping takes up to `stop_timeout` (default
 120 s) while the worker saves: give the service manager `TimeoutStopSec` (systemd) /
 `ExitTimeOut` (launchd) of at least stop_timeout + 60 s (what `overnight install` writes), or
@@ -30,14 +33,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import structlog
 import zmq
 
 from shared import config as config_mod
 from shared import logsetup
-from shared.errors import OvernightError
+from shared.errors import OvernightError, RunDirLocked
 from shared.layout import RunDir
 from shared.run_record import Action
+from shared.runlock import Role, RunLock
 from supervisor.daemon import sdnotify, spawn
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.loop import Supervisor
@@ -45,8 +50,7 @@ from supervisor.daemon.policy import Policy
 from supervisor.daemon.record import RecordKeeper
 from supervisor.daemon.runner import AttemptRunner
 from supervisor.daemon.state import AlreadyComplete, Begin, State
-from supervisor.daemon.stopping import ProcessHandle, stop
-from supervisor.lock import RunLock
+from supervisor.daemon.stopping import HowStopped, ProcessHandle, stop
 
 ON_EXIT_TIMEOUT = 60.0
 # The worker: `python -m worker train CONFIG ...` (supervisor/daemon/worker_command.py).
@@ -66,19 +70,43 @@ def main(args: argparse.Namespace) -> int:
     config_path = args.config.resolve()
     config = config_mod.load(config_path)  # ConfigError: one line, exit 78, nothing started
     run = RunDir((args.run_dir or Path("runs") / config_path.stem).resolve())
-    run.create()
-    lock = RunLock(run.lock)
-    lock.acquire()  # RunDirLocked: one line naming the holder's PID
+    run.create()  # RunDirError: one line naming the path
+    lock = RunLock(run.lock, Role.SUPERVISOR)
+    _take_lock(lock, config, run, args.log_level)  # RunDirLocked: one line naming the holder
     try:
-        return _run(config, config_path, run, args.log_level)
+        return _run(config, config_path, run, args.log_level, lock)
     finally:
         lock.release()
 
 
-def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str) -> int:
-    opts = config.supervisor
+def _configure_logging(config: config_mod.Config, run: RunDir, level: str) -> None:
     logsetup.configure("supervisor", run.supervisor_log, console=True, level=level,
                        max_bytes=config.logging.max_bytes, backups=config.logging.backups)
+
+
+def _take_lock(lock: RunLock, config: config_mod.Config, run: RunDir, level: str) -> None:
+    """Take the run's lock. When the supervisor that held it has died, the worker it spawned
+    still holds it (inherited): stop that worker, as any orphan, then take the lock."""
+    try:
+        lock.acquire()
+        return
+    except RunDirLocked as e:
+        holder = e.holder
+        if holder is None or holder.alive or holder.role is not Role.SUPERVISOR:
+            raise
+        dead_pid = holder.pid
+    _configure_logging(config, run, level)
+    log = logsetup.get("supervisor")
+    for proc in spawn.find_orphans(run.root):
+        log.warning("orphan_holds_lock", worker_pid=proc.pid, dead_supervisor_pid=dead_pid)
+        _stop_orphan(proc, config.supervisor.stop_timeout, log)
+    lock.acquire()  # still held by something else: refused, naming the holder
+
+
+def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
+         lock: RunLock) -> int:
+    opts = config.supervisor
+    _configure_logging(config, run, level)
     run_id = run.ensure_run_id(config_path.stem)
     record, note = RecordKeeper.open(run.record, run_id, run.root, config_path,
                                      config.to_dict(), config.hash())
@@ -111,10 +139,11 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str) 
 
     runner = AttemptRunner(
         config=config, config_path=config_path, run=run, record=record,
-        spawner=spawn.PopenSpawner(),
+        spawner=spawn.PopenSpawner(pass_fds=(lock.fd,)),  # the worker writes under our lock
         policy=Policy(opts, high_water=record.record.high_water_step,
                       rollbacks=record.record.rollbacks),
-        env=spawn.worker_env(sdnotify.child_environment(), opts.openblas, log),
+        env={**spawn.worker_env(sdnotify.child_environment(), opts.openblas, log),
+             **lock.child_environment()},
         command=list(opts.worker_command) or WORKER_COMMAND,
         log=log,
     )
@@ -156,10 +185,7 @@ def _adopt_previous(record: RecordKeeper, run: RunDir, stop_timeout: float, log:
     """A previous supervisor died: stop its orphaned worker, close its open attempt."""
     for proc in spawn.find_orphans(run.root):
         log.warning("orphan_found", worker_pid=proc.pid, cmdline=" ".join(proc.cmdline()[:12]))
-        how = stop(ProcessHandle(proc), stop_timeout)
-        if how.value == "killed":
-            log.warning("orphan_kill", pid=proc.pid, waited_s=stop_timeout)
-        log.info("orphan_stopped", worker_pid=proc.pid, how=how.value)
+        _stop_orphan(proc, stop_timeout, log)
     current = record.current
     if current is not None and current.ended is None:
         record.end_attempt(
@@ -168,6 +194,14 @@ def _adopt_previous(record: RecordKeeper, run: RunDir, stop_timeout: float, log:
                           "supervisor stopped it (if still running) and resumes the run",
         )
         log.info("attempt_abandoned", attempt=current.attempt)
+
+
+def _stop_orphan(proc: psutil.Process, stop_timeout: float, log: Any) -> None:
+    """A worker of this run that no supervisor owns: stopped as any worker is (stopping.py)."""
+    how = stop(ProcessHandle(proc), stop_timeout)
+    if how is HowStopped.KILLED:
+        log.warning("orphan_kill", pid=proc.pid, waited_s=stop_timeout)
+    log.info("orphan_stopped", worker_pid=proc.pid, how=how.value)
 
 
 def _emergency_stop(runner: AttemptRunner, stop_timeout: float, log: Any) -> None:

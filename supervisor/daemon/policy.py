@@ -13,6 +13,9 @@ finish, or give up — and say why. Pure: the clock value and the random source 
 |                                | checkpointing; after that give up                           |
 | non_finite / grad_spike        | roll back before the first bad step, lr_scale *= lr_backoff, |
 |                                | skip the offending data; give up after max_rollbacks        |
+| non_finite on a batch that was | a data problem, not divergence: skip that batch in every    |
+| non-finite before              | epoch (`--skip-batch`), undo the lr cut it caused, roll back |
+|                                | to the newest checkpoint before it; not a rollback          |
 | planned_restart (memory)       | restart at once, not counted as a failure                   |
 
 Budgets count progress, not only failures: an attempt *progressed* when it reached a step
@@ -21,6 +24,16 @@ kept; `max_failures` of them within `failure_window` seconds give up (crash loop
 same failure twice in a row without progress and with unchanged settings gives up at once
 (a deterministic failure). The backoff grows exponentially (with +-20 % jitter) per failure
 without progress and resets after an attempt gained `progress_reset_steps` steps.
+
+Data, not divergence. The worker names the batch of a non-finite step: its data position,
+its group in the epoch plan (`data_batch`, the same group in every epoch) and the file
+lines. The first time, nothing tells a bad batch from divergence, so it is a rollback. When
+the same batch is non-finite again — right after the rollback or in a later epoch — it is
+the data: lowering the learning rate again would only slow the night down and, after
+max_rollbacks, end it. The policy skips that batch for the rest of the run instead and
+restores the learning rate the misdiagnosed rollback cut. Skips are data positions, not
+steps: the window skipped after a rollback ends exactly after the failing batch, however
+far earlier skips have moved the data position ahead of the step.
 """
 
 from __future__ import annotations
@@ -53,15 +66,19 @@ class Settings:
     grad_accumulation_steps: int
     grad_checkpoint: bool
     lr_scale: float | None = None  # None: whatever the checkpoint (or 1.0) says
+    skip_batches: tuple[int, ...] = ()  # epoch-plan batches never trained on (data problems)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["skip_batches"] = list(self.skip_batches)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Settings:
         return cls(
             int(d["batch_size"]), int(d["grad_accumulation_steps"]), bool(d["grad_checkpoint"]),
             None if d.get("lr_scale") is None else float(d["lr_scale"]),
+            tuple(sorted(int(b) for b in d.get("skip_batches") or ())),
         )
 
     def diff(self, other: Settings) -> dict[str, Any]:
@@ -81,6 +98,9 @@ class Outcome:
     first_bad_step: int = -1
     stop_requested: bool = False  # the user (or a signal) asked the supervisor to stop
     lr_scale: float = 1.0  # the learning-rate scale in effect during the attempt
+    data_position: int = -1  # the failing step's batch (WorkerStopping): its data position,
+    data_batch: int = -1  # its group in the epoch plan (the same in every epoch)
+    data_lines: str = ""  # and its file lines, e.g. "train.jsonl:3,8-11"
 
 
 @dataclass(frozen=True)
@@ -92,6 +112,7 @@ class Decision:
     settings: Settings | None = None  # the settings for the next attempt
     rollback_before: int | None = None  # resume from a checkpoint with step < this
     bad_until: int = -1  # skip data up to and including this step after a rollback
+    skip_through_position: int = -1  # ... or this data position, when the worker said it
     counted: bool = False  # counted as a failure against the budgets
 
 
@@ -104,6 +125,8 @@ class Policy:
     failures: list[float] = field(default_factory=list)  # times of failures since progress
     last_failure: tuple[FailureClass, Settings] | None = None
     streak: int = 0  # consecutive failures without sustained progress (backoff exponent)
+    # epoch-plan batch -> lr_scale in effect when it was first non-finite
+    nonfinite_batches: dict[int, float] = field(default_factory=dict)
 
     def decide(self, o: Outcome, settings: Settings, now: float) -> Decision:
         progressed = o.end_step > self.high_water
@@ -144,6 +167,8 @@ class Policy:
                 counted=True,
             )
         delay = self._backoff()
+        if f is FailureClass.NON_FINITE and o.data_batch in self.nonfinite_batches:
+            return self._skip_batch(o, settings, delay)
         if f in ROLLBACK:
             return self._rollback(o, settings, delay)
         if f is FailureClass.OOM:
@@ -181,13 +206,35 @@ class Policy:
         first_bad = o.first_bad_step if o.first_bad_step >= 0 else o.end_step
         lr_scale = round(o.lr_scale * self.opts.lr_backoff, 12)
         new = dataclasses.replace(settings, lr_scale=lr_scale)
+        if o.failure is FailureClass.NON_FINITE and o.data_batch >= 0:
+            self.nonfinite_batches.setdefault(o.data_batch, o.lr_scale)
+        skipping = (f"skipping data through position {o.data_position} ({o.data_lines})"
+                    if o.data_position >= 0 else
+                    f"skipping data through step {max(first_bad, o.end_step)}")
         return Decision(
             Verdict.RESTART, "rollback",
             f"{o.failure.value}: {o.detail}; rollback {self.rollbacks}/{self.opts.max_rollbacks} "
-            f"to before step {first_bad}, lr_scale {o.lr_scale:g} -> {lr_scale:g}, "
-            f"skipping data through step {max(first_bad, o.end_step)}",
+            f"to before step {first_bad}, lr_scale {o.lr_scale:g} -> {lr_scale:g}, {skipping}",
             delay, new, rollback_before=first_bad, bad_until=max(first_bad, o.end_step),
-            counted=True,
+            skip_through_position=o.data_position, counted=True,
+        )
+
+    def _skip_batch(self, o: Outcome, settings: Settings, delay: float) -> Decision:
+        """The same batch non-finite again: skip it for good; undo the lr cut it caused."""
+        first_bad = o.first_bad_step if o.first_bad_step >= 0 else o.end_step
+        before = self.nonfinite_batches[o.data_batch]  # the lr when it first failed
+        undone = round(o.lr_scale / self.opts.lr_backoff, 12) if self.opts.lr_backoff > 0 \
+            else before
+        lr_scale = min(before, undone)
+        batches = tuple(sorted({*settings.skip_batches, o.data_batch}))
+        new = dataclasses.replace(settings, lr_scale=lr_scale, skip_batches=batches)
+        return Decision(
+            Verdict.RESTART, "skip_batch",
+            f"{o.failure.value}: {o.detail}; the same batch ({o.data_batch}: {o.data_lines}) "
+            "was non-finite before a rollback already: a data problem, not divergence; "
+            f"that batch is skipped in every epoch from now on, lr_scale {o.lr_scale:g} -> "
+            f"{lr_scale:g} (the earlier cut undone), resuming before step {first_bad}",
+            delay, new, rollback_before=first_bad, counted=True,
         )
 
     def _shrink(self, o: Outcome, settings: Settings, delay: float) -> Decision:

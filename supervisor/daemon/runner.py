@@ -10,6 +10,7 @@ and owns what outlives one attempt: the settings, the pending decision, the poli
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 from shared.checkpoint import CheckpointInfo, list_checkpoints, quarantine, validate
 from shared.config import Config
+from shared.exitcodes import FailureClass
 from shared.layout import RunDir
 from shared.protocol import CheckpointSaved, EvalResult, Message, WorkerStopping
 from shared.run_record import AttemptRecord, BestCheckpoint, LatestCheckpoint, WorkerInfo
@@ -50,6 +52,10 @@ class AttemptRunner:
         stored = record.record.overrides
         self.settings = Settings.from_dict({**base.to_dict(), **stored}) if stored else base
         self.base_settings = base
+        for a in record.attempts:  # a restarted supervisor knows which batches were non-finite
+            bad = a.bad_data
+            if a.classification is FailureClass.NON_FINITE and bad is not None and bad.batch >= 0:
+                policy.nonfinite_batches.setdefault(bad.batch, bad.lr_scale)
         self.attempt: Attempt | None = None  # the attempt that runs (None between attempts)
         self.pending: Decision | None = None  # the decision that asked for the next attempt
         self.prev_end_at: float | None = None
@@ -76,9 +82,13 @@ class AttemptRunner:
                           seconds=round(choice.seconds, 3))
         start_step = found[0].step if found is not None else 0
         state = found[1].state if found is not None else None
-        skip = 0
-        if self.pending is not None and self.pending.bad_until >= 0:
-            skip = max(1, self.pending.bad_until - start_step)
+        skip, pending = 0, self.pending
+        if pending is not None and pending.skip_through_position >= 0:
+            # Data positions, not steps: earlier skips put the position ahead of the step.
+            at = state.data_position if state is not None else 0
+            skip = max(0, pending.skip_through_position + 1 - at)
+        elif pending is not None and pending.bad_until >= 0:
+            skip = max(1, pending.bad_until - start_step)
         n = len(self.record.attempts) + 1
         argv = worker_argv(self.command, self.config_path, self.run, n, self.record.run_id,
                            found, self.settings, self.base_settings, skip)
@@ -135,14 +145,15 @@ class AttemptRunner:
                           seconds=msg.seconds, bytes=msg.bytes)
             self.record.save()
             self.progress_dirty = False
-        elif isinstance(msg, EvalResult):
+        elif isinstance(msg, EvalResult) and msg.best_step >= 0 \
+                and math.isfinite(msg.best_val_loss):  # a NaN is never a best value
             self.record.update(best_checkpoint=self._best(msg.best_step, msg.best_val_loss),
                                save=False)
             self.progress_dirty = True
         elif isinstance(msg, WorkerStopping):
             self.log.info("worker_stopping", reason=msg.reason, detail=msg.detail,
                           exit_code=msg.exit_code, step=msg.step,
-                          first_bad_step=msg.first_bad_step)
+                          first_bad_step=msg.first_bad_step, data_lines=msg.data_lines)
 
     def save_progress(self) -> None:
         if self.record.current is not None and self.attempt is not None:

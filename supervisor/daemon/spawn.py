@@ -82,7 +82,11 @@ def _set_parent_death_signal() -> None:
 
 
 class PopenSpawner:
-    """Starts real processes: own session, output appended to a file, parent-death signal."""
+    """Starts real processes: own session, output appended to a file, parent-death signal.
+    `pass_fds` stay open in the child (the run directory's lock, shared/runlock.py)."""
+
+    def __init__(self, pass_fds: Sequence[int] = ()) -> None:
+        self.pass_fds = tuple(pass_fds)
 
     def spawn(self, argv: Sequence[str], env: dict[str, str], output: Path) -> WorkerProcess:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +98,7 @@ class PopenSpawner:
             popen = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True, preexec_fn=preexec, close_fds=True,
+                pass_fds=self.pass_fds,
             )
         except BaseException:
             out.close()

@@ -2,13 +2,14 @@
 
     <python> -m worker train CONFIG --run-dir RUN --telemetry ipc://... --attempt N
         --run-id ID (--resume CHECKPOINT --validated SHA256 | --resume auto)
-        [--set batch_size=2 ...] [--lr-scale 0.5] [--skip-steps K]
+        [--set batch_size=2 ...] [--lr-scale 0.5] [--skip-batch B ...] [--skip-steps K]
 
 `--validated`: the sha256 of the manifest the supervisor validated (the worker re-checks only
 that); `--resume auto` when no checkpoint is valid (every one was quarantined, so the worker
 starts from scratch; not --fresh, which would move the run's history aside). `--set` carries
 the settings the policy changed (supervisor/daemon/policy.py), `--lr-scale` and
-`--skip-steps` a rollback's.
+`--skip-steps` a rollback's (data positions to skip after the resume point), `--skip-batch`
+the epoch-plan batches found to be data problems.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ def worker_argv(
     else:
         argv += ["--resume", "auto"]
     for key, value in settings.to_dict().items():
-        if key != "lr_scale" and value != getattr(base_settings, key):
+        if key not in ("lr_scale", "skip_batches") and value != getattr(base_settings, key):
             text = str(value).lower() if isinstance(value, bool) else str(value)
             argv += ["--set", f"{key}={text}"]
     if settings.lr_scale is not None:
         argv += ["--lr-scale", repr(settings.lr_scale)]
+    for batch in settings.skip_batches:
+        argv += ["--skip-batch", str(batch)]
     if skip_steps:
         argv += ["--skip-steps", str(skip_steps)]
     return argv

@@ -26,8 +26,8 @@ from typing import Any, TextIO
 
 import yaml
 
-from shared.errors import ConfigError, OvernightError
-from shared.layout import RunDir
+from shared.errors import ConfigError, OvernightError, RunDirError
+from shared.layout import RunDir, cannot_create
 from shared.run_record import State
 from supervisor.daemon.stopping import PopenHandle, stop
 from supervisor.morning.runfacts import gather
@@ -97,11 +97,15 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--iters: expected at least 10 steps, got {args.iters}")
     started = time.time()
     base = (args.keep or Path(tempfile.mkdtemp(prefix="overnight-demo-"))).resolve()
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(cannot_create(base, e, "demo directory")) from None
     run = RunDir((args.run_dir or base / "run").resolve())
     if run.record.exists() or run.checkpoints.exists():
         raise ConfigError(f"{run.root}: already holds a run; choose another --run-dir or "
                           "--keep directory, or remove it")
+    run.create()  # RunDirError: one line naming the path
     inject = default_faults(args.iters) if args.inject is None else args.inject
     out = sys.stdout
     print(f"demo: {base}", file=out)
@@ -117,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
         )
         try:
             narrate_until_exit(proc, run, t0, args.timeout, out)
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or our output's reader gone (`overnight demo | head`)
             _stop(proc)
             raise
     if proc.returncode != 0:

@@ -18,7 +18,6 @@ shows what the supervisor did about N.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import fnmatch
 import json
@@ -255,10 +254,6 @@ def main(args: argparse.Namespace) -> int:
         out.flush()
         if args.follow:
             _follow(ts, filt, track, emit, out)
-    except BrokenPipeError:  # `overnight logs | head`
-        with contextlib.suppress(OSError):
-            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the exit flush
-        return 0
     except KeyboardInterrupt:
         pass
     finally:

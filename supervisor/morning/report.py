@@ -27,6 +27,7 @@ from pathlib import Path
 
 from shared.errors import ConfigError
 from shared.run_record import Detection, State
+from supervisor.morning.facts import Attempt, RunFacts, RunState, Unclassified, Unsupervised
 from supervisor.morning.report_doc import (
     Block,
     Code,
@@ -38,14 +39,7 @@ from supervisor.morning.report_doc import (
     to_markdown,
 )
 from supervisor.morning.report_numbers import numbers
-from supervisor.morning.runfacts import (
-    Attempt,
-    RunFacts,
-    RunState,
-    Unclassified,
-    Unsupervised,
-    gather,
-)
+from supervisor.morning.runfacts import gather
 from supervisor.morning.runlogs import resolve_run_dir
 from supervisor.morning.verdict import clock, describe, duration, kind, restarts
 
@@ -258,6 +252,8 @@ def _failures(facts: RunFacts) -> list[Block]:
             after = (f", {duration(latency)} after its last sign of life"
                      if latency is not None else "")
             text += f" Noticed {how}{after}."
+        if a.bad_data:
+            text += f" The failing batch's data: `{a.bad_data}`."
         if a.action:
             text += f" The supervisor chose **{a.action.value.replace('_', ' ')}**"
             reason = a.action_reason

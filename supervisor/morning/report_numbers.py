@@ -14,8 +14,8 @@ from pathlib import Path
 
 from shared.exitcodes import FailureClass
 from shared.run_record import Detection
+from supervisor.morning.facts import RunFacts
 from supervisor.morning.report_doc import Block, Heading, Para, Table
-from supervisor.morning.runfacts import RunFacts
 from supervisor.morning.verdict import clock, duration, restarts
 
 MEMORY_GROWTH = 0.5  # as shared/progress.py: more than 50 % above the first steps
@@ -60,6 +60,32 @@ def _per_attempt(facts: RunFacts) -> dict[int, dict[str, float]]:
                     "peak": max((float(m.get("peak_mb") or 0) for m in ms), default=0.0),
                     "rss": max((float(m.get("rss_mb") or 0) for m in ms), default=0.0)}
     return out
+
+
+def _data_rows(facts: RunFacts) -> list[list[str]]:
+    """Lines skipped (malformed, no target tokens) and sequences cut to max_seq_length, per
+    data file, from the worker's data events (worker/data.py); streaming says what it has
+    read so far."""
+    skipped, cut = [], []
+    files = facts.data_files or {p: {"malformed": n} for p, n in facts.data_skipped.items()}
+    for path, d in files.items():
+        name = Path(path).name
+        n, k = int(d.get("malformed") or 0), int(d.get("no_targets") or 0)
+        if n:
+            skipped.append(f"{n} malformed in `{name}`")
+        if k:
+            skipped.append(f"{k} with no target tokens in `{name}` (prompt fills "
+                           "max_seq_length)")
+        read = d.get("examples_read")
+        partial = "" if d.get("lengths_known", True) else (
+            f" so far (streaming: {read} of {d.get('examples')} examples read)")
+        if d.get("truncated"):
+            cut.append(f"{d['truncated']} in `{name}` cut to max_seq_length "
+                       f"{d.get('max_seq_length')} (longest {d.get('longest')} tokens){partial}")
+        elif partial:
+            cut.append(f"none in `{name}`{partial}")
+    return [["data lines skipped", "; ".join(skipped) or "none"],
+            ["sequences truncated", "; ".join(cut) or "none"]]
 
 
 def eta_accuracy(facts: RunFacts) -> list[list[str]]:
@@ -126,11 +152,12 @@ def numbers(facts: RunFacts) -> list[Block]:
         first, last = facts.evals[0], facts.evals[-1]
         rows.append(["validation", f"{first[1]:.3f} at step {first[0]} → {last[1]:.3f} at "
                                    f"step {last[0]} ({len(facts.evals)} evaluations)"])
-    if facts.data_skipped:
-        rows.append(["data lines skipped", "; ".join(
-            f"{n} malformed in `{Path(p).name}`" for p, n in facts.data_skipped.items())])
-    else:
-        rows.append(["data lines skipped", "none"])
+    if facts.test is not None:
+        loss, n = facts.test
+        ppl = f"{math.exp(loss):.3f}" if loss < 700 else "inf"
+        rows.append(["test (mlx_lm's test pass)", f"loss {loss:.3f}, perplexity {ppl} "
+                     f"({n} examples of test.jsonl, final adapters)"])
+    rows += _data_rows(facts)
     overrides = facts.record.overrides if facts.record else {}
     if overrides:
         rows.append(["settings changed", ", ".join(f"{k}={v}" for k, v in overrides.items()

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from shared.exitcodes import FailureClass as F
 from shared.run_record import Action, State
-from supervisor.morning.runfacts import Outcome, RunFacts, RunState, Unclassified, Unsupervised
+from supervisor.morning.facts import Outcome, RunFacts, RunState, Unclassified, Unsupervised
 from supervisor.morning.verdict import describe, kind, restarts
 
 COLORS: dict[Outcome, str] = {

@@ -7,11 +7,13 @@ one-line error naming the field):
     run.json            the supervisor's record: attempts, how each ended, what was done
     logs/metrics.jsonl  one line per step (shared.protocol.StepMetrics.to_dict())
     logs/worker.jsonl   evaluations, data problems, progress/ETA, each process's start and stop
-    COMPLETE            the worker's marker: final step, best step and validation loss
+    COMPLETE            the worker's marker: final step, best step and validation loss,
+                        the test loss when the config asked for mlx_lm's test pass
     checkpoints/        which checkpoints exist; adapters/: the final adapters
 
 A run trained with `overnight train` alone has no run.json: its attempts are the worker
 processes found in worker.jsonl (one `worker_started` each), and it has no supervisor actions.
+The facts' types are supervisor/morning/facts.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -28,30 +30,18 @@ from typing import Any
 from shared import run_record
 from shared.exitcodes import FailureClass
 from shared.layout import RunDir
-from shared.run_record import Action, AttemptRecord, Detection, Quarantined, RunRecord, State
+from shared.run_record import Action, AttemptRecord, RunRecord, State
+from supervisor.morning.facts import (
+    Attempt,
+    Outcome,
+    RunFacts,
+    RunState,
+    Unclassified,
+    Unsupervised,
+    num,
+    whole,
+)
 from supervisor.morning.runlogs import parse_time, read_jsonl, read_run_logs
-
-
-class Unclassified(str, Enum):
-    """How an attempt ended when there is no FailureClass for it."""
-
-    RUNNING = "running"  # it has not ended
-    KILLED = "killed"  # (no run.json) its log ends without a stop message
-    ABANDONED = "abandoned"  # its supervisor died; the next one stopped it and went on
-    UNKNOWN = "unknown"  # ended, but nothing says how
-
-
-Outcome = FailureClass | Unclassified
-
-
-class Unsupervised(str, Enum):
-    """The states of a run without run.json that are not a supervisor's `State`."""
-
-    RUNNING = "running"
-    INCOMPLETE = "incomplete"  # the last worker ended before the last step
-
-
-RunState = State | Unsupervised
 
 
 class _Read(Enum):
@@ -63,122 +53,11 @@ READ = _Read.RECORD  # gather(): read the record from the run directory
 QUIET_SECONDS = 300.0
 WORKER_EVENTS = frozenset({
     "worker_started", "worker_stopping", "resumed", "evaluated", "data_lines_skipped",
-    "data_loaded", "progress", "run_complete", "config_resolved", "worker_crashed",
+    "data_loaded", "data_seen", "progress", "run_complete", "config_resolved", "worker_crashed",
 })
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One worker process, from the record (supervised) or from the worker log (alone)."""
-
-    number: int
-    pid: int | None = None
-    started: float = math.nan  # epoch seconds
-    ended: float | None = None  # None: still running (or unknown)
-    start_step: int = 0
-    end_step: int = 0
-    resumed_from: int | None = None  # checkpoint step; None: a fresh start
-    outcome: Outcome = Unclassified.UNKNOWN
-    detail: str = ""
-    detected_by: Detection | None = None
-    detection_latency_s: float | None = None
-    action: Action | None = None  # the supervisor's decision (None without a supervisor)
-    action_reason: str = ""
-    restart_delay_s: float | None = None
-    downtime_s: float | None = None  # previous end noticed -> this attempt's first step
-    settings: dict[str, Any] = field(default_factory=dict)
-    settings_changed: dict[str, Any] = field(default_factory=dict)
-    lr_scale: float | None = None
-    skip_steps: int = 0
-    tokens_per_sec: float | None = None
-    peak_mlx_mb: float | None = None
-    peak_rss_mb: float | None = None
-    stderr_tail: str = ""
-    log: str | None = None  # the raw output file, relative to the run directory
-
-    @property
-    def seconds(self) -> float | None:
-        if self.ended is None or math.isnan(self.started):
-            return None
-        return max(0.0, self.ended - self.started)
-
-    @property
-    def failed(self) -> bool:
-        """It ended, and not normally (shared.exitcodes.NORMAL_ENDS)."""
-        if isinstance(self.outcome, FailureClass):
-            return self.outcome.is_failure
-        return self.outcome is not Unclassified.RUNNING
-
-
-@dataclass(frozen=True)
-class RunFacts:
-    run_dir: Path
-    run_id: str
-    supervised: bool  # there is a run.json
-    state: RunState  # the record's; without one: finished, early_stopped, running, incomplete
-    reason: str
-    total_steps: int
-    final_step: int
-    started: float
-    ended: float | None  # None: still running
-    attempts: list[Attempt]
-    config: dict[str, Any]
-    record: RunRecord | None = None
-    metrics: list[dict[str, Any]] = field(default_factory=list)  # in file order
-    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss) by step
-    best: tuple[int, float] | None = None  # (step, val_loss)
-    progress: list[dict[str, Any]] = field(default_factory=list)  # worker "progress" events
-    data_skipped: dict[str, int] = field(default_factory=dict)  # data file -> malformed lines
-    checkpoints: list[int] = field(default_factory=list)  # steps present, ascending
-    quarantined: tuple[Quarantined, ...] = ()
-    complete: dict[str, Any] | None = None
-    unreadable_lines: int = 0
-
-    @property
-    def finished(self) -> bool:
-        return isinstance(self.state, State) and self.state.is_complete
-
-    @property
-    def running(self) -> bool:
-        if isinstance(self.state, State):
-            return not self.state.is_final
-        return self.state is Unsupervised.RUNNING
-
-    @property
-    def wall_seconds(self) -> float | None:
-        end = self.ended if self.ended is not None else time.time()
-        return None if math.isnan(self.started) else max(0.0, end - self.started)
-
-    @property
-    def layout(self) -> RunDir:
-        return RunDir(self.run_dir)
-
-    def metrics_by_attempt(self) -> dict[int, list[dict[str, Any]]]:
-        """Attempt number -> its metrics lines: by their `attempt` field under a supervisor;
-        by start time otherwise (`overnight train` numbers every process attempt 1)."""
-        out: dict[int, list[dict[str, Any]]] = {}
-        starts = [a.started for a in self.attempts]
-        for m in self.metrics:
-            if self.supervised:
-                key = _int(m.get("attempt"))
-            else:
-                t = _num(m.get("time"), 0.0) or 0.0
-                key = max(1, sum(1 for s in starts if not math.isnan(s) and s <= t))
-            out.setdefault(key, []).append(m)
-        return out
-
-
-# ---- reading ---------------------------------------------------------------------------
-
-
-def _num(v: Any, default: float | None = None) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return default
-    return float(v)
-
-
-def _int(v: Any, default: int = 0) -> int:
-    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
+# worker/data.py's summary of a data file: data_loaded / data_lines_skipped at load, data_seen
+# as streaming reads the first epoch (the last one per file is what is known).
+DATA_EVENTS = frozenset({"data_lines_skipped", "data_loaded", "data_seen"})
 
 
 def attempts_from_record(record: RunRecord) -> list[Attempt]:
@@ -202,7 +81,7 @@ def _attempt(a: AttemptRecord) -> Attempt:
         downtime_s=a.downtime_s, settings=a.settings, settings_changed=a.settings_changed,
         lr_scale=a.lr_scale, skip_steps=a.skip_steps, tokens_per_sec=a.tokens_per_sec_avg,
         peak_mlx_mb=a.peak_mlx_mb, peak_rss_mb=a.peak_rss_mb, stderr_tail=a.stderr_tail,
-        log=a.log,
+        log=a.log, bad_data=a.bad_data.lines if a.bad_data is not None else "",
     )
 
 
@@ -225,10 +104,10 @@ def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
     out = []
     for i, p in enumerate(procs):
         until = procs[i + 1].started if i + 1 < len(procs) else math.inf
-        mine = [m for m in metrics if p.started <= _num(m.get("time"), 0.0) < until]  # type: ignore[operator]
-        steps = [_int(m.get("step")) for m in mine]
+        mine = [m for m in metrics if p.started <= num(m.get("time"), 0.0) < until]  # type: ignore[operator]
+        steps = [whole(m.get("step")) for m in mine]
         s = p.stopping or {}
-        end_step = max([*steps, _int(s.get("step")), p.start_step])
+        end_step = max([*steps, whole(s.get("step")), p.start_step])
         last = i + 1 == len(procs)
         outcome: Outcome
         if s:
@@ -239,11 +118,11 @@ def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
             outcome = FailureClass.CRASH if p.crashed else Unclassified.KILLED
             detail = ("uncaught exception (see the worker log)" if p.crashed else
                       "ended without a stop message: killed, aborted or out of memory")
-        secs = sum(_num(m.get("step_seconds"), 0.0) or 0.0 for m in mine)
-        toks = sum(_int(m.get("tokens")) for m in mine)
-        peaks = [_num(m.get("peak_mb"), 0.0) or 0.0 for m in mine]
-        rss = [_num(m.get("rss_mb"), 0.0) or 0.0 for m in mine]
-        times = [_num(m.get("time"), 0.0) or 0.0 for m in mine]
+        secs = sum(num(m.get("step_seconds"), 0.0) or 0.0 for m in mine)
+        toks = sum(whole(m.get("tokens")) for m in mine)
+        peaks = [num(m.get("peak_mb"), 0.0) or 0.0 for m in mine]
+        rss = [num(m.get("rss_mb"), 0.0) or 0.0 for m in mine]
+        times = [num(m.get("time"), 0.0) or 0.0 for m in mine]
         out.append(Attempt(
             number=i + 1, pid=p.pid, started=p.started,
             ended=None if outcome is Unclassified.RUNNING else max([p.last_seen, *times]),
@@ -251,6 +130,7 @@ def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
             outcome=outcome, detail=detail, detected_by=None,
             tokens_per_sec=toks / secs if secs > 0 else None,
             peak_mlx_mb=max(peaks) if peaks else None, peak_rss_mb=max(rss) if rss else None,
+            bad_data=str(s.get("data_lines") or ""),
         ))
     return out
 
@@ -303,6 +183,7 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
     best: tuple[int, float] | None = None
     progress: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
+    data_files: dict[str, dict[str, Any]] = {}
     config: dict[str, Any] = dict(record.config) if record else {}
     first_seen = last_seen = math.nan
     by_pid: dict[Any, _Proc] = {}
@@ -319,23 +200,24 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
             if ev not in WORKER_EVENTS:
                 continue
             if ev == "worker_started":
-                proc = _Proc(d.get("pid"), _int(d.get("attempt"), 1), t, t)
+                proc = _Proc(d.get("pid"), whole(d.get("attempt"), 1), t, t)
                 by_pid[proc.pid] = proc
                 procs.append(proc)
             elif ev == "resumed" and proc is not None:
-                proc.start_step = proc.resumed_from = _int(d.get("step"))
+                proc.start_step = proc.resumed_from = whole(d.get("step"))
             elif ev == "worker_stopping" and proc is not None:
                 proc.stopping = d
             elif ev == "worker_crashed" and proc is not None:
                 proc.crashed = True
-            elif ev == "evaluated" and _num(d.get("val_loss")) is not None:
-                evals[_int(d.get("step"))] = float(d["val_loss"])
-                if _num(d.get("best_val_loss")) is not None:
-                    best = (_int(d.get("best_step")), float(d["best_val_loss"]))
+            elif ev == "evaluated" and num(d.get("val_loss")) is not None:
+                evals[whole(d.get("step"))] = float(d["val_loss"])
+                if num(d.get("best_val_loss")) is not None:
+                    best = (whole(d.get("best_step")), float(d["best_val_loss"]))
             elif ev == "progress":
                 progress.append({"time": t, **d})
-            elif ev in ("data_lines_skipped", "data_loaded") and d.get("path"):
-                skipped[str(d["path"])] = _int(d.get("malformed"))
+            elif ev in DATA_EVENTS and d.get("path"):
+                skipped[str(d["path"])] = whole(d.get("malformed"))
+                data_files[str(d["path"])] = d
             elif ev == "config_resolved" and not config and isinstance(d.get("config"), dict):
                 config = d["config"]
 
@@ -345,10 +227,10 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
         state, reason = record.state, record.reason
         started = parse_time(record.created)
         ended = parse_time(record.ended) if record.ended else None
-        total = record.total_steps or _int(config.get("iters"))
+        total = record.total_steps or whole(config.get("iters"))
         final = record.final_step
         bc = record.best_checkpoint
-        if bc is not None and _num(bc.val_loss) is not None:
+        if bc is not None and num(bc.val_loss) is not None:
             best = (bc.step, bc.val_loss)
         run_id = record.run_id or run_dir.name
     else:
@@ -367,19 +249,19 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
         ended = None if state is Unsupervised.RUNNING else last_seen
         if ended is not None and math.isnan(ended):
             ended = None
-        total = _int((complete or {}).get("total_steps")) or _int(config.get("iters"))
-        steps = [_int(m.get("step")) for m in metrics] + [a.end_step for a in attempts]
-        final = max([*steps, _int((complete or {}).get("step"))])
+        total = whole((complete or {}).get("total_steps")) or whole(config.get("iters"))
+        steps = [whole(m.get("step")) for m in metrics] + [a.end_step for a in attempts]
+        final = max([*steps, whole((complete or {}).get("step"))])
         run_id = _run_id(run, metrics)
-    if complete and _num(complete.get("best_val_loss")) is not None and best is None:
-        best = (_int(complete.get("best_step")), float(complete["best_val_loss"]))
+    if complete and num(complete.get("best_val_loss")) is not None and best is None:
+        best = (whole(complete.get("best_step")), float(complete["best_val_loss"]))
 
     return RunFacts(
         run_dir=run_dir, run_id=run_id, supervised=record is not None, state=state,
         reason=reason, total_steps=total, final_step=final, started=started, ended=ended,
         attempts=attempts, config=config, record=record, metrics=metrics,
         evals=sorted(evals.items()), best=best, progress=progress,
-        data_skipped={k: v for k, v in skipped.items() if v},
+        data_skipped={k: v for k, v in skipped.items() if v}, data_files=data_files,
         checkpoints=_checkpoint_steps(run),
         quarantined=record.quarantined if record else (),
         complete=complete, unreadable_lines=bad,

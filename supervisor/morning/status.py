@@ -20,8 +20,8 @@ from shared.errors import OvernightError, ProtocolError
 from shared.layout import RunDir
 from shared.protocol import ControlReply, ControlRequest, decode
 from shared.run_record import RunRecord
+from shared.runlock import Role, is_locked, read, read_holder
 from supervisor.daemon.control import RunStatus, decode_status
-from supervisor.lock import is_locked, read_holder
 from supervisor.morning.runlogs import resolve_run_dir
 from supervisor.morning.verdict import progress_line, verdict
 
@@ -53,7 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # the registry's fa
 def request(run: RunDir, command: str, timeout: float = TIMEOUT) -> ControlReply:
     """One request/reply on the control socket; NoSupervisor if nobody answers in time."""
     path = Path(run.control_endpoint.removeprefix("ipc://"))
-    if not path.exists() or not is_locked(run.lock):
+    holder = read(run.lock)
+    if not path.exists() or not is_locked(run.lock) or (
+            holder is not None and holder.role is Role.WORKER):  # `overnight train` alone
         raise NoSupervisor(f"{run.root}: no supervisor is running")
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
@@ -79,9 +81,10 @@ def main_status(args: argparse.Namespace) -> int:
         live = decode_status(reply.data)
     except NoSupervisor:
         pass
-    record = run_record.load(run.record)  # RecordError: one line naming the field
-    if args.json:
-        data = live.to_dict() if live else record.to_dict() if record else {}
+    found = run_record.load_with_json(run.record)  # RecordError: one line naming the field
+    record, stored = found if found is not None else (None, {})
+    if args.json:  # the live reply, or run.json as the supervisor wrote it
+        data = live.to_dict() if live is not None else stored
         print(json.dumps({"live": live is not None, **data}, indent=2, sort_keys=True))
         return 0
     # The report's verdict first; then the supervisor's view (when there is one) and, while

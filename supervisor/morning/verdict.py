@@ -27,14 +27,8 @@ from shared.exitcodes import FailureClass as F
 from shared.progress import Progress
 from shared.run_record import Action, BestCheckpoint, LatestCheckpoint, RunRecord, State
 from supervisor.daemon.control import RunStatus
-from supervisor.morning.runfacts import (
-    Attempt,
-    Outcome,
-    RunFacts,
-    Unclassified,
-    Unsupervised,
-    gather,
-)
+from supervisor.morning.facts import Attempt, Outcome, RunFacts, Unclassified, Unsupervised
+from supervisor.morning.runfacts import gather
 from supervisor.morning.runlogs import tail_jsonl
 
 KIND: dict[Outcome, str] = {
@@ -96,6 +90,8 @@ def failure_note(a: Attempt, following: Attempt | None) -> str:
         back = following.resumed_from if following.resumed_from is not None else 0
         lr = f", lr ×{following.lr_scale:g}" if following.lr_scale else ""
         changes.insert(0, f"rolled back to {back}{lr}")
+    if a.action == "skip_batch":  # supervisor/policy.py: the same batch non-finite again
+        changes.insert(0, "that batch skipped (its data, not divergence)")
     return text + (" → " + ", ".join(changes) if changes else "")
 
 
@@ -160,6 +156,8 @@ def describe(facts: RunFacts) -> str:
     best = _best_text(facts)
     if best:
         parts.append(best)
+    if facts.test is not None:
+        parts.append(f"test loss {facts.test[0]:.3f}")
     return "; ".join(parts)
 
 

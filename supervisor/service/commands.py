@@ -32,9 +32,9 @@ from pathlib import Path
 
 from shared import config as config_mod
 from shared import run_record
-from shared.errors import ConfigError, OvernightError, RecordError
+from shared.errors import ConfigError, OvernightError, RecordError, RunDirError
 from shared.fsutil import atomic_write_bytes
-from shared.layout import RunDir
+from shared.layout import RunDir, creation_problem
 from supervisor.service import launchd, systemd
 from supervisor.service.model import STOP_MARGIN, Host, Platform, ServiceManager, ServiceSpec, Step
 
@@ -278,6 +278,13 @@ def main_install(args: argparse.Namespace) -> int:
             )
     before, after = b.install_steps(spec, state, old)
     what = {"new": "new", "same": "unchanged", "replace": "replaces the installed one"}[state]
+    # A run directory the service could never create: one line now, not a failing service.
+    if args.dry_run:
+        problem = creation_problem(spec.run_dir)
+        if problem:
+            raise RunDirError(problem)
+    else:
+        RunDir(spec.run_dir).create()
     if args.dry_run:
         print(f"# overnight install: dry run, nothing written or run\n# {path} ({what})")
         print(content, end="" if content.endswith("\n") else "\n")
@@ -290,7 +297,6 @@ def main_install(args: argparse.Namespace) -> int:
     for step in before:
         _execute(step, b)
     if state != "same":
-        RunDir(spec.run_dir).logs.mkdir(parents=True, exist_ok=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, content.encode("utf-8"))
         print(f"wrote {path}")
