@@ -2,7 +2,7 @@
 
     python tests/fake_worker.py train CONFIG --run-dir D --telemetry E --attempt N
         [--resume auto|PATH [--validated SHA256] | --fresh] [--set k=v]... [--lr-scale F]
-        [--skip-steps K]
+        [--skip-steps K] [--skip-batch B]...
 
 Same contract as the real worker: telemetry through the worker's own sender
 (worker/telemetry.py: heartbeats from its thread, batched non-blocking sends), StepMetrics per
@@ -270,6 +270,7 @@ def main() -> None:
     p.add_argument("--lr-scale", type=float)
     p.add_argument("--skip-steps", type=int, default=0)
     p.add_argument("--validated")
+    p.add_argument("--skip-batch", type=int, action="append", default=[])  # accepted, unused
     args = p.parse_args()
     (Path(args.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
     with open(Path(args.run_dir) / "logs" / f"fake-argv-{args.attempt}.json", "w") as f:

@@ -71,6 +71,14 @@ def test_every_failure_class_is_recovered_and_the_run_finishes(tmp_path, tiny_mo
     assert all(a["settings"]["batch_size"] == 2 for a in attempts[2:])
     # the checkpoint left by the spike was set aside, not deleted
     assert any(q["reason"].startswith("set aside by a rollback") for q in rec["quarantined"])
+    # each resumed attempt trusted the supervisor's validation (its manifest hash): a
+    # checkpoint is validated once per start
+    resumed = [a for a in attempts if a["resumed_from"] is not None]
+    worker_checks = [e for e in map(json.loads, (run_dir / "logs" / "worker.jsonl")
+                                    .read_text().splitlines()) if e["event"] ==
+                     "checkpoint_validated"]
+    assert resumed and len(worker_checks) == len(resumed)
+    assert all(e["by_supervisor"] for e in worker_checks)
 
     crash_latency = by["crash"]["detection_latency_s"]
     hang_latency = by["hang"]["detection_latency_s"]
