@@ -114,7 +114,9 @@ def describe(facts: RunFacts) -> str:
     if state == "finished":
         head = f"finished {steps} steps in {wall}"
     elif state == "early_stopped":
-        head = f"early-stopped at step {steps} after {wall} (validation loss stopped improving)"
+        validated = bool(facts.evals) or facts.best is not None  # light facts: no logs read
+        watched = "validation loss" if validated else "smoothed training loss"
+        head = f"early-stopped at step {steps} after {wall} ({watched} stopped improving)"
     elif state == "gave_up":
         head = f"GAVE UP at step {steps} after {wall}: {facts.reason or '?'}"
     elif state == "stopped":

@@ -25,7 +25,7 @@ from shared.config import Config
 from shared.errors import CheckpointError, ConfigError, DataError, OvernightError
 from shared.exitcodes import ExitCode
 from shared.fsutil import atomic_write_json, fsync_dir
-from shared.layout import RunDir
+from shared.layout import CHECKPOINT_PREFIX, RunDir, cannot_create
 from worker.inject import ENV as INJECT_ENV
 from worker.inject import Injector
 from worker.progress import Progress
@@ -55,6 +55,8 @@ class Session:
         self.telemetry: Telemetry | None = None
         self.reporter: Any = None
         self.trainer: Trainer | None = None
+        self._adapter_dir: Path | None = None  # mlx_lm's adapter_path, created at start
+        self._test_usable: int | None = None  # streaming: usable rows of the test subset
 
     # -------------------------------------------------------------- outer boundary
     def run(self) -> ExitCode:
@@ -157,6 +159,11 @@ class Session:
         from worker.data import find_valid_file, load_split
 
         data_dir = Path(c.data).expanduser()
+        if data_dir.is_file():
+            raise DataError(
+                f"data: {data_dir} is a file; expected the directory that holds train.jsonl "
+                f"(valid.jsonl, test.jsonl), e.g. data: {data_dir.parent}"
+            )
         test_path = data_dir / "test.jsonl"
         if c.test and not test_path.is_file():  # before anything is loaded or trained
             raise DataError(
@@ -164,6 +171,7 @@ class Session:
                 "test.jsonl; add it or set test: false)"
             )
         check_report_to(c)
+        self._adapter_dir = self._make_adapter_dir(c)
         self._announce_differences(c, find_valid_file(data_dir) is not None)
         import mlx.core as mx
         from mlx_lm.utils import maybe_set_recommended_wired_limit
@@ -259,6 +267,10 @@ class Session:
             if valid_set is not None
             else None
         )
+        if valid_set is not None and val_subset is not None and valid_set.streaming:
+            require_usable(valid_set, val_subset, "validation")
+        if test_set is not None and test_set.streaming:
+            self._test_usable = require_usable(test_set, self._test_subset(test_set), "test")
 
         plan, plan_note = plan_for_resume(
             train_set.lengths, c.effective_batch, c.seed, stored if chosen is not None else None
@@ -325,7 +337,12 @@ class Session:
         trainer.writer.wait()
         if outcome.code in (ExitCode.COMPLETED, ExitCode.EARLY_STOPPED):
             test = self._test(trainer, test_set) if test_set is not None else None
-            self._finish(trainer, outcome, test)
+            # A run resumed from its final checkpoint (killed before COMPLETE was written, or
+            # --resume of a finished run's checkpoint) trains nothing: that checkpoint is final.
+            final = trainer.writer.last.path if trainer.writer.last is not None else chosen
+            if final is None:
+                raise CheckpointError("the run ended without a checkpoint to publish")
+            self._finish(trainer, outcome, final, test)
         return outcome
 
     # -------------------------------------------------------------- helpers
@@ -338,6 +355,9 @@ class Session:
             from worker.model import is_mlx_lm_adapter  # no MLX import
 
             path = Path(resume).expanduser().resolve()
+            not_one = _not_a_checkpoint(path)
+            if not_one:
+                raise CheckpointError(f"--resume {resume}: {not_one}")
             if is_mlx_lm_adapter(path):
                 raise CheckpointError(
                     f"--resume {resume}: an mlx_lm adapter, not a checkpoint: use "
@@ -423,27 +443,33 @@ class Session:
             from shared.config import load_yaml
 
             file_values = load_yaml(Path(self.args.config))
-        given = set(file_values) | {k.split(".")[0] for k in overrides_from(self.args)}
+        given = {k for k, v in file_values.items() if v is not None} | {
+            k.split(".")[0] for k in overrides_from(self.args)
+        }
         diffs = mlx_lm_keys.differences(c, given, has_valid)
         log.info("mlx_lm_differences", differences=[d.line() for d in diffs])
         print(mlx_lm_keys.render(diffs), file=sys.stderr, flush=True)
-        for warning in mlx_lm_keys.warnings(file_values):
+        for warning in mlx_lm_keys.warnings(file_values, c):
             log.warning("config_key_ignored", detail=warning)
+
+    def _test_subset(self, test_set: Any) -> Any:
+        """The test pass's examples: test_batches x batch_size of them (a fixed subset), or
+        all with test_batches: -1."""
+        from worker.batching import fixed_subset
+
+        c = self.config
+        n = len(test_set) if c.test_batches < 0 else c.test_batches * c.batch_size
+        return fixed_subset(len(test_set), min(n, len(test_set)), c.seed)
 
     def _test(self, trainer: Trainer, test_set: Any) -> dict[str, Any]:
         """mlx_lm's test pass (`mlx_lm lora --test`): the loss of the trained model on
         test.jsonl, over test_batches x batch_size examples (a fixed subset; -1 = all)."""
-        from worker.batching import fixed_subset
-
-        c = self.config
         self._phase(p.Phase.EVALUATING)
         tic = time.perf_counter()
-        n = (
-            len(test_set)
-            if c.test_batches < 0
-            else min(c.test_batches * c.batch_size, len(test_set))
-        )
-        loss = trainer.evaluate(test_set, fixed_subset(len(test_set), n, c.seed))
+        subset = self._test_subset(test_set)
+        # streaming: the rows that tokenise (require_usable counted them at load)
+        n = self._test_usable if self._test_usable is not None else len(subset)
+        loss = trainer.evaluate(test_set, subset)
         ppl = math.exp(loss) if math.isfinite(loss) and loss < 700 else math.inf
         result = {"test_loss": loss, "test_ppl": ppl, "test_examples": n}
         log.info(
@@ -461,15 +487,41 @@ class Session:
         )
         return result
 
+    def _make_adapter_dir(self, c: Config) -> Path | None:
+        """mlx_lm's `adapter_path`, created at start as `mlx_lm lora` does, so a path that
+        cannot be a directory is one line now rather than a failure after the night."""
+        if not c.adapter_path:
+            return None
+        path = Path(c.adapter_path).expanduser().resolve()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(
+                f"adapter_path: {cannot_create(path, e, 'adapter directory')}"
+            ) from None
+        return path
+
     def _finish(
-        self, trainer: Trainer, outcome: Outcome, test: dict[str, Any] | None = None
+        self,
+        trainer: Trainer,
+        outcome: Outcome,
+        final: Path,
+        test: dict[str, Any] | None = None,
     ) -> None:
         run = self.run_dir
-        last = trainer.writer.last
-        assert last is not None
-        publish_adapters(last.path, run.adapters)
-        if self.config.adapter_path:
-            publish_adapters(last.path, Path(self.config.adapter_path).expanduser().resolve())
+        publish_adapters(final, run.adapters)
+        adapter_dir = self._adapter_dir
+        if adapter_dir is not None:
+            try:
+                copy_adapters_into(final, adapter_dir)
+            except OSError as e:  # the adapters are in RUN_DIR/adapters all the same
+                log.warning("adapter_path_not_written", path=str(adapter_dir), error=str(e))
+                print(
+                    f"overnight train: adapter_path: {adapter_dir}: not written ({e}); the "
+                    f"final adapters are in {run.adapters}",
+                    file=sys.stderr,
+                    flush=True,
+                )
         s = trainer.state
         atomic_write_json(
             run.complete_marker,
@@ -477,7 +529,7 @@ class Session:
                 "status": outcome.reason,
                 "step": s.step,
                 "total_steps": self.config.iters,
-                "final_checkpoint": str(last.path),
+                "final_checkpoint": str(final),
                 "adapters": str(run.adapters),
                 "best_step": s.best_step,
                 "best_val_loss": s.best_val,
@@ -495,8 +547,58 @@ class Session:
         )
 
 
+def require_usable(examples: Any, subset: Any, what: str) -> int:
+    """Streaming reads validation and test rows only when it evaluates them: read the rows
+    an evaluation uses now (`subset`, int64 indices), so a file with none usable is one line
+    at load as in memory, not a NaN loss at every evaluation, and their counts (skipped
+    lines, truncation) reach the log and the report. Returns how many are usable; raises
+    DataError naming the file and the first unusable line."""
+    usable = len(examples.fetch(subset))  # count=None: each row counted once per process
+    examples.log_progress()
+    if usable == 0:
+        first = examples.summary()["first_problems"]
+        raise DataError(
+            f"{examples.index.path}: no usable examples in the {len(subset)} {what} examples "
+            "read" + (f" (first: {first[0]})" if first else "")
+        )
+    return usable
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why `--resume PATH` names no checkpoint, when it is something else we know ("" when
+    it may be one: the validator then judges it)."""
+    if not path.exists():
+        return f"{path}: no such checkpoint directory"
+    if path.is_file() and (path.parent / "manifest.json").is_file():
+        return f"{path} is a file of the checkpoint {path.parent}: --resume {path.parent}"
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")) if path.is_dir() else []
+    if (path / "checkpoints").is_dir() and (path / "run_id").is_file():
+        hint = f", or name one: --resume {steps[-1]}" if steps else ""
+        return (f"{path} is a run directory, not a checkpoint: `--run-dir {path}` resumes "
+                f"from its newest valid checkpoint{hint}")
+    if steps and not (path / "manifest.json").exists():
+        return (f"{path} is a checkpoints directory, not a checkpoint: name one: --resume "
+                f"{steps[-1]}")
+    return ""
+
+
+def copy_adapters_into(checkpoint: Path, dest: Path) -> None:
+    """Write adapters.safetensors + adapter_config.json into `dest` as `mlx_lm lora` writes
+    its `adapter_path`: each file replaced atomically, everything else in `dest` left alone."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (ckpt.ADAPTERS, ckpt.ADAPTER_CONFIG):
+        tmp = dest / f".{name}.tmp-{os.getpid()}"
+        shutil.copy2(checkpoint / name, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest / name)
+    fsync_dir(dest)
+
+
 def publish_adapters(checkpoint: Path, dest: Path) -> None:
-    """Place adapters.safetensors + adapter_config.json at dest, replacing it atomically."""
+    """Place adapters.safetensors + adapter_config.json at dest, replacing it atomically.
+    Only for a directory this run owns (RUN_DIR/adapters): whatever else is in it goes."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     if tmp.exists():
