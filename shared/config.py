@@ -19,6 +19,7 @@ An existing `mlx_lm lora` config runs unchanged. Precedence: command line > file
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Literal, cast, get_type_hints
+from typing import Any, Literal, cast, get_args, get_type_hints
 
 from shared import records
 from shared.errors import ConfigError
@@ -219,6 +220,7 @@ class Config:
 # Every mlx_lm key is honoured, refused or warned about: shared/mlx_lm_keys.py.
 REPORTERS = ("wandb", "swanlab")  # mlx_lm.tuner.callbacks.SUPPORT_CALLBACK
 SIZE_KEYS = ("clear_cache_threshold", "wired_limit")
+SCHEDULE_KEYS = ("name", "arguments", "warmup", "warmup_init")  # mlx_lm's build_schedule
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -268,15 +270,20 @@ def resolve(
     """
     merged: dict[str, Any] = json.loads(json.dumps(file_values or {}, default=str))
     for key in list(merged):
+        if key in MLX_LM_KEYS and merged[key] is None:
+            del merged[key]  # as mlx_lm lora: an mlx_lm key left empty takes its default
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(merged, dotted, value)
+    for key in merged:  # from the file or the command line (--set hf_dataset=...)
         handling = MLX_LM_KEYS.get(key)
         if handling is not None and handling.status == "refused":
             raise ConfigError(f"{source}: key {key!r} is not supported: {handling.note}")
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(merged, dotted, value)
     try:
         for key in SIZE_KEYS:
             if key in merged:
                 merged[key] = parse_size(merged[key], key)
+        if isinstance(merged.get("optimizer"), str):  # mlx_lm: args.optimizer.lower()
+            merged["optimizer"] = merged["optimizer"].lower()
         if isinstance(merged.get("report_to"), str):  # mlx_lm: "wandb,swanlab", any case
             merged["report_to"] = [r.strip().lower() for r in merged["report_to"].split(",")
                                    if r.strip()]
@@ -306,6 +313,8 @@ def _check_ranges(c: Config, source: str) -> None:
     need(c.grad_accumulation_steps >= 1, "grad_accumulation_steps", "an integer >= 1",
          c.grad_accumulation_steps)
     need(c.iters >= 1, "iters", "an integer >= 1", c.iters)
+    # mlx_lm seeds numpy's legacy generator with it (np.random.seed: 0 <= seed < 2**32)
+    need(0 <= c.seed < 2**32, "seed", "an integer 0 <= seed < 2**32", c.seed)
     need(c.learning_rate > 0, "learning_rate", "a number > 0", c.learning_rate)
     need(c.num_layers == -1 or c.num_layers >= 1, "num_layers", "-1 or >= 1", c.num_layers)
     need(c.lora_parameters.rank >= 1, "lora_parameters.rank", "an integer >= 1",
@@ -339,6 +348,25 @@ def _check_ranges(c: Config, source: str) -> None:
              "a mlx.optimizers schedule name", c.lr_schedule.get("name"))
         need(isinstance(c.lr_schedule.get("arguments"), list), "lr_schedule.arguments",
              "a list", c.lr_schedule.get("arguments"))
+        # mlx_lm's build_schedule reads only these and ignores any other key (a misspelt
+        # `warmup_steps` would train with no warmup, without a word)
+        for key in c.lr_schedule:
+            if key not in SCHEDULE_KEYS:
+                raise ConfigError(
+                    f"{source}: lr_schedule.{key}: unknown key {key!r}; mlx_lm's schedule "
+                    "has name, arguments, warmup (steps) and warmup_init")
+        warmup = c.lr_schedule.get("warmup", 0)
+        need(isinstance(warmup, (int, float)) and not isinstance(warmup, bool)
+             and float(warmup).is_integer() and warmup >= 0,
+             "lr_schedule.warmup", "an integer >= 0", warmup)
+    optimizers = list(get_args(get_type_hints(Config)["optimizer"]))
+    for name, kwargs in c.optimizer_config.items():
+        if name not in optimizers:  # mlx_lm reads optimizer_config[optimizer] only
+            close = difflib.get_close_matches(str(name), optimizers, n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{source}: optimizer_config.{name}: unknown key {name!r}{hint}")
+        need(kwargs is None or isinstance(kwargs, dict), f"optimizer_config.{name}",
+             "a mapping of keyword arguments", kwargs)
 
 
 def load(path: Path, overrides: dict[str, Any] | None = None) -> Config:

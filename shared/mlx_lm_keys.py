@@ -42,14 +42,17 @@ KEYS: dict[str, KeyHandling] = {
                                       "refused: use `mlx_lm lora --test`. Absent: we train "
                                       "(mlx_lm's default false needs --train)"),
     "fine_tune_type": KeyHandling("same", "lora, dora or full"),
-    "optimizer": KeyHandling("same", "adam, adamw, sgd, adafactor, muon (mlx.optimizers)"),
-    "optimizer_config": KeyHandling("same", "keyword arguments per optimizer"),
+    "optimizer": KeyHandling("same", "adam, adamw, sgd, adafactor, muon (mlx.optimizers), "
+                                     "in any case, as mlx_lm lowercases it"),
+    "optimizer_config": KeyHandling("same", "keyword arguments per optimizer; an entry for an "
+                                            "optimizer not in use is warned at start"),
     "data": KeyHandling("different", "a local directory with train.jsonl, valid.jsonl (or "
                                      "val.jsonl) and test.jsonl: same. A Hugging Face dataset "
                                      "id is refused with how to export it to JSONL"),
     "seed": KeyHandling("different", "same LoRA initialisation as mlx_lm for the same seed; "
                                      "the data order and dropout masks are drawn differently "
-                                     "(from (seed, epoch) and (seed, step), for exact resume)"),
+                                     "(from (seed, epoch) and (seed, step), for exact resume); "
+                                     "0 <= seed < 2**32"),
     "num_layers": KeyHandling("same", "-1 for all layers"),
     "batch_size": KeyHandling("different", "examples per forward pass (micro-batch); when "
                                            "batch_size x grad_accumulation_steps does not divide "
@@ -76,7 +79,8 @@ KEYS: dict[str, KeyHandling] = {
                                                "keys and shapes must match exactly (mlx_lm loads "
                                                "them non-strictly). Once the run has a "
                                                "checkpoint it resumes from that"),
-    "adapter_path": KeyHandling("different", "the final adapters are copied there when set; "
+    "adapter_path": KeyHandling("different", "created at start; the final adapters' two files "
+                                             "are written into it (nothing else touched); "
                                              "they are always in RUN_DIR/adapters, checkpoints "
                                              "in RUN_DIR/checkpoints (mlx_lm: ./adapters with "
                                              "NNNNNNN_adapters.safetensors files)"),
@@ -103,7 +107,8 @@ KEYS: dict[str, KeyHandling] = {
                                                       "0 = never. mlx_lm 0.32.2 parses the key "
                                                       "but never passes it to its trainer, which "
                                                       "then clears the cache after every step"),
-    "lr_schedule": KeyHandling("same", "mlx_lm's build_schedule; no extra warmup is added"),
+    "lr_schedule": KeyHandling("same", "mlx_lm's build_schedule; no extra warmup is added; "
+                                       "a key it does not read is refused"),
     "lora_parameters": KeyHandling("same", "rank, scale, dropout, keys"),
     "mask_prompt": KeyHandling("same", "the prompt is not in the loss"),
     "report_to": KeyHandling("same", "wandb and/or swanlab through mlx_lm's own reporting "
@@ -210,12 +215,20 @@ def differences(c: Config, given: set[str] | None = None,
     return out
 
 
-def warnings(file_values: dict[str, object]) -> list[str]:
-    """Keys that are accepted but do nothing here (status "warned"), one line each."""
+def warnings(file_values: dict[str, object], c: Config | None = None) -> list[str]:
+    """Keys that are accepted but do nothing here (status "warned"), one line each; with the
+    resolved config `c`, also optimizer_config entries for an optimizer not in use (mlx_lm
+    reads only optimizer_config[optimizer]: weight decay set for adamw does nothing to adam)."""
     out = []
     for key, h in KEYS.items():
         if h.status == "warned" and file_values.get(key) is not None:
             out.append(f"{key}: {file_values[key]!r} does nothing here: {h.note}")
+    if c is not None:
+        for name, kwargs in c.optimizer_config.items():
+            if name != c.optimizer and kwargs:
+                out.append(f"optimizer_config.{name}: {kwargs!r} does nothing here: the "
+                           f"optimizer is {c.optimizer} (only optimizer_config.{c.optimizer} "
+                           "is used, as in mlx_lm)")
     return out
 
 

@@ -192,3 +192,70 @@ def test_non_finite_numbers_are_refused() -> None:
             cfg.resolve({"model": "m", "data": "d",
                          "grad_spike": {"threshold": yaml.load(text, yamlfile._Loader)}},
                         source="x.yaml")
+
+
+def test_an_mlx_lm_key_left_empty_means_its_default_as_in_mlx_lm() -> None:
+    """mlx_lm lora fills every CONFIG_DEFAULTS key whose value is None (`seed:` left empty in
+    YAML) with its default; before, each was refused ("expected an integer, got None")."""
+    empty = ["train", "fine_tune_type", "optimizer", "optimizer_config", "seed", "num_layers",
+             "batch_size", "iters", "val_batches", "learning_rate", "steps_per_report",
+             "steps_per_eval", "resume_adapter_file", "adapter_path", "save_every", "test",
+             "test_batches", "max_seq_length", "config", "grad_checkpoint",
+             "grad_accumulation_steps", "clear_cache_threshold", "lr_schedule",
+             "lora_parameters", "mask_prompt", "report_to", "project_name",
+             "trust_remote_code"]
+    c = cfg.resolve({"model": "m", "data": "d", **dict.fromkeys(empty)})
+    assert c == cfg.resolve({"model": "m", "data": "d"})
+    with pytest.raises(ConfigError, match="model: expected a model directory"):
+        cfg.resolve({"model": None, "data": "d"})
+    with pytest.raises(ConfigError, match=r"early_stopping\.patience: expected an integer"):
+        cfg.resolve({"model": "m", "data": "d", "early_stopping": {"patience": None}})
+
+
+def test_the_optimizer_name_is_read_in_any_case_as_mlx_lm_reads_it() -> None:
+    """mlx_lm lora: `optimizer_name = args.optimizer.lower()`; a YAML `optimizer: AdamW`
+    trains with AdamW there, and was refused here."""
+    assert cfg.resolve({"model": "m", "data": "d", "optimizer": "AdamW"}).optimizer == "adamw"
+    assert cfg.resolve({"model": "m", "data": "d"}, {"optimizer": "SGD"}).optimizer == "sgd"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64 + 1])
+def test_a_seed_numpy_and_mlx_cannot_take_is_one_line(seed: int) -> None:
+    """mlx_lm seeds numpy's legacy generator (0 <= seed < 2**32); before, -1 or 2**64 + 1 was
+    a TypeError traceback from mx.random.seed after the model had loaded (exit 1, and the
+    supervisor restarted it into the same crash)."""
+    with pytest.raises(ConfigError) as e:
+        cfg.resolve({"model": "m", "data": "d", "seed": seed}, source="run.yaml")
+    assert str(e.value) == f"run.yaml: seed: expected an integer 0 <= seed < 2**32, got {seed}"
+    assert cfg.resolve({"model": "m", "data": "d", "seed": 2**32 - 1}).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"lr_schedule": {"name": "cosine_decay", "arguments": [1e-5, 100],
+                          "warmup_steps": 100}},
+         "lr_schedule.warmup_steps: unknown key 'warmup_steps'; mlx_lm's schedule has name, "
+         "arguments, warmup (steps) and warmup_init"),
+        ({"lr_schedule": {"name": "cosine_decay", "arguments": [1e-5, 100], "warmup": -5}},
+         "lr_schedule.warmup: expected an integer >= 0, got -5"),
+        ({"optimizer_config": {"adamw ": {"weight_decay": 0.1}}},
+         "optimizer_config.adamw : unknown key 'adamw '; did you mean 'adamw'?"),
+        ({"optimizer_config": {"adam": [0.9, 0.99]}},
+         "optimizer_config.adam: expected a mapping of keyword arguments, got [0.9, 0.99]"),
+    ],
+)
+def test_keys_inside_lr_schedule_and_optimizer_config_are_checked(values: dict,
+                                                                   message: str) -> None:
+    """mlx_lm's build_schedule reads name, arguments, warmup and warmup_init, and ignores any
+    other key: `warmup_steps: 100` under lr_schedule trained with no warmup, without a word."""
+    with pytest.raises(ConfigError) as e:
+        cfg.resolve({"model": "m", "data": "d", **values}, source="run.yaml")
+    assert str(e.value) == f"run.yaml: {message}"
+
+
+def test_a_refused_mlx_lm_key_is_refused_from_the_command_line_too() -> None:
+    """Before: `--set hf_dataset=...` said "unknown key 'hf_dataset'", as if mlx_lm had none."""
+    with pytest.raises(ConfigError) as e:
+        cfg.resolve({"model": "m", "data": "d"}, {"hf_dataset.path": "billsum"}, source="x")
+    assert str(e.value).startswith("x: key 'hf_dataset' is not supported: Hugging Face")

@@ -287,3 +287,19 @@ def test_describe_lines_joins_runs_and_caps_the_list() -> None:
         "train.jsonl:3,8-10,40")
     assert data.describe_lines(Path("t.jsonl"), range(1, 200, 2), most=3) == (
         "t.jsonl:1,3,5 (+97 more lines)")
+
+
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_mask_prompt_on_text_data_names_the_key_and_the_format(tmp_path: Path, tokenizer,
+                                                                streaming: str) -> None:
+    """mlx_lm's own ValueError ("Prompt masking not supported for text dataset.") named
+    neither the key nor what to do."""
+    path = _write(tmp_path / "train.jsonl", [{"text": "the fox jumps"}] * 3)
+    c = cfg.resolve({"model": "m", "data": "d", "mask_prompt": True,
+                     "training": {"streaming": streaming}})
+    with pytest.raises(DataError) as e:
+        data.load_split(path, tokenizer, c, 0.0)
+    assert str(e.value) == (
+        f"{path}: mask_prompt: true needs a prompt, and this file is text data ('text' rows); "
+        "use completions ('prompt'/'completion') or chat ('messages') rows, or set "
+        "mask_prompt: false")

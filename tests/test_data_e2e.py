@@ -102,6 +102,64 @@ def test_a_row_the_tokenizer_rejects_is_skipped_and_named_never_the_end_of_the_r
     assert max(metrics(run)) == 12
 
 
+# ---- validation and test files read while streaming ----------------------------------------
+
+
+@pytest.mark.parametrize("split", ["valid", "test"])
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_a_validation_or_test_file_with_nothing_to_learn_is_one_line_at_load(
+        tmp_path: Path, tiny_model: Path, split: str, streaming: str) -> None:
+    """Every row of valid.jsonl (or test.jsonl) has a prompt that fills max_seq_length under
+    mask_prompt. In memory that was refused at load; streaming, it was a NaN validation loss
+    at every evaluation for the whole night (or a NaN test loss "of 8 examples" at its end).
+    Now both modes refuse it at load, naming the file and the first line."""
+    rows = [{"prompt": h, "completion": t} for h, _, t in
+            (s.partition(" ") for s in sentences(24, seed=2))]
+    long_prompt = " ".join(sentences(6, seed=9))
+    data = write_lines(tmp_path / "data", rows)
+    write_lines(data, [{"prompt": long_prompt, "completion": "yes"}] * 8, f"{split}.jsonl")
+    if split == "test":
+        write_lines(data, rows[:8], "valid.jsonl")
+    config = write_config(tmp_path / "c.yaml", tiny_model, data, iters=6, mask_prompt=True,
+                          max_seq_length=40, steps_per_eval=3, save_every=3,
+                          test=split == "test", test_batches=2,
+                          training={"warmup_steps": 2, "streaming": streaming})
+    run = tmp_path / "run"
+    result = overnight("train", str(config), "--run-dir", str(run))
+    assert result.returncode == 78, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    where = "in 8 lines" if streaming == "false" else (
+        f"in the 8 {'validation' if split == 'valid' else 'test'} examples read")
+    assert last.startswith(f"overnight train: {data / split}.jsonl: no usable examples {where} "
+                           "(first: line 1: no target tokens: the prompt is "), last
+    assert not (run / "logs" / "metrics.jsonl").exists()  # refused before any training
+
+
+def test_a_streamed_validation_file_has_its_skipped_lines_in_the_report(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """Before: a streamed valid.jsonl was counted only at load (nothing read yet), so the
+    report said nothing of its skipped line and "none in valid.jsonl so far (0 of 9 read)"."""
+    data = write_lines(tmp_path / "data", [{"text": t} for t in sentences(24, seed=3)])
+    valid: list[object] = [{"text": t} for t in sentences(8, seed=4)]
+    valid.insert(2, '{"text": "the owl \\ud800 sings"}')
+    write_lines(data, valid, "valid.jsonl")
+    reports = {}
+    for streaming in ("false", "true"):
+        config = write_config(tmp_path / f"{streaming}.yaml", tiny_model, data, iters=4,
+                              steps_per_eval=2, save_every=4, val_batches=-1,
+                              training={"warmup_steps": 2, "streaming": streaming})
+        run = tmp_path / streaming
+        result = overnight("train", str(config), "--run-dir", str(run))
+        assert result.returncode == 0, result.stderr
+        report = overnight("report", str(run))
+        assert report.returncode == 0, report.stderr
+        [row] = [line for line in report.stdout.splitlines()
+                 if line.startswith("| data lines skipped")]
+        reports[streaming] = row.split("|")[2].strip()
+    assert reports["true"] == reports["false"]
+    assert reports["true"].startswith("1 malformed in `valid.jsonl`")
+
+
 # ---- every example, every epoch -----------------------------------------------------------
 
 

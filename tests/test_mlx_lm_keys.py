@@ -239,3 +239,16 @@ def test_clear_cache_threshold_is_honoured() -> None:
         assert before >= 10**6
         trainer._clear_cache()
         assert (mx.get_cache_memory() == 0) is cleared, threshold
+
+
+def test_optimizer_config_for_another_optimizer_is_warned() -> None:
+    """mlx_lm reads only optimizer_config[optimizer]: weight decay given for adamw while the
+    optimizer is adam does nothing, in mlx_lm and here; here it is said at start."""
+    c = cfg.resolve({"model": "m", "data": "d", "optimizer": "adam",
+                     "optimizer_config": {"adam": {}, "adamw": {"weight_decay": 0.01}}})
+    assert mlx_lm_keys.warnings({}, c) == [
+        "optimizer_config.adamw: {'weight_decay': 0.01} does nothing here: the optimizer is "
+        "adam (only optimizer_config.adam is used, as in mlx_lm)"]
+    same = cfg.resolve({"model": "m", "data": "d", "optimizer": "adamw",
+                        "optimizer_config": {"adamw": {"weight_decay": 0.01}, "sgd": {}}})
+    assert mlx_lm_keys.warnings({}, same) == []

@@ -275,3 +275,71 @@ def test_a_stop_on_request_is_not_a_failure_in_the_report(tmp_path):
     text = to_markdown(build(gather(tmp_path, record=rec), None))
     failures = text.split("## Failures in detail")[1].split("\n## ")[0]
     assert "Attempt 1: crash at step 40" in failures and "Attempt 2" not in failures
+
+
+# ---- what the report says about data, and an early stop without validation ---------------
+
+
+def _worker_log(run: Path, *events: dict) -> Path:
+    (run / "logs").mkdir(parents=True, exist_ok=True)
+    base = {"source": "worker", "run_id": "night", "pid": 7, "attempt": 1, "level": "info"}
+    lines = [{**base, "event": "worker_started", "timestamp": "2025-01-02T01:00:00Z"}]
+    lines += [{**base, "timestamp": "2025-01-02T01:00:01Z", **e} for e in events]
+    (run / "logs" / "worker.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return run
+
+
+def test_skipped_data_lines_are_named_by_file_and_line(tmp_path):
+    """Before: "4 malformed in `train.jsonl`", with no word of which lines."""
+    run = _worker_log(tmp_path / "run", {
+        "event": "data_lines_skipped", "level": "warning", "path": "/d/train.jsonl",
+        "examples": 38, "malformed": 4, "no_targets": 0, "truncated": 0,
+        "lengths_known": True, "first_problems": [
+            "line 34: 'messages' must be a non-empty list of messages",
+            "line 38: cannot be tokenised (TypeError: ...)",
+            "line 39: cannot be tokenised: a string holds the lone UTF-16 surrogate \\ud83e",
+            "line 40: cannot be tokenised: ..."]}, {
+        "event": "data_lines_skipped", "level": "warning", "path": "/d/valid.jsonl",
+        "examples": 30, "malformed": 9, "no_targets": 3, "truncated": 0,
+        "lengths_known": True, "first_problems": [
+            "line 2: invalid JSON", "line 5: no target tokens: ...", "line 6: invalid JSON",
+            "line 7: invalid JSON", "line 11: invalid JSON"]})
+    out, _ = _report(run)
+    [row] = [line for line in out.splitlines() if line.startswith("| data lines skipped")]
+    assert row.split("|")[2].strip() == (
+        "4 malformed in `train.jsonl` at train.jsonl:34,38-40; "
+        "9 malformed in `valid.jsonl`; 3 with no target tokens in `valid.jsonl` (prompt "
+        "fills max_seq_length) at valid.jsonl:2,5-7,11 and 7 more lines")
+
+
+def test_an_early_stop_without_validation_says_training_loss(tmp_path):
+    """val_batches: 0 (or no valid.jsonl): early stopping watches the smoothed training loss;
+    the verdict said "validation loss stopped improving; ... no validation loss"."""
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "COMPLETE").write_text(json.dumps(
+        {"status": "early_stopped", "step": 15, "total_steps": 60, "best_step": -1,
+         "best_val_loss": None}))
+    text = describe(gather(tmp_path))
+    assert text.startswith("early-stopped at step 15/60 after ")
+    assert "(smoothed training loss stopped improving)" in text
+    assert "validation loss stopped" not in text
+
+
+def test_a_run_with_nothing_to_plot_draws_without_warnings(tmp_path):
+    """A run that gave up before its first step: before, matplotlib warned "No artists with
+    labels found to put in legend" on the report's stderr."""
+    import warnings
+
+    from supervisor.morning.report import render_png
+
+    (tmp_path / "logs").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        png = render_png(gather(tmp_path))
+    assert png is None or png[:8] == PNG_MAGIC
+
+
+def test_an_early_stop_with_validation_says_validation_loss_from_the_record_alone(tmp_path):
+    """`overnight status` reads only run.json (no logs): its best checkpoint has a val loss."""
+    rec = record([attempt(1, "early_stopped", 0, 900, "finish")], state="early_stopped")
+    assert "(validation loss stopped improving)" in verdict(tmp_path, rec)

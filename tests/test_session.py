@@ -75,3 +75,126 @@ def test_a_missing_test_file_is_one_line_before_training(tmp_path: Path, tiny_mo
         "reads test.jsonl; add it or set test: false)")
     assert not (run / "logs" / "metrics.jsonl").exists()
     assert not _events(run, "data_loaded")  # nothing was loaded
+
+
+# ---- adapter_path: mlx_lm's files written into it, nothing else touched -------------------
+
+
+def test_adapter_path_gets_the_two_adapter_files_and_keeps_everything_else(
+        tmp_path: Path, tiny_model: Path, corpus: Path) -> None:
+    """mlx_lm lora writes adapters.safetensors and adapter_config.json into adapter_path and
+    leaves the rest alone. Before: the directory was replaced whole (and the old one deleted),
+    so `adapter_path: .` or a folder of earlier adapters lost everything in it."""
+    dest = tmp_path / "mine"
+    (dest / "older").mkdir(parents=True)
+    (dest / "notes.txt").write_text("precious")
+    (dest / "0000100_adapters.safetensors").write_bytes(b"an earlier mlx_lm run")
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=4, save_every=4,
+                          steps_per_eval=4, adapter_path=str(dest))
+    run = tmp_path / "run"
+    result = overnight("train", str(config), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    assert (dest / "notes.txt").read_text() == "precious"
+    assert (dest / "older").is_dir()
+    assert (dest / "0000100_adapters.safetensors").read_bytes() == b"an earlier mlx_lm run"
+    for name in ("adapters.safetensors", "adapter_config.json"):
+        assert (dest / name).read_bytes() == (run / "adapters" / name).read_bytes()
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "0000100_adapters.safetensors", "adapter_config.json", "adapters.safetensors",
+        "notes.txt", "older"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "mine", "run"]
+
+
+@pytest.mark.parametrize("case", ["a_file", "under_a_file"])
+def test_an_adapter_path_that_cannot_be_a_directory_is_one_line_before_training(
+        tmp_path: Path, tiny_model: Path, corpus: Path, case: str) -> None:
+    """Before: a file was moved aside and replaced after training (exit 0); a path under a
+    file was a FileExistsError traceback after the whole night, with no COMPLETE."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("mine")
+    target = blocker if case == "a_file" else blocker / "adapters"
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=4,
+                          adapter_path=str(target))
+    run = tmp_path / "run"
+    result = overnight("train", str(config), "--run-dir", str(run))
+    assert result.returncode == 78, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"overnight train: adapter_path: {target}: cannot create the adapter directory: "
+        f"{blocker} is a file, not a directory")
+    assert blocker.read_text() == "mine"
+    assert not (run / "logs" / "metrics.jsonl").exists()  # nothing trained
+
+
+# ---- a run whose final checkpoint was written but not its COMPLETE marker ------------------
+
+
+def test_a_final_checkpoint_without_complete_finishes_the_run(
+        tmp_path: Path, tiny_model: Path, corpus: Path) -> None:
+    """Killed between the final checkpoint and COMPLETE: the next start finishes the run
+    (COMPLETE, adapters). Before: an AssertionError traceback on every start, so the
+    supervisor restarted it into the same crash until it gave up."""
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=6, save_every=3,
+                          steps_per_eval=3)
+    run = tmp_path / "run"
+    assert overnight("train", str(config), "--run-dir", str(run)).returncode == 0
+    first = json.loads((run / "COMPLETE").read_text())
+    weights = (run / "adapters" / "adapters.safetensors").read_bytes()
+    (run / "COMPLETE").unlink()
+    shutil.rmtree(run / "adapters")
+    again = overnight("train", str(config), "--run-dir", str(run))
+    assert again.returncode == 0, again.stderr
+    assert "Traceback" not in again.stderr
+    done = json.loads((run / "COMPLETE").read_text())
+    assert (done["step"], done["best_step"], done["best_val_loss"], done["final_checkpoint"]) \
+        == (6, first["best_step"], first["best_val_loss"], first["final_checkpoint"])
+    assert (run / "adapters" / "adapters.safetensors").read_bytes() == weights
+
+    # --resume of that final checkpoint into a new run directory: the same.
+    other = tmp_path / "other"
+    resumed = overnight("train", str(config), "--run-dir", str(other), "--resume",
+                        first["final_checkpoint"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((other / "COMPLETE").read_text())["step"] == 6
+    assert (other / "adapters" / "adapters.safetensors").read_bytes() == weights
+
+
+# ---- --resume PATH that is not a checkpoint ------------------------------------------------
+
+
+def test_resume_of_a_path_that_is_no_checkpoint_says_what_it_is(
+        tmp_path: Path, tiny_model: Path, corpus: Path) -> None:
+    """Before: "no manifest.json (incomplete write)" for a missing path and a run directory."""
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=3, save_every=3)
+    run = tmp_path / "run"
+    assert overnight("train", str(config), "--run-dir", str(run)).returncode == 0
+    cases = {
+        tmp_path / "nope": f"{tmp_path / 'nope'}: no such checkpoint directory",
+        run: (f"{run} is a run directory, not a checkpoint: `--run-dir {run}` resumes from "
+              f"its newest valid checkpoint, or name one: --resume "
+              f"{run / 'checkpoints' / 'step-0000003'}"),
+        run / "checkpoints": (f"{run / 'checkpoints'} is a checkpoints directory, not a "
+                              "checkpoint: name one: --resume "
+                              f"{run / 'checkpoints' / 'step-0000003'}"),
+        run / "checkpoints" / "step-0000003" / "adapters.safetensors": (
+            f"{run / 'checkpoints' / 'step-0000003' / 'adapters.safetensors'} is a file of the "
+            f"checkpoint {run / 'checkpoints' / 'step-0000003'}: --resume "
+            f"{run / 'checkpoints' / 'step-0000003'}"),
+    }
+    for path, said in cases.items():
+        result = overnight("train", str(config), "--run-dir", str(tmp_path / "new"),
+                           "--resume", str(path))
+        assert result.returncode == 78, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == \
+            f"overnight train: --resume {path}: {said}"
+
+
+def test_data_naming_the_train_file_instead_of_its_directory_is_one_clear_line(
+        tmp_path: Path, tiny_model: Path, corpus: Path) -> None:
+    """Before: "data: .../train.jsonl/train.jsonl not found"."""
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus / "train.jsonl")
+    result = overnight("train", str(config), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 78
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"overnight train: data: {corpus / 'train.jsonl'} is a file; expected the directory "
+        f"that holds train.jsonl (valid.jsonl, test.jsonl), e.g. data: {corpus}")

@@ -154,6 +154,13 @@ class Examples:
             text_feature=c.text_feature,
             chat_feature=c.chat_feature,
         )
+        if c.mask_prompt and index.fmt == "text":  # mlx_lm: a bare ValueError saying so
+            raise DataError(
+                f"{index.path}: mask_prompt: true needs a prompt, and this file is text data "
+                f"({c.text_feature!r} rows); use completions ({c.prompt_feature!r}/"
+                f"{c.completion_feature!r}) or chat ({c.chat_feature!r}) rows, or set "
+                "mask_prompt: false"
+            )
         try:
             self._dataset = create_dataset(records, tokenizer, ns)
         except ValueError as e:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from shared.config import Config
+from shared.datalines import describe_lines
 from shared.errors import DataError
 
 MAX_REPORTED_LINES = 20
@@ -126,21 +127,6 @@ class JsonlIndex:
     def where(self, indices: Iterable[int]) -> str:
         """The file and line numbers of these examples, e.g. "train.jsonl:3,8-11"."""
         return describe_lines(self.path, [int(self.lines[int(i)]) for i in indices])
-
-
-def describe_lines(path: Path, line_numbers: Iterable[int], most: int = 24) -> str:
-    """ "train.jsonl:3,8-11,40" — sorted, runs joined, at most `most` runs then "+N more"."""
-    nums = sorted(set(line_numbers))
-    runs: list[list[int]] = []
-    for n in nums:
-        if runs and n == runs[-1][1] + 1:
-            runs[-1][1] = n
-        else:
-            runs.append([n, n])
-    text = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:most])
-    if len(runs) > most:
-        text += f" (+{sum(b - a + 1 for a, b in runs[most:])} more lines)"
-    return f"{path.name}:{text}"
 
 
 def check_enough(report: ScanReport, c: Config) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ import structlog
 from shared import checkpoint as ckpt
 from shared.config import Config
 from shared.errors import CheckpointError, ConfigError, DataError
-from shared.layout import RunDir
+from shared.fsutil import fsync_dir
+from shared.layout import CHECKPOINT_PREFIX, RunDir
 from shared.trainer_state import TrainerState
 
 log = structlog.get_logger("worker")
@@ -40,6 +43,9 @@ def choose_checkpoint(args: argparse.Namespace, run: RunDir
         from worker.model import is_mlx_lm_adapter  # no MLX import
 
         path = Path(resume).expanduser().resolve()
+        not_one = _not_a_checkpoint(path)
+        if not_one:
+            raise CheckpointError(f"--resume {resume}: {not_one}")
         if is_mlx_lm_adapter(path):
             raise CheckpointError(
                 f"--resume {resume}: an mlx_lm adapter, not a checkpoint: use "
@@ -99,3 +105,40 @@ def check_data(stored: TrainerState, train_set: Any) -> None:
             "(fingerprint differs): the data position would be meaningless; "
             "restore the file or use --fresh"
         )
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """Why `--resume PATH` names no checkpoint, when it is something else we know ("" when
+    it may be one: the validator then judges it)."""
+    if not path.exists():
+        return f"{path}: no such checkpoint directory"
+    if path.is_file() and (path.parent / "manifest.json").is_file():
+        return f"{path} is a file of the checkpoint {path.parent}: --resume {path.parent}"
+    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(ckpt_dir.glob(f"{CHECKPOINT_PREFIX}*")) if path.is_dir() else []
+    if (path / "checkpoints").is_dir() and (path / "run_id").is_file():
+        hint = f", or name one: --resume {steps[-1]}" if steps else ""
+        return (f"{path} is a run directory, not a checkpoint: `--run-dir {path}` resumes "
+                f"from its newest valid checkpoint{hint}")
+    if steps and not (path / "manifest.json").exists():
+        return (f"{path} is a checkpoints directory, not a checkpoint: name one: --resume "
+                f"{steps[-1]}")
+    return ""
+
+
+def move_previous_aside(run: RunDir) -> None:
+    """`--fresh`: the run's checkpoints, adapters, COMPLETE and injection marks move to
+    RUN_DIR/previous/<time>/ (never deleted)."""
+    if (
+        not (run.checkpoints.exists() and any(run.checkpoints.iterdir()))
+        and not run.is_complete
+    ):
+        return
+    dest = run.root / "previous" / time.strftime("%Y%m%dT%H%M%S")
+    dest.mkdir(parents=True)
+    for item in (run.checkpoints, run.adapters, run.complete_marker, run.root / "inject"):
+        if item.exists():
+            os.replace(item, dest / item.name)
+    run.checkpoints.mkdir()
+    fsync_dir(run.root)
+    log.info("previous_run_moved_aside", to=str(dest))

@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 
 from shared import mlx_lm_keys
@@ -21,11 +21,10 @@ from shared import protocol as p
 from shared.config import Config
 from shared.errors import CheckpointError, ConfigError, DataError, OvernightError
 from shared.exitcodes import ExitCode
-from shared.fsutil import fsync_dir
 from shared.layout import RunDir
 from shared.progress import Progress
 from shared.trainer_state import DataIdentity
-from worker.finish import finish, mlx_lm_test_pass
+from worker.finish import finish, make_adapter_dir, mlx_lm_test_pass, test_subset
 from worker.inject import ENV as INJECT_ENV
 from worker.inject import Injector
 from worker.reporting import (
@@ -37,7 +36,7 @@ from worker.reporting import (
     skip_unrequested_reporters,
     tensorboard_reporter,
 )
-from worker.resume import check_data, choose_checkpoint, reconcile
+from worker.resume import check_data, choose_checkpoint, move_previous_aside, reconcile
 from worker.signals import Stopper
 from worker.telemetry import LiveStatus, Telemetry
 from worker.train import Controls, Outcome, Trainer, TrainState
@@ -59,6 +58,8 @@ class Session:
         self.telemetry: Telemetry | None = None
         self.reporter: Any = None
         self.trainer: Trainer | None = None
+        self._adapter_dir: Path | None = None  # mlx_lm's adapter_path, created at start
+        self._test_usable: int | None = None  # streaming: usable rows of the test subset
 
     # -------------------------------------------------------------- outer boundary
     def run(self) -> ExitCode:
@@ -146,7 +147,7 @@ class Session:
             )
             return Outcome(ExitCode.COMPLETED, "completed", "run was already complete")
         if args.fresh:
-            self._move_previous_aside()
+            move_previous_aside(self.run_dir)
         chosen, stored = choose_checkpoint(self.args, self.run_dir)
         if chosen is not None and stored is not None:
             c = reconcile(c, stored, chosen)
@@ -159,6 +160,11 @@ class Session:
         from worker.data import find_valid_file, load_split
 
         data_dir = Path(c.data).expanduser()
+        if data_dir.is_file():
+            raise DataError(
+                f"data: {data_dir} is a file; expected the directory that holds train.jsonl "
+                f"(valid.jsonl, test.jsonl), e.g. data: {data_dir.parent}"
+            )
         test_path = data_dir / "test.jsonl"
         if c.test and not test_path.is_file():  # before anything is loaded or trained
             raise DataError(
@@ -166,6 +172,7 @@ class Session:
                 "test.jsonl; add it or set test: false)"
             )
         check_report_to(c)
+        self._adapter_dir = make_adapter_dir(c)
         self._announce_differences(c, find_valid_file(data_dir) is not None)
         import mlx.core as mx
         from mlx_lm.utils import maybe_set_recommended_wired_limit
@@ -258,6 +265,10 @@ class Session:
             if valid_set is not None
             else None
         )
+        if valid_set is not None and val_subset is not None and valid_set.streaming:
+            require_usable(valid_set, val_subset, "validation")
+        if test_set is not None and test_set.streaming:
+            self._test_usable = require_usable(test_set, test_subset(test_set, c), "test")
 
         plan, plan_note = plan_for_resume(
             train_set.lengths, c.effective_batch, c.seed, stored if chosen is not None else None
@@ -295,7 +306,7 @@ class Session:
             optimizer=optimizer,
             train_set=train_set,
             valid_set=valid_set,
-            val_subset=val_subset if val_subset is not None else _empty(),
+            val_subset=val_subset if val_subset is not None else np.arange(0),
             plan=plan,
             state=state,
             stopper=stopper,
@@ -326,29 +337,18 @@ class Session:
             test = None
             if test_set is not None:
                 self._phase(p.Phase.EVALUATING)
-                test = mlx_lm_test_pass(trainer, test_set, self.config)
-            finish(self.run_dir, self.config, trainer, outcome, test)
+                test = mlx_lm_test_pass(trainer, test_set, self.config, self._test_usable)
+            # A run resumed from its final checkpoint (killed before COMPLETE was written, or
+            # --resume of a finished run's checkpoint) trains nothing: that checkpoint is final.
+            final = trainer.writer.last.path if trainer.writer.last is not None else chosen
+            if final is None:
+                raise CheckpointError("the run ended without a checkpoint to publish")
+            finish(self.run_dir, self.config, trainer, outcome, final, self._adapter_dir, test)
         return outcome
 
     # -------------------------------------------------------------- helpers
     def _log_scan(self, examples: Any) -> None:
         examples.log_loaded()  # skipped lines and truncation: worker/data.py
-
-    def _move_previous_aside(self) -> None:
-        run = self.run_dir
-        if (
-            not (run.checkpoints.exists() and any(run.checkpoints.iterdir()))
-            and not run.is_complete
-        ):
-            return
-        dest = run.root / "previous" / time.strftime("%Y%m%dT%H%M%S")
-        dest.mkdir(parents=True)
-        for item in (run.checkpoints, run.adapters, run.complete_marker, run.root / "inject"):
-            if item.exists():
-                os.replace(item, dest / item.name)
-        run.checkpoints.mkdir()
-        fsync_dir(run.root)
-        log.info("previous_run_moved_aside", to=str(dest))
 
     def _announce_differences(self, c: Config, has_valid: bool) -> None:
         """The start-up block: how this run differs from `mlx_lm lora` with the same config
@@ -358,12 +358,31 @@ class Session:
             from shared.yamlfile import load_yaml
 
             file_values = load_yaml(Path(self.args.config))
-        given = set(file_values) | {k.split(".")[0] for k in self.overrides}
+        given = {k for k, v in file_values.items() if v is not None} | {
+            k.split(".")[0] for k in self.overrides
+        }
         diffs = mlx_lm_keys.differences(c, given, has_valid)
         log.info("mlx_lm_differences", differences=[d.line() for d in diffs])
         print(mlx_lm_keys.render(diffs), file=sys.stderr, flush=True)
-        for warning in mlx_lm_keys.warnings(file_values):
+        for warning in mlx_lm_keys.warnings(file_values, c):
             log.warning("config_key_ignored", detail=warning)
+
+def require_usable(examples: Any, subset: Any, what: str) -> int:
+    """Streaming reads validation and test rows only when it evaluates them: read the rows
+    an evaluation uses now (`subset`, int64 indices), so a file with none usable is one line
+    at load as in memory, not a NaN loss at every evaluation, and their counts (skipped
+    lines, truncation) reach the log and the report. Returns how many are usable; raises
+    DataError naming the file and the first unusable line."""
+    usable = len(examples.fetch(subset))  # count=None: each row counted once per process
+    examples.log_progress()
+    if usable == 0:
+        first = examples.summary()["first_problems"]
+        raise DataError(
+            f"{examples.index.path}: no usable examples in the {len(subset)} {what} examples "
+            "read" + (f" (first: {first[0]})" if first else "")
+        )
+    return usable
+
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
@@ -376,8 +395,3 @@ def _versions() -> dict[str, str]:
             out[name] = "unknown"
     return out
 
-
-def _empty() -> Any:
-    import numpy as np
-
-    return np.arange(0)

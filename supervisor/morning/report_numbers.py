@@ -9,9 +9,11 @@ the document around them is supervisor/morning/report.py.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from pathlib import Path
 
+from shared.datalines import describe_lines
 from shared.exitcodes import FailureClass
 from shared.run_record import Detection
 from supervisor.morning.facts import RunFacts
@@ -71,11 +73,15 @@ def _data_rows(facts: RunFacts) -> list[list[str]]:
     for path, d in files.items():
         name = Path(path).name
         n, k = int(d.get("malformed") or 0), int(d.get("no_targets") or 0)
+        parts = []
         if n:
-            skipped.append(f"{n} malformed in `{name}`")
+            parts.append(f"{n} malformed in `{name}`")
         if k:
-            skipped.append(f"{k} with no target tokens in `{name}` (prompt fills "
-                           "max_seq_length)")
+            parts.append(f"{k} with no target tokens in `{name}` (prompt fills "
+                         "max_seq_length)")
+        if parts:
+            parts[-1] += _lines_named(name, d.get("first_problems"), n + k)
+        skipped.extend(parts)
         read = d.get("examples_read")
         partial = "" if d.get("lengths_known", True) else (
             f" so far (streaming: {read} of {d.get('examples')} examples read)")
@@ -86,6 +92,22 @@ def _data_rows(facts: RunFacts) -> list[list[str]]:
             cut.append(f"none in `{name}`{partial}")
     return [["data lines skipped", "; ".join(skipped) or "none"],
             ["sequences truncated", "; ".join(cut) or "none"]]
+
+
+_PROBLEM_LINE = re.compile(r"line (\d+):")
+
+
+def _lines_named(name: str, problems: object, total: int) -> str:
+    """" at train.jsonl:34,38-40 and 7 more lines": the skipped lines the worker named
+    ("line 34: reason", its first few), as the worker names a failing batch's lines."""
+    found = [_PROBLEM_LINE.match(p) for p in problems if isinstance(p, str)] \
+        if isinstance(problems, list) else []
+    nums = sorted({int(m.group(1)) for m in found if m})
+    if not nums:
+        return ""
+    more = total - len(nums)
+    return f" at {describe_lines(Path(name), nums)}" + (f" and {more} more lines" if more > 0
+                                                        else "")
 
 
 def eta_accuracy(facts: RunFacts) -> list[list[str]]:

@@ -127,7 +127,8 @@ def _loss_panel(ax: Any, facts: RunFacts) -> None:
         ax.set_ylim(max(0.0, low - 0.05 * (max(top) - low)), max(top) * 1.05)
     ax.set_title(f"Loss — {facts.run_id}", loc="left", fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=9, framealpha=0.9)
+    if ax.get_legend_handles_labels()[0]:  # nothing labelled (no step yet): no empty legend
+        ax.legend(loc="best", fontsize=9, framealpha=0.9)
 
 
 def _restart_marks(ax: Any, facts: RunFacts) -> None:

@@ -136,7 +136,9 @@ def describe(facts: RunFacts) -> str:
     if state is State.FINISHED:
         head = f"finished {steps} steps in {wall}"
     elif state is State.EARLY_STOPPED:
-        head = f"early-stopped at step {steps} after {wall} (validation loss stopped improving)"
+        validated = bool(facts.evals) or facts.best is not None  # light facts: no logs read
+        watched = "validation loss" if validated else "smoothed training loss"
+        head = f"early-stopped at step {steps} after {wall} ({watched} stopped improving)"
     elif state is State.GAVE_UP:
         head = f"GAVE UP at step {steps} after {wall}: {facts.reason or '?'}"
     elif state is State.STOPPED:
