@@ -9,9 +9,23 @@
 
 A checkpoint is written into `checkpoints/.tmp-step-0000250-<pid>/`, every file fsynced,
 the manifest written last, the directory renamed into place and its parent fsynced. A
-directory without a valid manifest does not exist as far as anyone is concerned.
+directory without a valid manifest does not exist as far as anyone is concerned. A write that
+fails (a full disk) removes its temp directory before the error goes on.
 
-Validation (`validate`) reads every byte: the hashes, every tensor's values. It is done once
+Deleting is renaming first: retention (and the replaced copy when a step is saved again)
+renames a checkpoint to `checkpoints/.deleting-step-0000250-<pid>/` and only then removes
+it, so a kill in the middle of a delete never leaves a half-deleted `step-*` directory.
+`clean_leftovers()`, run at start by the worker and the supervisor (both hold the run lock:
+no other writer exists), removes what a killed writer left: `.deleting-*` and `.tmp-*`
+directories (a complete temp checkpoint whose step is missing is put in place instead: a
+kill between the two renames of a re-save).
+
+Validation (`validate`) reads every byte: the hashes, every tensor's values; and, from the
+headers, that the files agree with each other as the worker needs them to (the trainer
+state with itself, the tensors with the optimizer state and both configs:
+shared/checkpoint_tensors.py) — a checkpoint that validates is one the worker can load,
+short of what only the model can tell (worker/checkpointing.py refuses those by name and
+the supervisor quarantines them). It is done once
 per start: by the supervisor before it spawns a worker, which passes the sha256 of the
 manifest it validated (`--validated SHA256`); the worker then re-checks only that the
 manifest is the same one, the file sizes and the trainer state (`trusted_manifest`). A
@@ -29,7 +43,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import trainer_state
+from shared import checkpoint_tensors, trainer_state
 from shared.errors import CheckpointError
 from shared.fsutil import fsync_dir, fsync_file, write_json_synced
 from shared.layout import CHECKPOINT_PREFIX
@@ -43,6 +57,7 @@ OPTIMIZER = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 REQUIRED_FILES = (ADAPTERS, ADAPTER_CONFIG, OPTIMIZER, TRAINER_STATE)
 TMP_PREFIX = ".tmp-"
+DELETING_PREFIX = ".deleting-"
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,34 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    try:
+        _fill(tmp, step, write_files, before_manifest)
+    except BaseException:
+        # A full disk (or any failure) leaves no half-written directory behind.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        # Re-saving a step (after a rollback): move the old one aside first so that at
+        # every instant one complete checkpoint for this step exists (clean_leftovers puts
+        # the new one in place if a kill comes between the two renames).
+        old = checkpoints_dir / f"{DELETING_PREFIX}{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        fsync_dir(checkpoints_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+        fsync_dir(checkpoints_dir)
+    return final
+
+
+def _fill(
+    tmp: Path,
+    step: int,
+    write_files: Callable[[Path], None],
+    before_manifest: Callable[[Path], None] | None,
+) -> None:
+    """The files of a checkpoint in its temp directory, the manifest last."""
     write_files(tmp)
     files = {}
     for f in sorted(tmp.iterdir()):
@@ -123,18 +166,6 @@ def write_checkpoint(
         before_manifest(tmp)
     write_json_synced(tmp / MANIFEST, {"step": step, "created": time.time(), "files": files})
     fsync_dir(tmp)
-    if final.exists():
-        # Re-saving a step (after a rollback): move the old one aside first so that at
-        # every instant one complete checkpoint for this step exists.
-        old = checkpoints_dir / f"{TMP_PREFIX}old-{final.name}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(checkpoints_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-        fsync_dir(checkpoints_dir)
-    return final
 
 
 def manifest_sha256(path: Path) -> str:
@@ -190,22 +221,41 @@ def _validate(path: Path, deep: bool, trusted: str | None) -> tuple[TrainerState
             raise CheckpointError(f"{path.name}/{name}: sha256 does not match the manifest")
     state = trainer_state.load(path / TRAINER_STATE, f"{path.name}/{TRAINER_STATE}")
     _check_state(path, state)
+    _check_agreement(path, state)  # headers only: shallow checks include it
     if deep:
-        adapters, _ = read_header(path / ADAPTERS)
-        if not adapters:
-            raise CheckpointError(f"{path.name}/{ADAPTERS}: contains no tensors")
-        read_header(path / OPTIMIZER)
         for name in (ADAPTERS, OPTIMIZER):
             bad = check_finite(path / name)
             if bad:
                 raise CheckpointError(
                     f"{path.name}/{name}: non-finite values in {len(bad)} tensors, e.g. {bad[0]}"
                 )
-        try:
-            json.loads((path / ADAPTER_CONFIG).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path.name}/{ADAPTER_CONFIG}: not valid JSON") from None
     return state, sha
+
+
+def _check_agreement(path: Path, state: TrainerState) -> None:
+    """What the worker needs the files to agree on, from headers and small JSON files:
+    the trainer state with itself, the tensors with each other and with the configs
+    (shared/trainer_state.py, shared/checkpoint_tensors.py). The worker runs the same
+    checks (it validates too, trusting only the hashes), so a checkpoint that passes here
+    is not refused there for any of these."""
+    odd = state.inconsistency()
+    if odd:
+        raise CheckpointError(f"{path.name}/{TRAINER_STATE}: {odd}")
+    adapters, _ = read_header(path / ADAPTERS)
+    if not adapters:
+        raise CheckpointError(f"{path.name}/{ADAPTERS}: contains no tensors")
+    optimizer, _ = read_header(path / OPTIMIZER)
+    try:
+        adapter_config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path.name}/{ADAPTER_CONFIG}: not valid JSON") from None
+    if not isinstance(adapter_config, dict):
+        raise CheckpointError(f"{path.name}/{ADAPTER_CONFIG}: expected a JSON object, got "
+                              f"{type(adapter_config).__name__}")
+    found = checkpoint_tensors.problems(adapters, optimizer, adapter_config, state.config)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        raise CheckpointError(f"{path.name}: {found[0]}{more}")
 
 
 def _check_state(path: Path, state: TrainerState) -> None:
@@ -254,7 +304,9 @@ def quarantine(info: CheckpointInfo, quarantine_dir: Path) -> Path:
 def retention_victims(
     checkpoints: Iterable[CheckpointInfo], keep_last: int, best_step: int | None
 ) -> list[CheckpointInfo]:
-    """Complete checkpoints to delete: all but the newest `keep_last` and the best.
+    """Complete checkpoints to delete: all but the newest `keep_last`, the best, and the
+    newest one that validates (shallow: manifest, sizes, trainer state) — when newer ones
+    with a manifest do not validate, deleting it would leave nothing to resume from.
 
     Incomplete ones (no manifest) are left for the supervisor's validator to quarantine.
     """
@@ -262,26 +314,58 @@ def retention_victims(
     keep = {c.step for c in complete[: max(keep_last, 1)]}
     if best_step is not None:
         keep.add(best_step)
+    newest_valid_one = next((c for c in complete if validate(c.path, deep=False).ok), None)
+    if newest_valid_one is not None:
+        keep.add(newest_valid_one.step)
     return [c for c in complete if c.step not in keep]
 
 
 def apply_retention(checkpoints_dir: Path, keep_last: int, best_step: int | None) -> list[int]:
+    """Delete what retention does not keep (`retention_victims`), each renamed aside first
+    (`delete`); returns the deleted steps. Also removes stale temp directories."""
     victims = retention_victims(list_checkpoints(checkpoints_dir), keep_last, best_step)
     for c in victims:
-        shutil.rmtree(c.path, ignore_errors=True)
-    for stale in checkpoints_dir.glob(f"{TMP_PREFIX}*"):
-        # Temp dirs of processes that are gone are half-written checkpoints: garbage.
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+        delete(c.path)
+    clean_leftovers(checkpoints_dir)
     return [c.step for c in victims]
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def delete(path: Path) -> None:
+    """Delete a checkpoint directory: rename it to `.deleting-<name>-<pid>` (one atomic
+    step: from then on it is no checkpoint), fsync the parent, then remove it. A kill in
+    the middle leaves a `.deleting-*` directory, which `clean_leftovers` removes."""
+    aside = path.with_name(f"{DELETING_PREFIX}{path.name}-{os.getpid()}")
+    if aside.exists():
+        shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    fsync_dir(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def clean_leftovers(checkpoints_dir: Path) -> list[str]:
+    """Remove what killed writers left in `checkpoints_dir`: `.deleting-*` directories
+    (half-deleted checkpoints) and `.tmp-*` ones of other processes (half-written ones).
+    A temp checkpoint that is complete (its manifest is written last) and whose step
+    directory is missing is renamed into place instead. The caller holds the run lock, so
+    no other process writes here. Returns the names removed or restored ("name -> step-N")."""
+    if not checkpoints_dir.is_dir():
+        return []
+    mine = f"-{os.getpid()}"
+    done = []
+    for p in sorted(checkpoints_dir.iterdir()):
+        if not p.is_dir() or p.name.endswith(mine):
+            continue
+        if p.name.startswith(DELETING_PREFIX):
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(p.name)
+        elif p.name.startswith(TMP_PREFIX):
+            final = checkpoints_dir / p.name[len(TMP_PREFIX):].rsplit("-", 1)[0]
+            if step_of(final) is not None and not final.exists() and (p / MANIFEST).is_file():
+                os.replace(p, final)
+                done.append(f"{p.name} -> {final.name}")
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(p.name)
+    if done:
+        fsync_dir(checkpoints_dir)
+    return done

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal, cast, get_args, get_type_hints
 
-from shared import records
+from shared import config_identity, records
 from shared.errors import ConfigError
 from shared.mlx_lm_keys import KEYS as MLX_LM_KEYS
 from shared.yamlfile import load_yaml
@@ -201,20 +200,9 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Identity of what is trained; supervisor/logging/debug/batch split changes are allowed."""
-        d = self.to_dict()
-        for k in ("supervisor", "logging", "debug", "steps_per_report", "batch_size",
-                  "grad_accumulation_steps", "grad_checkpoint", "adapter_path", "learning_rate",
-                  "lr_schedule", "iters", "checkpoints", "steps_per_eval", "save_every",
-                  "val_batches", "early_stopping", "grad_spike", "test", "test_batches",
-                  "report_to", "project_name", "clear_cache_threshold", "wired_limit",
-                  "train", "config"):
-            d.pop(k, None)
-        if d["resume_adapter_file"] is None:
-            d.pop("resume_adapter_file")  # runs from before the key existed keep their hash
-        d["training"].pop("streaming", None)
-        d["training"].pop("compile", None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """Identity of what is trained; supervisor/logging/debug/batch split changes are
+        allowed. Which keys count: shared/config_identity.py."""
+        return config_identity.config_hash(self.to_dict())
 
 
 # Every mlx_lm key is honoured, refused or warned about: shared/mlx_lm_keys.py.
@@ -266,7 +254,8 @@ def resolve(
 ) -> Config:
     """Merge command line > file > defaults, validate every key, return a frozen Config.
 
-    `overrides` maps dotted keys ("lora_parameters.rank") to values from the command line.
+    `overrides` maps dotted keys ("lora_parameters.rank") to values from the command line
+    (`--set` values already read as YAML: shared/overrides.py).
     """
     merged: dict[str, Any] = json.loads(json.dumps(file_values or {}, default=str))
     for key in list(merged):
@@ -379,7 +368,8 @@ def from_dict(d: dict[str, Any]) -> Config:
 
 
 def help_table() -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every key, for docs and `overnight config --help`."""
+    """(dotted key, default, help) for every key; `overnight train --help` shows the help of
+    the keys that have a flag (worker/main.py)."""
     rows = []
 
     def walk(cls: type, prefix: str) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from shared.runlock import Holder
 
 
@@ -24,6 +26,17 @@ class CheckpointError(OvernightError):
     """A checkpoint is missing, incomplete, corrupt or inconsistent."""
 
 
+class CheckpointRefused(CheckpointError):
+    """The checkpoint a worker was told to resume from (`path`) cannot be resumed from: it
+    fails validation, or its tensors do not fit the model. The checkpoint's fault, not the
+    config's: the worker exits CHECKPOINT_REFUSED (shared/exitcodes.py) and the supervisor
+    quarantines it and resumes from the next older valid one."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"checkpoint {path.name} refused: {reason}")
+        self.path = path
+
+
 class ProtocolError(OvernightError):
     """A message on a socket is not valid JSON of a known, well-formed type."""
 
@@ -41,6 +54,16 @@ class RunDirLocked(OvernightError):
     def __init__(self, message: str, holder: Holder | None = None) -> None:
         super().__init__(message)
         self.holder = holder
+
+
+class DiskFull(OvernightError):
+    """A write failed for want of space (ENOSPC, EDQUOT, MLX's short write); the message
+    names the file, what was written and the free space (shared/fsutil.py)."""
+
+
+class SystemLimitError(OvernightError):
+    """The machine's limits cannot run the worker (a hard open-file limit below what mlx_lm
+    sets); the message names the limit and how to raise it (shared/openfile_limit.py)."""
 
 
 class RecordError(OvernightError):

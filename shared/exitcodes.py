@@ -10,7 +10,17 @@ Both sides import this table; nobody compares against a bare number.
 | 21   | GRAD_SPIKE      | gradient norm spiked; a checkpoint was saved first             |
 | 22   | NON_FINITE      | loss or gradient went NaN/Inf; nothing was saved               |
 | 23   | GRACEFUL_STOP   | SIGTERM: the current step finished and a checkpoint was saved  |
+| 24   | DISK_FULL       | a write failed for want of space (ENOSPC, EDQUOT, MLX's        |
+|      |                 | "[write] Unable to write"); the half-written checkpoint removed |
+| 25   | CHECKPOINT_     | the checkpoint it was told to resume from is unusable (fails   |
+|      | REFUSED         | validation, its tensors do not fit the model); names it        |
+| 71   | SYSTEM_LIMIT    | the machine's limits cannot run mlx_lm, e.g. a hard open-file  |
+|      |                 | limit below 4096 (EX_OSERR from sysexits.h)                    |
 | 78   | BAD_CONFIG      | config or data is unusable (EX_CONFIG from sysexits.h)         |
+
+A full disk is not the worker's fault and not a reason to give up: the supervisor waits for
+space (it polls the free space, the wait is not counted against any budget) and resumes
+when there is room for a checkpoint again (supervisor/daemon/policy.py, diskspace.py).
 """
 
 from __future__ import annotations
@@ -25,6 +35,9 @@ class ExitCode(IntEnum):
     GRAD_SPIKE = 21
     NON_FINITE = 22
     GRACEFUL_STOP = 23
+    DISK_FULL = 24
+    CHECKPOINT_REFUSED = 25
+    SYSTEM_LIMIT = 71
     BAD_CONFIG = 78
 
     @classmethod
@@ -51,6 +64,9 @@ class FailureClass(str, Enum):
     HANG = "hang"
     STALL = "stall"
     PLANNED_RESTART = "planned_restart"
+    DISK_FULL = "disk_full"  # no space left where the run writes: wait for space, resume
+    CHECKPOINT_REFUSED = "checkpoint_refused"  # quarantine it, resume from an older one
+    SYSTEM_LIMIT = "system_limit"  # e.g. the hard open-file limit: give up, say which
 
     @property
     def is_failure(self) -> bool:
@@ -76,5 +92,8 @@ EXIT_TO_CLASS: dict[ExitCode, FailureClass] = {
     ExitCode.GRAD_SPIKE: FailureClass.GRAD_SPIKE,
     ExitCode.NON_FINITE: FailureClass.NON_FINITE,
     ExitCode.GRACEFUL_STOP: FailureClass.GRACEFUL_STOP,
+    ExitCode.DISK_FULL: FailureClass.DISK_FULL,
+    ExitCode.CHECKPOINT_REFUSED: FailureClass.CHECKPOINT_REFUSED,
+    ExitCode.SYSTEM_LIMIT: FailureClass.SYSTEM_LIMIT,
     ExitCode.BAD_CONFIG: FailureClass.BAD_CONFIG,
 }

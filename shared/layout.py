@@ -12,7 +12,9 @@
       logs/supervisor.jsonl       supervisor structlog events (JSON lines)
       logs/worker-<attempt>.log   raw stdout/stderr of each worker attempt
       logs/metrics.jsonl          one line per optimizer step (loss, grad norm, lr, tok/s, memory)
-      sock/                       mode 0700: ipc:// endpoints for telemetry and control
+      sock/                       mode 0700: ipc:// endpoints for telemetry and control (a deep
+                                  run dir: /tmp/overnight-<uid>-<hash>/ instead; an existing
+                                  one is used only if ours, 0700 and not a symlink)
       run.lock                    flock held by the process writing the run (shared/runlock.py)
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -112,9 +115,29 @@ class RunDir:
                 raise RunDirError(cannot_create(self.root, e)) from None
 
     def create_socket_dir(self) -> None:
-        """ipc:// sockets live in a directory only the user can enter."""
-        self.sockets.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.sockets, 0o700)
+        """ipc:// sockets live in a directory only the user can enter: created with mode 0700,
+        or, when it exists (the fallback under the shared temp dir may have been made by
+        anyone), used only if it is a real directory (not a symlink), owned by this user,
+        with mode 0700. RunDirError (one line naming the path and what is wrong) otherwise:
+        another local user could otherwise pre-create it and read, answer or replace our
+        sockets."""
+        path = self.sockets
+        try:
+            if path.parent == self.root.resolve():  # RUN_DIR/sock (the temp dir exists)
+                path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(cannot_create(path.parent, e)) from None
+        try:
+            os.mkdir(path, 0o700)
+            os.chmod(path, 0o700)  # mkdir's mode is masked by the umask (0o700 & ~umask)
+            return
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise RunDirError(cannot_create(path, e, "socket directory")) from None
+        problem = unsafe_directory(path)
+        if problem is not None:
+            raise RunDirError(f"{path}: refusing to use the socket directory: {problem}")
 
     def ensure_run_id(self, prefix: str) -> str:
         """The run's id, created once (RUN_DIR/run_id) and shared by supervisor and worker."""
@@ -130,6 +153,35 @@ class RunDir:
     @property
     def is_complete(self) -> bool:
         return self.complete_marker.exists()
+
+
+def never_world_writable() -> int:
+    """Add "others may not write" to this process's umask (inherited by its children);
+    returns the umask now in effect. Files are created as the umask says (0o077 gives
+    private run directories), but never writable by every local user, even under umask 0."""
+    mask = os.umask(0)
+    os.umask(mask | 0o002)
+    return mask | 0o002
+
+
+def unsafe_directory(path: Path) -> str | None:
+    """Why an existing directory is not private to this user (None: it is): it must be a
+    directory itself (lstat: a symlink is refused, wherever it points), owned by the
+    effective uid, with mode 0700 exactly."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return f"cannot inspect it ({e.strerror or e})"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "it is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"it is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    mode = stat.S_IMODE(st.st_mode)
+    if mode != 0o700:
+        return f"its mode is {mode:04o}, expected 0700 (chmod 700 it, or remove it)"
+    return None
 
 
 def _nearest_existing(path: Path) -> Path:

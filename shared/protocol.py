@@ -7,11 +7,22 @@ essential: every Heartbeat carries the worker's full current state.
 Control flows CLI -> supervisor over REQ/REP (`ControlRequest` / `ControlReply`).
 
 Every message is a frozen dataclass with a `type` tag; `decode()` is the only way in and
-raises ProtocolError for anything malformed (fields are checked by shared/records.py).
+raises ProtocolError for anything malformed (fields are checked by shared/records.py) —
+for every byte string whatsoever (tests/test_protocol_fuzz.py): a message is at most
+MAX_MESSAGE_BYTES, nested at most MAX_DEPTH deep, its integers fit in 64 bits and it has no
+NaN/Infinity tokens (non-finite floats travel as the strings "nan"/"inf"/"-inf").
+
+Telemetry messages carry `token`, the attempt's telemetry token: the supervisor makes one per
+attempt and hands it to the worker in the environment (TOKEN_ENV, never on the command
+line); the worker's sender (worker/telemetry.py) stamps it on every message; the supervisor
+believes only messages of the running attempt with its token
+(supervisor/daemon/telemetry_gate.py). An empty token is left out of the JSON, so a worker
+started by hand (no supervisor, no token) sends exactly the version-1 messages it always did.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -23,6 +34,8 @@ from shared.errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_DEPTH = 16  # a status reply is 4 deep (reply > data > overrides > skip_batches)
+TOKEN_ENV = "OVERNIGHT_TELEMETRY_TOKEN"  # the attempt's telemetry token, worker environment
 
 
 class Phase(str, Enum):
@@ -50,6 +63,8 @@ class _Message:
                 d[k] = str(v)  # JSON has no NaN/Inf; keep them readable ("nan", "inf")
             elif isinstance(v, (dict, list)):
                 d[k] = strictjson.finite(v)  # nested (ControlReply.data): null
+        if d.get("token") == "":
+            del d["token"]  # no token (a worker without a supervisor): the v1 message as before
         d["type"] = self.TYPE
         d["v"] = PROTOCOL_VERSION
         return d
@@ -59,12 +74,24 @@ class _Message:
 
 
 @dataclass(frozen=True)
-class Heartbeat(_Message):
+class _Telemetry(_Message):
+    """A message from the worker. `token` (keyword-only, every telemetry message): the
+    attempt's telemetry token from TOKEN_ENV, stamped by the sender; "" = none."""
+
+    token: str = field(default="", kw_only=True, repr=False)
+
+    def with_token(self, token: str) -> _Telemetry:
+        """This message stamped with the attempt's token (the sender does this)."""
+        return dataclasses.replace(self, token=token)
+
+
+@dataclass(frozen=True)
+class Heartbeat(_Telemetry):
     """Sent every second from the worker's telemetry thread, whatever the main thread does.
 
     {"type":"heartbeat","v":1,"run_id":"r1","pid":123,"attempt":2,"seq":17,"time":1.7e9,
      "phase":"training","step":120,"total_steps":2000,"last_step_time":1.7e9,
-     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2,"dropped":0}
+     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2,"dropped":0,"token":"9f1c…"}
     """
 
     TYPE: ClassVar[str] = "heartbeat"
@@ -84,12 +111,12 @@ class Heartbeat(_Message):
 
 
 @dataclass(frozen=True)
-class StepMetrics(_Message):
+class StepMetrics(_Telemetry):
     """One per optimizer step.
 
     {"type":"metrics","v":1,"run_id":"r1","attempt":1,"step":120,"time":1.7e9,"loss":2.31,
      "grad_norm":0.82,"lr":1e-5,"tokens":4096,"tokens_per_sec":812.5,"step_seconds":5.04,
-     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2}
+     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2,"data_position":121}
     """
 
     TYPE: ClassVar[str] = "metrics"
@@ -106,10 +133,11 @@ class StepMetrics(_Message):
     active_mb: float
     peak_mb: float
     rss_mb: float
+    data_position: int = -1  # the data position of the batch it trained (-1: not said)
 
 
 @dataclass(frozen=True)
-class EvalResult(_Message):
+class EvalResult(_Telemetry):
     """After each validation pass.
 
     {"type":"eval","v":1,"run_id":"r1","attempt":1,"step":250,"val_loss":1.9,
@@ -127,7 +155,7 @@ class EvalResult(_Message):
 
 
 @dataclass(frozen=True)
-class CheckpointSaved(_Message):
+class CheckpointSaved(_Telemetry):
     """After a checkpoint directory is complete (manifest written, renamed, fsynced).
 
     {"type":"checkpoint","v":1,"run_id":"r1","attempt":1,"step":250,
@@ -144,17 +172,20 @@ class CheckpointSaved(_Message):
 
 
 @dataclass(frozen=True)
-class WorkerStopping(_Message):
+class WorkerStopping(_Telemetry):
     """Sent (best effort) just before the worker exits on purpose; says why.
 
     {"type":"stopping","v":1,"run_id":"r1","attempt":1,"step":812,"exit_code":21,
      "reason":"grad_spike","detail":"grad norm 3.1e4 > 1000 for 3 steps","first_bad_step":810,
-     "data_position":815,"data_batch":41,"data_lines":"train.jsonl:88-91"}
+     "data_position":815,"data_batch":41,"data_lines":"train.jsonl:80-91",
+     "first_bad_position":813}
 
     The data fields (non-finite loss, gradient spike) name the batch of the failing step: its
     data position, its group in the epoch plan (the same group in every epoch,
     worker/batching.py) and the file lines of its examples; -1 / "" when unknown (and in
-    messages from older workers).
+    messages from older workers). A gradient spike spans `grad_spike.patience` steps: its
+    window's batches are the positions `first_bad_position` .. `data_position`, and
+    `data_lines` names the examples of all of them.
     """
 
     TYPE: ClassVar[str] = "stopping"
@@ -168,6 +199,7 @@ class WorkerStopping(_Message):
     data_position: int = -1
     data_batch: int = -1
     data_lines: str = ""
+    first_bad_position: int = -1  # a spike: its window is first_bad_position..data_position
 
 
 @dataclass(frozen=True)
@@ -184,7 +216,8 @@ class ControlRequest(_Message):
     def __post_init__(self) -> None:
         if self.command not in self.COMMANDS:
             raise ProtocolError(
-                f"control: expected command in {list(self.COMMANDS)}, got {self.command!r}"
+                f"control: expected command in {list(self.COMMANDS)}, got "
+                f"{records.short(self.command)}"
             )
 
 
@@ -213,20 +246,28 @@ _RULES = records.Rules(ProtocolError)
 
 
 def decode(raw: bytes | str) -> Message:
-    """Parse and validate one message; raise ProtocolError naming the problem."""
+    """Parse and validate one message; raise ProtocolError naming the problem — and nothing
+    else, for any input: too large, not JSON, out of bounds (strictjson.loads: nesting,
+    integers, NaN tokens), not an object, wrong version, unknown type, or a field of the
+    wrong type, missing or unknown."""
     if len(raw) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message too large: {len(raw)} bytes > {MAX_MESSAGE_BYTES}")
     try:
-        obj = json.loads(raw)
+        obj = strictjson.loads(raw, max_depth=MAX_DEPTH, strict=True)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"message is not JSON: {e}") from None
+    except ValueError as e:
+        raise ProtocolError(f"message refused: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(f"expected a JSON object, got {type(obj).__name__}")
     version = obj.pop("v", None)
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(f"expected protocol version {PROTOCOL_VERSION}, got {version!r}")
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not True, not 1.0
+        raise ProtocolError(f"expected protocol version {PROTOCOL_VERSION}, got "
+                            f"{records.short(version)}")
     tag = obj.pop("type", None)
     cls = _TYPES.get(tag) if isinstance(tag, str) else None
     if cls is None:
-        raise ProtocolError(f"unknown message type {tag!r}; expected one of {sorted(_TYPES)}")
+        raise ProtocolError(f"unknown message type {records.short(tag)}; expected one of "
+                            f"{sorted(_TYPES)}")
     return records.build(cls, obj, cls.__name__, _RULES)  # type: ignore[return-value]
+

@@ -56,7 +56,7 @@ def build(cls: type[T], obj: Any, where: str, rules: Rules) -> T:
     """A `cls` from the mapping `obj`; `rules.error` for a wrong type, a missing or unknown
     key. `where` prefixes messages (a class name, a file, "" for the config's top level)."""
     if not isinstance(obj, dict):
-        raise rules.error(f"{where or cls.__name__}: expected a mapping, got {obj!r}")
+        raise rules.error(f"{where or cls.__name__}: expected a mapping, got {short(obj)}")
     kwargs: dict[str, Any] = {}
     schema = _schema(cls, rules)
     names = [name for name, _, _ in schema]
@@ -69,6 +69,18 @@ def build(cls: type[T], obj: Any, where: str, rules: Rules) -> T:
         elif required:
             raise rules.error(f"{where or cls.__name__}: missing field {name!r}")
     return cls(**kwargs)
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: error messages quote what they got, and what
+    they got may be 64 KiB of someone else's bytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _key(key: Any, limit: int = 40) -> str:
+    text = str(key)
+    return text if len(text) <= limit else f"{text[:limit]}…"
 
 
 def to_dict(record: Any) -> Any:
@@ -90,9 +102,9 @@ def _unknown(obj: dict[str, Any], names: list[str], where: str, rules: Rules,
         key = str(next(k for k in obj if k not in names))
         close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise rules.error(f"{f'{where}.{key}' if where else key}: unknown key {key!r}{hint}")
+        raise rules.error(f"{f'{where}.{key}' if where else key}: unknown key {short(key)}{hint}")
     extra = sorted(str(k) for k in obj if k not in names)
-    raise rules.error(f"{where or cls.__name__}: unexpected fields {extra}")
+    raise rules.error(f"{where or cls.__name__}: unexpected fields {short(extra)}")
 
 
 Schema = tuple[tuple[str, Converter, bool], ...]
@@ -129,7 +141,7 @@ def _converter(hint: Any, rules: Rules) -> Converter:
             if lenient and isinstance(v, bool) and "true" in allowed:
                 v = "true" if v else "false"
             if v not in allowed:
-                raise err(f"{where}: expected one of {allowed}, got {v!r}")
+                raise err(f"{where}: expected one of {allowed}, got {short(v)}")
             return v
         return literal
     if isinstance(hint, type) and issubclass(hint, Enum):
@@ -140,7 +152,7 @@ def _converter(hint: Any, rules: Rules) -> Converter:
                 return enum(v)
             except ValueError:
                 raise err(f"{where}: expected one of {[m.value for m in enum]}, "
-                          f"got {v!r}") from None
+                          f"got {short(v)}") from None
         return enum_member
     if hint is bool:
         return functools.partial(_bool, err, lenient)
@@ -158,7 +170,7 @@ def _converter(hint: Any, rules: Rules) -> Converter:
             if lenient and isinstance(v, str):
                 v = [s.strip() for s in v.split(",") if s.strip()]
             if not isinstance(v, (list, tuple)):
-                raise err(f"{where}: expected a list, got {v!r}")
+                raise err(f"{where}: expected a list, got {short(v)}")
             return make(item(x, f"{where}[{i}]") for i, x in enumerate(v))
         return sequence
     if origin is dict or hint is dict:
@@ -166,10 +178,10 @@ def _converter(hint: Any, rules: Rules) -> Converter:
 
         def mapping(v: Any, where: str) -> Any:
             if not isinstance(v, dict):
-                raise err(f"{where}: expected a mapping, got {v!r}")
+                raise err(f"{where}: expected a mapping, got {short(v)}")
             if value is None:
                 return v
-            return {k: value(x, f"{where}.{k}") for k, x in v.items()}
+            return {k: value(x, f"{where}.{_key(k)}") for k, x in v.items()}
         return mapping
     if is_dataclass(hint) and isinstance(hint, type):
         cls = hint
@@ -181,7 +193,7 @@ def _bool(err: type[Exception], lenient: bool, v: Any, where: str) -> bool:
     if lenient and isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
         return v.lower() in ("true", "yes", "1")
     if not isinstance(v, bool):
-        raise err(f"{where}: expected true or false, got {v!r}")
+        raise err(f"{where}: expected true or false, got {short(v)}")
     return v
 
 
@@ -193,7 +205,7 @@ def _int(err: type[Exception], lenient: bool, v: Any, where: str) -> int:
         if isinstance(v, float) and v.is_integer():
             v = int(v)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise err(f"{where}: expected an integer, got {v!r}")
+        raise err(f"{where}: expected an integer, got {short(v)}")
     return v
 
 
@@ -202,15 +214,20 @@ def _float(err: type[Exception], lenient: bool, finite: bool, v: Any, where: str
         with contextlib.suppress(ValueError):
             v = float(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise err(f"{where}: expected a number, got {v!r}")
-    if finite and not math.isfinite(v):
-        raise err(f"{where}: expected a finite number, got {v!r}")
-    return float(v)
+        raise err(f"{where}: expected a number, got {short(v)}")
+    try:
+        number = float(v)
+    except OverflowError:  # an integer beyond any float (files allow 4300 digits)
+        raise err(f"{where}: expected a number, got an integer of {len(str(v))} "
+                  f"digits") from None
+    if finite and not math.isfinite(number):
+        raise err(f"{where}: expected a finite number, got {short(v)}")
+    return number
 
 
 def _str(err: type[Exception], lenient: bool, v: Any, where: str) -> str:
     if lenient and isinstance(v, (int, float)) and not isinstance(v, bool):
         return str(v)
     if not isinstance(v, str):
-        raise err(f"{where}: expected a string, got {v!r}")
+        raise err(f"{where}: expected a string, got {short(v)}")
     return v

@@ -14,11 +14,13 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
       "created": "...", "updated": "...", "ended": null | "...",
       "state": "training",           # State below
       "reason": "",                  # why the last state was entered (final: the verdict)
-      "supervisor": {"pid": 123, "host": "mbp", "started": "...", "starts": 1},
+      "supervisor": {"pid": 123, "host": "mbp", "started": "...", "starts": 1,
+                     "boot_id": "f56d..."},   # a changed boot id: the machine restarted
       "worker": null | {"pid": 456, "attempt": 3, "started": "...", "argv": [...]},
-      "overrides": {"batch_size": 2, "grad_accumulation_steps": 8,   # persisted settings:
-                    "grad_checkpoint": false, "lr_scale": 0.5,        # every attempt gets them
-                    "skip_batches": [41]},   # epoch-plan batches found to be data problems
+      "overrides": {"batch_size": 2, "grad_accumulation_steps": 8,   # the settings the
+                    "lr_scale": 0.5,          # supervisor changed (only those); every attempt
+                    "skip_batches": [41],     # gets them. Epoch-plan batches that are data
+                    "skip_positions": [812]}, # problems; data positions skipped once (rollbacks)
       "rollbacks": 1,                # rollbacks so far (budget: supervisor.max_rollbacks)
       "high_water_step": 830,        # highest step the run ever reached (progress measure)
       "final_step": 812,             # the step the run is at (after a rollback: below the
@@ -37,6 +39,7 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
         "start_reason": "initial" | "<previous attempt's action_reason>",
         "resumed_from": null | {"step": 250, "path": "..."},   # null: fresh start
         "skip_steps": 0,               # data positions skipped after the resume point
+                                       # (--skip-position, or --skip-steps: none was named)
         "lr_scale": null | 0.5,
         "settings": {...overrides in effect...},
         "start_step": 250, "end_step": 400, "steps_gained": 150,
@@ -56,6 +59,8 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
         "stderr_tail": "last lines of logs/worker-1.log",
         "bad_data": null | {"position": 815, "batch": 41, "lines": "train.jsonl:88-91",
                             "lr_scale": 1.0},  # the failing step's batch (non-finite, spike)
+        "injected": ["crash@40"],      # faults injected on purpose in this attempt
+                                       # (debug.inject; shared/faults.py); [] for none
         "action": Action below,
         "action_reason": "crash: killed by SIGABRT ...",
         "restart_delay_s": 5.3,
@@ -66,13 +71,12 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from shared import records
+from shared import records, strictjson
 from shared.errors import RecordError
 from shared.exitcodes import FailureClass
 
@@ -118,12 +122,14 @@ class Action(str, Enum):
     REDUCE_MEMORY = "reduce_memory"
     ROLLBACK = "rollback"
     SKIP_BATCH = "skip_batch"  # the same batch non-finite again: a data problem, skipped
+    QUARANTINE_CHECKPOINT = "quarantine_checkpoint"  # the worker refused it: an older one next
     PLANNED_RESTART = "planned_restart"
     FINISH = "finish"
     EARLY_STOP = "early_stop"
     STOP = "stop"
     GIVE_UP = "give_up"
     ABANDONED = "abandoned"  # the supervisor died during the attempt; the next one went on
+    WAIT_FOR_SPACE = "wait_for_space"  # a full disk: restart once there is room again
 
 
 class Detection(str, Enum):
@@ -155,6 +161,7 @@ class SupervisorInfo:
     host: str
     started: str
     starts: int  # how many supervisors have run this run
+    boot_id: str = ""  # the machine's boot (Linux: /proc/sys/kernel/random/boot_id)
 
 
 @dataclass(frozen=True)
@@ -239,6 +246,7 @@ class AttemptRecord:
     restart_delay_s: float | None = None
     settings_changed: dict[str, Any] = field(default_factory=dict)
     bad_data: BadData | None = None
+    injected: tuple[str, ...] = ()  # faults fired in it on purpose (shared/faults.py)
 
 
 @dataclass(frozen=True)
@@ -303,7 +311,7 @@ def load_with_json(path: Path) -> tuple[RunRecord, dict[str, Any]] | None:
     except OSError as e:
         raise RecordError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        obj = strictjson.loads(text)  # bounded: never RecursionError (shared/strictjson.py)
+    except ValueError as e:
         raise RecordError(f"{path}: not valid JSON ({e})") from None
     return decode(obj, str(path)), obj

@@ -8,13 +8,13 @@ then the raw bytes.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from shared import strictjson
 from shared.errors import CheckpointError
 
 _FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
@@ -36,8 +36,8 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
         if n > min(MAX_HEADER, size - 8):
             raise CheckpointError(f"{path}: header length {n} exceeds file size {size}")
         try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = strictjson.loads(f.read(n))  # bounded (shared/strictjson.py)
+        except ValueError as e:
             raise CheckpointError(f"{path}: header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")

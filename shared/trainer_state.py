@@ -35,17 +35,23 @@ existed are version 1):
                                      # worker/data.py Examples.summary()
     }
 
-Fields without a default are required: a file missing one is not a checkpoint.
+Fields without a default are required: a file missing one is not a checkpoint. Beyond the
+types, `TrainerState.inconsistency()` names what would make the worker refuse or misuse a
+well-typed state: a batch split that is not its effective batch, a negative data position,
+a learning-rate scale that is not a positive number, and a `config_hash` that is not the
+hash of the `config` stored beside it (shared/config_identity.py). The validator runs it,
+so a state the worker cannot resume from is no valid checkpoint.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from shared import records
+from shared import records, strictjson
+from shared.config_identity import config_hash
 from shared.errors import CheckpointError
 
 SCHEMA_VERSION = 1
@@ -171,6 +177,28 @@ class TrainerState:
         out: dict[str, Any] = records.to_dict(self)
         return out
 
+    def inconsistency(self) -> str:
+        """What makes this state unusable although every field has its type (the module
+        docstring), naming the field; "" when nothing does."""
+        b = self.batch
+        if min(b.batch_size, b.grad_accumulation_steps) < 1 \
+                or b.effective != b.batch_size * b.grad_accumulation_steps:
+            return (f"batch: effective {b.effective} is not batch_size {b.batch_size} x "
+                    f"grad_accumulation_steps {b.grad_accumulation_steps} (each >= 1)")
+        if self.plan is not None and self.plan.effective_batch != b.effective:
+            return (f"plan: effective_batch {self.plan.effective_batch}, batch: effective "
+                    f"{b.effective}")
+        if self.data_position < 0:
+            return f"data_position: expected >= 0, got {self.data_position}"
+        if not (math.isfinite(self.lr_scale) and self.lr_scale > 0):
+            return f"lr_scale: expected a positive number, got {self.lr_scale}"
+        if self.config:
+            own = config_hash(self.config)
+            if own != self.config_hash:
+                return (f"config_hash {self.config_hash} is not the hash of the config "
+                        f"stored with it ({own})")
+        return ""
+
 
 def decode(obj: Any, where: str) -> TrainerState:
     """A TrainerState from a parsed trainer_state.json; CheckpointError naming `where` and
@@ -187,9 +215,9 @@ def load(path: Path, where: str | None = None) -> TrainerState:
     """Read and decode one trainer_state.json; CheckpointError if it is unreadable."""
     where = where or f"{path.parent.name}/{path.name}"
     try:
-        obj = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{where}: not valid JSON") from None
+        obj = strictjson.loads(path.read_text())  # bounded (shared/strictjson.py)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: not valid JSON ({e})") from None
     except OSError as e:
         raise CheckpointError(f"{where}: {e.strerror or e}") from None
     return decode(obj, where)

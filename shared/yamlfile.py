@@ -2,7 +2,8 @@
 
 mlx_lm's loader reads `1e-5` as a float (plain YAML 1.1 reads it as a string); so does this
 one. A missing or unreadable file, invalid YAML (with its line) or a file that is not a
-mapping of keys is a ConfigError naming the file.
+mapping of keys is a ConfigError naming the file. `parse_value` reads one value by the same
+rules (a `--set KEY=VALUE` on the command line, shared/overrides.py).
 """
 
 from __future__ import annotations
@@ -35,6 +36,18 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys, got {type(data).__name__}")
     return data
+
+
+def parse_value(text: str, where: str) -> Any:
+    """One YAML value, read as a value in the config file is: "0.9" -> 0.9, "1e-5" -> 1e-05,
+    "true" -> True, "[a, b]" -> ["a", "b"], "{name: x}" -> {"name": "x"}, "" -> None;
+    ConfigError naming `where` when it is not YAML."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(
+            f"{where}: {text!r} is not a YAML value ({getattr(e, 'problem', None) or e})"
+        ) from None
 
 
 class _Loader(yaml.SafeLoader):

@@ -2,7 +2,7 @@
 
     python tests/fake_worker.py train CONFIG --run-dir D --telemetry E --attempt N
         [--resume auto|PATH [--validated SHA256] | --fresh] [--set k=v]... [--lr-scale F]
-        [--skip-steps K] [--skip-batch B]...
+        [--skip-steps K] [--skip-batch B]... [--skip-position P]...
 
 Same contract as the real worker: telemetry through the worker's own sender
 (worker/telemetry.py: heartbeats from its thread, batched non-blocking sends), StepMetrics per
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared import config as config_mod
 from shared.checkpoint import validate, write_checkpoint
-from shared.errors import CheckpointError, ConfigError
+from shared.errors import CheckpointError, CheckpointRefused, ConfigError
 from shared.exitcodes import ExitCode
 from shared.protocol import (
     CheckpointSaved,
@@ -169,7 +169,7 @@ class Fake:
             return
         result = validate(Path(a.resume), trusted_manifest=a.validated)  # as the worker does
         if not result.ok or result.state is None:
-            raise CheckpointError(f"--resume {a.resume}: {result.reason}")
+            raise CheckpointRefused(Path(a.resume), f"--resume {a.resume}: {result.reason}")
         self.log(f"validated {os.getpid()} {time.time()} "
                  f"{'trusted' if a.validated == result.manifest_sha256 else 'full'}")
         state = result.state
@@ -271,12 +271,16 @@ def main() -> None:
     p.add_argument("--skip-steps", type=int, default=0)
     p.add_argument("--validated")
     p.add_argument("--skip-batch", type=int, action="append", default=[])  # accepted, unused
+    p.add_argument("--skip-position", type=int, action="append", default=[])  # likewise
     args = p.parse_args()
     (Path(args.run_dir) / "logs").mkdir(parents=True, exist_ok=True)
     with open(Path(args.run_dir) / "logs" / f"fake-argv-{args.attempt}.json", "w") as f:
         json.dump(sys.argv[1:], f)
     try:
         Fake(args).run()
+    except CheckpointRefused as e:  # as worker/session.py: quarantined, an older one next
+        print(f"overnight train: {e}", file=sys.stderr)
+        sys.exit(int(ExitCode.CHECKPOINT_REFUSED))
     except (ConfigError, CheckpointError) as e:
         print(f"overnight train: {e}", file=sys.stderr)
         sys.exit(int(ExitCode.BAD_CONFIG))

@@ -11,6 +11,7 @@ from shared.trainer_state import PlanState
 from tests.checkpoint_support import trainer_state
 from worker.batching import (
     EpochPlan,
+    check_size,
     collate,
     fixed_subset,
     micro_batches,
@@ -71,9 +72,19 @@ def test_positions_are_random_access_and_the_same_batch_every_epoch() -> None:
         assert np.array_equal(a.members(a.batch_id(p)), a.group(p))
 
 
-def test_too_small_a_dataset_is_an_error() -> None:
-    with pytest.raises(DataError, match="fewer than one effective batch"):
-        EpochPlan(np.arange(3), effective_batch=4, seed=0)
+def test_an_effective_batch_larger_than_the_data_is_one_group_per_epoch() -> None:
+    # mlx_lm lora runs such a config (worker/batching.py); each step is then the whole set
+    plan = EpochPlan(np.arange(3), effective_batch=4, seed=0)
+    assert plan.groups_per_epoch == 1
+    assert [list(plan.group(p)) for p in range(3)] == [[0, 1, 2]] * 3
+    assert check_size(3, 2, 4, "train.jsonl").startswith(
+        "the effective batch (batch_size x grad_accumulation_steps = 4) is larger than the "
+        "3 training examples of train.jsonl")
+    assert check_size(8, 2, 4, "train.jsonl") == ""
+    with pytest.raises(DataError, match="1 usable example"):  # fewer than batch_size
+        check_size(1, 2, 4, "train.jsonl")
+    with pytest.raises(DataError, match="training set has no examples"):
+        EpochPlan(np.arange(0), effective_batch=4, seed=0)
 
 
 def test_a_checkpoint_of_the_old_plan_resumes_with_the_old_plan_and_says_so() -> None:

@@ -259,3 +259,77 @@ def test_a_refused_mlx_lm_key_is_refused_from_the_command_line_too() -> None:
     with pytest.raises(ConfigError) as e:
         cfg.resolve({"model": "m", "data": "d"}, {"hf_dataset.path": "billsum"}, source="x")
     assert str(e.value).startswith("x: key 'hf_dataset' is not supported: Hugging Face")
+
+
+# ---- --set values are read as YAML, as the file's values are ------------------------------
+
+
+def _set(*items: str) -> cfg.Config:
+    import argparse
+
+    from worker.main import add_arguments, overrides_from
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["c.yaml", *(a for item in items for a in ("--set", item))])
+    return cfg.resolve({"model": "m", "data": "d"}, overrides_from(args))
+
+
+def test_set_values_are_yaml_so_keys_inside_mappings_get_numbers_and_lists() -> None:
+    """Before: `--set optimizer_config.sgd.momentum=0.9` reached mlx.optimizers as the string
+    "0.9" and the run was refused; a flow list became a one-item list of its text."""
+    c = _set("optimizer=sgd", "optimizer_config.sgd.momentum=0.9",
+             "optimizer_config.sgd.nesterov=true",
+             "lora_parameters.keys=[self_attn.q_proj, self_attn.v_proj]",
+             "lr_schedule={name: cosine_decay, arguments: [1e-5, 100], warmup: 5}",
+             "learning_rate=2e-5", "early_stopping.enabled=no", "report_to=wandb,swanlab")
+    assert c.optimizer_config == {"sgd": {"momentum": 0.9, "nesterov": True}}
+    assert c.lora_parameters.keys == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert c.lr_schedule == {"name": "cosine_decay", "arguments": [1e-5, 100], "warmup": 5}
+    assert (c.learning_rate, c.early_stopping.enabled) == (2e-5, False)
+    assert c.report_to == ["wandb", "swanlab"]
+
+    from worker.model import make_optimizer  # the point where "0.9" was refused
+
+    optimizer, _ = make_optimizer(c, 1.0)
+    assert (type(optimizer).__name__, optimizer.momentum, optimizer.nesterov) == (
+        "SGD", 0.9, True)
+
+
+def test_set_values_of_string_keys_are_taken_as_they_are() -> None:
+    """A path, a name or a shell command is text, whatever YAML would make of it."""
+    c = _set("adapter_path=1e-5", "resume_adapter_file=0.9", "debug.inject=nan@3",
+             "supervisor.on_exit=echo done: $OVERNIGHT_STATE", "training.streaming=false",
+             "fine_tune_type=dora", "project_name=null")
+    assert (c.adapter_path, c.resume_adapter_file, c.debug.inject) == ("1e-5", "0.9", "nan@3")
+    assert c.supervisor.on_exit == "echo done: $OVERNIGHT_STATE"
+    assert (c.training.streaming, c.fine_tune_type, c.project_name) == ("false", "dora", "null")
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"^--set lr_schedule: '\{name: \[' is not a YAML "
+                                          r"value \(.+\)$"):
+        _set("lr_schedule={name: [")
+    with pytest.raises(ConfigError, match=r"^--set: expected KEY=VALUE, got 'momentum'$"):
+        _set("momentum")
+
+
+# ---- the docs name only commands that exist -----------------------------------------------
+
+
+def test_every_overnight_command_the_code_and_docs_name_exists() -> None:
+    """shared/config.py's docstring sent readers to `overnight config --help`, which does not
+    exist. Every `overnight WORD` in backquotes in the code and docs is a real command."""
+    import re
+
+    from shared.cli import COMMANDS
+
+    root = Path(__file__).resolve().parents[1]
+    commands = {name for name, _, _ in COMMANDS}
+    files = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    for package in ("shared", "supervisor", "worker"):
+        files += sorted((root / package).rglob("*.py"))
+    named = {(m.group(1), f.relative_to(root).as_posix())
+             for f in files for m in re.finditer(r"`overnight ([a-z][a-z-]*)", f.read_text())}
+    assert named and {word for word, _ in named} >= {"train", "run", "status", "report"}
+    assert sorted((word, where) for word, where in named if word not in commands) == []

@@ -98,7 +98,7 @@ def test_the_client_talks_to_a_live_server_over_ipc(tmp_path, capsys):
                                                       timeout=2.0))
         live = capsys.readouterr().out
         assert "run      r1  [live]" in live and "phase training" in live
-        assert "best     step 10  val_loss 1.25  /runs/r1/step-10" in live
+        assert "best     step 10  val_loss 1.250  /runs/r1/step-10" in live
         # raw garbage on the wire still gets an answer
         req = ctx.socket(zmq.REQ)
         req.setsockopt(zmq.LINGER, 0)
@@ -149,3 +149,61 @@ def test_a_status_reply_that_is_not_one_is_named_by_field():
     data = {**STATUS.to_dict(), "state": "dancing"}
     with pytest.raises(ProtocolError, match=r"status reply.state: expected one of"):
         decode_status(data)
+
+
+def test_a_failed_control_socket_is_reopened_and_answers_again(tmp_path):
+    """A socket error (here: the socket closed under the server) would leave REP unable to
+    answer and, before, ended the supervisor: the server logs it, binds a new socket on the
+    same path, and the next client gets its answer."""
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.create_socket_dir()
+    ctx = zmq.Context()
+    server = ControlServer(ctx, run.control_endpoint, FakeTarget())
+    try:
+        old = server.socket
+        old.close(linger=0)
+        assert server.serve_ready(structlog.get_logger()) == 0  # no exception
+        assert server.socket is not old and server.failures == 1
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(run.control_endpoint)
+        req.send(b'{"type":"control","v":1,"command":"status"}')
+        t = _serve(server, 1)
+        assert req.poll(3000) and decode(req.recv()).ok
+        t.join(5)
+        req.close()
+    finally:
+        server.close()
+        ctx.destroy(linger=0)
+
+
+def test_bad_requests_are_each_answered_but_logged_once_a_minute(tmp_path):
+    """A client sending garbage in a loop gets every answer, and the log one line (with the
+    count), not one line per request."""
+    lines: list[tuple[str, dict]] = []
+
+    class Log:
+        def __getattr__(self, level):
+            return lambda event, **kw: lines.append((event, kw))
+
+    ctx = zmq.Context()
+    server = ControlServer(ctx, f"ipc://{tmp_path}/control", FakeTarget())
+    req = ctx.socket(zmq.REQ)
+    req.setsockopt(zmq.LINGER, 0)
+    req.connect(f"ipc://{tmp_path}/control")
+    try:
+        for _ in range(5):
+            req.send(b"\xff garbage")
+            while not req.poll(10):
+                server.serve_ready(Log())
+            assert not decode(req.recv()).ok
+        req.send(b'{"type":"control","v":1,"command":"status"}')
+        while not req.poll(10):
+            server.serve_ready(Log())
+        assert decode(req.recv()).ok
+    finally:
+        server.close()
+        ctx.destroy(linger=0)
+    assert [e for e, _ in lines] == ["control_request_bad", "control_request"]
+    assert server.bad_requests == 5 and lines[0][1]["count"] == 1

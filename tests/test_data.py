@@ -12,7 +12,7 @@ import pytest
 
 from shared import config as cfg
 from shared.errors import DataError
-from worker import data
+from worker import data, datafiles
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +103,9 @@ def test_streaming_gives_the_same_examples_as_in_memory(tmp_path: Path, tokenize
 
 def test_val_jsonl_is_accepted_as_validation_file(tmp_path: Path) -> None:
     (tmp_path / "val.jsonl").write_text('{"text": "x"}\n')
-    assert data.find_valid_file(tmp_path) == tmp_path / "val.jsonl"
+    assert datafiles.find_valid_file(tmp_path) == tmp_path / "val.jsonl"
     (tmp_path / "valid.jsonl").write_text('{"text": "x"}\n')
-    assert data.find_valid_file(tmp_path) == tmp_path / "valid.jsonl"
+    assert datafiles.find_valid_file(tmp_path) == tmp_path / "valid.jsonl"
 
 
 def _cfg(training: dict | None = None, **top) -> cfg.Config:

@@ -187,6 +187,84 @@ def test_every_example_is_trained_on_in_every_epoch(tmp_path: Path, tiny_model: 
         8, "short_group", 60)
 
 
+def test_an_effective_batch_larger_than_the_data_trains_one_step_per_epoch(
+        tmp_path: Path, tiny_model: Path, tokenizer) -> None:
+    """batch 4 x accumulation 16 = 64 on 60 examples. Before: refused ("fewer than one
+    effective batch") while `mlx_lm lora` runs it (its iterate_batches only needs batch_size
+    examples). Now every step trains on the whole set once, and the worker says so."""
+    data = uneven_data(tmp_path)
+    texts = [json.loads(x)["text"] for x in (data / "train.jsonl").read_text().splitlines()]
+    per_epoch = sum(len(tokenizer.encode(t)) for t in texts)
+    config = write_config(tmp_path / "c.yaml", tiny_model, data, iters=3, batch_size=4,
+                          grad_accumulation_steps=16, steps_per_eval=100, save_every=3)
+    run = tmp_path / "run"
+    result = overnight("train", str(config), "--run-dir", str(run))
+    assert result.returncode == 0, result.stderr
+    assert ("overnight train: the effective batch (batch_size x grad_accumulation_steps = 64) "
+            f"is larger than the 60 training examples of {data / 'train.jsonl'}: each "
+            "optimizer step trains on all 60 once") in result.stderr
+    m = metrics(run)
+    assert [m[s]["tokens"] for s in (1, 2, 3)] == [per_epoch] * 3
+    assert [m[s]["data_position"] for s in (1, 2, 3)] == [0, 1, 2]
+    plan = last_state(run)["plan"]
+    assert (plan["groups_per_epoch"], plan["examples"]) == (1, 60)
+
+
+def test_fewer_examples_than_batch_size_is_refused_as_mlx_lm_does(
+        tmp_path: Path, tiny_model: Path) -> None:
+    data = write_lines(tmp_path / "data", [{"text": t} for t in sentences(3, seed=11)])
+    config = write_config(tmp_path / "c.yaml", tiny_model, data, batch_size=4)
+    result = overnight("train", str(config), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"overnight train: {data / 'train.jsonl'}: 3 usable example(s), fewer than "
+        'batch_size 4 (mlx_lm lora refuses this too: "Dataset must have at least batch_size '
+        'examples"); lower batch_size or add examples')
+
+
+# ---- a split file that is not a file, or empty ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["valid.jsonl", "val.jsonl", "train.jsonl", "test.jsonl"])
+def test_a_split_name_taken_by_a_directory_is_one_line_never_no_validation(
+        tmp_path: Path, tiny_model: Path, corpus: Path, name: str) -> None:
+    """Before: a valid.jsonl directory silently meant a night without validation (and a
+    train.jsonl directory was "not found"). `mlx_lm lora` stops on it with a traceback."""
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    for gone in {name, "valid.jsonl" if name == "val.jsonl" else name}:
+        if (data / gone).exists():
+            (data / gone).unlink()
+    (data / name).mkdir()
+    config = write_config(tmp_path / "c.yaml", tiny_model, data, test=name == "test.jsonl")
+    run = tmp_path / "run"
+    result = overnight("train", str(config), "--run-dir", str(run))
+    assert result.returncode == 78, result.stderr
+    role = {"train.jsonl": "the training split", "test.jsonl": "the test split"}.get(
+        name, "the validation split")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"overnight train: {data / name} is a directory: expected {role} as a JSONL file "
+        "(one example per line)" + (" or nothing at all (no validation)"
+                                    if role == "the validation split" else ""))
+    assert not (run / "logs" / "metrics.jsonl").exists()  # refused before training
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_an_empty_validation_file_says_it_is_empty(
+        tmp_path: Path, tiny_model: Path, corpus: Path, content: str) -> None:
+    """Before: "no usable examples in 0 lines"."""
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    (data / "valid.jsonl").write_text(content)
+    config = write_config(tmp_path / "c.yaml", tiny_model, data)
+    result = overnight("train", str(config), "--run-dir", str(tmp_path / "run"))
+    assert result.returncode == 78, result.stderr
+    blank = " (3 blank lines)" if content else ""
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"overnight train: {data / 'valid.jsonl'} is empty{blank}: expected one JSON "
+        "example per line")
+
+
 def test_exact_resume_and_a_smaller_micro_batch_hold_with_the_short_batch(
         tmp_path: Path, tiny_model: Path) -> None:
     # SGD: the update is linear in the gradient, so equal math shows as equal weights.
@@ -314,9 +392,10 @@ def test_rows_whose_prompt_fills_max_seq_length_are_skipped_not_a_nan(
 def test_a_nan_on_the_same_batch_twice_is_data_the_supervisor_skips_that_batch(
         tmp_path: Path, tiny_model: Path, corpus: Path, tokenizer) -> None:
     # 256 examples, batch 4: 64 batches per epoch, visited in default_rng([seed, epoch])
-    # order (docs/architecture.md). A NaN at step 8 is batch perm0[7]; after the rollback to
-    # step 5 the data through that batch is skipped, so step s trains position s + 2, and the
-    # same batch comes back in epoch 1 at position 64 + k1: step 62 + k1.
+    # order (docs/architecture.md). A NaN at step 8 is position 7, batch perm0[7]; the
+    # rollback to step 5 skips that one position only: steps 6 and 7 train the healthy
+    # positions 5 and 6 again, step s >= 8 trains position s, and the same batch comes
+    # back in epoch 1 at position 64 + k1: step 64 + k1.
     for seed in range(100):
         perm0 = np.random.default_rng([seed, 0]).permutation(64)
         perm1 = np.random.default_rng([seed, 1]).permutation(64)
@@ -324,7 +403,7 @@ def test_a_nan_on_the_same_batch_twice_is_data_the_supervisor_skips_that_batch(
         k1 = int(np.flatnonzero(perm1 == batch)[0])
         if 3 <= k1 < 12:
             break
-    again = 62 + k1
+    again = 64 + k1
     iters = again + 6
     config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=iters, seed=seed,
                           save_every=5, steps_per_eval=1000, supervisor=FAST,
@@ -352,7 +431,26 @@ def test_a_nan_on_the_same_batch_twice_is_data_the_supervisor_skips_that_batch(
     assert lines_of(first["bad_data"]["lines"]) == expected
     assert second["bad_data"]["lines"] == first["bad_data"]["lines"]
     assert third["argv"][third["argv"].index("--skip-batch") + 1] == str(batch)
-    assert rec["overrides"]["skip_batches"] == [batch]
+    # the rollback passed over the failing position only, and said so in the record
+    assert second["argv"][second["argv"].index("--skip-position") + 1] == "7"
+    assert "--skip-steps" not in second["argv"] and second["skip_steps"] == 1
+    assert "--skip-position" not in third["argv"]  # position 7 is behind its checkpoint
+    # what changed, and only that (before: "lr_scale None→0.5"; every setting listed)
+    assert first["settings_changed"] == {"lr_scale": [1.0, 0.5], "skip_positions": [[], [7]]}
+    assert second["settings_changed"] == {"lr_scale": [0.5, 1.0],
+                                          "skip_batches": [[], [batch]]}
+    assert rec["overrides"] == {"lr_scale": 1.0, "skip_batches": [batch], "skip_positions": [7]}
+    # the healthy batches between the rollback checkpoint (step 5, position 5) and the
+    # failing one were trained again (before: positions 5 and 6 were skipped with 7); the
+    # run's steps cover every position but the two occurrences of the bad batch
+    attempt2 = [m for m in map(json.loads, (run / "logs" / "metrics.jsonl").read_text()
+                               .splitlines()) if m["attempt"] == 2]
+    assert [(m["step"], m["data_position"]) for m in attempt2[:3]] == [(6, 5), (7, 6), (8, 8)]
+    trained = {s: m["data_position"] for s, m in metrics(run).items()}
+    assert trained == {s: s - 1 if s < 8 else s if s < again else s + 1
+                       for s in range(1, iters + 1)}
+    passed = [e["data_position"] for e in events(run, "batch_skipped") if e.get("attempt") == 2]
+    assert passed == [7]
     skipped = [e for e in events(run, "batch_skipped") if e.get("attempt") == 3]
     assert [e["batch"] for e in skipped] == [batch]
     assert max(metrics(run)) == iters and last_state(run)["skipped_batches"] == [batch]
@@ -362,6 +460,28 @@ def test_a_nan_on_the_same_batch_twice_is_data_the_supervisor_skips_that_batch(
     assert "NaN loss at 7 → rolled back to 5" in report  # the verdict: the last good step
     assert f"NaN loss at {again - 1} → that batch skipped (its data, not divergence)" in report
     assert re.search(r"skip_batches=\[\d+\]", report)
+
+
+def test_a_position_skipped_once_is_passed_over_after_a_resume_too_exactly(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """--skip-position (a rollback's offending batch): that position alone is passed over,
+    the batches around it are trained, and a run killed before it and resumed with the same
+    flag (as the supervisor starts every attempt) ends with the same adapters."""
+    config = write_config(tmp_path / "c.yaml", tiny_model, uneven_data(tmp_path), iters=12,
+                          save_every=5, steps_per_eval=100)
+    base = tmp_path / "base"
+    done = overnight("train", str(config), "--run-dir", str(base), "--skip-position", "7")
+    assert done.returncode == 0, done.stderr
+    assert [metrics(base)[s]["data_position"] for s in range(1, 13)] == [
+        0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12]
+    run = tmp_path / "killed"
+    proc = start(config, run, "--skip-position", "7", inject="stall@7")
+    wait_for_step(run, proc, 6)
+    kill(proc)  # after the checkpoint at step 5 (position 5), before position 7
+    done = overnight("train", str(config), "--run-dir", str(run), "--skip-position", "7")
+    assert done.returncode == 0, done.stderr
+    assert max_abs_diff(adapters(base), adapters(run)) == 0.0
+    assert [e["data_position"] for e in events(run, "batch_skipped")] == [7]
 
 
 def test_a_skipped_batch_recorded_in_a_checkpoint_stays_skipped_after_a_resume(

@@ -22,8 +22,12 @@ def test_the_demo_recovers_from_a_crash_and_a_hang_and_prints_the_report(tmp_pat
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout
     assert f"demo: {tmp_path}" in out
-    # the narration: two failures noticed, two restarts from checkpoints, the end
-    assert re.search(r"attempt 1 ended at step \d+: crash", out)
+    # the narration: two failures noticed, two restarts from checkpoints, the end; each
+    # fault said to be injected, the Metal-style crash as the emulation it is
+    assert "worker:     injecting crash@70 on purpose (debug.inject), emulating a Metal " \
+           "command-buffer abort" in out
+    assert re.search(r"attempt 1 ended at step \d+: crash, injected \(crash@70\)", out)
+    assert "injecting hang@150 on purpose" in out
     assert "worker unhealthy: hang, no heartbeat for 5.0 s" in out
     assert re.search(r"attempt 2 started \(resuming from checkpoint \d+\)", out)
     assert re.search(r"attempt 3 started \(resuming from checkpoint 150\)", out)
@@ -31,8 +35,11 @@ def test_the_demo_recovers_from_a_crash_and_a_hang_and_prints_the_report(tmp_pat
     # the report, verdict first
     report = out.split("The report (`overnight report")[1]
     verdict = report.splitlines()[2]
-    assert re.fullmatch(r"# ✅ finished 200/200 steps in \S+; 2 restarts \(crash at \d+; hang "
-                        r"at 150\); best val \d\.\d{3} at step \d+", verdict), verdict
+    assert re.fullmatch(r"# ✅ finished 200/200 steps in \S+; 2 restarts \(injected crash at "
+                        r"\d+; injected hang at 150\); best val \d\.\d{3} at step \d+",
+                        verdict), verdict
+    assert "Injected on purpose (`debug.inject` crash@70): it emulates a Metal command-buffer" \
+           " abort" in report
     run = tmp_path / "run"
     assert (run / "report.md").read_text().splitlines()[0] == verdict
     assert (run / "report.png").stat().st_size > 30_000
@@ -58,3 +65,22 @@ def test_faults_scale_with_the_steps_and_the_narration_is_short():
     assert text is not None and text.startswith("supervisor: ✗ attempt 1 ended at step 69: crash")
     assert len(text) < 160
     assert narrate(LogLine(0.0, {"source": "worker", "event": "phase_changed"})) is None
+
+
+def test_the_narration_says_a_fault_was_injected_and_what_it_emulates():
+    """On Linux the injected crash prints a Metal GPU error; the narration said only
+    "crash (killed by SIGABRT: Metal command buffer abort: ...)", as if it were real."""
+    injected = LogLine(0.0, {"source": "worker", "event": "fault_injected", "attempt": 1,
+                             "fault": "crash@70", "kind": "crash", "step": 70,
+                             "emulates": "a Metal command-buffer abort (SIGABRT)"})
+    assert narrate(injected) == (
+        "worker:     injecting crash@70 on purpose (debug.inject), emulating a Metal "
+        "command-buffer abort (SIGABRT): not a real failure")
+    exited = {"source": "supervisor", "event": "worker_exited", "attempt": 1, "step": 69,
+              "classification": "crash", "detail": "killed by SIGABRT: Metal command buffer"}
+    assert narrate(LogLine(0.0, {**exited, "injected": ["crash@70"]})) == (
+        "supervisor: ✗ attempt 1 ended at step 69: crash, injected (crash@70) (killed by "
+        "SIGABRT: Metal command buffer)")
+    # a fault of another kind fired in the attempt: its crash is a real one
+    text = narrate(LogLine(0.0, {**exited, "injected": ["leak@50"]}))
+    assert text is not None and "injected" not in text

@@ -182,7 +182,7 @@ def test_real_logs_rotate_in_both_processes_and_merge_completely(real_run, capsy
     total = sum(len([s for s in p.read_text().splitlines() if s.strip()])
                 for name in ("supervisor.jsonl", "worker.jsonl")
                 for p in rotated_files(logs_dir / name))
-    code, out, _ = logs(capsys, str(real_run), "--json")
+    code, out, _ = logs(capsys, str(real_run), "--json", "--relayed")
     assert code == 0 and len(out) == total
     lines = [json.loads(s) for s in out]
     assert lines[0]["event"] == "supervisor_started" and lines[-1]["event"] == "run_ended"
@@ -215,3 +215,37 @@ def test_real_logs_render_a_log_cut_off_by_a_killed_process(real_run, tmp_path, 
     assert code == 0 and len(out) > 50
     assert "skipped 1 unreadable line" in err
     assert all(s[:4].isdigit() for s in out if not s.startswith("    "))
+
+
+def test_each_event_is_one_line_in_the_merged_view(real_run, capsys):
+    """`overnight logs --json | jq .event` counted each checkpoint_saved and worker_stopping
+    twice: the worker's line and the supervisor's relayed copy. The merged view shows the
+    worker's; the copies are marked, shown with --relayed and in the supervisor's own log."""
+    from collections import Counter
+
+    _, out, _ = logs(capsys, str(real_run), "--json")
+    merged = [json.loads(s) for s in out]
+    relayed_names = ("checkpoint_saved", "worker_stopping")
+    mine = Counter((x["event"], x["attempt"], x["step"]) for x in merged
+                   if x["event"] in relayed_names)
+    assert all(x["source"] == "worker" for x in merged if x["event"] in relayed_names)
+    assert mine and max(mine.values()) == 1  # one line per checkpoint, per stop
+    _, out, _ = logs(capsys, str(real_run), "--json", "--relayed")
+    copies = [json.loads(s) for s in out]
+    copies = [x for x in copies if x["source"] == "supervisor" and x["event"] in relayed_names]
+    assert all(x["relayed_from"] == "worker" for x in copies)
+    assert Counter((x["event"], x["attempt"], x["step"]) for x in copies) == mine
+    _, out, _ = logs(capsys, str(real_run), "--json", "--source", "supervisor")
+    assert sum(json.loads(s)["event"] in relayed_names for s in out) == len(copies)
+
+
+def test_an_older_log_s_unmarked_copies_are_left_out_too(tmp_path, capsys):
+    run = make_run(tmp_path)
+    with open(run / "logs" / "supervisor.jsonl", "a") as f:  # as written before the mark
+        f.write(line(21, "checkpoint_saved", "supervisor", step=20))
+    with open(run / "logs" / "worker.jsonl", "a") as f:
+        f.write(line(20.9, "checkpoint_saved", "worker", attempt=2, step=20))
+    _, out, _ = logs(capsys, str(run), "--json", "--event", "checkpoint_saved")
+    assert [json.loads(s)["source"] for s in out] == ["worker"]
+    _, out, _ = logs(capsys, str(run), "--json", "--event", "checkpoint_saved", "--relayed")
+    assert [json.loads(s)["source"] for s in out] == ["worker", "supervisor"]

@@ -127,6 +127,9 @@ def rig(tmp_path):
 
 
 def send(pub, sub_sup, msg) -> None:
+    attempt = sub_sup.runner.attempt  # a worker stamps its attempt's token on every message
+    if attempt is not None and not msg.token:
+        msg = msg.with_token(attempt.token)
     pub.send(msg.to_json())
     assert sub_sup.telemetry.poll(1000)
     sub_sup._tick()

@@ -70,3 +70,18 @@ def test_spike_state_round_trips() -> None:
     b = SpikeDetector.from_state(opts, a.state())
     assert list(b.history) == [1.0] and b.consecutive == 1
     assert a.observe(3, 50.0) == b.observe(3, 50.0) is not None
+
+
+def test_the_early_stop_reason_names_the_reference_apart_from_the_best() -> None:
+    """Issue 17: the reason said "best 2.5183 at step 715" — the min_delta reference — while
+    every other view said "best val 2.511 at step 740". "best" is the lowest value only."""
+    s = EarlyStopper(EarlyStopping(patience=2, min_delta=0.01, warmup_steps=0))
+    assert not s.observe(715, 2.5183) and not s.observe(740, 2.5109)  # < 0.01 better
+    assert s.observe(765, 2.52)
+    assert s.reason(2.5109, 740) == ("no improvement of 0.01 on 2.518 (step 715) in 2 "
+                                     "evaluations; best val 2.511 at step 740")
+    fine = EarlyStopper(EarlyStopping(patience=2, min_delta=0.0001, warmup_steps=0),
+                        best=2.51834, best_step=715)
+    assert fine.reason(None, -1, "smoothed training loss ") == (
+        "no improvement of 0.0001 on smoothed training loss 2.51834 (step 715) in 2 "
+        "evaluations")

@@ -12,6 +12,18 @@ are is normalised: the fixture's copy in a temp dir (`<RUN>`), the directory it 
 One change to these outputs is intended and was made to the golden files by hand: issue 10
 added the report's "sequences truncated" row and the skipped lines' numbers ("at
 train.jsonl:257") in the "data lines skipped" row (report.md, alone-report.md).
+
+Issue 17 (one story in every view) changed them on purpose, regenerated with `output()`:
+- logs.txt, logs.jsonl, logs-attempt-2.txt: the supervisor's relayed copies of the worker's
+  `checkpoint_saved` and `worker_stopping` are left out of the merged view (each event once;
+  `--relayed` shows them);
+- status.txt: "attempts 3 (2 restarts)  failures 2  planned ends 0  rollbacks 0";
+- report.md: the Numbers table's "attempts" row;
+- alone-status.txt, alone-report.md (no run.json: attempt 2's SIGTERM reads as a stop on
+  request): that stop is a planned end, not a failure — the verdict counts it apart ("1 after
+  a failure (killed at 24), 1 planned (stop on request at 45)"), it has a "Planned ends"
+  section instead of a place in "Failures in detail", and its restart time moved from "time
+  lost to failures" (2.1s before, 0.8s now) to the "planned ends" row.
 """
 
 from __future__ import annotations

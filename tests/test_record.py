@@ -104,6 +104,8 @@ def test_a_record_written_before_the_typed_record_reads_and_round_trips():
     back = record.to_dict()  # the same, and the fields added since (bad_data: issue 10)
     for a in back["attempts"]:
         assert a.pop("bad_data") is None
+        assert a.pop("injected") == []  # issue 17: no fault injected on record
+    assert back["supervisor"].pop("boot_id") == ""  # issue 12: unknown in an old record
     assert back == raw
 
 

@@ -68,8 +68,8 @@ def test_the_report_starts_with_the_verdict(reported):
     first = out.splitlines()[0]
     crash = crash_step(run)
     assert re.fullmatch(
-        rf"# ✅ finished {ITERS}/{ITERS} steps in \S+; 2 restarts \(crash at {crash}; hang at "
-        rf"{HANG_AT}\); best val \d\.\d{{3}} at step \d+", first), first
+        rf"# ✅ finished {ITERS}/{ITERS} steps in \S+; 2 restarts \(injected crash at {crash}; "
+        rf"injected hang at {HANG_AT}\); best val \d\.\d{{3}} at step \d+", first), first
     assert CRASH_AT - 1 <= crash <= CRASH_AT
     assert (run / "report.md").read_text() == out
 
@@ -92,8 +92,10 @@ def test_the_timeline_tells_each_attempt_and_what_the_supervisor_did(reported):
     table = out.split("## What happened")[1].split("##")[0]
     rows = [r for r in table.splitlines() if re.match(r"\|\s+\d+ \|", r)]
     assert len(rows) == 3
-    assert "**crash**: killed by SIGABRT" in rows[0] and "restart after" in rows[0]
-    assert "from checkpoint 20" in rows[1] and "**hang**: no heartbeat" in rows[1]
+    assert f"**crash** (injected: `crash@{CRASH_AT}`): killed by SIGABRT" in rows[0]
+    assert "restart after" in rows[0]
+    assert "from checkpoint 20" in rows[1]
+    assert f"**hang** (injected: `hang@{HANG_AT}`): no heartbeat" in rows[1]
     assert "(noticed after 3.0s)" in rows[1]
     assert f"from checkpoint {HANG_AT}" in rows[2] and "**completed**" in rows[2]
     assert rows[2].rstrip(" |").endswith("finish")
@@ -101,8 +103,9 @@ def test_the_timeline_tells_each_attempt_and_what_the_supervisor_did(reported):
 
 def test_failures_numbers_and_commands(reported, tiny_model):
     run, out, _ = reported
-    assert "**Attempt 1: crash at step" in out and "Command buffer execution failed" in out
-    assert "**Attempt 2: hang at step" in out
+    assert "**Attempt 1: injected crash at step" in out
+    assert "Command buffer execution failed" in out
+    assert "**Attempt 2: injected hang at step" in out
     assert re.search(r"time lost to failures \| \S+ \(\d+% of the wall time\): noticing 3\.0s, "
                      r"restarting \S+, redoing \d+ steps", out)
     assert re.search(r"throughput +\| [\d,]+ / [\d,]+ / [\d,]+ tokens/s by attempt", out)
@@ -143,8 +146,10 @@ def test_a_run_without_run_json_is_reported_from_its_logs(real_run, tmp_path):
     first = out.splitlines()[0]
     assert f"finished {ITERS}/{ITERS} steps" in first
     assert "(overnight train, no supervisor)" in first
-    # attempt 1 aborted without a word; attempt 2 was stopped (SIGTERM) after its hang
-    assert re.search(rf"2 restarts by hand \(killed at \d+; stop at {HANG_AT}\)", first), first
+    # attempt 1 aborted without a word after saying it would (an injected crash); attempt 2
+    # was stopped (SIGTERM) after its hang: from the logs alone, a stop on request
+    assert re.search(rf"2 restarts by hand: 1 after a failure \(injected crash at \d+\), 1 "
+                     rf"planned \(stop on request at {HANG_AT}\)", first), first
     assert "`overnight train` alone (no run.json)" in out
     assert "1 malformed in `train.jsonl`" in out
     assert png_size((run / "report.png").read_bytes()) == (1200, 800)
@@ -163,7 +168,7 @@ def test_status_api_verdict_and_progress_line(real_run):
         restart_in_s=None, attempts=3, failures=2)
     text = verdict(real_run, record, live)
     assert text.startswith(f"training: step 42/{ITERS} (70%), running for")
-    assert "2 restarts (crash at" in text  # attempts from run.json
+    assert "2 restarts (injected crash at" in text  # attempts from run.json
     line = progress_line(real_run, record.total_steps, record.latest_checkpoint,
                          record.best_checkpoint)
     assert line is not None and line.startswith(f"Training: 100% | step {ITERS}/{ITERS} | loss=")
@@ -343,3 +348,94 @@ def test_an_early_stop_with_validation_says_validation_loss_from_the_record_alon
     """`overnight status` reads only run.json (no logs): its best checkpoint has a val loss."""
     rec = record([attempt(1, "early_stopped", 0, 900, "finish")], state="early_stopped")
     assert "(validation loss stopped improving)" in verdict(tmp_path, rec)
+
+
+# ---- one story: best, planned ends, injected faults (issue 17) --------------------------
+
+
+def _live(rec: RunRecord, **extra) -> RunStatus:
+    base = dict(
+        run_id=rec.run_id, run_dir="/runs/night", state=State.TRAINING, reason="",
+        supervisor_pid=1, worker_pid=2, attempt=1, phase=Phase.TRAINING, step=537,
+        total_steps=2000, last_heartbeat_s=0.1, tokens_per_sec=None, rss_mb=None, mlx_mb=None,
+        overrides={}, latest_checkpoint=None, best_checkpoint=None, restart_in_s=None,
+        attempts=1, failures=0)
+    return RunStatus(**{**base, **extra})  # type: ignore[arg-type]
+
+
+def test_a_live_status_has_one_best_the_newer_one(tmp_path, capsys):
+    """run.json is rewritten at most every 2 s while only the best changes: status printed
+    "best val 2.914 at step 530" (the record) over a table saying "step 535 val_loss 2.898"
+    (the live reply). The live reply is newer; both lines say it."""
+    from shared.run_record import BestCheckpoint
+    from supervisor.morning.status import format_live
+
+    rec = record([attempt(1, None, 0, 537, None)], state="training",
+                 best_checkpoint={"step": 530, "val_loss": 2.9141, "path": None})
+    live = _live(rec, best_checkpoint=BestCheckpoint(535, None, 2.8983))
+    first = verdict(tmp_path, rec, live)
+    assert first.endswith("best val 2.898 at step 535"), first
+    assert "best     step 535  val_loss 2.898" in format_live(live)
+    assert verdict(tmp_path, rec, _live(rec)).endswith("best val 2.914 at step 530")
+
+
+def _planned_night() -> RunRecord:
+    return record([
+        attempt(1, "crash", 0, 40, "restart", downtime_s=None, restart_delay_s=5.0,
+                detected_by="exit"),
+        attempt(2, "planned_restart", 30, 90, "planned_restart", downtime_s=60.0,
+                detail="worker memory 900 MB above memory_limit_mb 800; exit code 23",
+                detected_by="memory"),
+        attempt(3, "graceful_stop", 90, 120, "stop", downtime_s=120.0,
+                detail="worker exit code 23", detected_by="stop_request",
+                action_reason="stopped on request (worker exit code 23)"),
+        attempt(4, "completed", 120, 2000, "finish", downtime_s=600.0),
+    ])
+
+
+def test_planned_ends_are_not_failures_anywhere_in_the_report(tmp_path):
+    """A planned restart for memory and a stop on request (resumed later) are restarts, but
+    not failures: not in "Failures in detail", not in "time lost to failures"; they have
+    their own section. Before: both were listed as failures and their restart time (660 s)
+    was lost to failures."""
+    from supervisor.morning.report import build, to_markdown
+
+    facts = gather(tmp_path, record=_planned_night())
+    text = to_markdown(build(facts, None))
+    assert text.splitlines()[0].endswith(
+        "3 restarts: 1 after a failure (crash at 40), 2 planned (memory restart at 90; stop "
+        "on request at 120); best val 1.841 at step 1750")
+    failures = text.split("## Failures in detail")[1].split("\n## ")[0]
+    assert re.findall(r"\*\*Attempt (\d)", failures) == ["1"]
+    planned = text.split("## Planned ends")[1].split("\n## ")[0]
+    assert re.findall(r"\*\*Attempt (\d)", planned) == ["2", "3"]
+    assert "**Attempt 2: memory restart at step 90.** worker memory 900 MB" in planned
+    assert "Attempt 3 went on at" in planned and "from checkpoint 90, 2m00s after it ended" \
+        in planned
+    rows = dict(re.findall(r"^\| ([a-z ]+?) +\| (.*?) +\|$", text, re.M))
+    assert rows["attempts"] == "4 (3 restarts); 1 failure, 2 planned ends"
+    # the crash: attempt 2 started training 60 s after it, 10 steps redone; nothing of the
+    # 2 + 10 minutes the planned ends took (before: 13m00s lost to failures)
+    assert rows["time lost to failures"] == ("1m00s (0% of the wall time): restarting 1m00s, "
+                                             "redoing 10 steps")
+    assert rows["planned ends"] == ("memory restart ×1, stop on request ×1; 12m00s restarting "
+                                    "(not failures)")
+
+
+def test_an_injected_fault_is_called_injected_and_a_real_one_is_not(tmp_path):
+    from supervisor.morning.report import build, to_markdown
+
+    rec = record([
+        attempt(1, "crash", 0, 40, "restart", injected=["crash@41"],
+                detail="killed by SIGABRT: Metal command buffer abort: [METAL] Command buffer "
+                       "execution failed"),
+        attempt(2, "crash", 30, 90, "restart", injected=["leak@60"]),  # a leak, then a crash
+        attempt(3, "completed", 80, 2000, "finish"),
+    ])
+    text = to_markdown(build(gather(tmp_path, record=rec), None))
+    assert "2 restarts (injected crash at 40; crash at 90)" in text.splitlines()[0]
+    assert "**Attempt 1: injected crash at step 40.** Injected on purpose (`debug.inject` " \
+           "crash@41): it emulates a Metal command-buffer abort" in text
+    assert "What the supervisor saw: killed by SIGABRT: Metal command buffer abort" in text
+    assert "**Attempt 2: crash at step 90.** crash detail." in text
+    assert "| **crash** (injected: `crash@41`): killed by SIGABRT" in text

@@ -143,3 +143,26 @@ def test_report_to_accepts_mlx_lms_spellings() -> None:
     c = cfg.resolve({"model": "m", "data": "d", "report_to": "WandB, swanlab"})
     assert c.report_to == ["wandb", "swanlab"]
     assert cfg.resolve({"model": "m", "data": "d", "report_to": None}).report_to is None
+
+
+def test_the_progress_line_at_an_evaluation_step_shows_that_evaluation(tmp_path) -> None:
+    """Issue 17: the line was printed when the step's metrics came in, before the evaluation
+    of that step: `val=` showed the evaluation before."""
+    import io
+
+    from shared.progress import Progress
+    from worker.reporting import RunReporter
+
+    out = io.StringIO()
+    reporter = RunReporter(Progress(20), tmp_path / "metrics.jsonl", 10, out)
+    for step in range(1, 21):
+        reporter.step(_step(step, 3.0))
+        if step % 10 == 0:
+            val = 4.0 - step / 10
+            reporter.evaluation(p.EvalResult(run_id="r", attempt=1, step=step, val_loss=val,
+                                             best_val_loss=val, best_step=step, seconds=0.1))
+        reporter.step_done(step)
+    reporter.close()
+    lines = out.getvalue().splitlines()
+    assert [ln.split(" | ")[1] for ln in lines] == ["step 10/20", "step 20/20"]
+    assert "val=3.00 (best 3.00)" in lines[0] and "val=2.00 (best 2.00)" in lines[1]

@@ -159,6 +159,34 @@ def test_a_final_checkpoint_without_complete_finishes_the_run(
     assert (other / "adapters" / "adapters.safetensors").read_bytes() == weights
 
 
+def test_an_early_stop_checkpoint_without_complete_finishes_the_run_early_stopped(
+        tmp_path: Path, tiny_model: Path, corpus: Path) -> None:
+    """Killed between the early-stop checkpoint and COMPLETE: the next start finishes the run
+    as early-stopped at that step. Before: it trained on to the next evaluation (step 6)
+    and early-stopped there, with other adapters than the run's own."""
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=20, save_every=100,
+                          steps_per_eval=2,
+                          early_stopping={"patience": 1, "min_delta": 100.0, "warmup_steps": 0})
+    run = tmp_path / "run"
+    assert overnight("train", str(config), "--run-dir", str(run)).returncode == 20
+    first = json.loads((run / "COMPLETE").read_text())
+    assert (first["status"], first["step"]) == ("early_stopped", 4)
+    weights = (run / "adapters" / "adapters.safetensors").read_bytes()
+    (run / "COMPLETE").unlink()
+    shutil.rmtree(run / "adapters")
+    again = overnight("train", str(config), "--run-dir", str(run))
+    assert again.returncode == 20, again.stderr
+    done = json.loads((run / "COMPLETE").read_text())
+    assert (done["status"], done["step"], done["final_checkpoint"], done["best_step"]) == (
+        "early_stopped", 4, first["final_checkpoint"], first["best_step"])
+    assert (run / "adapters" / "adapters.safetensors").read_bytes() == weights
+    steps = [json.loads(x)["step"] for x in (run / "logs" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert steps == [1, 2, 3, 4]  # nothing trained after the restart
+    [resumed] = _events(run, "early_stop_resumed")
+    assert resumed["step"] == 4
+
+
 # ---- --resume PATH that is not a checkpoint ------------------------------------------------
 
 

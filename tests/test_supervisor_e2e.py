@@ -64,7 +64,18 @@ def test_every_failure_class_is_recovered_and_the_run_finishes(tmp_path, tiny_mo
     spike, nan = by["grad_spike"], by["non_finite"]
     assert spike["action"] == nan["action"] == "rollback" and rec["rollbacks"] == 2
     assert attempts[5]["lr_scale"] == 0.5 and attempts[6]["lr_scale"] == 0.25
-    assert attempts[5]["skip_steps"] > 0 and attempts[6]["skip_steps"] > 0
+    # Each rollback skips the offending data only: the spike window's 2 batches (patience
+    # 2), the NaN's 1 batch; the healthy batches between the rollback checkpoint and them
+    # are trained again (before: everything from the checkpoint through them was skipped).
+    assert (attempts[5]["skip_steps"], attempts[6]["skip_steps"]) == (2, 1)
+    window = [spike["bad_data"]["position"] - 1, spike["bad_data"]["position"]]
+    bad = nan["bad_data"]["position"]
+    for number, skipped in ((6, window), (7, [bad])):
+        trained = _positions(run_dir, number)
+        assert trained[0] < skipped[0]  # some healthy batch before them was trained again
+        assert sorted(set(range(trained[0], trained[-1] + 1)) - set(trained)) == skipped
+    assert rec["overrides"] == {"batch_size": 2, "grad_accumulation_steps": 2,
+                                "lr_scale": 0.25, "skip_positions": [*window, bad]}
     assert by["hang"]["detected_by"] == "heartbeat_timeout"
     assert by["stall"]["detected_by"] == "stall_timeout"
     assert rec["overrides"]["batch_size"] == 2  # the OOM change was kept by later attempts
@@ -130,6 +141,12 @@ def test_a_killed_supervisor_is_restarted_and_resumes_without_a_second_worker(
     assert len(events(run_dir, "orphan_found")) <= 1
     lines = (run_dir / "logs" / "worker.jsonl").read_text().splitlines()
     assert old_worker in {json.loads(line).get("pid") for line in lines if line.strip()}
+
+
+def _positions(run_dir: Path, attempt: int) -> list[int]:
+    """The data positions attempt `attempt` trained, step by step (logs/metrics.jsonl)."""
+    lines = (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [m["data_position"] for m in map(json.loads, lines) if m["attempt"] == attempt]
 
 
 def _alive(pid: int) -> bool:

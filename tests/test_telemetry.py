@@ -45,3 +45,43 @@ def test_a_late_subscriber_gets_what_was_sent_before_it_arrived(tmp_path: Path) 
     sub.close(linger=0)
     assert [m.step for m in got if isinstance(m, p.StepMetrics)] == [1, 2, 3]
     assert isinstance(got[0], p.Heartbeat)  # the first heartbeat was held too
+
+
+def _collect(endpoint: str, t: Telemetry, n: int) -> list[bytes]:
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.bind(endpoint)
+    got: list[bytes] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and len(got) < n:
+        if sub.poll(100):
+            got.append(sub.recv())
+    sub.close(linger=0)
+    return got
+
+
+def test_every_message_carries_the_attempts_token_from_the_environment(
+        tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(p.TOKEN_ENV, "5f" * 16)
+    endpoint = f"ipc://{tmp_path}/token"
+    t = Telemetry(endpoint, LiveStatus("r", 1, 10))
+    t.send(_metrics(1))
+    t.send(p.WorkerStopping("r", 1, 1, 0, "completed", ""))
+    got = [p.decode(raw) for raw in _collect(endpoint, t, 3)]
+    t.close()
+    kinds = {type(m).__name__ for m in got}
+    assert {"Heartbeat", "StepMetrics", "WorkerStopping"} <= kinds
+    assert {m.token for m in got} == {"5f" * 16}  # type: ignore[union-attr]
+
+
+def test_without_a_supervisor_the_messages_are_the_version_1_ones(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """No token in the environment (a worker started by hand): no "token" key at all."""
+    monkeypatch.delenv(p.TOKEN_ENV, raising=False)
+    endpoint = f"ipc://{tmp_path}/plain"
+    t = Telemetry(endpoint, LiveStatus("r", 1, 10))
+    t.send(_metrics(1))
+    raws = _collect(endpoint, t, 2)
+    t.close()
+    assert raws and all(b'"token"' not in raw for raw in raws)
+    assert all(b'"v":1' in raw for raw in raws)

@@ -22,6 +22,14 @@ examples it lacks. `mlx_lm lora` differs on purpose here: its `iterate_batches` 
 `len(dataset) // batch_size` full batches and never trains on the leftover — the longest
 examples, since it sorts by length too.
 
+**An effective batch larger than the data** (batch 4 x accumulation 16 on 60 examples) is
+the same rule with no full group: one group of all 60 examples, one optimizer step per
+epoch. `mlx_lm lora` runs such a config too: its `iterate_batches` only needs `batch_size`
+examples, and with `loop=True` an optimizer step's 16 micro-batches run on into the next
+epoch's order, so its step sees 64 examples, some twice. Here a step sees each example
+once; the worker says so at start (`check_size`). Fewer examples than `batch_size` is
+refused, as mlx_lm refuses it ("Dataset must have at least batch_size=4 examples").
+
 **Older checkpoints.** Checkpoints written before this rule (no `plan` in their
 trainer_state.json) used `groups_per_epoch = n // effective_batch` and dropped the leftover.
 Resuming one with the new plan would silently change which batch comes next, so
@@ -64,7 +72,7 @@ class EpochPlan:
 
     lengths: int64 [n] (token counts, or byte counts as a proxy when streaming);
     leftover: "short_group" (the rule above) or "drop" (the plan of older checkpoints).
-    Raises DataError when there are fewer examples than one effective batch (as mlx_lm).
+    Raises DataError when there is no example, or (the old plan) no full group.
     """
 
     def __init__(
@@ -75,7 +83,9 @@ class EpochPlan:
         leftover: Leftover = "short_group",
     ):
         n = len(lengths)
-        if n < effective_batch:
+        if n == 0:
+            raise DataError("training set has no examples")
+        if leftover == "drop" and n < effective_batch:  # older checkpoints: never the case
             raise DataError(
                 f"training set has {n} examples, fewer than one effective batch "
                 f"(batch_size x grad_accumulation_steps = {effective_batch})"
@@ -181,6 +191,27 @@ def plan_for_resume(
             "an uninterrupted run"
         )
     return plan, ""
+
+
+def check_size(examples: int, batch_size: int, effective_batch: int, path: Any) -> str:
+    """The training set's size against the batch: DataError for fewer examples than
+    `batch_size` (mlx_lm's `iterate_batches` refuses that too); a warning to show when the
+    effective batch is larger than the data (each step is then the whole set, see above);
+    "" otherwise."""
+    if examples < batch_size:
+        raise DataError(
+            f"{path}: {examples} usable example(s), fewer than batch_size {batch_size} "
+            "(mlx_lm lora refuses this too: \"Dataset must have at least batch_size "
+            "examples\"); lower batch_size or add examples"
+        )
+    if examples < effective_batch:
+        return (
+            f"the effective batch (batch_size x grad_accumulation_steps = {effective_batch}) "
+            f"is larger than the {examples} training examples of {path}: each optimizer step "
+            f"trains on all {examples} once (one step per epoch; mlx_lm lora fills a step "
+            "with micro-batches of the next epoch, some examples twice)"
+        )
+    return ""
 
 
 def target_count(n_tokens: int, offset: int, max_seq_length: int) -> int:

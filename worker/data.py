@@ -372,13 +372,6 @@ class Examples:
             self._logged = s
 
 
-def find_valid_file(data_dir: Path) -> Path | None:
-    for name in ("valid.jsonl", "val.jsonl"):
-        if (data_dir / name).is_file():
-            return data_dir / name
-    return None
-
-
 def use_streaming(path: Path, c: Config) -> bool:
     mode = c.training.streaming
     if mode == "auto":

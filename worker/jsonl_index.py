@@ -133,6 +133,9 @@ def check_enough(report: ScanReport, c: Config) -> None:
     non_blank = report.total_lines - report.blank
     usable = non_blank - report.unusable
     first = f" (first: {report.examples[0]})" if report.examples else ""
+    if non_blank == 0:  # not "no usable examples in 0 lines"
+        blank = f" ({report.blank} blank lines)" if report.blank else ""
+        raise DataError(f"{report.path} is empty{blank}: expected one JSON example per line")
     if usable <= 0:
         raise DataError(f"{report.path}: no usable examples in {non_blank} lines{first}")
     if report.unusable > c.training.max_malformed_fraction * non_blank:

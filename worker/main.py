@@ -6,8 +6,9 @@
     overnight train --demo                                       # tiny built-in model
 
 The supervisor runs this same entry point as its child, adding --telemetry, --attempt,
---run-id and (after failures) --set/--lr-scale/--skip-steps/--skip-batch.
-Command line > YAML > defaults.
+--run-id and (after failures) --set/--lr-scale/--skip-position/--skip-steps/--skip-batch.
+Command line > YAML > defaults; a `--set KEY=VALUE` value is read as YAML, as the file's
+values are (shared/overrides.py).
 Exit codes: shared/exitcodes.py.
 """
 
@@ -26,6 +27,7 @@ from shared import config as cfg
 from shared import logsetup, runlock
 from shared.errors import ConfigError
 from shared.layout import RunDir
+from shared.overrides import parse_set
 
 # --flag -> dotted config key; the flags of mlx_lm lora and of the trainer we grew from.
 FLAG_KEYS: dict[str, tuple[str, type]] = {
@@ -125,13 +127,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override any config key, e.g. --set early_stopping.patience=3",
+        help="override any config key, e.g. --set early_stopping.patience=3 or "
+        "--set optimizer_config.sgd.momentum=0.9 (the value is read as YAML, as in the file)",
     )
     sup = parser.add_argument_group("used by the supervisor")
     sup.add_argument("--telemetry", metavar="ENDPOINT", help="ZeroMQ endpoint to publish to")
     sup.add_argument("--attempt", type=int, default=1)
     sup.add_argument("--run-id", help="default: RUN_DIR/run_id (created once)")
     sup.add_argument("--lr-scale", type=float, help="learning-rate multiplier (rollbacks)")
+    sup.add_argument(
+        "--skip-position",
+        type=int,
+        action="append",
+        default=[],
+        metavar="P",
+        help="pass over data position P once (a rollback's offending batch)",
+    )
     sup.add_argument(
         "--skip-steps",
         type=int,
@@ -166,10 +177,8 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     if args.no_streaming:
         out["training.streaming"] = "false"
     for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set: expected KEY=VALUE, got {item!r}")
-        out[key.strip()] = value
+        key, value = parse_set(item)
+        out[key] = value
     return out
 
 

@@ -22,7 +22,14 @@ class EarlyStopper:
     """Stop after `patience` evaluations without an improvement of `min_delta`.
 
     Watches the validation loss, or the smoothed training loss when there is no validation
-    set. Evaluations at or before `warmup_steps` neither count as bad nor set the best.
+    set. Evaluations at or before `warmup_steps` neither count as bad nor set the reference.
+
+    `best` / `best_step` (names kept: they are trainer_state.json's early_stopping fields) are
+    the *reference*: the last value that improved on the one before by at least min_delta,
+    the value later evaluations must beat. It is not the best validation loss (the lowest,
+    kept by the trainer: a value below the reference by less than min_delta is a new best
+    but not an improvement). Every view says "best" for the lowest value only; `reason()`
+    names both.
     """
 
     options: EarlyStopping
@@ -44,6 +51,25 @@ class EarlyStopper:
             return False
         self.bad_evals += 1
         return self.bad_evals >= self.options.patience
+
+    def reason(self, best_val: float | None = None, best_step: int = -1,
+               watched: str = "") -> str:
+        """Why training stopped early, as the worker's stop message and the run record say:
+
+            no improvement of 0.01 on 2.518 (step 715) in 5 evaluations; best val 2.511 at
+            step 740
+
+        The reference is printed with enough decimals to show min_delta (3 at least); the
+        best validation loss (the trainer's, `best_val` at `best_step`) as every view prints
+        it, 3 decimals. `watched`: "smoothed training loss " when there is no validation set.
+        """
+        o = self.options
+        digits = max(3, math.ceil(-math.log10(o.min_delta)) + 1) if o.min_delta > 0 else 3
+        text = (f"no improvement of {o.min_delta:g} on {watched}{self.best:.{digits}f} "
+                f"(step {self.best_step}) in {o.patience} evaluations")
+        if best_val is not None and math.isfinite(best_val) and best_step >= 0:
+            text += f"; best val {best_val:.3f} at step {best_step}"
+        return text
 
     def state(self) -> EarlyStoppingState:
         best = self.best if math.isfinite(self.best) else None

@@ -25,8 +25,13 @@ from worker.telemetry import LiveStatus, Telemetry
 
 
 class Reporter(Protocol):
+    """What the loop reports, in its order: for each step `step()` (its metrics, as soon as
+    it is computed), `evaluation()` when the step is an evaluation step, then `step_done()`
+    (everything about the step is known: the progress line shows this step's evaluation)."""
+
     def phase(self, phase: p.Phase, step: int) -> None: ...
     def step(self, m: p.StepMetrics) -> None: ...
+    def step_done(self, step: int) -> None: ...
     def evaluation(self, e: p.EvalResult) -> None: ...
     def checkpoint(self, c: p.CheckpointSaved) -> None: ...
     def stopping(self, s: p.WorkerStopping) -> None: ...
@@ -59,7 +64,6 @@ class RunReporter:
         self._metrics.write(strictjson.dumps(m.to_dict()) + "\n")
         if m.step % self.steps_per_report == 0 or m.step == self.progress.total_steps:
             structlog.contextvars.bind_contextvars(step=m.step)
-            line = self.progress.line()
             self.log.info(
                 "progress",
                 step=m.step,
@@ -74,7 +78,13 @@ class RunReporter:
                 rss_mb=m.rss_mb,
                 memory_warning=self.progress.memory_warning,
             )
-            end = "\r" if self._tty and m.step != self.progress.total_steps else "\n"
+
+    def step_done(self, step: int) -> None:
+        """The progress line of a report step, printed once the step's evaluation (if it has
+        one) is in: at an evaluation step `val=` is that evaluation, not the one before."""
+        if step % self.steps_per_report == 0 or step == self.progress.total_steps:
+            line = self.progress.line()
+            end = "\r" if self._tty and step != self.progress.total_steps else "\n"
             print(("\x1b[2K" if self._tty else "") + line, end=end, file=self._out, flush=True)
 
     def evaluation(self, e: p.EvalResult) -> None:
@@ -136,6 +146,9 @@ class TelemetryReporter:
         s.step, s.last_step_time, s.active_mb, s.peak_mb = m.step, m.time, m.active_mb, m.peak_mb
         self.telemetry.send(m)
 
+    def step_done(self, step: int) -> None:
+        pass
+
     def evaluation(self, e: p.EvalResult) -> None:
         self.telemetry.send(e)
 
@@ -180,6 +193,9 @@ class TensorBoardReporter:
             ("memory/active_mb", m.active_mb),
         ):
             self.writer.add_scalar(name, value, m.step)
+
+    def step_done(self, step: int) -> None:
+        pass
 
     def evaluation(self, e: p.EvalResult) -> None:
         self.writer.add_scalar("val/loss", e.val_loss, e.step)
@@ -288,6 +304,9 @@ class CallbackReporter:
                 "peak_memory": max(x.peak_mb for x in w) * 2**20 / 1e9,
             },
         )
+
+    def step_done(self, step: int) -> None:
+        pass
 
     def evaluation(self, e: p.EvalResult) -> None:
         self._call(

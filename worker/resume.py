@@ -5,6 +5,17 @@ it: `--validated SHA256`), or the newest valid one (`--resume auto`), or none (`
 `reconcile`: a resumed run trains the same thing (config hash); only the batch split may
 change, keeping the effective batch. `check_data`: the training file is the one the data
 position counts in.
+
+Two kinds of "cannot resume", told apart because they need opposite remedies:
+- the *checkpoint* is unusable (it fails validation here, its config_hash is not the hash of
+  its own config, its tensors do not fit the model: worker/checkpointing.py) —
+  `CheckpointRefused`, exit CHECKPOINT_REFUSED naming it; the supervisor quarantines it and
+  resumes from the next older valid one. `--fresh` would be wrong: it would set aside the
+  run's good checkpoints with the bad one.
+- the *config* changed (a hashed key differs from the config the checkpoint stores) — a
+  ConfigError naming each changed key, dotted, with both values (`lora_parameters.rank: 8
+  -> 16`); every checkpoint of the run has the old config, so only restoring those keys or
+  `--fresh` can go on.
 """
 
 from __future__ import annotations
@@ -19,10 +30,12 @@ from typing import Any
 import structlog
 
 from shared import checkpoint as ckpt
+from shared import config_identity
 from shared.config import Config
-from shared.errors import CheckpointError, ConfigError, DataError
+from shared.errors import CheckpointError, CheckpointRefused, ConfigError, DataError
 from shared.fsutil import fsync_dir
 from shared.layout import CHECKPOINT_PREFIX, RunDir
+from shared.safetensors_check import read_header
 from shared.trainer_state import TrainerState
 
 log = structlog.get_logger("worker")
@@ -55,7 +68,7 @@ def choose_checkpoint(args: argparse.Namespace, run: RunDir
         trusted = getattr(args, "validated", None)
         result = ckpt.validate(path, trusted_manifest=trusted)
         if not result.ok or result.state is None:
-            raise CheckpointError(f"--resume {resume}: {result.reason}")
+            raise CheckpointRefused(path, f"--resume {resume}: {result.reason}")
         log.info("checkpoint_validated", path=str(path), step=result.state.step,
                  by_supervisor=trusted == result.manifest_sha256)
         return path, result.state
@@ -70,14 +83,31 @@ def choose_checkpoint(args: argparse.Namespace, run: RunDir
     return found[0].path, found[1].state
 
 def reconcile(c: Config, stored: TrainerState, path: Path) -> Config:
-    """The config of a resumed run must train the same thing; the batch split may change."""
+    """The config of a resumed run must train the same thing; the batch split may change.
+
+    ConfigError naming the changed keys when the config changed; CheckpointRefused when the
+    checkpoint disagrees with itself (module docstring)."""
     if stored.config_hash != c.hash():
-        old = stored.config
-        new = c.to_dict()
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if not stored.config:  # an old checkpoint that does not store its config
+            raise ConfigError(
+                f"{path.name} was written with a different config (config hash "
+                f"{stored.config_hash}, now {c.hash()}; the checkpoint does not store its "
+                "config, so the keys cannot be named); restore the original config, or start "
+                "over with --fresh (moves the run's checkpoints to RUN_DIR/previous/)")
+        own = config_identity.config_hash(stored.config)
+        if own != stored.config_hash:  # the validator refuses it too (trainer_state.py)
+            raise CheckpointRefused(
+                path, f"its config_hash {stored.config_hash} is not the hash of the config "
+                f"stored with it ({own})")
+        changed = config_identity.changes(stored.config, c.to_dict())
+        if not changed:  # cannot be: equal hashed keys have equal hashes
+            raise CheckpointRefused(path, f"config_hash {stored.config_hash} differs from "
+                                          f"{c.hash()} with no hashed key changed")
         raise ConfigError(
-            f"{path.name} was written with a different config (changed: {keys}); "
-            "use --fresh to start over, or restore the original config"
+            f"{path.name} was written with a different config: "
+            f"{config_identity.describe(changed)}; restore "
+            f"{'that key' if len(changed) == 1 else 'those keys'} to resume this run, or "
+            "start over with --fresh (moves the run's checkpoints to RUN_DIR/previous/)"
         )
     effective = stored.batch.effective
     if c.effective_batch != effective:
@@ -95,6 +125,34 @@ def reconcile(c: Config, stored: TrainerState, path: Path) -> Config:
         )
         c = dataclasses.replace(c, grad_accumulation_steps=accum)
     return c
+
+def not_fitting(path: Path, problem: str) -> CheckpointRefused | ConfigError:
+    """What to raise when the checkpoint at `path` does not fit the model (`problem` says
+    how; worker/checkpointing.py `restore`). The checkpoint's fault (CheckpointRefused: the
+    supervisor quarantines it), unless an older checkpoint of the run has the very same
+    adapter tensors (names and shapes): then the model is not the one the run trained, every
+    checkpoint would be refused in turn, and it is the config's fault (ConfigError)."""
+    mine = _adapter_shapes(path)
+    step = ckpt.step_of(path)
+    for info in ckpt.list_checkpoints(path.parent):
+        if mine is None or step is None or info.step >= step or not info.has_manifest:
+            continue
+        if _adapter_shapes(info.path) == mine:
+            return ConfigError(
+                f"{path.name}: {problem}; the older {info.path.name} has the same tensors, so "
+                "the model is not the one this run trained (was the model directory "
+                "replaced?); restore it, or start over with --fresh (moves the run's "
+                "checkpoints to RUN_DIR/previous/)")
+    return CheckpointRefused(path, problem)
+
+
+def _adapter_shapes(path: Path) -> dict[str, list[int]] | None:
+    try:
+        header, _ = read_header(path / ckpt.ADAPTERS)
+    except (CheckpointError, OSError):
+        return None
+    return {name: list(info["shape"]) for name, info in header.items()}
+
 
 def check_data(stored: TrainerState, train_set: Any) -> None:
     """The data position counts in the file the checkpoint was trained on."""

@@ -3,11 +3,15 @@
 Kept apart from the loop (worker/train.py) so the loop stays a loop, and from the command
 line (worker/main.py) so the command line stays parsing. Where it starts from is
 worker/resume.py; what a completed run leaves, worker/finish.py.
+
+Longer than 400 lines: the outer boundary — every way an attempt ends, a full disk and the
+machine's limits included (exit codes 24, 71) — stays in one place with the attempt it bounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -16,11 +20,21 @@ from typing import Any
 import numpy as np
 import structlog
 
-from shared import mlx_lm_keys
+from shared import mlx_lm_keys, openfile_limit
 from shared import protocol as p
+from shared.checkpoint import clean_leftovers
 from shared.config import Config
-from shared.errors import CheckpointError, ConfigError, DataError, OvernightError
+from shared.errors import (
+    CheckpointError,
+    CheckpointRefused,
+    ConfigError,
+    DataError,
+    DiskFull,
+    OvernightError,
+    SystemLimitError,
+)
 from shared.exitcodes import ExitCode
+from shared.fsutil import disk_full_message, is_disk_full, quiet_unwritable_output
 from shared.layout import RunDir
 from shared.progress import Progress
 from shared.trainer_state import DataIdentity
@@ -75,6 +89,12 @@ class Session:
         )
         try:
             outcome = self._run()
+        except DiskFull as e:  # a checkpoint that did not fit (worker/checkpointing.py)
+            outcome = Outcome(ExitCode.DISK_FULL, "disk_full", str(e))
+        except SystemLimitError as e:
+            outcome = Outcome(ExitCode.SYSTEM_LIMIT, "system_limit", str(e))
+        except CheckpointRefused as e:  # the checkpoint's fault: quarantined, an older one next
+            outcome = Outcome(ExitCode.CHECKPOINT_REFUSED, "checkpoint_refused", str(e))
         except (ConfigError, DataError, CheckpointError) as e:
             outcome = Outcome(ExitCode.BAD_CONFIG, "bad_config", str(e))
         except OvernightError as e:
@@ -86,16 +106,22 @@ class Session:
             log.warning("output_closed", step=step)
             self._close()
             raise
-        except BaseException:
-            log.exception("worker_crashed", step=self.status.step)
-            self._send_stopping(Outcome(ExitCode.CRASH, "crash", "uncaught exception"))
-            self._close()
-            raise
+        except BaseException as e:
+            if not is_disk_full(e):  # any other write that found no space: metrics, logs
+                log.exception("worker_crashed", step=self.status.step)
+                self._send_stopping(Outcome(ExitCode.CRASH, "crash", "uncaught exception"))
+                self._close()
+                raise
+            outcome = Outcome(ExitCode.DISK_FULL, "disk_full",
+                              disk_full_message(e, self.run_dir.root))
         self._send_stopping(outcome)
-        self._close()
-        if outcome.code in (ExitCode.BAD_CONFIG, ExitCode.CRASH):
+        self._close(disk_full=outcome.code is ExitCode.DISK_FULL)
+        if outcome.code in (ExitCode.BAD_CONFIG, ExitCode.CRASH, ExitCode.DISK_FULL,
+                            ExitCode.SYSTEM_LIMIT, ExitCode.CHECKPOINT_REFUSED):
             # Last on stderr: the one line a person (or the supervisor) needs.
-            print(f"overnight train: {outcome.detail}", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):  # stderr may be a file on the full disk
+                print(f"overnight train: {outcome.detail}", file=sys.stderr, flush=True)
+            quiet_unwritable_output()
         return outcome.code
 
     def _send_stopping(self, o: Outcome) -> None:
@@ -111,6 +137,7 @@ class Session:
             data_position=o.data_position,
             data_batch=o.data_batch,
             data_lines=o.data_lines,
+            first_bad_position=o.first_bad_position,
         )
         if self.reporter is not None:
             self.reporter.stopping(msg)
@@ -122,11 +149,13 @@ class Session:
             if self.telemetry is not None:
                 self.telemetry.send(msg)
 
-    def _close(self) -> None:
-        if self.reporter is not None:
-            self.reporter.close()
-        elif self.telemetry is not None:
-            self.telemetry.close()
+    def _close(self, disk_full: bool = False) -> None:
+        """Close the reporters (or the telemetry alone); on a full disk one by one, a file
+        that cannot be flushed ignored, so that telemetry still delivers the last message."""
+        parts = [self.telemetry] if self.reporter is None else self.reporter.reporters
+        for part in (x for x in parts if x is not None):
+            with contextlib.suppress(*((OSError,) if disk_full else ())):
+                part.close()
 
     def _phase(self, phase: p.Phase) -> None:
         self.status.phase = phase
@@ -137,6 +166,9 @@ class Session:
     # -------------------------------------------------------------- the attempt
     def _run(self) -> Outcome:
         c, run, args = self.config, self.run_dir, self.args
+        limit = openfile_limit.problem()  # mlx_lm's import would fail: say why, at once
+        if limit is not None:
+            raise SystemLimitError(limit)
         skip_unrequested_reporters(c)  # before the first mlx_lm import
         if run.is_complete and not args.fresh:
             log.info("run_already_complete", marker=str(run.complete_marker))
@@ -148,6 +180,9 @@ class Session:
             return Outcome(ExitCode.COMPLETED, "completed", "run was already complete")
         if args.fresh:
             move_previous_aside(self.run_dir)
+        cleaned = clean_leftovers(run.checkpoints)  # a killed writer's half-done dirs
+        if cleaned:
+            log.info("checkpoint_leftovers_removed", names=cleaned)
         chosen, stored = choose_checkpoint(self.args, self.run_dir)
         if chosen is not None and stored is not None:
             c = reconcile(c, stored, chosen)
@@ -157,23 +192,12 @@ class Session:
 
         self._phase(p.Phase.LOADING)
         log.info("config_resolved", config=c.to_dict(), config_hash=c.hash())
-        from worker.data import find_valid_file, load_split
+        from worker.datafiles import load_splits, locate, require_usable
 
-        data_dir = Path(c.data).expanduser()
-        if data_dir.is_file():
-            raise DataError(
-                f"data: {data_dir} is a file; expected the directory that holds train.jsonl "
-                f"(valid.jsonl, test.jsonl), e.g. data: {data_dir.parent}"
-            )
-        test_path = data_dir / "test.jsonl"
-        if c.test and not test_path.is_file():  # before anything is loaded or trained
-            raise DataError(
-                f"test: true but {test_path} not found (mlx_lm's test pass reads "
-                "test.jsonl; add it or set test: false)"
-            )
+        files = locate(c)  # before anything is loaded or trained: one line per problem
         check_report_to(c)
         self._adapter_dir = make_adapter_dir(c)
-        self._announce_differences(c, find_valid_file(data_dir) is not None)
+        self._announce_differences(c, files.valid is not None)
         import mlx.core as mx
         from mlx_lm.utils import maybe_set_recommended_wired_limit
 
@@ -203,27 +227,8 @@ class Session:
         optimizer, schedule = models.make_optimizer(c, lr_scale)
         optimizer.init(model.trainable_parameters())
 
-        if not (data_dir / "train.jsonl").is_file():
-            raise DataError(f"data: {data_dir / 'train.jsonl'} not found")
-        lam = c.training.lambda_weight
-        train_set = load_split(data_dir / "train.jsonl", tokenizer, c, lam)
-        if chosen is not None and stored is not None:
-            train_set.restore(  # streaming's counts so far
-                {"use": stored.data.use} if stored.data is not None else None)
-        self._log_scan(train_set)
-        valid_path = find_valid_file(data_dir)
-        valid_set = None
-        if valid_path is None:
-            log.info("validation_skipped", reason=f"no valid.jsonl or val.jsonl in {data_dir}")
-        elif c.val_batches == 0:
-            log.info("validation_skipped", reason="val_batches: 0")
-        else:
-            valid_set = load_split(valid_path, tokenizer, c, 0.0)
-            self._log_scan(valid_set)
-        test_set = None
-        if c.test:
-            test_set = load_split(test_path, tokenizer, c, 0.0)
-            self._log_scan(test_set)
+        use = stored.data.use if chosen is not None and stored and stored.data else None
+        train_set, valid_set, test_set = load_splits(files, tokenizer, c, use)
 
         state = TrainState(lr_scale=lr_scale)
         stopper = EarlyStopper(c.early_stopping)
@@ -329,17 +334,25 @@ class Session:
             },
             last_saved_step=state.step,
             skip_batches=skip_batches,
+            skip_positions=frozenset(getattr(args, "skip_position", None) or []),
         )
         self.trainer = trainer
-        outcome = trainer.run()
+        if stored is not None and stored.reason == "early_stop" and c.early_stopping.enabled:
+            # Killed after the early-stop checkpoint, before COMPLETE: the run had stopped
+            # there; finish it as the uninterrupted run did, without training on.
+            log.info("early_stop_resumed", step=stored.step, checkpoint=str(chosen))
+            outcome = trainer.early_stopped()
+        else:
+            outcome = trainer.run()
         trainer.writer.wait()
         if outcome.code in (ExitCode.COMPLETED, ExitCode.EARLY_STOPPED):
             test = None
             if test_set is not None:
                 self._phase(p.Phase.EVALUATING)
                 test = mlx_lm_test_pass(trainer, test_set, self.config, self._test_usable)
-            # A run resumed from its final checkpoint (killed before COMPLETE was written, or
-            # --resume of a finished run's checkpoint) trains nothing: that checkpoint is final.
+            # A run resumed from its final or early-stop checkpoint (killed before COMPLETE
+            # was written, or --resume of a finished run's checkpoint) trains nothing: that
+            # checkpoint is final.
             final = trainer.writer.last.path if trainer.writer.last is not None else chosen
             if final is None:
                 raise CheckpointError("the run ended without a checkpoint to publish")
@@ -347,9 +360,6 @@ class Session:
         return outcome
 
     # -------------------------------------------------------------- helpers
-    def _log_scan(self, examples: Any) -> None:
-        examples.log_loaded()  # skipped lines and truncation: worker/data.py
-
     def _announce_differences(self, c: Config, has_valid: bool) -> None:
         """The start-up block: how this run differs from `mlx_lm lora` with the same config
         (stderr, and one structlog event), and the keys that do nothing here."""
@@ -366,23 +376,6 @@ class Session:
         print(mlx_lm_keys.render(diffs), file=sys.stderr, flush=True)
         for warning in mlx_lm_keys.warnings(file_values, c):
             log.warning("config_key_ignored", detail=warning)
-
-def require_usable(examples: Any, subset: Any, what: str) -> int:
-    """Streaming reads validation and test rows only when it evaluates them: read the rows
-    an evaluation uses now (`subset`, int64 indices), so a file with none usable is one line
-    at load as in memory, not a NaN loss at every evaluation, and their counts (skipped
-    lines, truncation) reach the log and the report. Returns how many are usable; raises
-    DataError naming the file and the first unusable line."""
-    usable = len(examples.fetch(subset))  # count=None: each row counted once per process
-    examples.log_progress()
-    if usable == 0:
-        first = examples.summary()["first_problems"]
-        raise DataError(
-            f"{examples.index.path}: no usable examples in the {len(subset)} {what} examples "
-            "read" + (f" (first: {first[0]})" if first else "")
-        )
-    return usable
-
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version

@@ -12,6 +12,10 @@ The socket is an XPUB, which is a PUB that also sees subscriptions arrive: until
 supervisor's subscription has reached us (a few ms after connecting), messages stay queued
 instead of being sent into the void, so the first phase changes of an attempt — and the
 reason of a worker that exits at once on a bad config — are not lost to the slow joiner.
+
+Every message goes out stamped with the attempt's telemetry token, which the supervisor puts
+in the worker's environment (shared.protocol.TOKEN_ENV; none when started by hand): the
+supervisor believes only messages carrying it (supervisor/daemon/telemetry_gate.py).
 """
 
 from __future__ import annotations
@@ -49,9 +53,12 @@ class LiveStatus:
 
 
 class Telemetry:
-    def __init__(self, endpoint: str, status: LiveStatus, interval: float = 1.0):
+    def __init__(self, endpoint: str, status: LiveStatus, interval: float = 1.0,
+                 token: str | None = None):
+        """`token`: the attempt's telemetry token (default: from the environment)."""
         import zmq
 
+        self.token = os.environ.get(p.TOKEN_ENV, "") if token is None else token
         self.status = status
         self.interval = interval
         self.dropped = 0
@@ -100,11 +107,14 @@ class Telemetry:
             peak_mb=s.peak_mb,
             rss_mb=self._proc.memory_info().rss / 2**20,
             dropped=self.dropped,
+            token=self.token,
         )
 
     def _send_now(self, message: p._Message) -> None:
         import zmq
 
+        if self.token and isinstance(message, p._Telemetry) and not message.token:
+            message = message.with_token(self.token)  # here, off the training thread
         try:
             self._sock.send(message.to_json(), zmq.NOBLOCK)
         except zmq.Again:

@@ -76,6 +76,7 @@ class Outcome:
     data_position: int = -1  # the batch of the failing step (non-finite, spike): its position,
     data_batch: int = -1  # its group in the epoch plan (the same in every epoch)
     data_lines: str = ""  # and where its examples are, e.g. "train.jsonl:3,8-11"
+    first_bad_position: int = -1  # a spike: its window is first_bad_position..data_position
 
 
 @dataclass
@@ -102,8 +103,11 @@ class Trainer:
     state_extra: dict[str, Any]  # TrainerState's versions and data identity
     last_saved_step: int = 0
     skip_batches: frozenset[int] = frozenset()  # plan groups never trained on (data problems)
+    skip_positions: frozenset[int] = frozenset()  # data positions passed over once (rollbacks)
     position: int = 0  # data position of the batch being computed
     batch_examples: list[int] = field(default_factory=list)  # its usable examples
+    # the steps of the current gradient-spike run: (data position, usable examples)
+    spike_window: list[tuple[int, list[int]]] = field(default_factory=list)
     _proc: Any = None
 
     # ------------------------------------------------------------------ step machinery
@@ -175,14 +179,27 @@ class Trainer:
     def _next_batch(self) -> tuple[int, list[tuple[int, Example]]]:
         """The data position of the next batch to train on and its usable examples.
 
-        Positions whose group is in `skip_batches`, or whose examples are all unusable
-        (streaming finds unusable rows only when it reads them, worker/data.py), are passed
-        over: deterministic, so a resumed run passes over the same ones.
+        Positions in `skip_positions` (a rollback's offending data, supervisor/daemon/
+        policy.py), positions whose group is in `skip_batches`, or whose examples are all
+        unusable (streaming finds unusable rows only when it reads them, worker/data.py), are
+        passed over: deterministic, so a resumed run passes over the same ones.
         """
         c, plan = self.config, self.plan
         pos = self.state.data_position
-        for _ in range(plan.groups_per_epoch + 1):
+        tried = 0
+        while tried <= plan.groups_per_epoch:  # every group once: none is usable
             batch = plan.batch_id(pos)
+            if pos in self.skip_positions:
+                _log.info(
+                    "batch_skipped",
+                    data_position=pos,
+                    batch=batch,
+                    reason="the offending data of a rollback (passed over once)",
+                    lines=self.train_set.index.where(plan.members(batch)),
+                )
+                pos += 1
+                continue
+            tried += 1
             if batch in self.skip_batches:
                 _log.info(
                     "batch_skipped",
@@ -367,6 +384,10 @@ class Trainer:
                     **where,
                 )
             spike = self.spikes.observe(step, norm)
+            if self.spikes.consecutive <= 1:
+                self.spike_window.clear()
+            if self.spikes.consecutive:
+                self.spike_window.append((self.position, self.batch_examples))
             if spike is not None:
                 # This step's update is not applied; the checkpoint holds the last one.
                 self.save("grad_spike")
@@ -375,7 +396,7 @@ class Trainer:
                     "grad_spike",
                     spike,
                     first_bad_step=self.spikes.first_bad_step,
-                    **self._where(),
+                    **self._spike_where(),
                 )
             # The update is evaluated lazily, with the next step's gradients (one sync per
             # step, as mlx_lm); the rate it uses is the schedule at the step before it.
@@ -405,6 +426,7 @@ class Trainer:
                     active_mb=active,
                     peak_mb=peak,
                     rss_mb=rss,
+                    data_position=self.position,
                 )
             )
 
@@ -412,15 +434,10 @@ class Trainer:
             new_best = False
             if step % c.steps_per_eval == 0 or step == c.iters:
                 stop_early, new_best = self._evaluate_and_watch(step)
+            self.reporter.step_done(step)  # the progress line, with this step's evaluation
             if stop_early:
                 self.save("early_stop")
-                return Outcome(
-                    ExitCode.EARLY_STOPPED,
-                    "early_stopped",
-                    f"no improvement of {c.early_stopping.min_delta} in "
-                    f"{c.early_stopping.patience} evaluations "
-                    f"(best {self.stopper.best:.4f} at step {self.stopper.best_step})",
-                )
+                return self.early_stopped()
             if step == c.iters:
                 self.save("final")
                 return Outcome(ExitCode.COMPLETED, "completed", f"{step} steps")
@@ -433,6 +450,17 @@ class Trainer:
                 self.controls.checkpoint_requested = False
                 self.save(reason)
         return Outcome(ExitCode.COMPLETED, "completed", f"{s.step} steps (already done)")
+
+    def early_stopped(self) -> Outcome:
+        """The outcome of an early stop (also of a run resumed from its early-stop
+        checkpoint, worker/session.py: that checkpoint is final)."""
+        s = self.state
+        watched = "" if self.valid_set is not None else "smoothed training loss "
+        return Outcome(
+            ExitCode.EARLY_STOPPED,
+            "early_stopped",
+            self.stopper.reason(s.best_val, s.best_step, watched),  # the reference and the best
+        )
 
     def _evaluate_and_watch(self, step: int) -> tuple[bool, bool]:
         """(stop early?, new best validation loss?)"""
@@ -468,6 +496,19 @@ class Trainer:
             "data_batch": self.plan.batch_id(self.position),
             "data_lines": self.train_set.index.where(self.batch_examples),
         }
+
+    def _spike_where(self) -> dict[str, Any]:
+        """The data of a gradient spike: the batches of its window (`patience` steps), as
+        Outcome fields. A run resumed inside a window knows only the steps since: the
+        earlier ones are taken as the positions just before (exact unless a skipped batch
+        fell among them)."""
+        where = self._where()
+        window = self.spike_window or [(self.position, self.batch_examples)]
+        earlier = max(0, self.spikes.consecutive - len(window))
+        examples = sorted({i for _, batch in window for i in batch})
+        where["first_bad_position"] = max(0, window[0][0] - earlier)
+        where["data_lines"] = self.train_set.index.where(examples)
+        return where
 
     def _stop_gracefully(self) -> Outcome:
         if self.state.step != self.last_saved_step:

@@ -37,12 +37,16 @@ class Noticed:
 
 class Attempt:
     """The attempt numbered `number`, started at `started_at` (monotonic seconds) from
-    `start_step` with `lr_scale` in effect; output (stdout and stderr) goes to `output`."""
+    `start_step` with `lr_scale` in effect; output (stdout and stderr) goes to `output`;
+    `token`: its telemetry token (supervisor/daemon/telemetry_gate.py)."""
 
     def __init__(self, number: int, proc: WorkerProcess, output: Path, started_at: float,
-                 start_step: int, lr_scale: float, opts: SupervisorOptions) -> None:
+                 start_step: int, lr_scale: float, opts: SupervisorOptions,
+                 token: str = "") -> None:
         self.number = number
         self.proc = proc
+        self.resumed_from: Path | None = None  # the checkpoint it was told to resume from
+        self.token = token
         self.output = output
         self.lr_scale = lr_scale
         self.view = AttemptView(number, proc.pid, started_at, start_step)

@@ -5,11 +5,15 @@ Order of evidence (first match wins):
 1. The supervisor stopped the worker (hang, stall, memory, user): that is the class, unless
    the worker completed or early-stopped meanwhile.
 2. A deliberate exit code (shared/exitcodes.py): completed, early-stopped, gradient spike,
-   non-finite, graceful stop, bad config.
-3. Known MLX/Metal failures in stderr: out of memory, GPU watchdog, other command-buffer
+   non-finite, graceful stop, disk full, system limit, bad config.
+3. The last error line says why: no space left (ENOSPC, EDQUOT, MLX's "[write] Unable to
+   write": disk_full), the open-file limit mlx_lm could not raise (system_limit).
+4. Known MLX/Metal failures in stderr: out of memory, GPU watchdog, other command-buffer
    aborts (crash).
-4. SIGKILL the supervisor did not send, with memory near the limit: OOM (kernel / jetsam).
-5. Anything else: crash (signal or unexpected exit code).
+5. SIGKILL the supervisor did not send, with memory near the limit: OOM (kernel / jetsam).
+6. A crash while the run directory's file system has less room than a checkpoint needs:
+   disk_full (the worker's own output is on that disk and may not say so).
+7. Anything else: crash (signal or unexpected exit code).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import signal
 from dataclasses import dataclass
 
 from shared.exitcodes import EXIT_TO_CLASS, ExitCode, FailureClass
+from shared.fsutil import human_bytes
 from supervisor.daemon.state import StopReason
 
 # Metal / MLX messages, as they appear in the worker's stderr.
@@ -29,9 +34,17 @@ OOM_PATTERNS = (
     re.compile(r"\[malloc(?:_or_wait)?\] Unable to allocate", re.I),
     re.compile(r"std::bad_alloc|MemoryError"),
 )
+# A write that found no space (Errno 28 ENOSPC; EDQUOT is 122 on Linux, 69 on macOS) and
+# MLX's short write (mlx/io/load.cpp), on the last error line of a traceback or abort.
+DISK_FULL_PATTERN = re.compile(
+    r"\[Errno 28\]|No space left on device|Disk quota exceeded|\[write\] Unable to write")
+# mlx_lm's import raising the hard open-file limit it may not (shared/openfile_limit.py).
+SYSTEM_LIMIT_PATTERN = re.compile(r"not allowed to raise maximum limit")
 GPU_WATCHDOG_PATTERN = re.compile(r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity")
 COMMAND_BUFFER_PATTERN = re.compile(r"command buffer|kIOGPUCommandBufferCallbackError", re.I)
 
+# A file system with less free space than this (or than a checkpoint needs) is full.
+FULL_BYTES = 2**20
 # Memory within this fraction of the limit at the last sample counts as "near the limit".
 NEAR_LIMIT = 0.9
 # System available memory below this fraction of the total counts as memory pressure.
@@ -63,6 +76,8 @@ class ExitFacts:
     memory_limit_mb: float = 0.0
     available_fraction: float = 1.0  # system available / total at the last sample
     stop_detail: str = ""  # why the supervisor stopped it, e.g. "no heartbeat for 121 s"
+    disk_free: int = -1  # bytes free on the run directory's file system at the end (-1: ?)
+    disk_needed: int = 0  # bytes a checkpoint needs (the newest one's size)
 
 
 @dataclass(frozen=True)
@@ -133,13 +148,21 @@ def classify(f: ExitFacts) -> Classification:
 
     if code is not None and code is not ExitCode.CRASH:
         detail = f.stopping_detail or f.stopping_reason
-        if not detail and code is ExitCode.BAD_CONFIG:
+        if not detail and code in (ExitCode.BAD_CONFIG, ExitCode.DISK_FULL,
+                                   ExitCode.SYSTEM_LIMIT, ExitCode.CHECKPOINT_REFUSED):
             # Telemetry sent right after connecting can be lost (PUB/SUB slow joiner); the
             # worker's one-line error on stderr is the message then.
             detail = _last_error_line(f.stderr_tail)
         detail = detail or status
         return result(EXIT_TO_CLASS[code], detail)
 
+    last = _last_error_line(f.stderr_tail)
+    if DISK_FULL_PATTERN.search(last):
+        return result(FailureClass.DISK_FULL, f"disk full: {status}: {last}")
+    if SYSTEM_LIMIT_PATTERN.search(last):
+        return result(FailureClass.SYSTEM_LIMIT,
+                      f"{status}: {last} (the hard open-file limit is below the 4096 "
+                      "mlx_lm sets: raise it, e.g. `ulimit -Hn 4096`)")
     oom = _oom_line(f.stderr_tail)
     if oom:
         return result(FailureClass.OOM, f"{status}: {oom}")
@@ -158,8 +181,13 @@ def classify(f: ExitFacts) -> Classification:
     buffer = _first_line(f.stderr_tail, COMMAND_BUFFER_PATTERN)
     if buffer:
         return result(FailureClass.CRASH, f"{status}: Metal command buffer abort: {buffer}")
-    last = _last_error_line(f.stderr_tail)
-    return result(FailureClass.CRASH, f"{status}: {last}" if last else status)
+    crash = f"{status}: {last}" if last else status
+    if 0 <= f.disk_free < max(f.disk_needed, FULL_BYTES):
+        return result(FailureClass.DISK_FULL,
+                      f"disk full: {crash}; the run directory's file system had "
+                      f"{human_bytes(f.disk_free)} free, less than a checkpoint needs "
+                      f"({human_bytes(max(f.disk_needed, FULL_BYTES))})")
+    return result(FailureClass.CRASH, crash)
 
 
 def _near_limit(f: ExitFacts) -> bool:

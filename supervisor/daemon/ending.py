@@ -10,12 +10,12 @@ turns that and the policy's decision into the AttemptRecord fields the record ke
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import strictjson
 from shared.config import SupervisorOptions
 from shared.protocol import WorkerStopping
 from shared.run_record import Action, BadData, Detection
@@ -43,7 +43,8 @@ class Ending:
 
 
 def read_end(attempt: Attempt, returncode: int, now: float, metrics_log: Path,
-             opts: SupervisorOptions) -> Ending:
+             opts: SupervisorOptions, disk: tuple[int, int] = (-1, 0)) -> Ending:
+    """`disk`: (bytes free where the run writes, bytes a checkpoint needs), -1: unknown."""
     view, mem = attempt.view, attempt.mem
     tail = stderr_tail(attempt.output)
     stopping = view.stopping if isinstance(view.stopping, WorkerStopping) else None
@@ -65,6 +66,7 @@ def read_end(attempt: Attempt, returncode: int, now: float, metrics_log: Path,
         stderr_tail=tail, memory_mb=last.worker_mb if last else view.active_mb,
         memory_limit_mb=opts.memory_limit_mb,
         available_fraction=last.available_fraction if last else 1.0, stop_detail=detail,
+        disk_free=disk[0], disk_needed=disk[1],
     ))
     # Telemetry goes out in batches and dies with the process: the worker's own metrics
     # file (written every step) knows the last step for sure.
@@ -75,10 +77,12 @@ def read_end(attempt: Attempt, returncode: int, now: float, metrics_log: Path,
 
 def outcome(attempt: Attempt, ending: Ending) -> Outcome:
     """The policy's view of the ending (supervisor/daemon/policy.py)."""
-    c = ending.classification
+    c, stopping = ending.classification, ending.stopping
     return Outcome(c.failure, c.detail, attempt.view.start_step, ending.end_step,
                    c.first_bad_step, attempt.user_stop, attempt.lr_scale, c.data_position,
-                   c.data_batch, c.data_lines)
+                   c.data_batch, c.data_lines,
+                   first_bad_position=stopping.first_bad_position if stopping else -1,
+                   signal=c.signal)
 
 
 def end_fields(attempt: Attempt, ending: Ending, decision: Decision,
@@ -118,9 +122,9 @@ def last_logged_step(metrics_log: Path, attempt: int) -> int:
     """The last step this attempt wrote to logs/metrics.jsonl (0 if none); reads the tail."""
     for raw in reversed(tail_lines(metrics_log, METRICS_TAIL_BYTES)):
         try:
-            m = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            continue  # a half-written last line
+            m = strictjson.loads(raw)
+        except ValueError:
+            continue  # a half-written last line (or one no JSON parser should take)
         if isinstance(m, dict) and m.get("attempt") == attempt and isinstance(m.get("step"), int):
             return int(m["step"])
     return 0

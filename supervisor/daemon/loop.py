@@ -11,6 +11,16 @@ missed; every pass sends the systemd watchdog when it is due (WATCHDOG_SEC in
 supervisor/service/systemd.py says what that guarantees). Attempts are run by
 supervisor/daemon/runner.py. The clock, the service-manager notifier and the way background
 work runs are constructor arguments, so tests replay histories with fakes.
+
+What arrives on the sockets is the outside world: a telemetry message is believed only when
+supervisor/daemon/telemetry_gate.py says so (the running attempt's token, steps forward and
+within the run); the rest is counted and logged (`telemetry_rejected`, at most once per
+LOG_EVERY seconds). And whatever a message does, it does not end the supervisor: an
+exception while taking one in is counted and logged with its traceback
+(`telemetry_ingest_failed`, also rate-limited), and the loop goes on.
+
+Longer than 400 lines: the observations, the actions and the control target share one
+object's state (the state, the timers, the attempt); split, they would pass it all around.
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ from typing import Any
 
 import zmq
 
-from shared.errors import ProtocolError
+from shared import config as config_mod
+from shared.errors import OvernightError, ProtocolError
 from shared.protocol import decode
 from supervisor.daemon import memory, sdnotify, watch
 from supervisor.daemon.checkpoint_choice import Background, Job, ThreadJob
@@ -35,6 +46,7 @@ from supervisor.daemon.control import ControlError, ControlServer, RunStatus
 from supervisor.daemon.record import RecordKeeper
 from supervisor.daemon.runner import AttemptRunner
 from supervisor.daemon.sdnotify import Notifier
+from supervisor.daemon.sockets import LOG_EVERY, Every
 from supervisor.daemon.state import (
     BackoffElapsed,
     CheckpointRequested,
@@ -57,8 +69,10 @@ from supervisor.daemon.state import (
     WorkerExited,
     transition,
 )
+from supervisor.daemon.telemetry_gate import TelemetryGate
 
 MAX_POLL = 0.5
+MAX_TELEMETRY_PER_PASS = 1000  # messages taken in per pass (the rest wait for the next one)
 RECORD_EVERY = 2.0  # seconds between progress-only record writes
 WATCHDOG_DEFAULT = 10.0  # seconds between WATCHDOG=1 when systemd gives no interval
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -89,6 +103,9 @@ class Supervisor:
         self.wake: Callable[[], None] = lambda: None
         self.ready_sent = False
         self.final_reason = ""
+        self.gate = TelemetryGate()
+        self.ingest_failures = 0  # messages whose processing raised (logged, survived)
+        self._rejected_log, self._failed_log = Every(LOG_EVERY), Every(LOG_EVERY)
 
     # ---- events in, actions out --------------------------------------------------------
 
@@ -137,7 +154,8 @@ class Supervisor:
                 self.final_reason = reason
                 self.record.set_state(self.state, reason)
                 self.log.info("run_ended", state=self.state.value, reason=reason,
-                              final_step=self.record.record.final_step)
+                              final_step=self.record.record.final_step,
+                              telemetry_rejected=self.gate.rejected)
 
     def _check_choice(self) -> None:
         """Once the checkpoint validation is done: spawn the worker (if still wanted)."""
@@ -155,6 +173,9 @@ class Supervisor:
             self.dispatch(SpawnFailed(str(e)))
             return
         self.next_sample = self.clock() + self.opts.sample_interval
+        running = self.runner.attempt
+        if running is not None:  # from now on, messages with its token are believed
+            self.gate.begin(attempt, pid, running.token, self._iters())
         self.dispatch(Spawned(attempt, pid))
         if not self.ready_sent:
             self.notifier.ready()
@@ -162,11 +183,41 @@ class Supervisor:
 
     # ---- observations ------------------------------------------------------------------
 
+    def _iters(self) -> int:
+        """The total steps of the attempt just started: `iters` as its worker reads it from
+        the config file (not in the config hash: a user may raise it between attempts),
+        never below what this supervisor started with."""
+        iters = self.runner.config.iters
+        with contextlib.suppress(OvernightError, OSError):
+            iters = max(iters, config_mod.load(self.runner.config_path).iters)
+        return iters
+
+    def _take_telemetry(self) -> None:
+        """Take in what is waiting on the telemetry socket: the ingest boundary."""
+        for _ in range(MAX_TELEMETRY_PER_PASS):
+            try:
+                raw = self.telemetry.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            try:
+                self._on_telemetry(raw)
+            except Exception:  # a message must never end the supervisor
+                self.ingest_failures += 1
+                if new := self._failed_log.due(self.ingest_failures, self.clock()):
+                    self.log.error("telemetry_ingest_failed", count=self.ingest_failures,
+                                   new=new, exc_info=True)
+        if new := self._rejected_log.due(self.gate.rejected, self.clock()):
+            self.log.warning("telemetry_rejected", count=self.gate.rejected, new=new,
+                             first_reason=self.gate.first_reason,
+                             last_reason=self.gate.last_reason)
+
     def _on_telemetry(self, raw: bytes) -> None:
         try:
             msg = decode(raw)
         except ProtocolError as e:
-            self.log.warning("telemetry_invalid", error=str(e))
+            self.gate.reject(f"not a message: {e}")
+            return
+        if not self.gate.admit(msg):
             return
         attempt = self.runner.attempt
         if attempt is None or not attempt.view.accepts(msg):
@@ -182,6 +233,7 @@ class Supervisor:
         rc = attempt.poll()
         if rc is None:
             return
+        self.gate.end()  # what its worker still sends is late, not believed
         decision = self.runner.finish(rc, self.clock())
         self.dispatch(WorkerExited(decision.verdict, decision.reason, decision.delay))
 
@@ -212,7 +264,11 @@ class Supervisor:
                 self.dispatch(StopTimedOut(waited))
         if (self.state is State.BACKING_OFF and self.restart_at is not None
                 and now >= self.restart_at):
-            self.dispatch(BackoffElapsed())
+            wait = self.runner.space_wait(now)  # after a full disk: room for a checkpoint?
+            if wait is not None:
+                self.restart_at = now + wait
+            else:
+                self.dispatch(BackoffElapsed())
 
     def _timeout(self) -> float:
         now = self.clock()
@@ -251,6 +307,7 @@ class Supervisor:
             restart_in_s=round(self.restart_at - now, 1) if self.restart_at is not None
             else None,
             attempts=len(r.attempts), failures=r.totals.failures,
+            telemetry_rejected=self.gate.rejected,
         )
 
     def request_stop(self, source: str) -> dict[str, Any]:
@@ -280,8 +337,13 @@ class Supervisor:
             if self.control is not None:
                 poller.register(self.control.socket, zmq.POLLIN)
             poller.register(wakeup.reader, zmq.POLLIN)
+            registered = self.control.socket if self.control is not None else None
             self.dispatch(first)
             while not self.state.is_final:
+                if self.control is not None and self.control.socket is not registered:
+                    poller.unregister(registered)  # the control socket was reopened
+                    registered = self.control.socket
+                    poller.register(registered, zmq.POLLIN)
                 ready = dict(poller.poll(int(self._timeout() * 1000)))
                 if wakeup.reader in ready:
                     _drain(wakeup.reader)
@@ -294,12 +356,7 @@ class Supervisor:
             sig = self.signalled.pop(0)
             self.log.info("supervisor_signal", signal=signal.Signals(sig).name)
             self.request_stop("signal")
-        for _ in range(1000):
-            try:
-                raw = self.telemetry.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            self._on_telemetry(raw)
+        self._take_telemetry()
         if self.control is not None:
             self.control.serve_ready(self.log)
         self._check_choice()

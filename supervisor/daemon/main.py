@@ -7,14 +7,17 @@
 Start-up: create the run dir, lock it (shared/runlock.py: a second supervisor, or one while
 an `overnight train` writes the directory, is refused naming the holder's PID; the lock is
 handed down to each worker), open or continue the run record, stop any orphaned worker of
-this run, bind the telemetry (SUB) and control (REP) sockets in a 0700 directory, then hand
-over to the loop.
+this run, reconcile what a dead supervisor left in the record (supervisor/daemon/reconcile.py),
+remove half-done checkpoint directories, bind the telemetry (SUB) and control (REP) sockets in
+a 0700 directory, then hand over to the loop.
 
 Exit status: 0 whenever the supervisor reached a final decision (finished, early_stopped,
 stopped, gave_up: the reason is in run.json and on the last log line); 1 only when the
-supervisor itself failed, so a service manager restarts only a broken supervisor. A config
-it cannot read at all, a run dir it cannot create, or a locked one, exits 78 (EX_CONFIG)
-before anything starts:
+supervisor itself failed, so a service manager restarts only a broken supervisor (a full disk
+is not that: run.json and the logs wait in memory, shared/logsetup.py, record.py). A config
+it cannot read at all, a run dir it cannot create, a locked one, or a hard open-file limit
+below the 4096 mlx_lm needs (shared/openfile_limit.py), exits 78 (EX_CONFIG) before anything
+starts:
 use `RestartPreventExitStatus=78` (systemd). Stopping takes up to `stop_timeout` (default
 120 s) while the worker saves: give the service manager `TimeoutStopSec` (systemd) /
 `ExitTimeOut` (launchd) of at least stop_timeout + 60 s (what `overnight install` writes), or
@@ -38,15 +41,17 @@ import structlog
 import zmq
 
 from shared import config as config_mod
-from shared import logsetup
-from shared.errors import OvernightError, RunDirLocked
-from shared.layout import RunDir
-from shared.run_record import Action
+from shared import logsetup, openfile_limit
+from shared.checkpoint import clean_leftovers
+from shared.errors import OvernightError, RunDirError, RunDirLocked, SystemLimitError
+from shared.fsutil import describe_space
+from shared.layout import RunDir, never_world_writable
 from shared.runlock import Role, RunLock
-from supervisor.daemon import sdnotify, spawn
+from supervisor.daemon import sdnotify, sockets, spawn
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.loop import Supervisor
 from supervisor.daemon.policy import Policy
+from supervisor.daemon.reconcile import reconcile
 from supervisor.daemon.record import RecordKeeper
 from supervisor.daemon.runner import AttemptRunner
 from supervisor.daemon.state import AlreadyComplete, Begin, State
@@ -69,7 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config_path = args.config.resolve()
     config = config_mod.load(config_path)  # ConfigError: one line, exit 78, nothing started
+    limit = openfile_limit.problem()  # every worker would die importing mlx_lm: refuse now
+    if limit is not None:
+        raise SystemLimitError(f"cannot run: {limit}")
     run = RunDir((args.run_dir or Path("runs") / config_path.stem).resolve())
+    never_world_writable()  # the umask, plus o-w; the worker inherits it
     run.create()  # RunDirError: one line naming the path
     lock = RunLock(run.lock, Role.SUPERVISOR)
     _take_lock(lock, config, run, args.log_level)  # RunDirLocked: one line naming the holder
@@ -107,7 +116,11 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
          lock: RunLock) -> int:
     opts = config.supervisor
     _configure_logging(config, run, level)
-    run_id = run.ensure_run_id(config_path.stem)
+    try:
+        run_id = run.ensure_run_id(config_path.stem)
+    except OSError as e:  # a new run on a full disk: one line, nothing started
+        raise RunDirError(f"{run.root}: cannot write the run directory ({e.strerror or e}; "
+                          f"{describe_space(run.root)})") from None
     record, note = RecordKeeper.open(run.record, run_id, run.root, config_path,
                                      config.to_dict(), config.hash())
     structlog.contextvars.bind_contextvars(run_id=record.run_id)
@@ -118,19 +131,20 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
              starts=record.record.supervisor.starts,
              previous_state=record.record.state.value)
     log.info("config_resolved", config=config.to_dict(), config_hash=config.hash())
-    _copy_config(config_path, run, log)
+    try:
+        _copy_config(config_path, run, log)
+    except OSError as e:  # a full disk: the copy is for reference only, the run goes on
+        log.warning("config_copy_failed", path=str(run.config_copy), error=str(e))
     _adopt_previous(record, run, opts.stop_timeout, log)
 
-    run.create_socket_dir()
+    before, soft, hard = sockets.raise_open_files_limit()  # each connection costs a file
+    log.info("open_files_limit", soft_before=before, soft=soft, hard=hard)
+    run.create_socket_dir()  # RunDirError when an existing one is not ours alone (exit 78)
     for endpoint in (run.telemetry_endpoint, run.control_endpoint):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint.removeprefix("ipc://"))  # stale: we hold the lock
     ctx: zmq.Context[Any] = zmq.Context()
-    telemetry = ctx.socket(zmq.SUB)
-    telemetry.setsockopt(zmq.LINGER, 0)
-    telemetry.setsockopt(zmq.SUBSCRIBE, b"")
-    telemetry.setsockopt(zmq.RCVHWM, 10_000)
-    telemetry.bind(run.telemetry_endpoint)
+    telemetry = sockets.bind_telemetry(ctx, run.telemetry_endpoint)  # bounded: sockets.py
     control = ControlServer(ctx, run.control_endpoint, target=None)  # type: ignore[arg-type]
     log.info("sockets_bound", telemetry=run.telemetry_endpoint, control=run.control_endpoint)
     # Ready = holding the run and answering control requests; also on the path where the
@@ -139,7 +153,8 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
 
     runner = AttemptRunner(
         config=config, config_path=config_path, run=run, record=record,
-        spawner=spawn.PopenSpawner(pass_fds=(lock.fd,)),  # the worker writes under our lock
+        spawner=spawn.PopenSpawner(pass_fds=(lock.fd,),  # the worker writes under our lock
+                                   stop_timeout=opts.stop_timeout),  # its orphan grace
         policy=Policy(opts, high_water=record.record.high_water_step,
                       rollbacks=record.record.rollbacks),
         env={**spawn.worker_env(sdnotify.child_environment(), opts.openblas, log),
@@ -151,10 +166,12 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
     control.target = sup
     caffeinate = spawn.start_caffeinate(opts.caffeinate, log)
     complete = run.is_complete or record.record.state.is_complete
+    begin: AlreadyComplete | Begin = Begin()
     if complete:
         log.info("run_already_complete", state=record.record.state.value)
+        begin = runner.note_complete()  # its final step, total and best, not "0 / 0"
     try:
-        final = sup.run(AlreadyComplete() if complete else Begin())
+        final = sup.run(begin)
     except BaseException:
         log.exception("supervisor_failed")
         _emergency_stop(runner, opts.stop_timeout, log)
@@ -168,6 +185,9 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
             caffeinate.terminate()
     reason = record.record.reason
     _on_exit(opts.on_exit, final, reason, record, run, log)
+    if not record.flush():  # a full disk to the end: the final state is said here at least
+        print(f"overnight run: {run.record} could not be written; its last saved state is "
+              "behind", file=sys.stderr)
     print(f"overnight run: {final.value}: {reason}", file=sys.stderr)
     return 0
 
@@ -182,18 +202,20 @@ def _copy_config(config_path: Path, run: RunDir, log: Any) -> None:
 
 
 def _adopt_previous(record: RecordKeeper, run: RunDir, stop_timeout: float, log: Any) -> None:
-    """A previous supervisor died: stop its orphaned worker, close its open attempt."""
+    """A previous supervisor died: stop its orphaned worker, reconcile the record it left
+    (supervisor/daemon/reconcile.py), remove half-done checkpoint directories."""
+    stopped = set()
     for proc in spawn.find_orphans(run.root):
         log.warning("orphan_found", worker_pid=proc.pid, cmdline=" ".join(proc.cmdline()[:12]))
         _stop_orphan(proc, stop_timeout, log)
-    current = record.current
-    if current is not None and current.ended is None:
-        record.end_attempt(
-            classification=None, action=Action.ABANDONED,
-            action_reason="the supervisor ended while this attempt ran; a restarted "
-                          "supervisor stopped it (if still running) and resumes the run",
-        )
-        log.info("attempt_abandoned", attempt=current.attempt)
+        stopped.add(proc.pid)
+    found = reconcile(record, run, frozenset(stopped))
+    if found is not None:
+        log.warning("record_reconciled", previous_state=found.previous_state.value,
+                    attempt_abandoned=found.attempt, reason=found.reason)
+    cleaned = clean_leftovers(run.checkpoints)  # no worker runs: every temp dir is stale
+    if cleaned:
+        log.info("checkpoint_leftovers_removed", names=cleaned)
 
 
 def _stop_orphan(proc: psutil.Process, stop_timeout: float, log: Any) -> None:

@@ -12,18 +12,34 @@ finish, or give up — and say why. Pure: the clock value and the random source 
 |                                | (same effective batch); at micro-batch 1 gradient           |
 |                                | checkpointing; after that give up                           |
 | non_finite / grad_spike        | roll back before the first bad step, lr_scale *= lr_backoff, |
-|                                | skip the offending data; give up after max_rollbacks        |
+|                                | skip the offending data once (below); give up after          |
+|                                | max_rollbacks                                               |
 | non_finite on a batch that was | a data problem, not divergence: skip that batch in every    |
 | non-finite before              | epoch (`--skip-batch`), undo the lr cut it caused, roll back |
 |                                | to the newest checkpoint before it; not a rollback          |
 | planned_restart (memory)       | restart at once, not counted as a failure                   |
+| checkpoint_refused             | quarantine the checkpoint the worker refused, restart at    |
+|                                | once from the next older valid one (a rollback's constraints |
+|                                | kept); not counted: refusals end when checkpoints do; the   |
+|                                | same checkpoint refused twice gives up                      |
+| disk_full                      | wait until the run's file system has room for a checkpoint  |
+|                                | (supervisor/daemon/diskspace.py), then restart; not counted |
+|                                | against any budget, no backoff step                         |
+| system_limit                   | give up at once with the reason (e.g. the open-file limit)  |
 
 Budgets count progress, not only failures: an attempt *progressed* when it reached a step
-the run never reached before (the high-water mark). Failures since the last progress are
-kept; `max_failures` of them within `failure_window` seconds give up (crash loop), and the
-same failure twice in a row without progress and with unchanged settings gives up at once
-(a deterministic failure). The backoff grows exponentially (with +-20 % jitter) per failure
-without progress and resets after an attempt gained `progress_reset_steps` steps.
+the run never reached before (the high-water mark: the highest step in logs/metrics.jsonl,
+which the worker writes every step — supervisor/daemon/ending.py — never the newest
+checkpoint, which can be a whole `save_every` behind). Failures since the last progress are
+kept; `max_failures` of them within `failure_window` seconds give up (crash loop).
+A failure is *deterministic* — give up at once — only when it repeats exactly: the same
+class at the same step (the worker's first bad step, else the last step it reached) with
+the same settings, twice in a row. Two kills inside one checkpoint interval land at two
+different steps and are not that. A kill from outside (`EXTERNAL_SIGNALS`: SIGKILL that
+classify.py did not attribute to OOM, SIGTERM/SIGINT/SIGHUP/SIGQUIT before the worker's
+handlers are in place) says nothing about the training, wherever it lands: only the
+crash-loop budget bounds those. The backoff grows exponentially (with +-20 % jitter) per
+failure without progress and resets after an attempt gained `progress_reset_steps` steps.
 
 Data, not divergence. The worker names the batch of a non-finite step: its data position,
 its group in the epoch plan (`data_batch`, the same group in every epoch) and the file
@@ -31,15 +47,29 @@ lines. The first time, nothing tells a bad batch from divergence, so it is a rol
 the same batch is non-finite again — right after the rollback or in a later epoch — it is
 the data: lowering the learning rate again would only slow the night down and, after
 max_rollbacks, end it. The policy skips that batch for the rest of the run instead and
-restores the learning rate the misdiagnosed rollback cut. Skips are data positions, not
-steps: the window skipped after a rollback ends exactly after the failing batch, however
-far earlier skips have moved the data position ahead of the step.
+restores the learning rate the misdiagnosed rollback cut.
+
+The offending data of a rollback, skipped once (`skip_positions`: data positions, not
+steps, so earlier skips that moved the position ahead of the step do not matter):
+- non-finite loss or gradient: the failing batch alone (the worker names its position).
+  The healthy batches between the rollback checkpoint and it are trained again, at the
+  lower rate: every example is trained on in every epoch;
+- gradient spike: the spike window, the `grad_spike.patience` consecutive steps whose norm
+  was a spike (positions `first_bad_position` .. `data_position` from the worker). Which of
+  them caused it cannot be told apart, and the window is short; the batches before it are
+  trained again.
+The positions are kept in `Settings` (run.json "overrides"), so a later restart from a
+checkpoint before them — a crash before the worker got there, a restarted supervisor —
+still passes over them; positions behind a checkpoint mean nothing to it. Only when the
+worker named no position (its last message was lost) the data is skipped by steps, from the
+rollback checkpoint through the failing step, as before (`bad_until`, `--skip-steps`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +77,10 @@ from shared.config import SupervisorOptions
 from shared.exitcodes import FailureClass
 from supervisor.daemon.state import Verdict
 
+# Signals a worker does not raise on itself: something outside ended it (a person, a script,
+# the kernel's OOM killer when memory was not near the limit), not the training.
+EXTERNAL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                              signal.SIGQUIT})
 RESTARTED_SAME = frozenset(
     {FailureClass.CRASH, FailureClass.HANG, FailureClass.STALL, FailureClass.GPU_WATCHDOG}
 )
@@ -67,10 +101,12 @@ class Settings:
     grad_checkpoint: bool
     lr_scale: float | None = None  # None: whatever the checkpoint (or 1.0) says
     skip_batches: tuple[int, ...] = ()  # epoch-plan batches never trained on (data problems)
+    skip_positions: tuple[int, ...] = ()  # data positions passed over once (rollbacks)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["skip_batches"] = list(self.skip_batches)
+        d["skip_positions"] = list(self.skip_positions)
         return d
 
     @classmethod
@@ -79,12 +115,25 @@ class Settings:
             int(d["batch_size"]), int(d["grad_accumulation_steps"]), bool(d["grad_checkpoint"]),
             None if d.get("lr_scale") is None else float(d["lr_scale"]),
             tuple(sorted(int(b) for b in d.get("skip_batches") or ())),
+            tuple(sorted(int(p) for p in d.get("skip_positions") or ())),
         )
 
-    def diff(self, other: Settings) -> dict[str, Any]:
-        """{key: [old, new]} for each setting that differs in `other`."""
+    def diff(self, other: Settings, lr_scale: float | None = None) -> dict[str, Any]:
+        """{key: [old, new]} for each setting that differs in `other` (an attempt's
+        "settings_changed"). `lr_scale`: the scale the attempt ran with, shown for our
+        lr_scale None ("the checkpoint's"): `lr_scale: [1.0, 0.5]`, not `[None, 0.5]`."""
         a, b = self.to_dict(), other.to_dict()
+        for d in (a, b):
+            if d["lr_scale"] is None and lr_scale is not None:
+                d["lr_scale"] = lr_scale
         return {k: [a[k], b[k]] for k in a if a[k] != b[k]}
+
+    def overrides(self, base: Settings) -> dict[str, Any]:
+        """The settings that differ from `base` (the config's), as run.json "overrides"
+        keeps them: only what the supervisor changed; `from_dict({**base, **overrides})`
+        gives these settings back."""
+        mine, theirs = self.to_dict(), base.to_dict()
+        return {k: v for k, v in mine.items() if v != theirs[k]}
 
 
 @dataclass(frozen=True)
@@ -101,6 +150,19 @@ class Outcome:
     data_position: int = -1  # the failing step's batch (WorkerStopping): its data position,
     data_batch: int = -1  # its group in the epoch plan (the same in every epoch)
     data_lines: str = ""  # and its file lines, e.g. "train.jsonl:3,8-11"
+    first_bad_position: int = -1  # a spike: the data position of its window's first step
+    signal: int | None = None  # the signal that ended it (Popen's -N), None: it exited
+
+    @property
+    def failed_at(self) -> int:
+        """The step it failed at: the first bad step the worker named, else the last step."""
+        return self.first_bad_step if self.first_bad_step >= 0 else self.end_step
+
+    @property
+    def killed_from_outside(self) -> bool:
+        """Ended by a signal a worker does not raise on itself, and not classified as OOM."""
+        return (self.failure is FailureClass.CRASH and self.signal is not None
+                and self.signal in EXTERNAL_SIGNALS)
 
 
 @dataclass(frozen=True)
@@ -111,9 +173,9 @@ class Decision:
     delay: float = 0.0
     settings: Settings | None = None  # the settings for the next attempt
     rollback_before: int | None = None  # resume from a checkpoint with step < this
-    bad_until: int = -1  # skip data up to and including this step after a rollback
-    skip_through_position: int = -1  # ... or this data position, when the worker said it
+    bad_until: int = -1  # no position named: skip data up to and including this step
     counted: bool = False  # counted as a failure against the budgets
+    quarantine: bool = False  # quarantine the checkpoint the attempt resumed from
 
 
 @dataclass
@@ -123,7 +185,8 @@ class Policy:
     high_water: int = 0  # highest step the run ever reached
     rollbacks: int = 0
     failures: list[float] = field(default_factory=list)  # times of failures since progress
-    last_failure: tuple[FailureClass, Settings] | None = None
+    # the last failure since progress: (class, settings, the step it failed at)
+    last_failure: tuple[FailureClass, Settings, int] | None = None
     streak: int = 0  # consecutive failures without sustained progress (backoff exponent)
     # epoch-plan batch -> lr_scale in effect when it was first non-finite
     nonfinite_batches: dict[int, float] = field(default_factory=dict)
@@ -148,14 +211,27 @@ class Policy:
             return Decision(Verdict.STOP, "stop", f"worker stopped gracefully ({o.detail})")
         if f is FailureClass.BAD_CONFIG:
             return Decision(Verdict.GIVE_UP, "give_up", f"bad config or data: {o.detail}")
+        if f is FailureClass.SYSTEM_LIMIT:  # every worker would fail the same way at start
+            return Decision(Verdict.GIVE_UP, "give_up", f"system limit: {o.detail}")
+        if f is FailureClass.DISK_FULL:  # not the training's fault: wait, count nothing
+            full = o.detail if o.detail.startswith("disk full") else f"disk full: {o.detail}"
+            return Decision(Verdict.RESTART, "wait_for_space",
+                            f"{full}; waiting for free space before restarting (not counted "
+                            "against the restart budgets)", 0.0, settings)
 
-        repeated = self._repeated(f, settings, progressed)
+        repeated = self._repeated(o, settings, progressed)
         if repeated:
             return repeated
-        self.last_failure = (f, settings)
+        # A kill from outside is no evidence about the training: not the first of a repeat.
+        self.last_failure = None if o.killed_from_outside else (f, settings, o.failed_at)
 
         if f is FailureClass.PLANNED_RESTART:
             return Decision(Verdict.RESTART, "planned_restart", o.detail, 0.0, settings)
+        if f is FailureClass.CHECKPOINT_REFUSED:  # the checkpoint's fault, not the training's
+            return Decision(
+                Verdict.RESTART, "quarantine_checkpoint",
+                f"{f.value}: {o.detail}; it is quarantined, the run resumes from the next "
+                "older valid checkpoint", 0.0, settings, quarantine=True)
 
         self.failures = [t for t in self.failures if now - t <= self.opts.failure_window]
         self.failures.append(now)
@@ -180,13 +256,15 @@ class Policy:
             return Decision(Verdict.RESTART, "restart", why, delay, settings, counted=True)
         raise ValueError(f"expected a known failure class, got {f!r}")  # pragma: no cover
 
-    def _repeated(self, f: FailureClass, settings: Settings, progressed: bool) -> Decision | None:
-        if progressed or self.last_failure != (f, settings):
+    def _repeated(self, o: Outcome, settings: Settings, progressed: bool) -> Decision | None:
+        """Give up when this failure repeats the last one exactly (module docstring)."""
+        if progressed or o.killed_from_outside \
+                or self.last_failure != (o.failure, settings, o.failed_at):
             return None
         return Decision(
             Verdict.GIVE_UP, "give_up",
-            f"the same failure ({f.value}) twice in a row without progress and with the same "
-            "settings: deterministic, not restarting",
+            f"the same failure ({o.failure.value}) twice at step {o.failed_at} with the same "
+            f"settings, without progress: deterministic, not restarting ({o.detail})",
             counted=True,
         )
 
@@ -205,18 +283,25 @@ class Policy:
             )
         first_bad = o.first_bad_step if o.first_bad_step >= 0 else o.end_step
         lr_scale = round(o.lr_scale * self.opts.lr_backoff, 12)
-        new = dataclasses.replace(settings, lr_scale=lr_scale)
+        skip = offending_positions(o)
+        new = dataclasses.replace(
+            settings, lr_scale=lr_scale,
+            skip_positions=tuple(sorted({*settings.skip_positions, *skip})))
         if o.failure is FailureClass.NON_FINITE and o.data_batch >= 0:
             self.nonfinite_batches.setdefault(o.data_batch, o.lr_scale)
-        skipping = (f"skipping data through position {o.data_position} ({o.data_lines})"
-                    if o.data_position >= 0 else
-                    f"skipping data through step {max(first_bad, o.end_step)}")
+        if skip:
+            where = (f"data position {skip[0]}" if len(skip) == 1 else
+                     f"the spike window's data positions {skip[0]}-{skip[-1]}")
+            skipping = (f"skipping {where} once ({o.data_lines}); the batches before it are "
+                        "trained again")
+        else:
+            skipping = f"skipping data through step {max(first_bad, o.end_step)}"
         return Decision(
             Verdict.RESTART, "rollback",
             f"{o.failure.value}: {o.detail}; rollback {self.rollbacks}/{self.opts.max_rollbacks} "
             f"to before step {first_bad}, lr_scale {o.lr_scale:g} -> {lr_scale:g}, {skipping}",
-            delay, new, rollback_before=first_bad, bad_until=max(first_bad, o.end_step),
-            skip_through_position=o.data_position, counted=True,
+            delay, new, rollback_before=first_bad,
+            bad_until=-1 if skip else max(first_bad, o.end_step), counted=True,
         )
 
     def _skip_batch(self, o: Outcome, settings: Settings, delay: float) -> Decision:
@@ -256,6 +341,17 @@ class Policy:
             Verdict.RESTART, "reduce_memory", f"oom: {o.detail}; {what}", delay, new,
             counted=True,
         )
+
+
+def offending_positions(o: Outcome) -> tuple[int, ...]:
+    """The data positions a rollback skips once (see the module docstring): the failing
+    batch of a non-finite step; the window of a gradient spike; () when the worker named
+    none."""
+    if o.data_position < 0:
+        return ()
+    if o.failure is FailureClass.GRAD_SPIKE and 0 <= o.first_bad_position <= o.data_position:
+        return tuple(range(o.first_bad_position, o.data_position + 1))
+    return (o.data_position,)
 
 
 def shrink_batch(s: Settings) -> Settings | None:

@@ -10,6 +10,9 @@ and owns what outlives one attempt: the settings, the pending decision, the poli
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import math
 import os
 from collections.abc import Callable
@@ -19,17 +22,21 @@ from typing import Any
 from shared.checkpoint import CheckpointInfo, list_checkpoints, quarantine, validate
 from shared.config import Config
 from shared.exitcodes import FailureClass
+from shared.faults import fired_in, marker_dir
+from shared.fsutil import describe_space, free_space, human_bytes
 from shared.layout import RunDir
 from shared.protocol import CheckpointSaved, EvalResult, Message, WorkerStopping
 from shared.run_record import AttemptRecord, BestCheckpoint, LatestCheckpoint, WorkerInfo
 from supervisor.daemon import ending
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.checkpoint_choice import Choice, choose
+from supervisor.daemon.diskspace import POLL_SECONDS, WAITING_LOG_EVERY, SpaceWatch
 from supervisor.daemon.policy import Decision, Policy, Settings
 from supervisor.daemon.record import RecordKeeper, now_iso
 from supervisor.daemon.spawn import Spawner
-from supervisor.daemon.state import Verdict
-from supervisor.daemon.worker_command import worker_argv
+from supervisor.daemon.state import AlreadyComplete, State, Verdict
+from supervisor.daemon.telemetry_gate import new_token
+from supervisor.daemon.worker_command import worker_argv, worker_env
 
 
 class AttemptRunner:
@@ -52,6 +59,12 @@ class AttemptRunner:
         stored = record.record.overrides
         self.settings = Settings.from_dict({**base.to_dict(), **stored}) if stored else base
         self.base_settings = base
+        last = record.attempts[-1] if record.attempts else None
+        if last is not None:
+            # Progress is the highest step ever reached, from the worker's metrics: an
+            # attempt a killed supervisor never saw end got further than run.json says.
+            policy.high_water = max(policy.high_water, last.end_step,
+                                    ending.last_logged_step(run.metrics_log, last.attempt))
         for a in record.attempts:  # a restarted supervisor knows which batches were non-finite
             bad = a.bad_data
             if a.classification is FailureClass.NON_FINITE and bad is not None and bad.batch >= 0:
@@ -60,6 +73,7 @@ class AttemptRunner:
         self.pending: Decision | None = None  # the decision that asked for the next attempt
         self.prev_end_at: float | None = None
         self.progress_dirty = False
+        self.space = SpaceWatch(run.root, config.checkpoints.keep_last)  # diskspace.py
 
     # ---- start ---------------------------------------------------------------------------
 
@@ -82,20 +96,23 @@ class AttemptRunner:
                           seconds=round(choice.seconds, 3))
         start_step = found[0].step if found is not None else 0
         state = found[1].state if found is not None else None
+        # A rollback's offending data: data positions (not steps; earlier skips put the
+        # position ahead of the step), those still ahead of this checkpoint (policy.py).
+        at = state.data_position if state is not None else 0
+        ahead = tuple(p for p in self.settings.skip_positions if p >= at)
         skip, pending = 0, self.pending
-        if pending is not None and pending.skip_through_position >= 0:
-            # Data positions, not steps: earlier skips put the position ahead of the step.
-            at = state.data_position if state is not None else 0
-            skip = max(0, pending.skip_through_position + 1 - at)
-        elif pending is not None and pending.bad_until >= 0:
+        if pending is not None and pending.bad_until >= 0:  # the worker named no position
             skip = max(1, pending.bad_until - start_step)
         n = len(self.record.attempts) + 1
         argv = worker_argv(self.command, self.config_path, self.run, n, self.record.run_id,
-                           found, self.settings, self.base_settings, skip)
+                           found, self.settings, self.base_settings, skip, ahead)
+        skip += len(ahead)
         output = self.run.attempt_output(n)
-        proc = self.spawner.spawn(argv, self.env, output)
+        token = new_token()  # in the environment only: argv is logged and world-readable
+        proc = self.spawner.spawn(argv, worker_env(self.env, token), output)
         lr_scale = float(self.settings.lr_scale or (state.lr_scale if state else None) or 1.0)
-        self.attempt = Attempt(n, proc, output, now, start_step, lr_scale, self.opts)
+        self.attempt = Attempt(n, proc, output, now, start_step, lr_scale, self.opts, token)
+        self.attempt.resumed_from = found[0].path if found is not None else None
         reason = self.pending.reason if self.pending is not None else "initial"
         self.log.info("worker_spawned", attempt=n, worker_pid=proc.pid, argv=argv,
                       resume_step=start_step if found else None, skip_steps=skip,
@@ -117,8 +134,28 @@ class AttemptRunner:
         )
         return n, proc.pid
 
+    def _set_refused_aside(self, attempt: Attempt, detail: str, decision: Decision
+                           ) -> Decision:
+        """The worker refused the checkpoint it was told to resume from: quarantine it like
+        an invalid one; the next start keeps what the previous decision asked of it (a
+        rollback's resume point and skipped steps) and takes the next older valid one."""
+        path = attempt.resumed_from
+        if path is not None and path.is_dir():
+            self._quarantine(CheckpointInfo(attempt.view.start_step, path),
+                             f"refused by the worker: {detail}")
+        before = self.pending
+        if before is None:
+            return decision
+        return dataclasses.replace(decision, rollback_before=before.rollback_before,
+                                   bad_until=before.bad_until)
+
     def _quarantine(self, info: CheckpointInfo, reason: str) -> None:
-        moved = quarantine(info, self.run.quarantine)
+        try:
+            moved = quarantine(info, self.run.quarantine)
+        except OSError as e:  # a full disk: it stays, unused (validated again next start)
+            self.log.warning("checkpoint_quarantine_failed", checkpoint=info.path.name,
+                             reason=reason, error=str(e))
+            return
         self.log.warning("checkpoint_quarantined", checkpoint=info.path.name, reason=reason,
                          moved_to=str(moved))
         self.record.note_quarantine(info.path.name, moved, reason)
@@ -134,6 +171,8 @@ class AttemptRunner:
             self.record.update(final_step=view.step, total_steps=view.total_steps, save=False)
             self.progress_dirty = True
         if isinstance(msg, CheckpointSaved):
+            self.space.checkpoint = msg.bytes
+            self.check_space()
             self.record.update(latest_checkpoint=LatestCheckpoint(msg.step, msg.path),
                                save=False)
             current = self.record.current
@@ -141,8 +180,11 @@ class AttemptRunner:
                 self.record.update_current(
                     checkpoints_saved=(*current.checkpoints_saved, msg.step),
                     end_step=view.step, save=False)
+            # The worker's own event, relayed (marked) so supervisor.jsonl alone tells the
+            # night; `overnight logs` shows the worker's line only (morning/runlogs.py).
             self.log.info("checkpoint_saved", step=msg.step, path=msg.path,
-                          seconds=msg.seconds, bytes=msg.bytes)
+                          seconds=msg.seconds, bytes=msg.bytes, attempt=attempt.number,
+                          relayed_from="worker")
             self.record.save()
             self.progress_dirty = False
         elif isinstance(msg, EvalResult) and msg.best_step >= 0 \
@@ -153,9 +195,43 @@ class AttemptRunner:
         elif isinstance(msg, WorkerStopping):
             self.log.info("worker_stopping", reason=msg.reason, detail=msg.detail,
                           exit_code=msg.exit_code, step=msg.step,
-                          first_bad_step=msg.first_bad_step, data_lines=msg.data_lines)
+                          first_bad_step=msg.first_bad_step, data_lines=msg.data_lines,
+                          attempt=attempt.number, relayed_from="worker")
+
+    def check_space(self) -> None:
+        """Warn (once per crossing) when the free space will not hold the next checkpoints."""
+        low = self.space.check()
+        if low is not None:
+            self.log.warning(
+                "disk_space_low", path=str(low.path), free_bytes=low.free,
+                needed_bytes=low.needed, checkpoint_bytes=low.checkpoint,
+                keep_last=low.keep_last,
+                detail=f"{describe_space(low.path)}: the next {low.keep_last} checkpoints of "
+                       f"{human_bytes(low.checkpoint)} and the logs need "
+                       f"{human_bytes(low.needed)}; free some space or the run will wait "
+                       "for it at its next checkpoint")
+
+    def space_wait(self, now: float) -> float | None:
+        """After a disk_full ending: None when a restart may go ahead (enough free space),
+        else seconds until the next look (the loop waits; nothing is counted)."""
+        self.record.retry()  # run.json may be waiting for space too
+        waiting_for = self.space.waiting_for
+        ready, free = self.space.ready()
+        if ready:
+            if waiting_for:
+                self.log.info("disk_space_returned", path=str(self.run.root), free_bytes=free,
+                              needed_bytes=waiting_for)
+            return None
+        if now >= self.space.next_waiting_log:
+            self.space.next_waiting_log = now + WAITING_LOG_EVERY
+            self.log.warning("disk_space_waiting", path=str(self.run.root), free_bytes=free,
+                             needed_bytes=waiting_for, poll_s=POLL_SECONDS,
+                             detail=f"{describe_space(self.run.root)}; restarting once "
+                                    f"{human_bytes(waiting_for)} are free")
+        return POLL_SECONDS
 
     def save_progress(self) -> None:
+        self.check_space()
         if self.record.current is not None and self.attempt is not None:
             view = self.attempt.view
             self.record.update_current(end_step=view.step,
@@ -169,36 +245,74 @@ class AttemptRunner:
         """The attempt ended with return code `rc`: classify, decide what next, record both."""
         attempt = self.attempt
         assert attempt is not None
-        end = ending.read_end(attempt, rc, now, self.run.metrics_log, self.opts)
+        end = ending.read_end(attempt, rc, now, self.run.metrics_log, self.opts,
+                              (free_space(self.run.root)[0], self.space.checkpoint_size()))
         decision = self.policy.decide(ending.outcome(attempt, end), self.settings, now)
+        if decision.quarantine:
+            decision = self._set_refused_aside(attempt, end.classification.detail, decision)
         new = decision.settings or self.settings
-        changed = self.settings.diff(new)
+        changed = self.settings.diff(new, attempt.lr_scale)
         self.settings = new
         self.record.update(
             rollbacks=self.policy.rollbacks, high_water_step=self.policy.high_water,
             final_step=end.end_step, save=False,
-            **({"overrides": new.to_dict()} if changed else {}))
+            **({"overrides": new.overrides(self.base_settings)} if changed else {}))
         self._refresh_checkpoints()
         downtime = None
         if self.prev_end_at is not None and attempt.view.first_step_at is not None:
             downtime = round(attempt.view.first_step_at - self.prev_end_at, 3)
-        self.record.end_attempt(**ending.end_fields(attempt, end, decision, changed, downtime))
+        injected = fired_in(marker_dir(self.run.root), attempt.pid)  # faults on purpose
+        self.record.end_attempt(**ending.end_fields(attempt, end, decision, changed, downtime),
+                                injected=injected)
         c = end.classification
         # Levels make `overnight logs --level warning` the list of what went wrong.
         failed = c.failure.is_failure
         (self.log.warning if failed else self.log.info)(
             "worker_exited", attempt=attempt.number, worker_pid=attempt.pid, returncode=rc,
             classification=c.failure.value, detail=c.detail, detected_by=end.detected_by.value,
-            detection_latency_s=round(end.latency, 3), step=end.end_step)
+            detection_latency_s=round(end.latency, 3), step=end.end_step,
+            **({"injected": list(injected)} if injected else {}))
         level = ("error" if decision.verdict is Verdict.GIVE_UP
                  else "warning" if failed else "info")
         getattr(self.log, level)(
             "recovery_decision", action=decision.action, verdict=decision.verdict.value,
             reason=decision.reason, delay_s=round(decision.delay, 3), settings_changed=changed)
+        if decision.action == "wait_for_space":
+            self.space.start_waiting(end.end_step)
+            self.space.next_waiting_log = 0.0
         self.pending = decision
         self.prev_end_at = now
         self.attempt = None
         return decision
+
+    def note_complete(self) -> AlreadyComplete:
+        """The run was complete when this supervisor started (`overnight train` finished it,
+        or an earlier supervisor did): run.json gets its final step, total steps and best
+        checkpoint from COMPLETE (worker/finish.py) and the checkpoints — not "step 0 / 0" —
+        and the event says whether it had finished or early-stopped."""
+        r = self.record.record
+        done: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):  # unreadable: what run.json knows
+            loaded = json.loads(self.run.complete_marker.read_text())
+            done = loaded if isinstance(loaded, dict) else {}
+        self._refresh_checkpoints()
+        step, total = done.get("step"), done.get("total_steps")
+        best_step, best_val = done.get("best_step"), done.get("best_val_loss")
+        fields: dict[str, Any] = {}
+        if isinstance(step, int) and not isinstance(step, bool):
+            fields.update(final_step=step, high_water_step=max(r.high_water_step, step))
+        if isinstance(total, int) and not isinstance(total, bool):
+            fields["total_steps"] = total
+        if isinstance(best_step, int) and best_step >= 0 and isinstance(best_val, (int, float)) \
+                and math.isfinite(best_val):
+            fields["best_checkpoint"] = self._best(best_step, float(best_val))
+        self.record.update(save=False, **fields)
+        status = done.get("status")
+        stopped = status == "early_stopped" if status else r.state is State.EARLY_STOPPED
+        r = self.record.record
+        how = "early-stopped" if stopped else "finished"
+        return AlreadyComplete(stopped, f"the run was already complete ({how} at step "
+                                        f"{r.final_step} of {r.total_steps})")
 
     def _refresh_checkpoints(self) -> None:
         """latest/best checkpoint from disk (shallow validation: manifest, sizes, state)."""

@@ -1,11 +1,43 @@
 """Starting and stopping worker processes; orphans; caffeinate; the OpenBLAS preload.
 
 The worker runs in its own session (so a terminal's Ctrl-C reaches only the supervisor, and
-the supervisor can signal the worker's whole group) and never outlives the supervisor:
-on Linux the kernel sends it SIGTERM when the supervisor dies (prctl PR_SET_PDEATHSIG, set
-in the child between fork and exec); on macOS the worker polls OVERNIGHT_PARENT_PID.
-How a worker is stopped (SIGTERM, SIGCONT, a grace period, SIGKILL) is
-supervisor/daemon/stopping.py.
+the supervisor can signal the worker's whole group). How a worker is stopped (SIGTERM,
+SIGCONT, a grace period, SIGKILL) is supervisor/daemon/stopping.py.
+
+**No worker outlives its supervisor by more than a few seconds, in any state.** However the
+supervisor dies (SIGKILL, the OOM killer, a crash), its worker must not train on alone:
+nobody would watch it, and the next supervisor would find the run directory locked.
+
+- A running worker leaves within one step plus a checkpoint write (SIGTERM: it saves and
+  exits 23); measured here 0.1-0.4 s (tests/test_orphans.py; it allows 5 s).
+- A worker that cannot act on SIGTERM (stopped, stuck in a step) is SIGKILLed
+  `orphan_grace` seconds after the supervisor died: min(supervisor.stop_timeout, 10 s)
+  (`ORPHAN_GRACE`). 10 s is enough for a LoRA step and an adapter save; a longer save (a
+  full fine-tune) is cut, which costs that checkpoint only: checkpoints are atomic and the
+  previous one stays valid.
+
+The parent-death signal alone (Linux prctl PR_SET_PDEATHSIG, set between fork and exec)
+does not keep that promise: the kernel delivers SIGTERM, but a worker stopped with SIGSTOP
+(a hang, a debugger, `kill -STOP`) keeps it pending and lives on stopped forever; and a
+SIGKILL as the parent-death signal would cost every orphan its checkpoint (and a killed MLX
+process can strand wired GPU memory). macOS has no parent-death signal at all; the worker polls
+OVERNIGHT_PARENT_PID there (worker/signals.py), which a stopped or stuck worker cannot do.
+So each attempt gets an **orphan guard** (supervisor/daemon/orphan_guard.py): a tiny
+stdlib-only process started right after the worker, its sibling in a session of its own,
+that blocks reading a pipe whose only write end the supervisor holds. The kernel closes
+that end the instant the supervisor dies, any way it dies, on Linux and macOS alike — no
+polling, no platform call. The guard then sends SIGCONT to the worker's group and SIGTERM
+to the worker, and SIGKILL to the group after `orphan_grace`. When the supervisor reaps
+the worker itself, it writes one byte first and the guard leaves without signalling
+anything (the pid may be reused after that; the guard signals through a pidfd on Linux
+anyway). A worker is not started without its guard: if the guard cannot be started, the
+worker is killed and spawn() raises OSError.
+
+Defence in depth, for a guard that was itself killed: the parent-death SIGTERM stays (a
+running worker hears of its supervisor's death at once, on Linux), and the worker's parent
+watch (worker/signals.py), having asked the loop to stop, exits the process after
+OVERNIGHT_ORPHAN_GRACE seconds (its `orphan_grace`, passed in the environment) if the save
+has not finished by then.
 """
 
 from __future__ import annotations
@@ -27,6 +59,10 @@ import psutil
 OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
 PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "OVERNIGHT_PARENT_PID"
+ORPHAN_GRACE_ENV = "OVERNIGHT_ORPHAN_GRACE"
+ORPHAN_GRACE = 10.0  # seconds: the longest a worker outlives its supervisor (docstring)
+ORPHAN_GUARD = Path(__file__).with_name("orphan_guard.py")
+GUARD_EXIT_WAIT = 2.0  # seconds to reap a guard told to leave (it leaves in milliseconds)
 
 
 class WorkerProcess(Protocol):
@@ -45,9 +81,52 @@ class Spawner(Protocol):
 
 
 @dataclass
+class OrphanGuard:
+    """The running orphan guard of one worker (module docstring) and the write end of its
+    pipe, which only this process holds."""
+
+    popen: subprocess.Popen[bytes]
+    pipe: int  # the write end; -1 once released
+
+    def release(self) -> None:
+        """The worker has been reaped: tell the guard (one byte), so it leaves without
+        signalling anything, and reap it."""
+        if self.pipe < 0:
+            return
+        with contextlib.suppress(OSError):  # a guard killed by someone: EPIPE
+            os.write(self.pipe, b"x")
+        os.close(self.pipe)
+        self.pipe = -1
+        try:
+            self.popen.wait(GUARD_EXIT_WAIT)
+        except subprocess.TimeoutExpired:  # stopped or stuck: it must not act later
+            self.popen.kill()
+            self.popen.wait()
+
+
+def start_guard(worker_pid: int, grace: float, output: IO[bytes]) -> OrphanGuard:
+    """Start the orphan guard of `worker_pid` (module docstring); OSError if it cannot be.
+    Its messages go to `output` (the attempt's log)."""
+    read_end, write_end = os.pipe()  # neither inheritable (PEP 446): the guard's stdin only
+    try:
+        popen = subprocess.Popen(
+            [sys.executable, "-I", "-S", str(ORPHAN_GUARD), str(worker_pid), f"{grace:g}"],
+            stdin=read_end, stdout=output, stderr=subprocess.STDOUT, env={},
+            start_new_session=True, close_fds=True,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return OrphanGuard(popen, write_end)
+
+
+@dataclass
 class PopenWorker:
     popen: subprocess.Popen[bytes]
     output_file: IO[bytes]
+    guard: OrphanGuard | None = None
 
     @property
     def pid(self) -> int:
@@ -55,8 +134,11 @@ class PopenWorker:
 
     def poll(self) -> int | None:
         rc = self.popen.poll()
-        if rc is not None and not self.output_file.closed:
-            self.output_file.close()
+        if rc is not None:
+            if self.guard is not None:
+                self.guard.release()  # reaped: from now on its pid may be reused
+            if not self.output_file.closed:
+                self.output_file.close()
         return rc
 
     def signal(self, sig: int) -> None:
@@ -82,11 +164,15 @@ def _set_parent_death_signal() -> None:
 
 
 class PopenSpawner:
-    """Starts real processes: own session, output appended to a file, parent-death signal.
-    `pass_fds` stay open in the child (the run directory's lock, shared/runlock.py)."""
+    """Starts real processes: own session, output appended to a file, parent-death signal,
+    an orphan guard each (module docstring). `pass_fds` stay open in the child (the run
+    directory's lock, shared/runlock.py); `stop_timeout` (supervisor.stop_timeout) bounds
+    the orphan grace, at most ORPHAN_GRACE."""
 
-    def __init__(self, pass_fds: Sequence[int] = ()) -> None:
+    def __init__(self, pass_fds: Sequence[int] = (), stop_timeout: float = ORPHAN_GRACE,
+                 ) -> None:
         self.pass_fds = tuple(pass_fds)
+        self.orphan_grace = max(0.0, min(stop_timeout, ORPHAN_GRACE))
 
     def spawn(self, argv: Sequence[str], env: dict[str, str], output: Path) -> WorkerProcess:
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +180,7 @@ class PopenSpawner:
         preexec: Callable[[], None] | None = (
             _set_parent_death_signal if sys.platform.startswith("linux") else None
         )
+        env = {**env, ORPHAN_GRACE_ENV: f"{self.orphan_grace:g}"}  # worker/signals.py
         try:
             popen = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -103,7 +190,15 @@ class PopenSpawner:
         except BaseException:
             out.close()
             raise
-        return PopenWorker(popen, out)
+        try:
+            guard = start_guard(popen.pid, self.orphan_grace, out)
+        except BaseException:  # no worker without its guard
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+            out.close()
+            raise
+        return PopenWorker(popen, out, guard)
 
 
 def worker_env(base: dict[str, str], openblas: str, log: Any) -> dict[str, str]:

@@ -8,7 +8,7 @@ transition is logged by the loop as one `state_changed` event.
 | from                         | event            | to            | actions                  |
 |------------------------------|------------------|---------------|--------------------------|
 | starting                     | Begin            | starting      | Spawn                    |
-| starting                     | AlreadyComplete  | finished      | Finish                   |
+| starting                     | AlreadyComplete  | finished (***)| Finish                   |
 | starting, restarting         | Spawned          | starting      | -                        |
 | starting, restarting         | SpawnFailed      | gave_up       | Finish                   |
 | starting                     | Progressed       | training      | -                        |
@@ -30,7 +30,8 @@ transition is logged by the loop as one `state_changed` event.
 | anything else                |                  | (same)        | - (ignored, logged)      |
 
 (*) a worker process runs (`worker_running`); (**) none runs yet: the first attempt's checkpoint
-is still being validated (off the loop thread, supervisor/daemon/checkpoint_choice.py).
+is still being validated (off the loop thread, supervisor/daemon/checkpoint_choice.py);
+(***) early_stopped when the run had early-stopped.
 """
 
 from __future__ import annotations
@@ -80,6 +81,9 @@ class Begin:
 @dataclass(frozen=True)
 class AlreadyComplete:
     """The run directory says the run finished earlier; nothing to do."""
+
+    early_stopped: bool = False  # it ended by early stopping (COMPLETE or run.json says so)
+    reason: str = "the run was already complete"
 
 
 @dataclass(frozen=True)
@@ -201,8 +205,8 @@ def transition(state: State, event: Event) -> tuple[State, tuple[Action, ...]]:
     match event:
         case Begin() if state is State.STARTING:
             return State.STARTING, (Spawn(),)
-        case AlreadyComplete() if state is State.STARTING:
-            return State.FINISHED, (Finish("the run was already complete"),)
+        case AlreadyComplete(early_stopped=stopped, reason=reason) if state is State.STARTING:
+            return (State.EARLY_STOPPED if stopped else State.FINISHED), (Finish(reason),)
         case Spawned() if state in _PREPARING:
             return State.STARTING, ()
         case SpawnFailed(error=error) if state in _PREPARING:

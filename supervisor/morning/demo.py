@@ -6,10 +6,12 @@
 
 A tiny random llama model and a small corpus are built offline (`overnight tiny-model`), then
 `overnight run` trains it as a separate process with two injected faults: a Metal-style
-crash (the worker aborts) and a hang (the worker freezes; no heartbeat). The supervisor
-notices each, restarts from the newest checkpoint and finishes. While it runs, the demo
-narrates what the supervisor and the worker log; at the end it prints the report. About
-30 s on a 2-core CPU, no downloads.
+crash (the worker prints the error a Mac's GPU driver would and aborts — on Linux too, where
+there is no Metal: it is an emulation) and a hang (the worker freezes; no heartbeat). The
+supervisor notices each, restarts from the newest checkpoint and finishes. While it runs, the
+demo narrates what the supervisor and the worker log, saying of each fault that it was
+injected and what it emulates (shared/faults.py); the report says so too. At the end it
+prints the report. About 30 s on a 2-core CPU, no downloads.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any, TextIO
 import yaml
 
 from shared.errors import ConfigError, OvernightError, RunDirError
+from shared.exitcodes import FailureClass
+from shared.faults import describe, ended_by
 from shared.layout import RunDir, cannot_create
 from shared.run_record import State
 from supervisor.daemon.stopping import PopenHandle, stop
@@ -190,8 +194,10 @@ def narrate(line: LogLine) -> str | None:
             mark = "✓" if cls == "completed" else "✗"
             detail = str(d.get("detail") or "")
             detail = detail if len(detail) < 90 else detail[:89] + "…"
+            fault = ended_by(d.get("injected") or [], cls and _failure_class(cls))
+            how = f"{cls}, injected ({fault})" if fault else str(cls)
             return (f"supervisor: {mark} attempt {d.get('attempt')} ended at step "
-                    f"{d.get('step')}: {cls} ({detail})")
+                    f"{d.get('step')}: {how} ({detail})")
         if ev == "recovery_decision":
             delay = d.get("delay_s") or 0
             wait = f" in {duration(float(delay))}" if d.get("verdict") == "restart" else ""
@@ -207,7 +213,17 @@ def narrate(line: LogLine) -> str | None:
                 f"(best {_f(d.get('best_val_loss'))})")
     if ev == "resumed":
         return f"worker:     resumed from step {d.get('step')} (exact state restored)"
+    if ev == "fault_injected":
+        return (f"worker:     injecting {d.get('fault')} on purpose (debug.inject), emulating "
+                f"{d.get('emulates') or describe(str(d.get('fault')))}: not a real failure")
     return None
+
+
+def _failure_class(value: Any) -> FailureClass | None:
+    try:
+        return FailureClass(value)
+    except ValueError:
+        return None
 
 
 def _f(x: Any, fmt: str = ".3f") -> str:

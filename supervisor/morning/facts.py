@@ -4,6 +4,17 @@
 gathers them), `Attempt` one worker process. How an attempt ended is a shared FailureClass,
 or `Unclassified` when there is none (still running, killed without a word, abandoned, not
 known); a run without run.json has the `Unsupervised` states besides the supervisor's.
+
+Three kinds of ending, one definition each, for every view (verdict, report, picture, status):
+- a *failure* (`Attempt.failed`): a FailureClass that is not a normal end
+  (shared.exitcodes.NORMAL_ENDS), or a worker killed without a word — what run.json counts
+  in `totals.failures`;
+- a *planned end* (`Attempt.planned`, PLANNED_ENDS): a normal end that does not finish the
+  run — a stop on request, a planned restart for memory, and any planned end added to
+  NORMAL_ENDS later (a deadline): its own report section, never "time lost to failures";
+- the end of the run (completed, early-stopped).
+An attempt a dead supervisor left behind (`Unclassified.ABANDONED`) is neither a failure nor
+planned, as in run.json.
 """
 
 from __future__ import annotations
@@ -15,7 +26,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from shared.exitcodes import FailureClass
+from shared.exitcodes import NORMAL_ENDS, FailureClass
+from shared.faults import ended_by
 from shared.layout import RunDir
 from shared.run_record import Action, Detection, Quarantined, RunRecord, State
 
@@ -40,6 +52,8 @@ class Unsupervised(str, Enum):
 
 
 RunState = State | Unsupervised
+# Normal ends that do not finish the run: the attempt was ended on purpose, and not for a fault.
+PLANNED_ENDS = frozenset(c for c in NORMAL_ENDS if not c.ends_run)
 
 
 @dataclass(frozen=True)
@@ -71,6 +85,7 @@ class Attempt:
     stderr_tail: str = ""
     log: str | None = None  # the raw output file, relative to the run directory
     bad_data: str = ""  # file lines of the failing step's batch (non-finite, spike)
+    injected: tuple[str, ...] = ()  # faults fired in it on purpose ("crash@40"; debug.inject)
 
     @property
     def seconds(self) -> float | None:
@@ -80,10 +95,21 @@ class Attempt:
 
     @property
     def failed(self) -> bool:
-        """It ended, and not normally (shared.exitcodes.NORMAL_ENDS)."""
+        """It ended, and not normally (shared.exitcodes.NORMAL_ENDS), as run.json counts
+        failures; a worker that died without a word (no run.json) failed too."""
         if isinstance(self.outcome, FailureClass):
             return self.outcome.is_failure
-        return self.outcome is not Unclassified.RUNNING
+        return self.outcome is Unclassified.KILLED
+
+    @property
+    def planned(self) -> bool:
+        """It was ended on purpose without finishing the run (PLANNED_ENDS)."""
+        return self.outcome in PLANNED_ENDS
+
+    @property
+    def injected_by(self) -> str:
+        """The injected fault ("crash@40") that explains how it ended, or "" (a real one)."""
+        return ended_by(self.injected, self.outcome)
 
 
 @dataclass(frozen=True)
@@ -110,6 +136,7 @@ class RunFacts:
     quarantined: tuple[Quarantined, ...] = ()
     complete: dict[str, Any] | None = None
     unreadable_lines: int = 0
+    eval_events: int = 0  # `evaluated` events read (a step evaluated again counts again)
 
     @property
     def finished(self) -> bool:
@@ -133,6 +160,21 @@ class RunFacts:
         if loss is None:
             return None
         return loss, whole((self.complete or {}).get("test_examples"))
+
+    @property
+    def failures(self) -> list[Attempt]:
+        """The attempts that failed (run.json's totals.failures)."""
+        return [a for a in self.attempts if a.failed]
+
+    @property
+    def planned_ends(self) -> list[Attempt]:
+        """The attempts ended on purpose: stop requests, planned restarts (PLANNED_ENDS)."""
+        return [a for a in self.attempts if a.planned]
+
+    @property
+    def restart_count(self) -> int:
+        """Attempts started after the first (run.json's totals.restarts)."""
+        return max(0, len(self.attempts) - 1)
 
     @property
     def layout(self) -> RunDir:

@@ -6,6 +6,7 @@
     overnight logs runs/mini --attempt 2 -n 50     # the last 50 lines of the second attempt
     overnight logs runs/mini -f                    # follow a running job (Ctrl-C ends)
     overnight logs runs/mini --json | jq .event    # the JSON lines themselves
+    overnight logs runs/mini --json | jq -r .event | sort | uniq -c     # one line per event
 
 Reads logs/supervisor.jsonl and logs/worker.jsonl with their rotated backups (`.5` … `.1`,
 oldest first: shared/logsetup.py rotates by size) through supervisor/runlogs.py. A line cut
@@ -13,6 +14,15 @@ short by a killed process, or glued to the next writer's line, costs only itself
 still a JSON object is shown and a note on stderr counts the rest. Supervisor lines without
 an attempt number belong to the attempt the supervisor last spawned, so `--attempt N` also
 shows what the supervisor did about N.
+
+One event, one line. The supervisor writes two of the worker's events to its own log as well,
+as their telemetry arrives: `checkpoint_saved` and `worker_stopping`, marked
+`relayed_from: "worker"` (supervisor/morning/runlogs.py RELAYED_EVENTS) so that
+supervisor.jsonl alone tells the night. Merged with the worker's log they would count twice,
+so the merged view leaves the relayed copies out; `--source supervisor` shows
+supervisor.jsonl as it is (the copies are then the only ones), and `--relayed` shows them
+everywhere. What the supervisor decided about an attempt is its own events (`worker_exited`,
+`recovery_decision`, `state_changed`), always shown.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from supervisor.morning.runlogs import (
     LogLine,
     Problems,
     Tail,
+    is_relayed,
     key,
     merged,
     parse_time,
@@ -80,6 +91,7 @@ class Filter:
     events: tuple[str, ...] = ()
     attempt: int | None = None
     source: str | None = None
+    relayed: bool = False  # show the supervisor's copies of worker events beside the originals
 
     def event_matches(self, event: str) -> bool:
         if not self.events:
@@ -94,6 +106,8 @@ class Filter:
 
     def accepts(self, line: LogLine, attempt: int | None) -> bool:
         level = LEVELS.index(line.level) if line.level in LEVELS else 1
+        if is_relayed(line) and not self.relayed and self.source != "supervisor":
+            return False  # the worker's own line of the event is in the view
         return (level >= self.min_level
                 and (math.isnan(line.time) or line.time >= self.since)
                 and (self.source is None or line.source == self.source)
@@ -208,6 +222,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attempt", type=int, metavar="N",
                         help="only worker attempt N and what the supervisor did meanwhile")
     parser.add_argument("--source", choices=SOURCES, help="only one process's lines")
+    parser.add_argument("--relayed", action="store_true",
+                        help="also show the supervisor's copies of worker events "
+                             "(checkpoint_saved, worker_stopping: marked relayed_from)")
     parser.add_argument("-n", "--lines", type=int, metavar="N",
                         help="only the last N matching lines (then follow, with -f)")
     parser.add_argument("-f", "--follow", action="store_true",
@@ -227,6 +244,7 @@ def main(args: argparse.Namespace) -> int:
         min_level=LEVELS.index(args.level),
         since=parse_since(args.since, time.time()) if args.since else -math.inf,
         events=tuple(args.event), attempt=args.attempt, source=args.source,
+        relayed=args.relayed,
     )
     out = sys.stdout
     color = args.color == "always" or (

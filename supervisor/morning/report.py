@@ -6,7 +6,9 @@
 
 The first line is the verdict (supervisor/verdict.py). Then: the commands to use the
 result, what each attempt did and how it ended and what the supervisor did about it, the
-failures in detail, and the numbers (time lost, throughput, memory, ETA accuracy, data).
+failures in detail, the planned ends (stops on request, planned restarts: not failures), and
+the numbers (attempts, time lost to failures, throughput, memory, ETA accuracy, data). A
+fault injected on purpose (`debug.inject`) is called injected wherever its ending appears.
 The facts come from supervisor/runfacts.py; a run trained with `overnight train` alone
 (no run.json) gets the same report without the supervisor's part. The picture needs
 matplotlib (`pip install 'mlx-overnight[report]'`); without it the report is text only.
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError
+from shared.faults import EMULATED_OUTPUT
+from shared.faults import describe as describe_fault
 from shared.run_record import Detection, State
 from supervisor.morning.facts import Attempt, RunFacts, RunState, Unclassified, Unsupervised
 from supervisor.morning.report_doc import (
@@ -132,6 +136,7 @@ def build(facts: RunFacts, png_name: str | None, note: str = "") -> list[Block]:
     blocks += _use_result(facts)
     blocks += _timeline(facts)
     blocks += _failures(facts)
+    blocks += _planned(facts)
     blocks += numbers(facts)
     blocks += [Heading("More", 2), Para(
         f"`overnight logs {shlex.quote(str(facts.run_dir))} --level warning` (what went "
@@ -195,7 +200,10 @@ def _short(text: str, n: int = DETAIL_CHARS) -> str:
 def _ended(a: Attempt) -> str:
     if a.outcome is Unclassified.RUNNING:
         return "running"
-    text = f"**{kind(a.outcome)}**" + (f": {_short(a.detail, 55)}" if a.detail else "")
+    text = f"**{kind(a.outcome)}**"
+    if a.injected_by:
+        text += f" (injected: `{a.injected_by}`)"
+    text += f": {_short(a.detail, 55)}" if a.detail else ""
     if a.detected_by not in (None, Detection.EXIT) and a.detection_latency_s is not None:
         text += f" (noticed after {duration(a.detection_latency_s)})"
     return text
@@ -233,18 +241,17 @@ def _timeline(facts: RunFacts) -> list[Block]:
 
 
 def _failures(facts: RunFacts) -> list[Block]:
-    pairs = restarts(facts.attempts)
-    last = facts.attempts[-1] if facts.attempts else None
-    failed_last = last is not None and last.failed and all(a is not last for a, _ in pairs)
-    items = [a for a, _ in pairs] + ([last] if failed_last and last else [])
+    """Every failure (run.json's failure count) and every other restart that was not
+    planned (an attempt a dead supervisor left behind), in order."""
+    unplanned = {a.number for a, _ in restarts(facts.attempts) if not a.planned}
+    items = [a for a in facts.attempts if a.failed or a.number in unplanned]
     if not items:
         return []
     blocks: list[Block] = [Heading("Failures in detail", 2)]
     for a in items:
-        detail = _short(a.detail, 240)
-        if detail and detail[-1] not in ".!?)":
-            detail += "."
-        text = f"**Attempt {a.number}: {kind(a.outcome)} at step {a.end_step}.** {detail}"
+        detail = _sentence(_short(a.detail, 240))
+        text = f"**Attempt {a.number}: {_what(a)} at step {a.end_step}.**{_injected(a)}"
+        text += f" {'What the supervisor saw: ' if a.injected_by else ''}{detail}"
         if a.detected_by:
             how = ("when the process exited" if a.detected_by is Detection.EXIT else
                    f"by {a.detected_by.value.replace('_', ' ')}")
@@ -254,19 +261,73 @@ def _failures(facts: RunFacts) -> list[Block]:
             text += f" Noticed {how}{after}."
         if a.bad_data:
             text += f" The failing batch's data: `{a.bad_data}`."
-        if a.action:
-            text += f" The supervisor chose **{a.action.value.replace('_', ' ')}**"
-            reason = a.action_reason
-            said = f"{a.outcome.value}: {a.detail}"  # the policy's reasons repeat the ending
-            if reason.startswith(said):
-                reason = reason[len(said):].lstrip("; ")
-            text += f": {_short(reason, 240)}." if reason else "."
+        text += _chose(a)
         blocks.append(Para(text))
         tail = interesting_output(a.stderr_tail)
         if tail:
-            blocks.append(Para(f"Last output (`{a.log or 'logs/worker-N.log'}`):"))
+            emulated = (" (the error is the injected fault's emulation)"
+                        if a.injected_by.partition("@")[0] in EMULATED_OUTPUT else "")
+            blocks.append(Para(f"Last output (`{a.log or 'logs/worker-N.log'}`){emulated}:"))
             blocks.append(Code("\n".join(_short(ln, 160) for ln in tail), lang=""))
     return blocks
+
+
+def _planned(facts: RunFacts) -> list[Block]:
+    """Attempts ended on purpose (facts.py PLANNED_ENDS): a stop on request, a planned
+    restart for memory. Not failures: not counted as one, nor in the time lost to them."""
+    items = facts.planned_ends
+    if not items:
+        return []
+    blocks: list[Block] = [Heading("Planned ends", 2), Para(
+        "Attempts ended on purpose: not failures, not in the time lost to failures.")]
+    following = {a.number: f for a, f in restarts(facts.attempts)}
+    for a in items:
+        text = (f"**Attempt {a.number}: {_what(a)} at step {a.end_step}.**{_injected(a)} "
+                f"{_sentence(_short(a.detail, 240))}{_chose(a)}")
+        after = following.get(a.number)
+        if after is not None:
+            text += f" Attempt {after.number} went on at {clock(after.started)}"
+            if after.resumed_from is not None:
+                text += f" from checkpoint {after.resumed_from}"
+            text += (f", {duration(after.downtime_s)} after it ended."
+                     if after.downtime_s is not None else ".")
+        elif a is facts.attempts[-1] and not facts.running:
+            text += " The run ended here; `overnight run` with its config resumes it."
+        blocks.append(Para(text))
+    return blocks
+
+
+def _what(a: Attempt) -> str:
+    return ("injected " if a.injected_by else "") + kind(a.outcome)
+
+
+def _sentence(text: str) -> str:
+    return text + "." if text and text[-1] not in ".!?)" else text
+
+
+def _injected(a: Attempt) -> str:
+    """Said of an ending caused by a fault injected on purpose (shared/faults.py)."""
+    fault = a.injected_by
+    if not fault:
+        return ""
+    return (f" Injected on purpose (`debug.inject` {fault}): it emulates "
+            f"{describe_fault(fault)}; not a real fault of this machine or of the training.")
+
+
+def _chose(a: Attempt) -> str:
+    """What the supervisor chose, without repeating the ending its reason starts with."""
+    if not a.action:
+        return ""
+    text = f" The supervisor chose **{a.action.value.replace('_', ' ')}**"
+    reason = a.action_reason
+    said = f"{a.outcome.value}: {a.detail}"  # the policy's reasons repeat the ending
+    if reason.startswith(said):
+        reason = reason[len(said):].lstrip("; ")
+    elif a.detail and reason.startswith(a.detail):  # a planned restart: the detail itself
+        reason = reason[len(a.detail):].lstrip("; ")
+    elif a.detail and reason.endswith(f" ({a.detail})"):  # "stopped on request (…)"
+        reason = reason[:-len(a.detail) - 3]
+    return text + (f": {_short(reason, 240)}." if reason else ".")
 
 
 _ROUTINE = re.compile(r"^\d{4}-\d\d-\d\dT\S+ \[(info|debug)\s*\]")

@@ -1,8 +1,10 @@
 """The morning report's numbers: what the night cost and how the run behaved.
 
-Time lost to failures (noticing, restarting, redoing steps), throughput and memory by
-attempt, how accurate the progress line's ETA was, data lines skipped, settings the
-supervisor changed, checkpoints kept. Computed from supervisor/morning/runfacts.py's facts;
+The attempts (how many, restarts, failures, planned ends: the counts run.json's totals
+hold), time lost to failures (noticing, restarting, redoing steps; planned ends are counted
+apart, never as lost to failures), throughput and memory by attempt, how accurate the
+progress line's ETA was, data lines skipped, settings the supervisor changed, checkpoints
+kept. Computed from supervisor/morning/runfacts.py's facts;
 the document around them is supervisor/morning/report.py.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+from collections import Counter
 from pathlib import Path
 
 from shared.datalines import describe_lines
@@ -18,18 +21,21 @@ from shared.exitcodes import FailureClass
 from shared.run_record import Detection
 from supervisor.morning.facts import RunFacts
 from supervisor.morning.report_doc import Block, Heading, Para, Table
-from supervisor.morning.verdict import clock, duration, restarts
+from supervisor.morning.verdict import clock, duration, kind, restarts
 
 MEMORY_GROWTH = 0.5  # as shared/progress.py: more than 50 % above the first steps
 ETA_POINTS = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def time_lost(facts: RunFacts) -> tuple[float, float, float, int]:
-    """(noticing, restarting, redoing steps, steps redone): seconds lost to failures."""
+def time_lost(facts: RunFacts, planned: bool = False) -> tuple[float, float, float, int]:
+    """(noticing, restarting, redoing steps, steps redone): seconds lost to the restarts
+    after failures (planned=True: after planned ends, facts.py PLANNED_ENDS, instead)."""
     by_attempt = facts.metrics_by_attempt()
     notice = restart = redo = 0.0
     redone = 0
     for a, following in restarts(facts.attempts):
+        if a.planned != planned:
+            continue
         if a.detection_latency_s and a.detected_by not in (None, Detection.EXIT):
             notice += a.detection_latency_s
         if following is None:
@@ -45,6 +51,15 @@ def time_lost(facts: RunFacts) -> tuple[float, float, float, int]:
             redo += sum(float(m.get("step_seconds") or 0.0) for m in lines
                         if isinstance(m.get("step"), int) and m["step"] > back)
     return notice, restart, redo, redone
+
+
+def _attempts(facts: RunFacts) -> str:
+    """"4 (3 restarts); 1 failure, 2 planned ends": run.json's totals, said once."""
+    n, failures, planned = len(facts.attempts), len(facts.failures), len(facts.planned_ends)
+    r = facts.restart_count
+    return (f"{n} ({r} restart{'s' if r != 1 else ''}); {failures} "
+            f"failure{'s' if failures != 1 else ''}, {planned} planned "
+            f"end{'s' if planned != 1 else ''}")
 
 
 def _per_attempt(facts: RunFacts) -> dict[int, dict[str, float]]:
@@ -142,16 +157,26 @@ def numbers(facts: RunFacts) -> list[Block]:
     wall = facts.wall_seconds
     train = sum(a.seconds or 0.0 for a in facts.attempts)
     rows.append(["wall time", f"{duration(wall)} (workers running {duration(train)})"])
+    rows.append(["attempts", _attempts(facts)])
     notice, restart, redo, redone = time_lost(facts)
     lost = notice + restart + redo
-    if restarts(facts.attempts):
+    if any(not a.planned for a, _ in restarts(facts.attempts)):
         share = f" ({100 * lost / wall:.0f}% of the wall time)" if wall else ""
         parts = [f"noticing {duration(notice)}" if notice else "",
                  f"restarting {duration(restart)}" if restart else "",
                  f"redoing {redone} steps" + (f" {duration(redo)}" if redo else "")
                  if redone else ""]
         rows.append(["time lost to failures", f"{duration(lost)}{share}: "
-                     + ", ".join(p for p in parts if p)])
+                     + (", ".join(p for p in parts if p) or "none")])
+    planned = facts.planned_ends
+    if planned:
+        _, p_restart, _, p_redone = time_lost(facts, planned=True)
+        kinds = Counter(kind(a.outcome) for a in planned)
+        text = ", ".join(f"{k} ×{c}" for k, c in kinds.most_common())
+        if p_restart or p_redone:
+            text += f"; {duration(p_restart)} restarting" + (
+                f", {p_redone} steps redone" if p_redone else "")
+        rows.append(["planned ends", text + " (not failures)"])
     per = _per_attempt(facts)
     keys = sorted(per)
     tok = [per[k]["tok_s"] for k in keys if not math.isnan(per[k]["tok_s"])]
@@ -172,8 +197,11 @@ def numbers(facts: RunFacts) -> list[Block]:
     rows.append(["memory", mem])
     if facts.evals:
         first, last = facts.evals[0], facts.evals[-1]
+        again = facts.eval_events - len(facts.evals)  # steps evaluated again after a restart
         rows.append(["validation", f"{first[1]:.3f} at step {first[0]} → {last[1]:.3f} at "
-                                   f"step {last[0]} ({len(facts.evals)} evaluations)"])
+                                   f"step {last[0]} ({len(facts.evals)} evaluations"
+                                   + (f", {again} repeated after restarts" if again > 0 else "")
+                                   + ")"])
     if facts.test is not None:
         loss, n = facts.test
         ppl = f"{math.exp(loss):.3f}" if loss < 700 else "inf"

@@ -29,6 +29,7 @@ from typing import Any
 
 from shared import run_record
 from shared.exitcodes import FailureClass
+from shared.faults import ENDS
 from shared.layout import RunDir
 from shared.run_record import Action, AttemptRecord, RunRecord, State
 from supervisor.morning.facts import (
@@ -54,10 +55,13 @@ QUIET_SECONDS = 300.0
 WORKER_EVENTS = frozenset({
     "worker_started", "worker_stopping", "resumed", "evaluated", "data_lines_skipped",
     "data_loaded", "data_seen", "progress", "run_complete", "config_resolved", "worker_crashed",
+    "fault_injected",
 })
 # worker/data.py's summary of a data file: data_loaded / data_lines_skipped at load, data_seen
 # as streaming reads the first epoch (the last one per file is what is known).
 DATA_EVENTS = frozenset({"data_lines_skipped", "data_loaded", "data_seen"})
+# Injected faults that end the worker without a stop message (shared/faults.py).
+ABORTING = frozenset({"crash", "oom", "gpu_watchdog", "checkpoint_crash"})
 
 
 def attempts_from_record(record: RunRecord) -> list[Attempt]:
@@ -82,6 +86,7 @@ def _attempt(a: AttemptRecord) -> Attempt:
         lr_scale=a.lr_scale, skip_steps=a.skip_steps, tokens_per_sec=a.tokens_per_sec_avg,
         peak_mlx_mb=a.peak_mlx_mb, peak_rss_mb=a.peak_rss_mb, stderr_tail=a.stderr_tail,
         log=a.log, bad_data=a.bad_data.lines if a.bad_data is not None else "",
+        injected=a.injected,
     )
 
 
@@ -97,6 +102,7 @@ class _Proc:
     resumed_from: int | None = None
     stopping: dict[str, Any] | None = None
     crashed: bool = False
+    injected: tuple[str, ...] = ()  # fault_injected events of this process
 
 
 def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
@@ -114,6 +120,10 @@ def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
             outcome, detail = _failure_class(s.get("reason")), str(s.get("detail") or "")
         elif last and not complete and now - p.last_seen < QUIET_SECONDS:
             outcome, detail = Unclassified.RUNNING, ""
+        elif aborted := _aborting_fault(p.injected):
+            # it said it would abort on purpose, and said nothing after: that is how it ended
+            outcome = ENDS[aborted.partition("@")[0]]
+            detail = f"aborted by the injected fault {aborted} (debug.inject)"
         else:
             outcome = FailureClass.CRASH if p.crashed else Unclassified.KILLED
             detail = ("uncaught exception (see the worker log)" if p.crashed else
@@ -130,9 +140,18 @@ def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
             outcome=outcome, detail=detail, detected_by=None,
             tokens_per_sec=toks / secs if secs > 0 else None,
             peak_mlx_mb=max(peaks) if peaks else None, peak_rss_mb=max(rss) if rss else None,
-            bad_data=str(s.get("data_lines") or ""),
+            bad_data=str(s.get("data_lines") or ""), injected=p.injected,
         ))
     return out
+
+
+def _aborting_fault(injected: tuple[str, ...]) -> str:
+    """The last injected fault that ends the process without a stop message (a crash, an
+    OOM, the GPU watchdog, a kill mid-checkpoint), or ""."""
+    for name in reversed(injected):
+        if name.partition("@")[0] in ABORTING:
+            return name
+    return ""
 
 
 def _failure_class(reason: Any) -> Outcome:
@@ -186,6 +205,7 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
     data_files: dict[str, dict[str, Any]] = {}
     config: dict[str, Any] = dict(record.config) if record else {}
     first_seen = last_seen = math.nan
+    eval_events = 0
     by_pid: dict[Any, _Proc] = {}
     if read_logs:
         for line in read_run_logs(run_dir, sources=("worker",)):
@@ -209,7 +229,10 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
                 proc.stopping = d
             elif ev == "worker_crashed" and proc is not None:
                 proc.crashed = True
+            elif ev == "fault_injected" and proc is not None and d.get("fault"):
+                proc.injected = (*proc.injected, str(d["fault"]))
             elif ev == "evaluated" and num(d.get("val_loss")) is not None:
+                eval_events += 1
                 evals[whole(d.get("step"))] = float(d["val_loss"])
                 if num(d.get("best_val_loss")) is not None:
                     best = (whole(d.get("best_step")), float(d["best_val_loss"]))
@@ -264,7 +287,7 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
         data_skipped={k: v for k, v in skipped.items() if v}, data_files=data_files,
         checkpoints=_checkpoint_steps(run),
         quarantined=record.quarantined if record else (),
-        complete=complete, unreadable_lines=bad,
+        complete=complete, unreadable_lines=bad, eval_events=eval_events,
     )
 
 

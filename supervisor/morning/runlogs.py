@@ -25,6 +25,12 @@ from shared.layout import RunDir
 from shared.tail import tail_lines
 
 SOURCES = ("supervisor", "worker")
+# Worker events the supervisor also writes to its own log when their telemetry arrives
+# (supervisor/daemon/runner.py), so that supervisor.jsonl alone tells the night. They are
+# marked `relayed_from: "worker"` (logs written before that mark: these names, unmarked; the
+# supervisor never writes them on its own account). One event, two lines: a merged view shows
+# the worker's own line only (`is_relayed`).
+RELAYED_EVENTS = frozenset({"checkpoint_saved", "worker_stopping"})
 
 @dataclass(frozen=True)
 class LogLine:
@@ -42,6 +48,12 @@ class LogLine:
     @property
     def level(self) -> str:
         return str(self.data.get("level", "info")).lower()
+
+
+def is_relayed(line: LogLine) -> bool:
+    """A supervisor line that repeats a worker's event (see RELAYED_EVENTS)."""
+    return line.source == "supervisor" and (
+        line.data.get("relayed_from") == "worker" or line.event in RELAYED_EVENTS)
 
 
 @dataclass

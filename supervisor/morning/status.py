@@ -22,6 +22,7 @@ from shared.protocol import ControlReply, ControlRequest, decode
 from shared.run_record import RunRecord
 from shared.runlock import Role, is_locked, read, read_holder
 from supervisor.daemon.control import RunStatus, decode_status
+from supervisor.morning.runfacts import attempts_from_record
 from supervisor.morning.runlogs import resolve_run_dir
 from supervisor.morning.verdict import progress_line, verdict
 
@@ -83,20 +84,23 @@ def main_status(args: argparse.Namespace) -> int:
         pass
     found = run_record.load_with_json(run.record)  # RecordError: one line naming the field
     record, stored = found if found is not None else (None, {})
+    gone = supervisor_gone(run, record) if live is None else None  # never "training" then
     if args.json:  # the live reply, or run.json as the supervisor wrote it
         data = live.to_dict() if live is not None else stored
-        print(json.dumps({"live": live is not None, **data}, indent=2, sort_keys=True))
+        print(json.dumps({"live": live is not None, **data,
+                          **({"supervisor_gone": True} if gone else {})},
+                         indent=2, sort_keys=True))
         return 0
     # The report's verdict first; then the supervisor's view (when there is one) and, while
     # it trains, the worker's own progress line.
-    print(verdict(run.root, record, live))
+    print(gone or verdict(run.root, record, live))
     if live is not None:
         print(format_live(live))
         if line := progress_line(run.root, live.total_steps, live.latest_checkpoint,
                                  live.best_checkpoint):
             print(line)
     elif record is not None:
-        print(format_record(record))
+        print(format_record(record, gone=gone is not None))
     else:
         print(f"(no run.json: trained with `overnight train` alone) {run.root}")
     return 0
@@ -135,21 +139,45 @@ def format_live(s: RunStatus) -> str:
         f"phase {s.phase.value if s.phase else None}  heartbeat {s.last_heartbeat_s} s ago  "
         f"{s.tokens_per_sec or '-'} tok/s  rss {s.rss_mb or '-'} MB",
     ]
+    lines.append(f"attempts {s.attempts} ({max(0, s.attempts - 1)} restarts)  "
+                 f"failures {s.failures}")
     if s.restart_in_s is not None:
         lines.append(f"restart  in {s.restart_in_s} s")
     return "\n".join(lines + _checkpoints_and_settings(s))
 
 
-def format_record(r: RunRecord) -> str:
-    """A few readable lines from a stored run record (no supervisor running)."""
+def supervisor_gone(run: RunDir, record: RunRecord | None) -> str | None:
+    """The line for a record left under way (not final) with no live supervisor holding the
+    run's lock (it was killed, or the machine restarted); None otherwise."""
+    if record is None or record.state.is_final:
+        return None
+    holder = read(run.lock)
+    if is_locked(run.lock) and (holder is None or (
+            holder.alive and holder.role is Role.SUPERVISOR)):
+        return None  # alive, only slow to answer
+    s, why = record.supervisor, f" ({record.reason})" if record.reason else ""
+    return (f"not running: last recorded state {record.state.value}{why}, supervisor gone "
+            f"(pid {s.pid} on {s.host}, last update {record.updated or '?'})")
+
+
+def format_record(r: RunRecord, gone: bool = False) -> str:
+    """A few readable lines from a stored run record (no supervisor running; `gone`: the
+    record says under way, but no supervisor runs it)."""
+    state = f"{r.state.value} (last recorded; the supervisor is gone)" if gone else r.state.value
     lines = [
         f"run      {r.run_id}  [from run.json (no supervisor running)]",
-        f"state    {r.state.value}" + (f"  ({r.reason})" if r.reason else ""),
+        f"state    {state}" + (f"  ({r.reason})" if r.reason else ""),
         f"step     {r.final_step} / {r.total_steps}",
-        f"attempts {r.totals.attempts}  failures {r.totals.failures}  "
+        f"attempts {r.totals.attempts} ({r.totals.restarts} restarts)  failures "
+        f"{r.totals.failures}  planned ends {len(planned_ends(r))}  "
         f"rollbacks {r.totals.rollbacks}",
     ]
     return "\n".join(lines + _checkpoints_and_settings(r))
+
+
+def planned_ends(r: RunRecord) -> list[int]:
+    """The attempts of the record that ended on purpose (supervisor/morning/facts.py)."""
+    return [a.number for a in attempts_from_record(r) if a.planned]
 
 
 def _checkpoints_and_settings(s: RunStatus | RunRecord) -> list[str]:
@@ -158,7 +186,7 @@ def _checkpoints_and_settings(s: RunStatus | RunRecord) -> list[str]:
         lines.append(f"latest   step {s.latest_checkpoint.step}  {s.latest_checkpoint.path}")
     if s.best_checkpoint is not None:
         best = s.best_checkpoint
-        lines.append(f"best     step {best.step}  val_loss {best.val_loss:.4g}  {best.path}")
+        lines.append(f"best     step {best.step}  val_loss {best.val_loss:.3f}  {best.path}")
     if s.overrides:
         lines.append(f"settings {json.dumps(s.overrides, sort_keys=True)}")
     return lines

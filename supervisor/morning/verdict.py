@@ -3,16 +3,29 @@
     finished 2000/2000 steps in 7h42m; 2 restarts (OOM at 812 → micro-batch 8→4; hang at
     1530); best val 1.840 at step 1750
 
+    early-stopped at step 80/200 after 31s (validation loss stopped improving); 3 restarts:
+    1 after a failure (injected crash at 18), 2 planned (memory restart at 41; stop on request
+    at 41); best val 1.874 at step 80
+
+Restarts are the attempts after the first (run.json's totals.restarts); when some of them
+followed a planned end (supervisor/morning/facts.py PLANNED_ENDS: a stop on request, a
+planned restart for memory) they are counted apart from those after a failure. "best" is
+always the lowest validation loss and its step (the worker's, as run.json's best_checkpoint
+and COMPLETE hold it); a fault injected on purpose (debug.inject) is called "injected".
+
 API for `overnight status` (supervisor/morning/status.py):
 
     verdict(run_dir, record: RunRecord | None, live: RunStatus | None = None) -> str
-        One line from the run record, with a live status reply's state and step laid over
-        it; reads no logs when there is a record. record=None: derived from the run
-        directory's logs (a run trained with `overnight train` alone).
+        One line from the run record, with a live status reply's state, step, checkpoints
+        and best laid over it (the reply is newer: run.json is rewritten at most every 2 s
+        while only the step or the best changes); reads no logs when there is a record.
+        record=None: derived from the run directory's logs (a run trained with
+        `overnight train` alone).
     progress_line(run_dir, total_steps, latest, best) -> str | None
         The worker's familiar progress line (`Training: 45% | step 900/2000 | loss=...`)
         rebuilt from the tail of logs/metrics.jsonl; the live status supplies total_steps and
-        the checkpoints. None before the first step.
+        the checkpoints; the best it shows is `best` (the live one) when given. None before
+        the first step.
 """
 
 from __future__ import annotations
@@ -34,7 +47,7 @@ from supervisor.morning.runlogs import tail_jsonl
 KIND: dict[Outcome, str] = {
     F.CRASH: "crash", F.OOM: "OOM", F.GPU_WATCHDOG: "GPU watchdog", F.HANG: "hang",
     F.STALL: "stall", F.NON_FINITE: "NaN loss", F.GRAD_SPIKE: "gradient spike",
-    F.PLANNED_RESTART: "memory restart", F.GRACEFUL_STOP: "stop",
+    F.PLANNED_RESTART: "memory restart", F.GRACEFUL_STOP: "stop on request",
     Unclassified.KILLED: "killed", Unclassified.ABANDONED: "supervisor restart",
     F.BAD_CONFIG: "bad config or data",
 }
@@ -76,8 +89,9 @@ def kind(outcome: Outcome) -> str:
 
 
 def failure_note(a: Attempt, following: Attempt | None) -> str:
-    """`OOM at 812 → micro-batch 8→4`, `NaN loss at 512 → rolled back to 500, lr ×0.5`."""
-    text = f"{kind(a.outcome)} at {a.end_step}"
+    """`OOM at 812 → micro-batch 8→4`, `NaN loss at 512 → rolled back to 500, lr ×0.5`,
+    `injected crash at 70` (a fault injected on purpose)."""
+    text = ("injected " if a.injected_by else "") + f"{kind(a.outcome)} at {a.end_step}"
     changes = []
     for key, pair in (a.settings_changed or {}).items():
         if key == "lr_scale" or not isinstance(pair, list) or len(pair) != 2:
@@ -107,6 +121,13 @@ def restarts(attempts: list[Attempt]) -> list[tuple[Attempt, Attempt | None]]:
     return out
 
 
+def _notes(pairs: list[tuple[Attempt, Attempt | None]]) -> str:
+    if len(pairs) <= MAX_LISTED:
+        return "; ".join(failure_note(a, f) for a, f in pairs)
+    kinds = Counter(("injected " if a.injected_by else "") + kind(a.outcome) for a, _ in pairs)
+    return ", ".join(f"{k} ×{c}" for k, c in kinds.most_common())
+
+
 def _restart_text(facts: RunFacts) -> str:
     pairs = restarts(facts.attempts)
     if not pairs:
@@ -114,10 +135,16 @@ def _restart_text(facts: RunFacts) -> str:
     by_hand = "" if facts.supervised else " by hand"
     n = len(pairs)
     head = f"{n} restart{'s' if n != 1 else ''}{by_hand}"
-    if n <= MAX_LISTED:
-        return f"{head} ({'; '.join(failure_note(a, f) for a, f in pairs)})"
-    kinds = Counter(kind(a.outcome) for a, _ in pairs)
-    return f"{head} ({', '.join(f'{k} ×{c}' for k, c in kinds.most_common())})"
+    planned = [(a, f) for a, f in pairs if a.planned]
+    if not planned:
+        return f"{head} ({_notes(pairs)})"
+    parts = []
+    unplanned = [(a, f) for a, f in pairs if not a.planned]
+    if unplanned:
+        after = "a failure" if len(unplanned) == 1 else "failures"
+        parts.append(f"{len(unplanned)} after {after} ({_notes(unplanned)})")
+    parts.append(f"{len(planned)} planned ({_notes(planned)})")
+    return f"{head}: " + ", ".join(parts)
 
 
 def _best_text(facts: RunFacts) -> str:
@@ -169,6 +196,10 @@ def verdict(run_dir: Path, record: RunRecord | None, live: RunStatus | None = No
     run_dir = Path(run_dir)
     if record is not None and live is not None:
         changes: dict[str, object] = {"state": live.state}
+        if live.best_checkpoint is not None:
+            changes["best_checkpoint"] = live.best_checkpoint
+        if live.latest_checkpoint is not None:
+            changes["latest_checkpoint"] = live.latest_checkpoint
         if live.reason:
             changes["reason"] = live.reason
         if live.total_steps:
@@ -200,7 +231,7 @@ def progress_line(run_dir: Path, total_steps: int | None = None,
     evals = [e for e in events if e.get("event") == "evaluated"]
     if evals:
         prog.val, prog.best_val = evals[-1].get("val_loss"), evals[-1].get("best_val_loss")
-    elif best is not None:
+    if best is not None:  # the supervisor's (status: the live one, as its other lines)
         prog.best_val = best.val_loss
     saved = [e.get("step") for e in events if e.get("event") == "checkpoint_saved"]
     if latest is not None:
