@@ -25,6 +25,7 @@ from benchmarks.throughput import Workload, run_ours
 def _trainer_state(step: int, config: dict[str, Any]) -> Any:
     """The shape and size of what Trainer.trainer_state writes (50-step histories)."""
     from shared import trainer_state as ts
+    from shared.config_identity import config_hash
 
     return ts.decode({
         "step": step, "total_steps": 2000, "data_position": step, "groups_per_epoch": 500,
@@ -33,7 +34,7 @@ def _trainer_state(step: int, config: dict[str, Any]) -> Any:
         "grad_spike": {"history": [1.0] * 100, "consecutive": 0, "first_bad_step": -1},
         "best": {"val_loss": 2.0, "step": step}, "last_val_loss": 2.0, "val_examples": 100,
         "batch": {"batch_size": 4, "grad_accumulation_steps": 1, "effective": 4},
-        "config_hash": "0" * 16, "config": config, "lr_scale": 1.0, "lr": 1e-4,
+        "config_hash": config_hash(config), "config": config, "lr_scale": 1.0, "lr": 1e-4,
         "loss_history": [2.0] * 50, "step_seconds": [1.0] * 50, "step_tokens": [400] * 50,
         "tokens_total": 400 * step, "train_seconds": float(step), "reason": "periodic",
         "run_id": "bench", "attempt": 1, "time": time.time(),
@@ -62,9 +63,12 @@ def in_process(model_dir: Path, num_layers: int, rank: int, work: Path, reps: in
     grads = tree_map(lambda p: mx.full(p.shape, 1e-3, p.dtype), model.trainable_parameters())
     opt.update(model, grads)  # non-zero moments, as after a real step
     mx.eval(model.parameters(), opt.state)
-    config = resolve({"model": str(model_dir), "data": "data"}).to_dict()
+    lora = {"rank": rank, "scale": 20.0, "dropout": 0.0}
+    # what the validator checks the adapters against (shared/checkpoint_tensors.py)
+    config = resolve({"model": str(model_dir), "data": "data", "num_layers": num_layers,
+                      "lora_parameters": lora}).to_dict()
     adapter_config = {"fine_tune_type": "lora", "num_layers": num_layers,
-                      "lora_parameters": {"rank": rank, "scale": 20.0, "dropout": 0.0}}
+                      "lora_parameters": lora}
     shutil.rmtree(work, ignore_errors=True)
     writers = {mode: CheckpointWriter(work / mode, keep_last=3, async_save=mode == "async")
                for mode in ("sync", "async")}
