@@ -18,6 +18,10 @@ import pytest
 from tests.chaos.campaign import Campaign, Options, run_campaign
 from tests.chaos.kinds import KINDS
 
+# Not in the default run yet (issue 12 is open): in the full suite it broke the tests that
+# follow it and its setup took ~10 minutes on a loaded machine. Run it with `pytest -m chaos`.
+pytestmark = pytest.mark.chaos
+
 QUICK_FAULTS = 28
 SEED = 12
 
