@@ -9,17 +9,29 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shlex
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tests.chaos import table
-from tests.chaos.campaign import Options, run_campaign
-from tests.chaos.kinds import KINDS, parse_kinds
+if TYPE_CHECKING:
+    from tests.chaos.campaign import Options
+
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything starts a thread (numpy's BLAS pool does, at import): a thread that
+    # does not block them would take the default action and end the campaign uncleanly.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    from tests.chaos import table
+    from tests.chaos.campaign import Options, run_campaign
+    from tests.chaos.kinds import KINDS, parse_kinds
+
     parser = argparse.ArgumentParser(
         prog="python -m tests.chaos",
         description="Supervised runs of a tiny model under randomly chosen, randomly timed "
@@ -62,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = Options(faults=args.faults, seed=args.seed, kinds=kinds, out=args.out,
                    jobs=args.jobs, iters=args.iters, workdir=args.workdir, command=command,
                    only_runs=args.only_run, check_reference=not args.no_reference_check)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops it as Ctrl-C does
+    _watch_signals(opts)
     try:
         campaign = run_campaign(opts)
     except KeyboardInterrupt:
@@ -76,8 +88,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(row.ok for row in campaign.table if row.injected) else 1
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _watch_signals(opts: Options) -> None:
+    """Ctrl-C or `kill PID` stops the campaign cleanly (the runs stop, their processes and
+    mounts are cleaned up, --out keeps what was done) and the log names who sent it: the
+    signals are blocked in every thread (`main` blocks them first; tests/chaos/launch.py
+    clears the mask for the supervisors) and taken by one thread with sigwaitinfo, which sees
+    the sender's pid."""
+    import psutil
+
+    def wait() -> None:
+        info = signal.sigwaitinfo(STOP_SIGNALS)
+        sender = f"pid {info.si_pid}"
+        with contextlib.suppress(psutil.Error):
+            sender += f" ({' '.join(psutil.Process(info.si_pid).cmdline())[:300]})"
+        print(f"{time.strftime('%H:%M:%S')} received {signal.Signals(info.si_signo).name} "
+              f"from {sender}", file=sys.stderr, flush=True)
+        opts.stop.set()
+
+    threading.Thread(target=wait, name="signals", daemon=True).start()
 
 
 if __name__ == "__main__":

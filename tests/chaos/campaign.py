@@ -53,6 +53,7 @@ class Options:
     command: str = ""  # how the campaign was started (for the record)
     check_reference: bool = True  # a second uninterrupted run must equal the first
     only_runs: list[int] | None = None  # run only these runs of the plan (to reproduce one)
+    stop: threading.Event = field(default_factory=threading.Event)  # set: stop now, cleanly
     log: Callable[[str], None] = field(default=lambda line: print(line, flush=True))
 
 
@@ -133,9 +134,12 @@ def run_campaign(opts: Options) -> Campaign:
                       reference=workdir / "reference-1" / "run" / "adapters" /
                       "adapters.safetensors",
                       env=subprocess_env(), iters=opts.iters,
-                      stop_timeout=float(SUPERVISOR["stop_timeout"]), log=opts.log)
+                      stop_timeout=float(SUPERVISOR["stop_timeout"]), log=opts.log,
+                      stop=opts.stop)
     t_ref = time.monotonic()
     first = Driver(RunPlan(0), ref_setup, name="reference-1").execute()
+    if opts.stop.is_set():
+        raise KeyboardInterrupt
     campaign.reference_seconds = round(time.monotonic() - t_ref, 2)
     if not first.finished:
         raise RuntimeError(f"the uninterrupted reference run did not finish: {first.unexpected}"
@@ -166,6 +170,8 @@ def run_campaign(opts: Options) -> Campaign:
     pool = ThreadPoolExecutor(max_workers=max(1, opts.jobs))
     try:
         list(pool.map(one, plans))
+        if opts.stop.is_set():
+            raise KeyboardInterrupt
         missed = [f.kind for run in campaign.runs for f in run.faults
                   if not f.fired and f.skipped.startswith(MISSED)]
         if missed:
@@ -175,6 +181,8 @@ def run_campaign(opts: Options) -> Campaign:
                 first_id=max(f.id for p in plans for f in p.faults) + 1)
             opts.log(f"{len(missed)} faults missed their moment: {len(makeup)} make-up runs")
             list(pool.map(one, makeup))
+        if opts.stop.is_set():
+            raise KeyboardInterrupt
     except BaseException:
         # Ctrl-C (or an error): the running drivers stop and clean up (their processes, a
         # tmpfs), nothing new starts, and the file keeps what was done (complete: false)

@@ -30,7 +30,7 @@ class Kind:
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind("worker_kill", "SIGKILL the worker at a random moment of training", "crash"),
-    Kind("kill_mid_checkpoint", "SIGKILL the worker 0-4 ms after its checkpoint temp dir "
+    Kind("kill_mid_checkpoint", "SIGKILL the worker 0-2 ms after its checkpoint temp dir "
          "appears (inotify)", "crash"),
     Kind("checkpoint_crash", "worker SIGKILLs itself after the data files, before the "
          "manifest (checkpoint_crash@N)", "crash", inject="checkpoint_crash"),

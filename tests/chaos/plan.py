@@ -165,7 +165,9 @@ def _place(group: list[str], iters: int, save_every: int,
     placed.sort(key=lambda kv: kv[1])
     for kind in loading:
         # after a fault that makes the supervisor start a worker, or first (attempt 1)
-        spots = [0] + [i + 1 for i, (k, _) in enumerate(placed) if KINDS[k].restarts]
+        # (not after a start race: it watches the new worker for 2 s, past its loading)
+        spots = [0] + [i + 1 for i, (k, _) in enumerate(placed)
+                       if KINDS[k].restarts and k != "start_race"]
         at = rng.choice(spots)
         placed.insert(at, (kind, placed[at - 1][1] if at else 0))
     return placed
