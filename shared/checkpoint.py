@@ -35,7 +35,6 @@ worker started by hand validates fully itself.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import time
@@ -43,7 +42,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import checkpoint_tensors, trainer_state
+from shared import checkpoint_tensors, strictjson, trainer_state
 from shared.errors import CheckpointError
 from shared.fsutil import fsync_dir, fsync_file, write_json_synced
 from shared.layout import CHECKPOINT_PREFIX
@@ -199,11 +198,11 @@ def _validate(path: Path, deep: bool, trusted: str | None) -> tuple[TrainerState
     if trusted is not None and trusted == sha:
         deep = False
     try:
-        manifest = json.loads(raw)
+        manifest = strictjson.loads(raw)
         files = manifest["files"]
         if not isinstance(files, dict):
             raise TypeError
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError):  # strictjson: any bad bytes are a ValueError
         raise CheckpointError(f"{path.name}: {MANIFEST} is not a valid manifest") from None
     for name in REQUIRED_FILES:
         if name not in files:
@@ -246,8 +245,8 @@ def _check_agreement(path: Path, state: TrainerState) -> None:
         raise CheckpointError(f"{path.name}/{ADAPTERS}: contains no tensors")
     optimizer, _ = read_header(path / OPTIMIZER)
     try:
-        adapter_config = json.loads((path / ADAPTER_CONFIG).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        adapter_config = strictjson.loads((path / ADAPTER_CONFIG).read_bytes())
+    except ValueError:
         raise CheckpointError(f"{path.name}/{ADAPTER_CONFIG}: not valid JSON") from None
     if not isinstance(adapter_config, dict):
         raise CheckpointError(f"{path.name}/{ADAPTER_CONFIG}: expected a JSON object, got "

@@ -18,12 +18,12 @@ this format (a bare time) are still read, by their file name, with no process id
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import strictjson
 from shared.exitcodes import FailureClass
 from shared.fsutil import atomic_write_bytes
 from shared.strictjson import dumps
@@ -133,7 +133,7 @@ def _read(path: Path) -> Injected | None:
         return None
     data: Any = None
     with contextlib.suppress(ValueError):
-        data = json.loads(text)
+        data = strictjson.loads(text)
     if isinstance(data, dict):
         pid, attempt, t = data.get("pid"), data.get("attempt"), data.get("time")
         return Injected(path.name, kind, int(step), pid if isinstance(pid, int) else None,

@@ -135,3 +135,39 @@ def test_status_never_shows_a_dead_run_as_training_and_the_next_supervisor_recon
     assert rec["supervisor"]["starts"] == 2 and rec["supervisor"]["boot_id"] == boot_id()
     assert time.monotonic() - t0 < 90
     assert overnight("status", str(run_dir)).stdout.startswith("finished 300/300 steps")
+
+
+def test_the_abandoned_attempt_ends_at_the_last_step_its_worker_logged(tmp_path):
+    """run.json said step 30 when the supervisor was killed; the worker went on to step 47
+    (logs/metrics.jsonl) before it ended: the attempt is closed at 47, 47 steps gained."""
+    run = left_training(tmp_path, boot=boot_id(), worker_pid=4343)
+    log_lines(run.metrics_log,
+              *({"attempt": 1, "step": s, "loss": 2.0} for s in range(31, 48)),
+              {"attempt": 2, "step": 99, "loss": 2.0})  # not this attempt's
+    log_lines(run.worker_log, {"event": "worker_stopping", "pid": 4343, "reason": "crash",
+                               "exit_code": 1, "step": 40})
+    keeper = next_supervisor(run)
+    reconcile(keeper, run)
+    a = keeper.record.attempts[0]
+    assert (a.end_step, a.steps_gained) == (47, 47)
+    assert record(tmp_path)["attempts"][0]["end_step"] == 47
+
+
+def test_a_worker_stopping_step_past_the_metrics_counts(tmp_path):
+    run = left_training(tmp_path, boot=boot_id(), worker_pid=4343)
+    log_lines(run.worker_log, {"event": "worker_stopping", "pid": 4343, "reason": "crash",
+                               "exit_code": 1, "step": 36})
+    keeper = next_supervisor(run)
+    reconcile(keeper, run)
+    assert keeper.record.attempts[0].end_step == 36
+
+
+def test_a_hostile_log_line_does_not_stop_the_next_supervisor(tmp_path):
+    run = left_training(tmp_path, boot=boot_id(), worker_pid=4343)
+    run.worker_log.parent.mkdir(parents=True, exist_ok=True)
+    run.worker_log.write_text("[" * 60000 + "\n" + '{"event": "worker_stopping", "pid": 4343, '
+                              '"reason": "crash", "exit_code": 1, "step": 33}\n')
+    keeper = next_supervisor(run)
+    found = reconcile(keeper, run)
+    assert found is not None and "its worker then ended: crash (exit code 1) at step 33" \
+        in found.reason

@@ -23,6 +23,7 @@ import zmq
 from shared import protocol as p
 from shared.errors import ProtocolError, RunDirError
 from shared.layout import RunDir
+from shared.runlock import Role, RunLock
 from supervisor.daemon import sockets
 from supervisor.daemon.control import ControlServer
 from tests.conftest import subprocess_env
@@ -162,6 +163,32 @@ def test_the_supervisor_refuses_a_planted_socket_directory_with_one_line(tmp_pat
                          f"remove it)")
     assert not (deep.root / "logs" / "worker-1.log").exists()  # no worker was started
     assert stat.S_IMODE(os.lstat(deep.sockets).st_mode) == 0o777  # and nothing was bound
+
+
+def test_status_refuses_to_talk_through_a_planted_socket_directory(deep: RunDir) -> None:
+    """Another user pre-creates the fallback directory (here: mode 0777), binds a control
+    socket in it and answers `status` with a forged "all is well": the client refuses to
+    connect, with one line naming the directory, and the impostor hears nothing."""
+    deep.create()
+    deep.sockets.mkdir(mode=0o700)
+    deep.sockets.chmod(0o777)
+    impostor = zmq.Context.instance().socket(zmq.REP)
+    impostor.bind(deep.control_endpoint)
+    lock = RunLock(deep.lock, Role.SUPERVISOR)
+    lock.acquire()  # a live supervisor holds the run (as far as the client can tell)
+    try:
+        done = subprocess.run([sys.executable, "-m", "shared.cli", "status", str(deep.root)],
+                              capture_output=True, text=True, timeout=60, cwd=ROOT,
+                              env=subprocess_env())
+        heard = impostor.poll(200, zmq.POLLIN)
+    finally:
+        lock.release()
+        impostor.close(linger=0)
+    assert done.returncode == 78, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"overnight status: {deep.sockets}: refusing to talk to the supervisor through this "
+        f"socket directory: its mode is 0777, expected 0700 (chmod 700 it, or remove it)"]
+    assert not heard
 
 
 # ---- the code: no pickle, eval or exec --------------------------------------------------

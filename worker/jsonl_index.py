@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from shared import strictjson
 from shared.config import Config
 from shared.datalines import describe_lines
 from shared.errors import DataError
@@ -169,9 +169,9 @@ def scan(path: Path, c: Config) -> JsonlIndex:
                 report.blank += 1
                 continue
             try:
-                record = json.loads(raw)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                report.note(line_no, f"invalid JSON ({e.msg if hasattr(e, 'msg') else e})")
+                record = strictjson.loads(raw)
+            except ValueError as e:  # strictjson: bad bytes, bad JSON, too deep, too long
+                report.note(line_no, f"invalid JSON ({getattr(e, 'msg', e)})")
                 continue
             problem = _check_record(record, fmt, c)
             if problem is not None:
@@ -216,7 +216,7 @@ class LazyRecords(Sequence):
 
     def __getitem__(self, i: int) -> Any:  # type: ignore[override]
         self._f.seek(int(self.index.offsets[i]))
-        return json.loads(self._f.readline())
+        return strictjson.loads(self._f.readline())
 
     def close(self) -> None:
         self._f.close()

@@ -10,6 +10,8 @@ orphaned worker) it closes that attempt as `abandoned`, with the reason it can f
   failure (`supervisor_failed` in logs/supervisor.jsonl, with the exception), or else
   "supervisor died (no record of how ...)" — SIGKILL and the OOM killer leave none (a
   supervisor on another host, a run directory on a shared file system, is only named);
+- the last step the attempt reached (logs/metrics.jsonl, its `worker_stopping`), so its
+  end_step and steps_gained are not what run.json said long before;
 - the worker's end, when its events say (logs/worker.jsonl: its `worker_stopping` or
   `worker_crashed`, found by its pid), else the last line of its output
   (logs/worker-N.log), or that this supervisor found it still running and stopped it.
@@ -20,15 +22,16 @@ The run's state becomes `starting` with that reason, so neither run.json nor
 
 from __future__ import annotations
 
-import json
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared import strictjson
 from shared.layout import RunDir
 from shared.run_record import Action, AttemptRecord, State, SupervisorInfo
 from shared.tail import tail_lines
+from supervisor.daemon.ending import last_logged_step
 from supervisor.daemon.record import RecordKeeper, boot_id
 
 LOG_TAIL_BYTES = 512_000
@@ -57,8 +60,10 @@ def reconcile(keeper: RecordKeeper, run: RunDir, stopped_orphans: frozenset[int]
     if open_attempt is not None:
         worker = worker_end(open_attempt, run, stopped_orphans)
         reason = f"{why}; attempt {open_attempt.attempt} (worker pid {open_attempt.pid}): {worker}"
+        end_step = reached(open_attempt, run)
         keeper.end_attempt(classification=None, action=Action.ABANDONED, action_reason=reason,
-                           detail=worker)
+                           detail=worker, end_step=end_step,
+                           steps_gained=max(0, end_step - open_attempt.start_step))
     else:
         reason = f"{why} while {state.value}"
     keeper.set_state(State.STARTING, f"previous supervisor (pid {prev.pid}): {reason}")
@@ -99,13 +104,26 @@ def worker_end(attempt: AttemptRecord, run: RunDir, stopped: frozenset[int]) -> 
     return "its worker's end is not recorded" + (f" (last output: {last})" if last else "")
 
 
+def reached(attempt: AttemptRecord, run: RunDir) -> int:
+    """The last step the open attempt reached (steps): the highest of what run.json last
+    said, the attempt's last line in logs/metrics.jsonl and its worker's `worker_stopping`
+    event — a supervisor killed mid-attempt wrote run.json long before its worker's end."""
+    steps = [attempt.end_step, last_logged_step(run.metrics_log, attempt.attempt)]
+    for event in _events(run.worker_log):
+        step = event.get("step")
+        if (event.get("pid") == attempt.pid and event.get("event") == "worker_stopping"
+                and isinstance(step, int) and not isinstance(step, bool)):
+            steps.append(step)
+    return max(steps)
+
+
 def _events(path: Path) -> list[dict[str, Any]]:
     """The JSON events in the tail of a log file (cut or torn lines skipped)."""
     out = []
     for raw in tail_lines(path, LOG_TAIL_BYTES):
         try:
-            event = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            event = strictjson.loads(raw)
+        except ValueError:  # torn, cut, or hostile: strictjson never raises anything else
             continue
         if isinstance(event, dict):
             out.append(event)

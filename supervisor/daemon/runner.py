@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared import strictjson
 from shared.checkpoint import CheckpointInfo, list_checkpoints, quarantine, validate
 from shared.config import Config
 from shared.exitcodes import FailureClass
@@ -293,7 +293,7 @@ class AttemptRunner:
         r = self.record.record
         done: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):  # unreadable: what run.json knows
-            loaded = json.loads(self.run.complete_marker.read_text())
+            loaded = strictjson.loads(self.run.complete_marker.read_bytes())
             done = loaded if isinstance(loaded, dict) else {}
         self._refresh_checkpoints()
         step, total = done.get("step"), done.get("total_steps")

@@ -19,7 +19,6 @@ The facts' types are supervisor/morning/facts.py.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from shared import run_record
+from shared import run_record, strictjson
 from shared.exitcodes import FailureClass
 from shared.faults import ENDS
 from shared.layout import RunDir
@@ -164,7 +163,7 @@ def _failure_class(reason: Any) -> Outcome:
 
 def _load_complete(run: RunDir) -> dict[str, Any] | None:
     with contextlib.suppress(OSError, ValueError):
-        data = json.loads(run.complete_marker.read_text())
+        data = strictjson.loads(run.complete_marker.read_bytes())
         return data if isinstance(data, dict) else {}
     return {} if run.complete_marker.exists() else None
 

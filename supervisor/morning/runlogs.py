@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import heapq
-import json
 import math
 import os
 import sys
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from shared import strictjson
 from shared.errors import ConfigError
 from shared.layout import RunDir
 from shared.tail import tail_lines
@@ -95,12 +95,12 @@ def parse_line(text: str) -> dict[str, Any] | None:
     if not text:
         return None
     with contextlib.suppress(ValueError):
-        obj = json.loads(text)
+        obj = strictjson.loads(text)
         return obj if isinstance(obj, dict) else None
     start = text.find('{"', 1)
     while start != -1:
         with contextlib.suppress(ValueError):
-            obj = json.loads(text[start:])
+            obj = strictjson.loads(text[start:])
             if isinstance(obj, dict):
                 return obj
         start = text.find('{"', start + 1)

@@ -16,8 +16,8 @@ from pathlib import Path
 import zmq
 
 from shared import run_record
-from shared.errors import OvernightError, ProtocolError
-from shared.layout import RunDir
+from shared.errors import OvernightError, ProtocolError, RunDirError
+from shared.layout import RunDir, unsafe_directory
 from shared.protocol import ControlReply, ControlRequest, decode
 from shared.run_record import RunRecord
 from shared.runlock import Role, is_locked, read, read_holder
@@ -52,12 +52,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:  # the registry's fa
 
 
 def request(run: RunDir, command: str, timeout: float = TIMEOUT) -> ControlReply:
-    """One request/reply on the control socket; NoSupervisor if nobody answers in time."""
+    """One request/reply on the control socket; NoSupervisor if nobody answers in time,
+    RunDirError (one line) if the socket directory is not this user's alone (mode 0700)."""
     path = Path(run.control_endpoint.removeprefix("ipc://"))
     holder = read(run.lock)
     if not path.exists() or not is_locked(run.lock) or (
             holder is not None and holder.role is Role.WORKER):  # `overnight train` alone
         raise NoSupervisor(f"{run.root}: no supervisor is running")
+    # The supervisor made the socket directory private (RunDir.create_socket_dir); one that is
+    # not (a planted fallback under /tmp) may hold another user's socket answering with lies.
+    problem = unsafe_directory(run.sockets)
+    if problem is not None:
+        raise RunDirError(f"{run.sockets}: refusing to talk to the supervisor through this "
+                          f"socket directory: {problem}")
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
