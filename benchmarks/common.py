@@ -45,6 +45,7 @@ def child_env(openblas: bool, **extra: str) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     if openblas and openblas_available():
         env["LD_PRELOAD"] = str(OPENBLAS)
+    env["OVERNIGHT_BLAS_CHOSEN"] = "1"  # shared/blas.py: `train` keeps the BLAS chosen here
     env.update(extra)
     return env
 

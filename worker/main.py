@@ -23,8 +23,8 @@ from typing import Any
 
 import structlog
 
+from shared import blas, logsetup, runlock
 from shared import config as cfg
-from shared import logsetup, runlock
 from shared.errors import ConfigError
 from shared.layout import RunDir
 from shared.overrides import parse_set
@@ -204,6 +204,7 @@ def demo_setup(base: Path) -> tuple[Path, Path]:
 
 def main(args: argparse.Namespace) -> int:
     if args.demo:
+        blas.reexec_with_preload("auto")  # before the demo's files are made
         base = Path(tempfile.mkdtemp(prefix="overnight-demo-"))
         args.config, demo_run = demo_setup(base)
         args.run_dir = args.run_dir or demo_run
@@ -211,6 +212,9 @@ def main(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError("train: a CONFIG.yaml is required (or --demo)")
     config = cfg.load(args.config, overrides_from(args))
+    # Alone, the same BLAS as under the supervisor (shared/blas.py): a run started by one
+    # command and resumed by the other must not change its numbers.
+    blas.reexec_with_preload(config.supervisor.openblas)
     run = RunDir((args.run_dir or Path("runs") / args.config.stem).resolve())
     run.create()  # RunDirError: one line naming the path
     # One writer per run directory: the supervisor's lock handed down to its worker, or our

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from shared import mlx_lm_keys, openfile_limit
+from shared import blas, mlx_lm_keys, openfile_limit
 from shared import protocol as p
 from shared.checkpoint import clean_leftovers
 from shared.config import Config
@@ -86,6 +86,7 @@ class Session:
             attempt=self.args.attempt,
             run_dir=str(self.run_dir.root),
             telemetry=self.args.telemetry,
+            blas=blas.loaded(),  # one BLAS per run (shared/blas.py)
         )
         try:
             outcome = self._run()

@@ -56,7 +56,8 @@ from typing import IO, Any, Protocol
 
 import psutil
 
-OPENBLAS = Path("/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0")
+from shared import blas
+
 PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "OVERNIGHT_PARENT_PID"
 ORPHAN_GRACE_ENV = "OVERNIGHT_ORPHAN_GRACE"
@@ -202,24 +203,21 @@ class PopenSpawner:
 
 
 def worker_env(base: dict[str, str], openblas: str, log: Any) -> dict[str, str]:
-    """The worker's environment: ours, plus the parent pid, plus (maybe) the OpenBLAS preload."""
-    env = dict(base)
+    """The worker's environment: ours, plus the parent pid, plus (maybe) the OpenBLAS preload
+    (shared/blas.py: the same choice `overnight train` makes for itself)."""
+    env, done = blas.preload_env(base, openblas)
     env[PARENT_PID_ENV] = str(os.getpid())
     env.setdefault("PYTHONUNBUFFERED", "1")
-    if not sys.platform.startswith("linux"):
-        return env
-    if openblas == "false":
+    if done == "preloaded":
+        log.info("openblas_preload", library=str(blas.OPENBLAS), setting=openblas)
+    elif done == "disabled":
         log.info("openblas_preload_skipped", reason="supervisor.openblas is false")
-    elif OPENBLAS.exists():
-        preload = env.get("LD_PRELOAD", "")
-        if str(OPENBLAS) not in preload.split(":"):
-            env["LD_PRELOAD"] = f"{OPENBLAS}:{preload}" if preload else str(OPENBLAS)
-        log.info("openblas_preload", library=str(OPENBLAS), setting=openblas)
-    elif openblas == "true":
-        log.warning("openblas_missing", library=str(OPENBLAS),
+    elif done == "missing" and openblas == "true":
+        log.warning("openblas_missing", library=str(blas.OPENBLAS),
                     hint="apt-get install libopenblas0-pthread")
-    else:
-        log.info("openblas_preload_skipped", reason="library not found", library=str(OPENBLAS))
+    elif done == "missing":
+        log.info("openblas_preload_skipped", reason="library not found",
+                 library=str(blas.OPENBLAS))
     return env
 
 
