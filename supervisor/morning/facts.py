@@ -26,10 +26,13 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shared.exitcodes import NORMAL_ENDS, FailureClass
 from shared.faults import ended_by
 from shared.layout import RunDir
 from shared.run_record import Action, Detection, Quarantined, RunRecord, State
+from supervisor.morning.metrics_table import MetricsTable
 
 
 class Unclassified(str, Enum):
@@ -126,7 +129,7 @@ class RunFacts:
     attempts: list[Attempt]
     config: dict[str, Any]
     record: RunRecord | None = None
-    metrics: list[dict[str, Any]] = field(default_factory=list)  # in file order
+    metrics: MetricsTable = field(default_factory=MetricsTable)  # columns, in file order
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss) by step
     best: tuple[int, float] | None = None  # (step, val_loss)
     progress: list[dict[str, Any]] = field(default_factory=list)  # worker "progress" events
@@ -180,19 +183,21 @@ class RunFacts:
     def layout(self) -> RunDir:
         return RunDir(self.run_dir)
 
-    def metrics_by_attempt(self) -> dict[int, list[dict[str, Any]]]:
-        """Attempt number -> its metrics lines: by their `attempt` field under a supervisor;
-        by start time otherwise (`overnight train` numbers every process attempt 1)."""
-        out: dict[int, list[dict[str, Any]]] = {}
-        starts = [a.started for a in self.attempts]
-        for m in self.metrics:
-            if self.supervised:
-                key = whole(m.get("attempt"))
-            else:
-                t = num(m.get("time"), 0.0) or 0.0
-                key = max(1, sum(1 for s in starts if not math.isnan(s) and s <= t))
-            out.setdefault(key, []).append(m)
-        return out
+    def metrics_by_attempt(self) -> dict[int, MetricsTable]:
+        """Attempt number -> its metrics lines (in file order): by their `attempt` field under
+        a supervisor; by start time otherwise (`overnight train` numbers every process
+        attempt 1)."""
+        m = self.metrics
+        if not m:
+            return {}
+        if self.supervised:
+            keys = m.attempts
+        else:
+            starts = np.array(sorted(a.started for a in self.attempts
+                                     if not math.isnan(a.started)), np.float64)
+            times = np.nan_to_num(m.col("time"), nan=0.0)
+            keys = np.maximum(1, np.searchsorted(starts, times, side="right"))
+        return {int(k): m.take(keys == k) for k in np.unique(keys)}
 
 
 def num(v: Any, default: float | None = None) -> float | None:

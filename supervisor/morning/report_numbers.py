@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from shared.datalines import describe_lines
 from shared.exitcodes import FailureClass
@@ -47,10 +48,18 @@ def time_lost(facts: RunFacts, planned: bool = False) -> tuple[float, float, flo
         back = following.resumed_from or 0
         if back < a.end_step:
             redone += a.end_step - back
-            lines = by_attempt.get(a.number, [])
-            redo += sum(float(m.get("step_seconds") or 0.0) for m in lines
-                        if isinstance(m.get("step"), int) and m["step"] > back)
+            lines = by_attempt.get(a.number)
+            if lines is not None:
+                secs = np.nan_to_num(lines.col("step_seconds"), nan=0.0)
+                redo += float(secs[lines.steps > back].sum())
     return notice, restart, redo, redone
+
+
+def last_time(facts: RunFacts) -> float | None:
+    """The newest metrics line's time (Unix seconds), None when no line has one."""
+    times = facts.metrics.col("time")
+    times = times[np.isfinite(times)]
+    return float(times.max()) if len(times) else None
 
 
 def _attempts(facts: RunFacts) -> str:
@@ -66,16 +75,17 @@ def _per_attempt(facts: RunFacts) -> dict[int, dict[str, float]]:
     """tokens/s, s/step, memory growth of each attempt, from metrics.jsonl."""
     out = {}
     for key, ms in facts.metrics_by_attempt().items():
-        secs = sum(float(m.get("step_seconds") or 0.0) for m in ms)
-        toks = sum(int(m.get("tokens") or 0) for m in ms)
-        active = [float(m["active_mb"]) for m in ms if isinstance(m.get("active_mb"),
-                                                                    (int, float))]
-        base = statistics.median(active[:5]) if active else 0.0
+        secs = float(np.nan_to_num(ms.col("step_seconds"), nan=0.0).sum())
+        toks = float(np.nan_to_num(ms.col("tokens"), nan=0.0).sum())
+        active = ms.col("active_mb")
+        active = active[np.isfinite(active)]
+        base = float(np.median(active[:5])) if len(active) else 0.0
         out[key] = {"tok_s": toks / secs if secs else math.nan,
                     "s_step": secs / len(ms) if ms else math.nan,
-                    "growth": (max(active[-5:]) / base - 1) if active and base > 0 else 0.0,
-                    "peak": max((float(m.get("peak_mb") or 0) for m in ms), default=0.0),
-                    "rss": max((float(m.get("rss_mb") or 0) for m in ms), default=0.0)}
+                    "growth": (float(active[-5:].max()) / base - 1) if len(active) and base > 0
+                    else 0.0,
+                    "peak": float(np.nan_to_num(ms.col("peak_mb"), nan=0.0).max(initial=0.0)),
+                    "rss": float(np.nan_to_num(ms.col("rss_mb"), nan=0.0).max(initial=0.0))}
     return out
 
 
@@ -129,8 +139,9 @@ def eta_accuracy(facts: RunFacts) -> list[list[str]]:
     """At 10/25/50/75/90 % of the steps: what the ETA said, and when it actually finished."""
     if not facts.finished or not facts.progress or not facts.total_steps:
         return []
-    times = [m["time"] for m in facts.metrics if isinstance(m.get("time"), (int, float))]
-    actual = max(times) if times else facts.ended
+    actual = last_time(facts)
+    if actual is None:
+        actual = facts.ended
     if actual is None:
         return []
     rows = []
@@ -231,7 +242,7 @@ def numbers(facts: RunFacts) -> list[Block]:
     if eta:
         blocks += [Heading("ETA accuracy", 3),
                    Para("What the progress line's ETA predicted, against the actual end "
-                        f"({clock(max(m['time'] for m in facts.metrics))}); it does not "
+                        f"({clock(last_time(facts) or 0.0)}); it does not "
                         "foresee failures."),
                    Table(["at", "ETA said", "actual end"], eta, "lrl")]
     return blocks

@@ -7,6 +7,10 @@
         redone after a restart, a gap is downtime).
     Memory vs step: MLX active and peak memory and the process RSS (a slow leak shows here).
 
+A series longer than MAX_POINTS (a night of 1M steps) is drawn thinned (`thin`): the raw
+loss as the range of each bucket of steps, memory as each bucket's maximum, the rest at
+each bucket's last point; every step still counts in the smoothing and the limits.
+
 `plot(facts, path)` raises ImportError when matplotlib is missing; the caller says so and
 writes a text-only report.
 """
@@ -17,6 +21,9 @@ import math
 import textwrap
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
+import numpy.typing as npt
 
 from shared.exitcodes import FailureClass as F
 from shared.run_record import Action, State
@@ -35,6 +42,7 @@ ENDED_EARLY: dict[RunState, str] = {
 TRAIN, VAL, BEST = "#1f77b4", "#ff7f0e", "#2ca02c"
 WIDTH_IN, HEIGHT_IN, DPI = 12.0, 8.0, 100
 TITLE_CHARS = 125  # characters of the verdict per title line at this width
+MAX_POINTS = 4000  # points per series: more than the ~1100 pixels of a panel add nothing
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -48,14 +56,29 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def effective_steps(metrics: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """step -> the metrics line that counts (the last one written for that step)."""
-    out: dict[int, dict[str, Any]] = {}
-    for m in metrics:
-        step = m.get("step")
-        if isinstance(step, int):
-            out[step] = m
-    return dict(sorted(out.items()))
+def thin(xs: npt.NDArray[Any], ys: npt.NDArray[np.float64], how: str = "last",
+         points: int = MAX_POINTS) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64],
+                                            npt.NDArray[np.float64]]:
+    """At most `points` of a series (n,) for drawing: unchanged (with ys twice) when short;
+    else consecutive buckets of ~n/points values, each drawn at its last x with
+    (low, high) = its (min, max) when how="range", its (max, max) when how="max" (memory:
+    peaks must show), its (last, last) when how="last". Returns (x, low, high), each (m,)."""
+    n = len(xs)
+    if n <= points:
+        return xs, ys, ys
+    edges = np.linspace(0, n, points + 1).astype(np.int64)
+    starts, ends = edges[:-1], edges[1:] - 1
+    if how == "last":
+        return xs[ends], ys[ends], ys[ends]
+    high = np.maximum.reduceat(ys, starts)
+    low = np.minimum.reduceat(ys, starts) if how == "range" else high
+    return xs[ends], low, high
+
+
+def _finite_pairs(xs: npt.NDArray[Any], ys: npt.NDArray[np.float64]
+                  ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
+    keep = np.isfinite(ys) & np.isfinite(xs.astype(np.float64))
+    return xs[keep], ys[keep]
 
 
 def _finite(x: Any) -> bool:
@@ -83,25 +106,36 @@ def plot(facts: RunFacts, target: Path | BinaryIO) -> None:
 def _loss_panel(ax: Any, facts: RunFacts) -> None:
     import matplotlib.transforms as mtransforms
 
-    eff = effective_steps(facts.metrics)
-    steps = [s for s, m in eff.items() if _finite(m.get("loss"))]
-    losses = [float(eff[s]["loss"]) for s in steps]
+    m = facts.metrics
+    eff = m.effective()
+    steps, losses = _finite_pairs(m.steps[eff], m.col("loss")[eff])
     top: list[float] = []
-    if steps:
+    if len(steps):
         window = max(5, min(200, len(steps) // 30))
-        smoothed = smooth(losses, window)
-        ax.plot(steps, losses, color=TRAIN, alpha=0.25, linewidth=0.8,
-                label="training loss (each step)")
-        ax.plot(steps, smoothed, color=TRAIN, linewidth=2.2,
+        smoothed = np.array(smooth(losses.tolist(), window))
+        x, lo, hi = thin(steps, losses, "range")
+        if len(x) < len(steps):  # a long night: each step cannot be a point of its own
+            ax.fill_between(x, lo, hi, color=TRAIN, alpha=0.25, linewidth=0,
+                            label=f"training loss (range of every {len(steps) // len(x)} "
+                            "steps)")
+        else:
+            ax.plot(steps, losses, color=TRAIN, alpha=0.25, linewidth=0.8,
+                    label="training loss (each step)")
+        xs, ys, _ = thin(steps, smoothed)
+        ax.plot(xs, ys, color=TRAIN, linewidth=2.2,
                 label=f"training loss (smoothed, ~{window} steps)")
-        top += [max(smoothed), sorted(losses)[int(0.98 * (len(losses) - 1))]]
-    discarded = [(m["step"], m["loss"]) for m in facts.metrics
-                 if isinstance(m.get("step"), int) and _finite(m.get("loss"))
-                 and eff.get(m["step"], {}).get("loss") != m["loss"]]
-    if discarded:
-        xs, ys = zip(*discarded, strict=True)
-        ax.scatter(xs, ys, s=6, color="#999999", zorder=2,
-                   label="superseded (redone after a restart)")
+        k = int(0.98 * (len(losses) - 1))
+        top += [float(smoothed.max()), float(np.partition(losses, k)[k])]
+    # lines a later attempt wrote again for the same step, with another loss
+    all_steps, all_losses = m.steps, m.col("loss")
+    if len(steps):
+        pos = np.clip(np.searchsorted(m.steps[eff], all_steps), 0, len(eff) - 1)
+        counted = all_losses[eff][pos]
+        gone = (all_steps >= 0) & np.isfinite(all_losses) & (all_losses != counted)
+        if gone.any():
+            xs, ys, _ = thin(all_steps[gone], all_losses[gone])
+            ax.scatter(xs, ys, s=6, color="#999999", zorder=2,
+                       label="superseded (redone after a restart)")
     if facts.evals:
         vs, vl = zip(*facts.evals, strict=True)
         ax.plot(vs, vl, color=VAL, marker="o", markersize=4, linewidth=1.8,
@@ -120,10 +154,11 @@ def _loss_panel(ax: Any, facts: RunFacts) -> None:
                 rotation=90, va="center", ha="left", fontsize=9, color="#555555")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    total = facts.total_steps or (max(steps) if steps else 1)
+    total = facts.total_steps or (int(steps.max()) if len(steps) else 1)
     ax.set_xlim(0, total * 1.01)
     if top:
-        low = min([*losses, *(v for _, v in facts.evals)]) if steps else 0.0
+        lows: list[float] = [float(losses.min()), *(v for _, v in facts.evals)]
+        low = min(lows) if len(steps) else 0.0
         ax.set_ylim(max(0.0, low - 0.05 * (max(top) - low)), max(top) * 1.05)
     ax.set_title(f"Loss — {facts.run_id}", loc="left", fontsize=11)
     ax.grid(alpha=0.3)
@@ -152,19 +187,21 @@ def _restart_marks(ax: Any, facts: RunFacts) -> None:
 
 
 def _progress_panel(ax: Any, facts: RunFacts) -> None:
-    times = [m["time"] for m in facts.metrics if _finite(m.get("time"))]
-    if not times:
+    all_times = facts.metrics.col("time")
+    all_times = all_times[np.isfinite(all_times)]
+    if not len(all_times):
         _empty(ax, "steps over time: no steps recorded")
         return
-    t0 = facts.started if _finite(facts.started) else min(times)
-    span = max(times) - t0
+    t0 = facts.started if _finite(facts.started) else float(all_times.min())
+    span = float(all_times.max()) - t0
     unit, div = ("hours", 3600.0) if span > 3 * 3600 else (
         ("minutes", 60.0) if span > 180 else ("seconds", 1.0))
-    by_attempt = {
-        n: [((m["time"] - t0) / div, m["step"]) for m in ms
-            if _finite(m.get("time")) and isinstance(m.get("step"), int)]
-        for n, ms in sorted(facts.metrics_by_attempt().items())
-    }
+    by_attempt: dict[int, list[tuple[float, int]]] = {}
+    for n, ms in sorted(facts.metrics_by_attempt().items()):
+        times, steps = ms.col("time"), ms.steps
+        keep = np.isfinite(times) & (steps >= 0)
+        tx, ty, _ = thin((times[keep] - t0) / div, steps[keep].astype(np.float64))
+        by_attempt[n] = list(zip(tx.tolist(), ty.astype(np.int64).tolist(), strict=True))
     previous_end: tuple[float, int] | None = None
     for n, pts in enumerate(p for p in by_attempt.values() if p):
         xs, ys = zip(*pts, strict=True)
@@ -192,16 +229,18 @@ def _progress_panel(ax: Any, facts: RunFacts) -> None:
 
 
 def _memory_panel(ax: Any, facts: RunFacts) -> None:
-    eff = effective_steps(facts.metrics)
+    m = facts.metrics
+    eff = m.effective()
     series = (("active_mb", "MLX active", "-"), ("peak_mb", "MLX peak", "--"),
               ("rss_mb", "process RSS", ":"))
     highest, lowest = 0.0, math.inf
     for key, label, style in series:
-        pts = [(s, float(m[key])) for s, m in eff.items() if _finite(m.get(key))]
-        if pts:
-            xs, ys = zip(*pts, strict=True)
+        steps, values = _finite_pairs(m.steps[eff], m.col(key)[eff])
+        if len(steps):
+            xs, _, ys = thin(steps, values, "max")
             ax.plot(xs, ys, linestyle=style, linewidth=1.6, label=label)
-            highest, lowest = max(highest, max(ys)), min(lowest, max(min(ys), 1e-3))
+            highest = max(highest, float(ys.max()))
+            lowest = min(lowest, max(float(values.min()), 1e-3))
     if highest == 0.0:
         _empty(ax, "memory: no samples recorded")
         return

@@ -26,11 +26,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from shared import run_record, strictjson
 from shared.exitcodes import FailureClass
 from shared.faults import ENDS
 from shared.layout import RunDir
 from shared.run_record import Action, AttemptRecord, RunRecord, State
+from supervisor.morning import metrics_table
 from supervisor.morning.facts import (
     Attempt,
     Outcome,
@@ -41,7 +45,8 @@ from supervisor.morning.facts import (
     num,
     whole,
 )
-from supervisor.morning.runlogs import parse_time, read_jsonl, read_run_logs
+from supervisor.morning.metrics_table import MetricsTable
+from supervisor.morning.runlogs import parse_time, read_run_logs
 
 
 class _Read(Enum):
@@ -104,15 +109,17 @@ class _Proc:
     injected: tuple[str, ...] = ()  # fault_injected events of this process
 
 
-def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
+def attempts_from_logs(procs: list[_Proc], metrics: MetricsTable,
                        now: float, complete: bool) -> list[Attempt]:
     out = []
+    times = np.nan_to_num(metrics.col("time"), nan=0.0)
     for i, p in enumerate(procs):
         until = procs[i + 1].started if i + 1 < len(procs) else math.inf
-        mine = [m for m in metrics if p.started <= num(m.get("time"), 0.0) < until]  # type: ignore[operator]
-        steps = [whole(m.get("step")) for m in mine]
+        mine = metrics.take((times >= p.started) & (times < until))
+        steps = mine.steps
         s = p.stopping or {}
-        end_step = max([*steps, whole(s.get("step")), p.start_step])
+        end_step = max(int(steps.max()) if len(steps) else 0, whole(s.get("step")),
+                       p.start_step)
         last = i + 1 == len(procs)
         outcome: Outcome
         if s:
@@ -127,21 +134,28 @@ def attempts_from_logs(procs: list[_Proc], metrics: list[dict[str, Any]],
             outcome = FailureClass.CRASH if p.crashed else Unclassified.KILLED
             detail = ("uncaught exception (see the worker log)" if p.crashed else
                       "ended without a stop message: killed, aborted or out of memory")
-        secs = sum(num(m.get("step_seconds"), 0.0) or 0.0 for m in mine)
-        toks = sum(whole(m.get("tokens")) for m in mine)
-        peaks = [num(m.get("peak_mb"), 0.0) or 0.0 for m in mine]
-        rss = [num(m.get("rss_mb"), 0.0) or 0.0 for m in mine]
-        times = [num(m.get("time"), 0.0) or 0.0 for m in mine]
+        secs = _total(mine.col("step_seconds"))
+        toks = _total(mine.col("tokens"))
+        last_time = _total(mine.col("time"), np.max) if mine else p.last_seen
+        peak = _total(mine.col("peak_mb"), np.max) if mine else None
+        rss = _total(mine.col("rss_mb"), np.max) if mine else None
         out.append(Attempt(
             number=i + 1, pid=p.pid, started=p.started,
-            ended=None if outcome is Unclassified.RUNNING else max([p.last_seen, *times]),
+            ended=None if outcome is Unclassified.RUNNING else max(p.last_seen, last_time),
             start_step=p.start_step, end_step=end_step, resumed_from=p.resumed_from,
             outcome=outcome, detail=detail, detected_by=None,
             tokens_per_sec=toks / secs if secs > 0 else None,
-            peak_mlx_mb=max(peaks) if peaks else None, peak_rss_mb=max(rss) if rss else None,
+            peak_mlx_mb=peak, peak_rss_mb=rss,
             bad_data=str(s.get("data_lines") or ""), injected=p.injected,
         ))
     return out
+
+
+def _total(values: npt.NDArray[np.float64], how: Any = np.sum) -> float:
+    """`how` (sum, max) over the finite values, missing or NaN counting as 0 — as the
+    dict-based code read `num(m.get(key), 0.0) or 0.0`; 0.0 for none."""
+    return float(how(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0))) \
+        if len(values) else 0.0
 
 
 def _aborting_fault(injected: tuple[str, ...]) -> str:
@@ -194,7 +208,8 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
         record = run_record.load(run.record)
     complete = _load_complete(run)
     read_logs = not (light and record is not None)
-    metrics, bad = ([], 0) if not read_logs else read_jsonl(run.metrics_log)
+    metrics = metrics_table.read(run.metrics_log) if read_logs else MetricsTable()
+    bad = metrics.unreadable
 
     procs: list[_Proc] = []
     evals: dict[int, float] = {}
@@ -272,8 +287,8 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
         if ended is not None and math.isnan(ended):
             ended = None
         total = whole((complete or {}).get("total_steps")) or whole(config.get("iters"))
-        steps = [whole(m.get("step")) for m in metrics] + [a.end_step for a in attempts]
-        final = max([*steps, whole((complete or {}).get("step"))])
+        final = max([int(metrics.steps.max()) if metrics else 0,
+                     *(a.end_step for a in attempts), whole((complete or {}).get("step"))])
         run_id = _run_id(run, metrics)
     if complete and num(complete.get("best_val_loss")) is not None and best is None:
         best = (whole(complete.get("best_step")), float(complete["best_val_loss"]))
@@ -290,11 +305,9 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
     )
 
 
-def _run_id(run: RunDir, metrics: list[dict[str, Any]]) -> str:
+def _run_id(run: RunDir, metrics: MetricsTable) -> str:
     with contextlib.suppress(OSError):
         text = (run.root / "run_id").read_text().strip()
         if text:
             return text
-    if metrics and metrics[-1].get("run_id"):
-        return str(metrics[-1]["run_id"])
-    return run.root.name
+    return metrics.run_id or run.root.name

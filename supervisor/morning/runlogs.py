@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import orjson
+
 from shared import strictjson
 from shared.errors import ConfigError
 from shared.layout import RunDir
@@ -94,7 +96,10 @@ def parse_line(text: str) -> dict[str, Any] | None:
     text = text.strip()
     if not text:
         return None
-    with contextlib.suppress(ValueError):
+    with contextlib.suppress(orjson.JSONDecodeError):  # the fast path (~3x): most lines
+        obj = orjson.loads(text)
+        return obj if isinstance(obj, dict) else None
+    with contextlib.suppress(ValueError):  # NaN tokens of an old file; bounded nesting
         obj = strictjson.loads(text)
         return obj if isinstance(obj, dict) else None
     start = text.find('{"', 1)
@@ -237,26 +242,6 @@ def read_run_logs(run_dir: Path, sources: Iterable[str] = SOURCES,
     finally:
         for t in ts:
             t.close()
-
-
-def read_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The JSON objects of a .jsonl file and the number of unreadable lines (not an error)."""
-    out: list[dict[str, Any]] = []
-    bad = 0
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                text = raw.decode("utf-8", "replace")
-                if not text.strip():
-                    continue
-                obj = parse_line(text)
-                if obj is None:
-                    bad += 1
-                else:
-                    out.append(obj)
-    except OSError:
-        pass
-    return out, bad
 
 
 def tail_jsonl(path: Path, max_bytes: int = 512_000) -> list[dict[str, Any]]:
