@@ -46,7 +46,11 @@ DISK_FULL_PATTERN = re.compile(
     r"\[Errno 28\]|No space left on device|Disk quota exceeded|\[write\] Unable to write")
 # mlx_lm's import raising the hard open-file limit it may not (shared/openfile_limit.py).
 SYSTEM_LIMIT_PATTERN = re.compile(r"not allowed to raise maximum limit")
-GPU_WATCHDOG_PATTERN = re.compile(r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity")
+# The watchdogs that end long GPU work: "Impacting Interactivity" (the window server starved)
+# and the classic GPU timeout ("Caused GPU Timeout Error", kIOGPUCommandBufferCallbackErrorTimeout).
+GPU_WATCHDOG_PATTERN = re.compile(r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity"
+                                  r"|kIOGPUCommandBufferCallbackErrorTimeout"
+                                  r"|Caused GPU Timeout Error")
 COMMAND_BUFFER_PATTERN = re.compile(r"command buffer|kIOGPUCommandBufferCallbackError", re.I)
 
 # A file system with less free space than this (or than a checkpoint needs) is full.

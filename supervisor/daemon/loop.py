@@ -256,7 +256,8 @@ class Supervisor:
             elif now >= self.next_sample:
                 self.next_sample = now + self.opts.sample_interval
                 view = attempt.view
-                s = memory.sample(view.pid, time.time(), view.step, view.active_mb)
+                s = memory.sample(view.pid, time.time(), view.step, view.active_mb,
+                                  view.cache_mb, view.footprint_mb)
                 reason = attempt.add_sample(s) if s is not None else None
                 if reason is not None:
                     attempt.notice("memory", reason, 0.0)
