@@ -30,6 +30,7 @@ from typing import Any
 
 RUSAGE_INFO_V2 = 2
 MB = 2**20
+SYSTEM: str = sys.platform  # a variable: mypy would call the macOS branch unreachable
 
 
 class RusageInfoV2(ctypes.Structure):
@@ -47,7 +48,7 @@ class RusageInfoV2(ctypes.Structure):
 
 @lru_cache(maxsize=1)
 def _libproc() -> Any:
-    if sys.platform != "darwin":
+    if SYSTEM != "darwin":
         return None
     path = ctypes.util.find_library("proc") or "/usr/lib/libSystem.B.dylib"
     try:
