@@ -18,10 +18,12 @@ is not that: run.json and the logs wait in memory, shared/logsetup.py, record.py
 it cannot read at all, a run dir it cannot create, a locked one, or a hard open-file limit
 below the 4096 mlx_lm needs (shared/openfile_limit.py), exits 78 (EX_CONFIG) before anything
 starts:
-use `RestartPreventExitStatus=78` (systemd). Stopping takes up to `stop_timeout` (default
-120 s) while the worker saves: give the service manager `TimeoutStopSec` (systemd) /
-`ExitTimeOut` (launchd) of at least stop_timeout + 60 s (what `overnight install` writes), or
-a checkpoint is cut in half.
+use `RestartPreventExitStatus=78` (systemd). Under a service manager (`overnight install`
+sets OVERNIGHT_SERVICE_MANAGER) such a refusal is recorded and exits 0 instead: launchd
+relaunches any non-zero exit (supervisor/daemon/service_exit.py). Stopping takes up to
+`stop_timeout` (default 120 s) while the worker saves: give the service manager
+`TimeoutStopSec` (systemd) / `ExitTimeOut` (launchd) of at least stop_timeout + 60 s (what
+`overnight install` writes), or a checkpoint is cut in half.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from shared.errors import OvernightError, RunDirError, RunDirLocked, SystemLimit
 from shared.fsutil import describe_space
 from shared.layout import RunDir, never_world_writable
 from shared.runlock import Role, RunLock
-from supervisor.daemon import gpu_watchdog, sdnotify, sockets, spawn
+from supervisor.daemon import gpu_watchdog, sdnotify, service_exit, sockets, spawn
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.loop import Supervisor
 from supervisor.daemon.platform_readings import Platform
@@ -74,6 +76,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the supervisor; under a service manager a refusal to start is recorded and exits
+    0 (supervisor/daemon/service_exit.py: launchd would relaunch it in a loop)."""
+    try:
+        return _main(args)
+    except OvernightError as e:
+        manager = service_exit.under_service_manager()
+        if not manager:
+            raise
+        config_path = args.config.resolve()
+        run_dir = (args.run_dir or Path("runs") / config_path.stem).resolve()
+        return service_exit.refused(run_dir, e, manager)
+
+
+def _main(args: argparse.Namespace) -> int:
     config_path = args.config.resolve()
     config = config_mod.load(config_path)  # ConfigError: one line, exit 78, nothing started
     limit = openfile_limit.problem()  # every worker would die importing mlx_lm: refuse now
