@@ -31,6 +31,7 @@ from shared.errors import ConfigError
 from shared.faults import EMULATED_OUTPUT
 from shared.faults import describe as describe_fault
 from shared.run_record import Detection, State
+from supervisor.morning import machine
 from supervisor.morning.facts import Attempt, RunFacts, RunState, Unclassified, Unsupervised
 from supervisor.morning.report_doc import (
     Block,
@@ -137,6 +138,7 @@ def build(facts: RunFacts, png_name: str | None, note: str = "") -> list[Block]:
     blocks += _timeline(facts)
     blocks += _failures(facts)
     blocks += _planned(facts)
+    blocks += machine.section(facts)  # restarts, battery pauses, heat, recycles
     blocks += numbers(facts)
     blocks += [Heading("More", 2), Para(
         f"`overnight logs {shlex.quote(str(facts.run_dir))} --level warning` (what went "

@@ -49,7 +49,8 @@ KIND: dict[Outcome, str] = {
     F.STALL: "stall", F.NON_FINITE: "NaN loss", F.GRAD_SPIKE: "gradient spike",
     F.PLANNED_RESTART: "memory restart", F.GRACEFUL_STOP: "stop on request",
     Unclassified.KILLED: "killed", Unclassified.ABANDONED: "supervisor restart",
-    F.BAD_CONFIG: "bad config or data",
+    F.BAD_CONFIG: "bad config or data", F.METAL_RESOURCE_LIMIT: "Metal resource limit",
+    F.MACHINE_RESTARTED: "machine restart", F.BATTERY_PAUSE: "battery pause",
 }
 # Attempts after which the run went no further on its own (not a restart).
 ENDED_FOR_GOOD = frozenset({F.COMPLETED, F.EARLY_STOPPED, Unclassified.RUNNING,
