@@ -30,7 +30,9 @@ from pathlib import Path
 DRAWING = re.compile(r"Now drawing from '([^']+)'")
 BATTERY = re.compile(r"-\S+(?: \(id=\d+\))?\s+(\d+)%;\s*([^;]+);")
 LIMIT = re.compile(r"^\s*(CPU_Speed_Limit|CPU_Scheduler_Limit)\s*=\s*(\d+)", re.M)
-WARNING = re.compile(r"(thermal|performance) warning level\D*?(\d+)", re.I)
+# "Thermal warning level set to 1." / "... level = 1" (a recorded level; "No ... has been
+# recorded" names none): on one line only.
+WARNING = re.compile(r"(thermal|performance) warning level(?: set to| =|:)?[ \t]*(\d+)", re.I)
 THROTTLING_TRIPS = ("passive", "hot")
 
 
