@@ -15,8 +15,8 @@ recorded and the supervisor exits 0, which both managers treat as final:
 - one line on stderr (the service's log): the reason, and that it exits 0 on purpose;
 - one `supervisor_refused` event in RUN_DIR/logs/supervisor.jsonl when that directory
   exists (what `overnight logs` and the report read);
-- run.json, when there is one and no other supervisor holds the run: state `gave_up` with
-  the reason, so `overnight status` says why the service is not running.
+- run.json, when there is one, it is not final yet and no other supervisor holds the run:
+  state `gave_up` with the reason, so `overnight status` says why the service is not running.
 
 A supervisor that itself fails (exit 1) is still restarted: that may be transient. A run that
 reached a final decision already exits 0 (supervisor/daemon/main.py).
@@ -76,7 +76,7 @@ def _record_gave_up(run: RunDir, reason: str, now: str) -> None:
         return
     try:
         record = run_record.load(run.record)
-        if record is None:
+        if record is None or record.state.is_final:  # a finished run stays finished
             return
         done = dataclasses.replace(record, state=State.GAVE_UP, reason=reason, ended=now,
                                    updated=now, worker=None)

@@ -41,6 +41,15 @@ from supervisor.service.model import Host, Platform, ServiceManager, ServiceSpec
 
 LAUNCH_DAEMONS = Path("/Library/LaunchDaemons")
 SYSTEM_UNITS = Path("/etc/systemd/system")
+# Where the files go, overridable like the tools (model.ENV_LAUNCHCTL): tests install into
+# a temporary directory with fake launchctl / systemctl.
+ENV_LAUNCH_DAEMONS = "OVERNIGHT_LAUNCH_DAEMONS_DIR"
+ENV_SYSTEM_UNITS = "OVERNIGHT_SYSTEM_UNITS_DIR"
+
+
+def _dir(key: str, default: Path) -> Path:
+    value = os.environ.get(key)
+    return Path(value) if value else default
 SYSTEM_DOMAIN = "system"
 
 
@@ -83,10 +92,10 @@ class LaunchDaemon(launchd.Launchd):
     """The LaunchDaemon of one run (module docstring)."""
 
     def directory(self) -> Path:
-        return LAUNCH_DAEMONS
+        return _dir(ENV_LAUNCH_DAEMONS, LAUNCH_DAEMONS)
 
     def path(self, name: str) -> Path:
-        return LAUNCH_DAEMONS / f"{launchd.label(name)}{launchd.SUFFIX}"
+        return self.directory() / f"{launchd.label(name)}{launchd.SUFFIX}"
 
     def render_spec(self, spec: ServiceSpec) -> str:
         plist = plistlib.loads(super().render_spec(spec).encode("utf-8"))
@@ -143,10 +152,10 @@ class SystemUnit(systemd.Systemd):
     """The systemd system unit of one run, running as the user (module docstring)."""
 
     def directory(self) -> Path:
-        return SYSTEM_UNITS
+        return _dir(ENV_SYSTEM_UNITS, SYSTEM_UNITS)
 
     def path(self, name: str) -> Path:
-        return SYSTEM_UNITS / systemd.unit_name(name)
+        return self.directory() / systemd.unit_name(name)
 
     def render_spec(self, spec: ServiceSpec) -> str:
         text = super().render_spec(spec)
