@@ -27,7 +27,7 @@ from supervisor.morning.report_doc import Block, Heading, Para
 from supervisor.morning.runlogs import read_run_logs
 from supervisor.morning.verdict import clock, duration
 
-THROTTLED, PAUSED, RESTARTED, RECYCLED = "#ff7f0e", "#7f7f7f", "#000000", "#2ca02c"
+THROTTLED, PAUSED, RESTARTED = "#ff7f0e", "#7f7f7f", "#000000"
 
 
 @dataclass(frozen=True)
@@ -137,17 +137,12 @@ def section(facts: RunFacts) -> list[Block]:
             *(Para(text) for _, text in sorted(items, key=lambda x: x[0]))]
 
 
-def label(a: Attempt) -> str | None:
-    """The picture's name for a planned end that is not what its class says ("recycle"),
-    None for the default."""
-    return "recycle" if a.detected_by is Detection.RECYCLE else None
-
-
 def draw(ax: Any, facts: RunFacts, t0: float, div: float) -> None:
-    """Shade throttled stretches and battery pauses, mark restarts and recycles on the
-    steps-over-time panel (x: (time - t0) / div)."""
+    """Shade throttled stretches and battery pauses and mark machine restarts on the
+    steps-over-time panel (x: (time - t0) / div); a worker recycle is marked there as the
+    end of its attempt ("worker recycle", verdict.kind)."""
     night = read(facts)
-    if night.empty:
+    if not (night.throttled or night.pauses or night.restarts):
         return
     last = max([m["time"] for m in facts.metrics if isinstance(m.get("time"), (int, float))],
                default=t0)
@@ -160,8 +155,3 @@ def draw(ax: Any, facts: RunFacts, t0: float, div: float) -> None:
     for i, r in enumerate(night.restarts):
         ax.axvline((r.time - t0) / div, color=RESTARTED, linestyle="-.", linewidth=1.6,
                    label="machine restarted" if i == 0 else None)
-    for i, a in enumerate(night.recycles):
-        if a.ended is not None:
-            ax.plot([(a.ended - t0) / div], [a.end_step], marker="o", markersize=9,
-                    color=RECYCLED, linestyle="none", markeredgecolor="black",
-                    label="worker recycled (Metal resource limit)" if i == 0 else None)

@@ -202,7 +202,7 @@ def _short(text: str, n: int = DETAIL_CHARS) -> str:
 def _ended(a: Attempt) -> str:
     if a.outcome is Unclassified.RUNNING:
         return "running"
-    text = f"**{kind(a.outcome)}**"
+    text = f"**{kind(a)}**"
     if a.injected_by:
         text += f" (injected: `{a.injected_by}`)"
     text += f": {_short(a.detail, 55)}" if a.detail else ""
@@ -300,7 +300,7 @@ def _planned(facts: RunFacts) -> list[Block]:
 
 
 def _what(a: Attempt) -> str:
-    return ("injected " if a.injected_by else "") + kind(a.outcome)
+    return ("injected " if a.injected_by else "") + kind(a)
 
 
 def _sentence(text: str) -> str:

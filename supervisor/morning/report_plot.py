@@ -146,7 +146,7 @@ def _restart_marks(ax: Any, facts: RunFacts) -> None:
         back = following.resumed_from if following is not None else None
         if back is not None and back < a.end_step:
             ax.axvspan(back, a.end_step, color=color, alpha=0.10, zorder=1)
-        label = machine.label(a) or kind(a.outcome)
+        label = kind(a)
         if a.action is Action.ROLLBACK:
             label += " → rollback"
         ax.text(a.end_step, 0.98 - 0.09 * (i % 3), f" {label} @{a.end_step} ", transform=trans,
@@ -183,7 +183,7 @@ def _progress_panel(ax: Any, facts: RunFacts) -> None:
         color = COLORS.get(a.outcome, "#d62728")
         ax.plot([(a.ended - t0) / div], [a.end_step], marker="X", markersize=11, color=color,
                 linestyle="none", markeredgecolor="black",
-                label=f"{machine.label(a) or kind(a.outcome)} (attempt {a.number} ended)")
+                label=f"{kind(a)} (attempt {a.number} ended)")
     machine.draw(ax, facts, t0, div)  # heat, battery pauses, restarts, recycles
     if facts.total_steps:
         ax.axhline(facts.total_steps, color="#555555", linestyle="--", linewidth=1)
