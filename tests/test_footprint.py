@@ -58,16 +58,27 @@ def test_old_messages_without_the_fields_still_decode_and_new_ones_carry_them():
     assert decode(json.dumps(old).encode()).footprint_mb == 0.0
 
 
-def test_the_worker_writes_its_cache_and_footprint_every_step(tmp_path, tiny_model, corpus):
-    config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=3, save_every=3,
-                          steps_per_eval=3)
-    done = overnight("train", str(config), "--run-dir", str(tmp_path / "run"), timeout=180)
+def train(tmp_path, model, corpus, name: str, **values) -> list[dict]:
+    config = write_config(tmp_path / f"{name}.yaml", model, corpus, iters=3, save_every=3,
+                          steps_per_eval=3, **values)
+    run = tmp_path / name
+    done = overnight("train", str(config), "--run-dir", str(run), timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
-    lines = [json.loads(x) for x in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text()
-             .splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3]
-    for m in lines:
-        assert m["cache_mb"] >= 0.0
-        assert m["footprint_mb"] == (0.0 if sys.platform != "darwin" else m["footprint_mb"])
-    assert isinstance(StepMetrics(**{k: v for k, v in lines[0].items()
+    return [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_worker_writes_its_cache_and_footprint_and_clear_cache_threshold_empties_the_cache(
+        tmp_path, tiny_model, corpus):
+    """Every step's metrics carry MLX's cache and the footprint (0 off macOS). mlx_lm's
+    clear_cache_threshold (tuner/trainer.py: clear the cache when it holds more than that
+    many bytes): 1 byte clears it after every step; the cache each step reports is measured
+    after that."""
+    kept = train(tmp_path, tiny_model, corpus, "kept")
+    assert [m["step"] for m in kept] == [1, 2, 3]
+    assert max(m["cache_mb"] for m in kept) > 0.0
+    if sys.platform != "darwin":
+        assert all(m["footprint_mb"] == 0.0 for m in kept)
+    assert isinstance(StepMetrics(**{k: v for k, v in kept[0].items()
                                      if k in StepMetrics.__dataclass_fields__}), StepMetrics)
+    cleared = train(tmp_path, tiny_model, corpus, "cleared", clear_cache_threshold=1)
+    assert [m["cache_mb"] for m in cleared] == [0.0, 0.0, 0.0]
