@@ -131,6 +131,17 @@ class SupervisorOptions:
         "auto", "Linux: preload Debian's OpenBLAS for the worker when present"
     )
     sample_interval: float = _f(5.0, "seconds between memory samples of the worker")
+    gpu_watchdog_mitigation: bool = _f(
+        False, "macOS: against the GPU watchdog, give the worker AGX_RELAX_CDM_CTXSTORE_TIMEOUT=1, "
+        "put the display to sleep at start (pmset displaysleepnow) and wait "
+        "gpu_watchdog_cooldown before a restart after a watchdog kill (README 'What the Mac "
+        "does at night')")
+    gpu_watchdog_cooldown: float = _f(
+        300.0, "seconds a restart waits after a GPU watchdog kill with gpu_watchdog_mitigation")
+    pause_below_charge: int = _f(
+        20, "on battery below this charge (percent): checkpoint and pause until on AC; 0 = off")
+    power_poll_interval: float = _f(
+        30.0, "seconds between readings of the power source and the thermal state")
     worker_command: list[str] = _f(
         [], "command that starts the worker, before 'train'; default: this Python's "
         "-m worker (tests use a scripted fake worker)"

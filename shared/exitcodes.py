@@ -67,6 +67,11 @@ class FailureClass(str, Enum):
     DISK_FULL = "disk_full"  # no space left where the run writes: wait for space, resume
     CHECKPOINT_REFUSED = "checkpoint_refused"  # quarantine it, resume from an older one
     SYSTEM_LIMIT = "system_limit"  # e.g. the hard open-file limit: give up, say which
+    # Metal's buffer-count limit ("[metal::malloc] Resource limit (499000) exceeded"): a count
+    # of live buffers, not memory; restart unchanged, recycle the worker when it recurs
+    METAL_RESOURCE_LIMIT = "metal_resource_limit"
+    MACHINE_RESTARTED = "machine_restarted"  # the machine rebooted (a panic, power) mid-attempt
+    BATTERY_PAUSE = "battery_pause"  # on battery below supervisor.pause_below_charge: paused
 
     @property
     def is_failure(self) -> bool:
@@ -79,10 +84,12 @@ class FailureClass(str, Enum):
         return self in (FailureClass.COMPLETED, FailureClass.EARLY_STOPPED)
 
 
-# The normal ends of an attempt: done, early-stopped, stopped on request (SIGTERM), or stopped
-# by the supervisor for a planned restart (memory). Everything else is a failure.
+# The normal ends of an attempt: done, early-stopped, stopped on request (SIGTERM), stopped
+# by the supervisor for a planned restart (memory, a worker recycle) or a pause on battery
+# (checkpoint, wait for AC). Everything else is a failure.
 NORMAL_ENDS = frozenset({FailureClass.COMPLETED, FailureClass.EARLY_STOPPED,
-                         FailureClass.GRACEFUL_STOP, FailureClass.PLANNED_RESTART})
+                         FailureClass.GRACEFUL_STOP, FailureClass.PLANNED_RESTART,
+                         FailureClass.BATTERY_PAUSE})
 
 
 EXIT_TO_CLASS: dict[ExitCode, FailureClass] = {

@@ -91,7 +91,12 @@ class Heartbeat(_Telemetry):
 
     {"type":"heartbeat","v":1,"run_id":"r1","pid":123,"attempt":2,"seq":17,"time":1.7e9,
      "phase":"training","step":120,"total_steps":2000,"last_step_time":1.7e9,
-     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2,"dropped":0,"token":"9f1c…"}
+     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2,"dropped":0,"cache_mb":96.0,
+     "footprint_mb":2210.5,"token":"9f1c…"}
+
+    `cache_mb`: MLX's buffer cache (`mx.get_cache_memory()`); `footprint_mb`: the process's
+    physical footprint on macOS (shared/footprint.py: Metal's memory included, which RSS and
+    MLX's counters miss), 0 where it is not measured. Both absent in older workers' messages.
     """
 
     TYPE: ClassVar[str] = "heartbeat"
@@ -108,6 +113,8 @@ class Heartbeat(_Telemetry):
     peak_mb: float
     rss_mb: float
     dropped: int
+    cache_mb: float = 0.0
+    footprint_mb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -116,7 +123,10 @@ class StepMetrics(_Telemetry):
 
     {"type":"metrics","v":1,"run_id":"r1","attempt":1,"step":120,"time":1.7e9,"loss":2.31,
      "grad_norm":0.82,"lr":1e-5,"tokens":4096,"tokens_per_sec":812.5,"step_seconds":5.04,
-     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2,"data_position":121}
+     "active_mb":812.0,"peak_mb":900.1,"rss_mb":1400.2,"data_position":121,
+     "cache_mb":96.0,"footprint_mb":2210.5}
+
+    `cache_mb`, `footprint_mb`: as in Heartbeat.
     """
 
     TYPE: ClassVar[str] = "metrics"
@@ -134,6 +144,8 @@ class StepMetrics(_Telemetry):
     peak_mb: float
     rss_mb: float
     data_position: int = -1  # the data position of the batch it trained (-1: not said)
+    cache_mb: float = 0.0  # MLX's buffer cache
+    footprint_mb: float = 0.0  # macOS physical footprint (0: not measured)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,8 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
         "classification": null | "crash",  # shared.exitcodes.FailureClass; null while
                                            # running, or for "abandoned" attempts
         "detail": "killed by SIGABRT: ... command buffer ...",
-        "detected_by": "exit" | "heartbeat_timeout" | "stall_timeout" | "memory" | "stop_request",
+        "detected_by": "exit" | "heartbeat_timeout" | "stall_timeout" | "memory" | "recycle"
+                       | "power" | "stop_request",
         "detection_latency_s": 0.04,   # last sign of life (message or output) -> noticed
         "killed_after_stop_timeout": false,
         "time_to_first_heartbeat_s": 0.9, "time_to_first_step_s": 4.1,
@@ -130,6 +131,7 @@ class Action(str, Enum):
     GIVE_UP = "give_up"
     ABANDONED = "abandoned"  # the supervisor died during the attempt; the next one went on
     WAIT_FOR_SPACE = "wait_for_space"  # a full disk: restart once there is room again
+    WAIT_FOR_POWER = "wait_for_power"  # paused on battery: restart once on AC (or charged)
 
 
 class Detection(str, Enum):
@@ -139,6 +141,8 @@ class Detection(str, Enum):
     HEARTBEAT_TIMEOUT = "heartbeat_timeout"
     STALL_TIMEOUT = "stall_timeout"
     MEMORY = "memory"
+    RECYCLE = "recycle"  # a planned worker recycle before Metal's resource limit
+    POWER = "power"  # on battery below the configured charge
     STOP_REQUEST = "stop_request"
 
 

@@ -238,7 +238,9 @@ class Fake:
                             "(00000003:kIOGPUCommandBufferCallbackErrorHang)")
         if self.fire("oom"):
             self.abort_with("libc++abi: terminating due to uncaught exception of type "
-                            "std::runtime_error: [metal::malloc] Resource limit (499000) exceeded.")
+                            "std::runtime_error: [METAL] Command buffer execution failed: "
+                            "Insufficient Memory (00000008:kIOGPUCommandBufferCallbackErrorOutOf"
+                            "Memory)")
         if self.fire("gpu_watchdog"):
             self.abort_with("[METAL] Command buffer execution failed: Impacting Interactivity "
                             "(0000000e:kIOGPUCommandBufferCallbackErrorImpactingInteractivity)")

@@ -12,7 +12,9 @@ from supervisor.daemon.state import StopReason
 
 F = FailureClass
 ABRT, KILL, SEGV = -signal.SIGABRT, -signal.SIGKILL, -signal.SIGSEGV
-METAL_OOM = "[metal::malloc] Resource limit (499000) exceeded."
+METAL_OOM = ("[metal::malloc] Attempting to allocate 48736917632 bytes which is greater than "
+             "the maximum allowed buffer size of 30150672384 bytes.")
+RESOURCE_LIMIT = "[metal::malloc] Resource limit (499000) exceeded."
 IOGPU_OOM = ("Error: command buffer exited with error status. "
              "(kIOGPUCommandBufferCallbackErrorOutOfMemory)")
 WATCHDOG = "(0000000e:kIOGPUCommandBufferCallbackErrorImpactingInteractivity)"
@@ -33,6 +35,8 @@ CASES = [
     ("metal malloc abort", ExitFacts(ABRT, stderr_tail=f"libc++abi: {METAL_OOM}"), F.OOM),
     ("metal malloc exception", ExitFacts(1, stderr_tail=f"RuntimeError: {METAL_OOM}"), F.OOM),
     ("iogpu out of memory", ExitFacts(ABRT, stderr_tail=IOGPU_OOM), F.OOM),
+    ("metal buffer count", ExitFacts(ABRT, stderr_tail=f"libc++abi: {RESOURCE_LIMIT}"),
+     F.METAL_RESOURCE_LIMIT),
     ("gpu watchdog", ExitFacts(ABRT, stderr_tail=WATCHDOG), F.GPU_WATCHDOG),
     ("sigkill near the limit", ExitFacts(KILL, memory_mb=950, memory_limit_mb=1000), F.OOM),
     ("sigkill under memory pressure", ExitFacts(KILL, available_fraction=0.01), F.OOM),
@@ -64,7 +68,8 @@ def test_signal_and_exit_code_are_reported_separately():
 
 
 def test_details_carry_the_evidence():
-    assert "Resource limit" in classify(ExitFacts(ABRT, stderr_tail=METAL_OOM)).detail
+    assert "maximum allowed buffer size" in classify(ExitFacts(ABRT, stderr_tail=METAL_OOM)).detail
+    assert "Resource limit" in classify(ExitFacts(ABRT, stderr_tail=RESOURCE_LIMIT)).detail
     assert "display" in classify(ExitFacts(ABRT, stderr_tail=WATCHDOG)).detail
     hang = classify(ExitFacts(KILL, stop_reason=StopReason.HANG, killed_by_supervisor=True,
                               stop_detail="no heartbeat for 121.0 s"))

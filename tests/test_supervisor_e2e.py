@@ -56,7 +56,7 @@ def test_every_failure_class_is_recovered_and_the_run_finishes(tmp_path, tiny_mo
 
     by = {a["classification"]: a for a in reversed(attempts[:-1])}  # the first of each class
     assert by["crash"]["detected_by"] == "exit" and by["crash"]["signal_name"] == "SIGABRT"
-    assert "[metal::malloc]" in by["oom"]["stderr_tail"]
+    assert "kIOGPUCommandBufferCallbackErrorOutOfMemory" in by["oom"]["stderr_tail"]
     assert attempts[1]["settings_changed"] == {"batch_size": [4, 2],
                                                "grad_accumulation_steps": [1, 2]}
     assert "display" in by["gpu_watchdog"]["action_reason"]

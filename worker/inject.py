@@ -53,9 +53,12 @@ CRASH_MESSAGE = (
     "[METAL] Command buffer execution failed: Caused GPU Hang Error "
     "(00000003:kIOGPUCommandBufferCallbackErrorHang)"
 )
+# Metal's out-of-memory abort, as mlx prints it (ml-explore/mlx#479). Not "[metal::malloc]
+# Resource limit (499000) exceeded": that is Metal's buffer count (metal_resource_limit).
 OOM_MESSAGE = (
     "libc++abi: terminating due to uncaught exception of type std::runtime_error: "
-    "[metal::malloc] Resource limit (499000) exceeded."
+    "[METAL] Command buffer execution failed: Insufficient Memory "
+    "(00000008:kIOGPUCommandBufferCallbackErrorOutOfMemory)"
 )
 WATCHDOG_MESSAGE = (
     "libc++abi: terminating due to uncaught exception of type std::runtime_error: "

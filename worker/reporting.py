@@ -144,6 +144,7 @@ class TelemetryReporter:
     def step(self, m: p.StepMetrics) -> None:
         s = self.status
         s.step, s.last_step_time, s.active_mb, s.peak_mb = m.step, m.time, m.active_mb, m.peak_mb
+        s.cache_mb = m.cache_mb
         self.telemetry.send(m)
 
     def step_done(self, step: int) -> None:

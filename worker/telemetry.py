@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import psutil
 
 from shared import protocol as p
+from shared.footprint import phys_footprint_mb
 
 QUEUE_LIMIT = 10_000
 SEND_HWM = 1_000
@@ -50,6 +51,7 @@ class LiveStatus:
     last_step_time: float = 0.0
     active_mb: float = 0.0
     peak_mb: float = 0.0
+    cache_mb: float = 0.0  # MLX's buffer cache at the last step
 
 
 class Telemetry:
@@ -107,6 +109,8 @@ class Telemetry:
             peak_mb=s.peak_mb,
             rss_mb=self._proc.memory_info().rss / 2**20,
             dropped=self.dropped,
+            cache_mb=s.cache_mb,
+            footprint_mb=phys_footprint_mb(os.getpid()) or 0.0,
             token=self.token,
         )
 

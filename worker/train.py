@@ -31,6 +31,7 @@ from shared import protocol as p
 from shared.config import Config
 from shared.errors import DataError
 from shared.exitcodes import ExitCode
+from shared.footprint import phys_footprint_mb
 from shared.progress import Progress
 from shared.trainer_state import BatchSplit, Best, PlanState, RngScheme, TrainerState
 from worker.batching import EpochPlan, collate, micro_batches, target_count
@@ -175,6 +176,13 @@ class Trainer:
             self._proc = psutil.Process(os.getpid())
         rss = self._proc.memory_info().rss / 2**20
         return mx.get_active_memory() / 2**20, mx.get_peak_memory() / 2**20, rss
+
+    def _held_memory(self) -> tuple[float, float]:
+        """MLX's buffer cache and (macOS) the physical footprint, MB: what the Metal memory
+        the counters above miss shows in (shared/footprint.py)."""
+        import mlx.core as mx
+
+        return mx.get_cache_memory() / 2**20, phys_footprint_mb(os.getpid()) or 0.0
 
     def _next_batch(self) -> tuple[int, list[tuple[int, Example]]]:
         """The data position of the next batch to train on and its usable examples.
@@ -411,6 +419,7 @@ class Trainer:
                 self.reporter.phase(p.Phase.TRAINING, step)
                 first = False
             active, peak, rss = self._memory()
+            cache, footprint = self._held_memory()
             self.reporter.step(
                 p.StepMetrics(
                     run_id=self.run_id,
@@ -427,6 +436,8 @@ class Trainer:
                     peak_mb=peak,
                     rss_mb=rss,
                     data_position=self.position,
+                    cache_mb=cache,
+                    footprint_mb=footprint,
                 )
             )
 

@@ -23,7 +23,8 @@ from supervisor.daemon.watch import AttemptView
 
 # What noticed each kind of trouble the loop detects (watch.check, memory).
 DETECTED_BY = {"hang": Detection.HEARTBEAT_TIMEOUT, "stall": Detection.STALL_TIMEOUT,
-               "memory": Detection.MEMORY}
+               "memory": Detection.MEMORY, "recycle": Detection.RECYCLE,
+               "power": Detection.POWER}
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,11 @@ Order of evidence (first match wins):
    non-finite, graceful stop, disk full, system limit, bad config.
 3. The last error line says why: no space left (ENOSPC, EDQUOT, MLX's "[write] Unable to
    write": disk_full), the open-file limit mlx_lm could not raise (system_limit).
-4. Known MLX/Metal failures in stderr: out of memory, GPU watchdog, other command-buffer
-   aborts (crash).
+4. Known MLX/Metal failures in stderr: Metal's buffer-count limit (metal_resource_limit:
+   "[metal::malloc] Resource limit (499000) exceeded" counts buffers, not bytes), out of
+   memory (also "... greater than the maximum allowed buffer size": one buffer too big for
+   the device), GPU watchdog, other command-buffer aborts (crash). The texts are the ones
+   public mlx / mlx-lm reports show (tests/fixtures/metal/).
 5. SIGKILL the supervisor did not send, with memory near the limit: OOM (kernel / jetsam).
 6. A crash while the run directory's file system has less room than a checkpoint needs:
    disk_full (the worker's own output is on that disk and may not say so).
@@ -27,9 +30,12 @@ from shared.fsutil import human_bytes
 from supervisor.daemon.state import StopReason
 
 # Metal / MLX messages, as they appear in the worker's stderr.
+# mlx's metal allocator: the live-buffer count over `iogpu.rsrc_limit` (499000 fallback).
+RESOURCE_LIMIT_PATTERN = re.compile(r"\[metal::malloc\] Resource limit \((\d+)\) exceeded")
 OOM_PATTERNS = (
     re.compile(r"kIOGPUCommandBufferCallbackErrorOutOfMemory"),
-    re.compile(r"\[metal::malloc\] Resource limit \(.*\) exceeded"),
+    re.compile(r"\[metal::malloc\] Attempting to allocate \d+ bytes which is greater than "
+               r"the maximum allowed buffer size"),
     re.compile(r"\[metal::malloc\].*(?:Unable to allocate|exceeded|out of memory)", re.I),
     re.compile(r"\[malloc(?:_or_wait)?\] Unable to allocate", re.I),
     re.compile(r"std::bad_alloc|MemoryError"),
@@ -40,7 +46,11 @@ DISK_FULL_PATTERN = re.compile(
     r"\[Errno 28\]|No space left on device|Disk quota exceeded|\[write\] Unable to write")
 # mlx_lm's import raising the hard open-file limit it may not (shared/openfile_limit.py).
 SYSTEM_LIMIT_PATTERN = re.compile(r"not allowed to raise maximum limit")
-GPU_WATCHDOG_PATTERN = re.compile(r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity")
+# The watchdogs that end long GPU work: "Impacting Interactivity" (the window server starved)
+# and the classic GPU timeout ("Caused GPU Timeout Error", kIOGPUCommandBufferCallbackErrorTimeout).
+GPU_WATCHDOG_PATTERN = re.compile(r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity"
+                                  r"|kIOGPUCommandBufferCallbackErrorTimeout"
+                                  r"|Caused GPU Timeout Error")
 COMMAND_BUFFER_PATTERN = re.compile(r"command buffer|kIOGPUCommandBufferCallbackError", re.I)
 
 # A file system with less free space than this (or than a checkpoint needs) is full.
@@ -54,6 +64,8 @@ _STOP_CLASS = {
     StopReason.HANG: FailureClass.HANG,
     StopReason.STALL: FailureClass.STALL,
     StopReason.MEMORY: FailureClass.PLANNED_RESTART,
+    StopReason.RECYCLE: FailureClass.PLANNED_RESTART,
+    StopReason.POWER: FailureClass.BATTERY_PAUSE,
     StopReason.USER: FailureClass.GRACEFUL_STOP,
 }
 
@@ -163,6 +175,11 @@ def classify(f: ExitFacts) -> Classification:
         return result(FailureClass.SYSTEM_LIMIT,
                       f"{status}: {last} (the hard open-file limit is below the 4096 "
                       "mlx_lm sets: raise it, e.g. `ulimit -Hn 4096`)")
+    limit = _first_line(f.stderr_tail, RESOURCE_LIMIT_PATTERN)
+    if limit:
+        return result(FailureClass.METAL_RESOURCE_LIMIT,
+                      f"{status}: {limit} (Metal's count of live buffers, not memory: a "
+                      "smaller batch does not help)")
     oom = _oom_line(f.stderr_tail)
     if oom:
         return result(FailureClass.OOM, f"{status}: {oom}")

@@ -43,6 +43,7 @@ from shared.protocol import decode
 from supervisor.daemon import memory, sdnotify, watch
 from supervisor.daemon.checkpoint_choice import Background, Job, ThreadJob
 from supervisor.daemon.control import ControlError, ControlServer, RunStatus
+from supervisor.daemon.powerwatch import PowerWatch
 from supervisor.daemon.record import RecordKeeper
 from supervisor.daemon.runner import AttemptRunner
 from supervisor.daemon.sdnotify import Notifier
@@ -63,6 +64,7 @@ from supervisor.daemon.state import (
     SpawnFailed,
     Stalled,
     State,
+    StopReason,
     StopRequested,
     StopTimedOut,
     Terminate,
@@ -83,6 +85,7 @@ class Supervisor:
         self, *, runner: AttemptRunner, record: RecordKeeper, telemetry: zmq.Socket[Any],
         control: ControlServer | None, log: Any, clock: Callable[[], float] = time.monotonic,
         notifier: Notifier = sdnotify, background: Background = ThreadJob,
+        power: PowerWatch | None = None,
     ) -> None:
         self.runner = runner
         self.opts = runner.opts
@@ -93,6 +96,7 @@ class Supervisor:
         self.clock = clock
         self.notifier = notifier
         self.background = background
+        self.power = power  # battery and heat (powerwatch.py); None: not watched
         self.state = State.STARTING  # a restarted supervisor starts over from here too
         self.restart_at: float | None = None
         self.choice: Job | None = None  # the checkpoint validation before a start
@@ -252,12 +256,14 @@ class Supervisor:
             elif now >= self.next_sample:
                 self.next_sample = now + self.opts.sample_interval
                 view = attempt.view
-                s = memory.sample(view.pid, time.time(), view.step, view.active_mb)
+                s = memory.sample(view.pid, time.time(), view.step, view.active_mb,
+                                  view.cache_mb, view.footprint_mb)
                 reason = attempt.add_sample(s) if s is not None else None
                 if reason is not None:
                     attempt.notice("memory", reason, 0.0)
                     self.log.warning("worker_unhealthy", kind="memory", detail=reason)
                     self.dispatch(MemoryHigh(reason))
+        self._planned_stop(now)
         if self.state is State.STOPPING and attempt is not None:
             waited = attempt.stopping.overdue(now)
             if waited is not None:
@@ -265,10 +271,28 @@ class Supervisor:
         if (self.state is State.BACKING_OFF and self.restart_at is not None
                 and now >= self.restart_at):
             wait = self.runner.space_wait(now)  # after a full disk: room for a checkpoint?
+            if wait is None and self.power is not None:
+                wait = self.power.wait(now)  # paused on battery: on AC again?
             if wait is not None:
                 self.restart_at = now + wait
             else:
                 self.dispatch(BackoffElapsed())
+
+    def _planned_stop(self, now: float) -> None:
+        """Read battery and heat when due (powerwatch.py); stop a training worker for a
+        recycle before Metal's resource limit (runner.recycle_due) or a pause on battery."""
+        attempt = self.runner.attempt
+        training = self.state is State.TRAINING and attempt is not None
+        pause = self.power.poll(now, training) if self.power is not None else None
+        if not training or attempt is None:
+            return
+        recycle = self.runner.recycle_due(attempt)
+        for kind, why, reason in (("recycle", recycle, StopReason.RECYCLE),
+                                  ("power", pause, StopReason.POWER)):
+            if why is not None and self.state is State.TRAINING:
+                attempt.notice(kind, why, 0.0)
+                self.log.info("worker_planned_stop", kind=kind, detail=why)
+                self.dispatch(MemoryHigh(why, reason))
 
     def _timeout(self) -> float:
         now = self.clock()

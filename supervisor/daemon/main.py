@@ -18,10 +18,12 @@ is not that: run.json and the logs wait in memory, shared/logsetup.py, record.py
 it cannot read at all, a run dir it cannot create, a locked one, or a hard open-file limit
 below the 4096 mlx_lm needs (shared/openfile_limit.py), exits 78 (EX_CONFIG) before anything
 starts:
-use `RestartPreventExitStatus=78` (systemd). Stopping takes up to `stop_timeout` (default
-120 s) while the worker saves: give the service manager `TimeoutStopSec` (systemd) /
-`ExitTimeOut` (launchd) of at least stop_timeout + 60 s (what `overnight install` writes), or
-a checkpoint is cut in half.
+use `RestartPreventExitStatus=78` (systemd). Under a service manager (`overnight install`
+sets OVERNIGHT_SERVICE_MANAGER) such a refusal is recorded and exits 0 instead: launchd
+relaunches any non-zero exit (supervisor/daemon/service_exit.py). Stopping takes up to
+`stop_timeout` (default 120 s) while the worker saves: give the service manager
+`TimeoutStopSec` (systemd) / `ExitTimeOut` (launchd) of at least stop_timeout + 60 s (what
+`overnight install` writes), or a checkpoint is cut in half.
 """
 
 from __future__ import annotations
@@ -47,10 +49,12 @@ from shared.errors import OvernightError, RunDirError, RunDirLocked, SystemLimit
 from shared.fsutil import describe_space
 from shared.layout import RunDir, never_world_writable
 from shared.runlock import Role, RunLock
-from supervisor.daemon import sdnotify, sockets, spawn
+from supervisor.daemon import gpu_watchdog, sdnotify, service_exit, sockets, spawn
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.loop import Supervisor
+from supervisor.daemon.platform_readings import Platform
 from supervisor.daemon.policy import Policy
+from supervisor.daemon.powerwatch import PowerWatch
 from supervisor.daemon.reconcile import reconcile
 from supervisor.daemon.record import RecordKeeper
 from supervisor.daemon.runner import AttemptRunner
@@ -72,6 +76,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the supervisor; under a service manager a refusal to start is recorded and exits
+    0 (supervisor/daemon/service_exit.py: launchd would relaunch it in a loop)."""
+    try:
+        return _main(args)
+    except OvernightError as e:
+        manager = service_exit.under_service_manager()
+        if not manager:
+            raise
+        config_path = args.config.resolve()
+        run_dir = (args.run_dir or Path("runs") / config_path.stem).resolve()
+        return service_exit.refused(run_dir, e, manager)
+
+
+def _main(args: argparse.Namespace) -> int:
     config_path = args.config.resolve()
     config = config_mod.load(config_path)  # ConfigError: one line, exit 78, nothing started
     limit = openfile_limit.problem()  # every worker would die importing mlx_lm: refuse now
@@ -135,7 +153,8 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
         _copy_config(config_path, run, log)
     except OSError as e:  # a full disk: the copy is for reference only, the run goes on
         log.warning("config_copy_failed", path=str(run.config_copy), error=str(e))
-    _adopt_previous(record, run, opts.stop_timeout, log)
+    machine = Platform()  # boot, panic reports, power, heat (platform_readings.py)
+    _adopt_previous(record, run, opts.stop_timeout, log, machine)
 
     before, soft, hard = sockets.raise_open_files_limit()  # each connection costs a file
     log.info("open_files_limit", soft_before=before, soft=soft, hard=hard)
@@ -158,13 +177,15 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
         policy=Policy(opts, high_water=record.record.high_water_step,
                       rollbacks=record.record.rollbacks),
         env={**spawn.worker_env(sdnotify.child_environment(), opts.openblas, log),
-             **lock.child_environment()},
+             **lock.child_environment(), **gpu_watchdog.worker_environment(opts)},
         command=list(opts.worker_command) or WORKER_COMMAND,
         log=log,
     )
-    sup = Supervisor(runner=runner, record=record, telemetry=telemetry, control=control, log=log)
+    sup = Supervisor(runner=runner, record=record, telemetry=telemetry, control=control, log=log,
+                     power=PowerWatch(machine, opts, log))
     control.target = sup
     caffeinate = spawn.start_caffeinate(opts.caffeinate, log)
+    gpu_watchdog.at_start(opts, machine, log)
     complete = run.is_complete or record.record.state.is_complete
     begin: AlreadyComplete | Begin = Begin()
     if complete:
@@ -201,7 +222,8 @@ def _copy_config(config_path: Path, run: RunDir, log: Any) -> None:
     shutil.copyfile(config_path, target)
 
 
-def _adopt_previous(record: RecordKeeper, run: RunDir, stop_timeout: float, log: Any) -> None:
+def _adopt_previous(record: RecordKeeper, run: RunDir, stop_timeout: float, log: Any,
+                    machine: Platform) -> None:
     """A previous supervisor died: stop its orphaned worker, reconcile the record it left
     (supervisor/daemon/reconcile.py), remove half-done checkpoint directories."""
     stopped = set()
@@ -209,7 +231,15 @@ def _adopt_previous(record: RecordKeeper, run: RunDir, stop_timeout: float, log:
         log.warning("orphan_found", worker_pid=proc.pid, cmdline=" ".join(proc.cmdline()[:12]))
         _stop_orphan(proc, stop_timeout, log)
         stopped.add(proc.pid)
-    found = reconcile(record, run, frozenset(stopped))
+    found = reconcile(record, run, frozenset(stopped), platform=machine)
+    restart = found.machine if found is not None else None
+    if restart is not None:  # its own event: the report's "the machine at night" reads it
+        log.warning("machine_restarted", detail=restart.text, boot_time=restart.boot_time,
+                    previous_boot=restart.previous_boot, this_boot=restart.this_boot,
+                    panic_file=restart.panic.file if restart.panic else None,
+                    panic=restart.panic.text if restart.panic else None,
+                    previous_boot_log=restart.previous_log or None,
+                    attempt=found.attempt if found is not None else None)
     if found is not None:
         log.warning("record_reconciled", previous_state=found.previous_state.value,
                     attempt_abandoned=found.attempt, reason=found.reason)

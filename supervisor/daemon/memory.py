@@ -1,6 +1,12 @@
 """Memory watch: sample the worker (RSS of its process tree, MLX memory from telemetry) and
 the system (available memory) with psutil, and decide when a planned restart is due.
 
+The worker's memory is the largest of its RSS, what MLX holds (active + its buffer cache,
+from telemetry) and, on macOS, its physical footprint (shared/footprint.py: read here with
+proc_pid_rusage, or as the worker sent it): Metal's memory is invisible to RSS and to
+`mx.get_peak_memory()`, and a footprint of 51 GB beside a peak of 7 GB is what public reports
+show before the machine goes down.
+
 A planned restart (SIGTERM: the worker checkpoints and exits, then is restarted at once) is
 not a failure. It happens when
 - the worker's memory exceeds `memory_limit_mb` (0 = off), or
@@ -18,6 +24,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from shared.config import SupervisorOptions
+from shared.footprint import phys_footprint_mb
 
 MB = 1024 * 1024
 BASELINE_SAMPLES = 3
@@ -31,18 +38,22 @@ class Sample:
     mlx_mb: float  # MLX active memory from telemetry
     available_mb: float  # system
     total_mb: float
+    cache_mb: float = 0.0  # MLX's buffer cache from telemetry
+    footprint_mb: float = 0.0  # macOS physical footprint (0: not measured)
 
     @property
     def worker_mb(self) -> float:
-        return max(self.rss_mb, self.mlx_mb)
+        return max(self.rss_mb, self.mlx_mb + self.cache_mb, self.footprint_mb)
 
     @property
     def available_fraction(self) -> float:
         return self.available_mb / self.total_mb if self.total_mb > 0 else 1.0
 
 
-def sample(pid: int, now: float, step: int, mlx_mb: float) -> Sample | None:
-    """RSS of the process and its children plus system memory; None if it is gone."""
+def sample(pid: int, now: float, step: int, mlx_mb: float, cache_mb: float = 0.0,
+           footprint_mb: float = 0.0) -> Sample | None:
+    """RSS of the process and its children plus system memory; None if it is gone. The
+    physical footprint is measured here on macOS, else the worker's own (`footprint_mb`)."""
     try:
         proc = psutil.Process(pid)
         rss = proc.memory_info().rss
@@ -52,7 +63,9 @@ def sample(pid: int, now: float, step: int, mlx_mb: float) -> Sample | None:
     except psutil.Error:
         return None
     vm = psutil.virtual_memory()
-    return Sample(now, step, rss / MB, mlx_mb, vm.available / MB, vm.total / MB)
+    footprint = phys_footprint_mb(pid) or footprint_mb
+    return Sample(now, step, rss / MB, mlx_mb, vm.available / MB, vm.total / MB, cache_mb,
+                  footprint)
 
 
 @dataclass
@@ -79,7 +92,9 @@ class MemoryWatch:
         if o.memory_limit_mb > 0 and s.worker_mb > o.memory_limit_mb:
             return (
                 f"worker memory {s.worker_mb:.0f} MB above memory_limit_mb "
-                f"{o.memory_limit_mb:.0f} (rss {s.rss_mb:.0f} MB, mlx {s.mlx_mb:.0f} MB)"
+                f"{o.memory_limit_mb:.0f} (rss {s.rss_mb:.0f} MB, mlx {s.mlx_mb:.0f} MB"
+                f"{f', mlx cache {s.cache_mb:.0f} MB' if s.cache_mb else ''}"
+                f"{f', physical footprint {s.footprint_mb:.0f} MB' if s.footprint_mb else ''})"
             )
         if o.min_available_mb > 0 and s.available_mb < o.min_available_mb:
             return (

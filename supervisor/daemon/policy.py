@@ -8,6 +8,13 @@ finish, or give up — and say why. Pure: the clock value and the random source 
 | bad_config                     | give up at once with the worker's message                   |
 | crash, hang, stall             | restart, same settings                                      |
 | gpu_watchdog                   | restart, same settings; the report says: let the display sleep |
+|                                | (gpu_watchdog_mitigation: after gpu_watchdog_cooldown)      |
+| metal_resource_limit           | restart, same settings (a buffer count, not memory: a       |
+|                                | smaller batch does not help); when it recurs after a similar |
+|                                | number of steps, recycle every worker (planned restart after |
+|                                | a checkpoint) at 80 % of that count (`recycle_after`)       |
+| battery_pause                  | wait for AC (supervisor/daemon/powerwatch.py), then restart; |
+|                                | not a failure, no budget                                    |
 | oom                            | restart with half the micro-batch and twice the accumulation |
 |                                | (same effective batch); at micro-batch 1 gradient           |
 |                                | checkpointing; after that give up                           |
@@ -63,6 +70,9 @@ checkpoint before them — a crash before the worker got there, a restarted supe
 still passes over them; positions behind a checkpoint mean nothing to it. Only when the
 worker named no position (its last message was lost) the data is skipped by steps, from the
 rollback checkpoint through the failing step, as before (`bad_until`, `--skip-steps`).
+
+Longer than 400 lines: the table above is one decision, and its budgets, repeats and recycle
+point are state the cases share.
 """
 
 from __future__ import annotations
@@ -82,8 +92,14 @@ from supervisor.daemon.state import Verdict
 EXTERNAL_SIGNALS = frozenset({signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                               signal.SIGQUIT})
 RESTARTED_SAME = frozenset(
-    {FailureClass.CRASH, FailureClass.HANG, FailureClass.STALL, FailureClass.GPU_WATCHDOG}
+    {FailureClass.CRASH, FailureClass.HANG, FailureClass.STALL, FailureClass.GPU_WATCHDOG,
+     FailureClass.MACHINE_RESTARTED}
 )
+# Two resource-limit endings are "at a similar step count" when the smaller number of steps
+# the worker ran is at least this fraction of the larger; the recycle point is RECYCLE_AT of
+# the smaller (a margin: the buffer count also grows with evaluations and checkpoints).
+SIMILAR_STEPS = 2 / 3
+RECYCLE_AT = 0.8
 ROLLBACK = frozenset({FailureClass.NON_FINITE, FailureClass.GRAD_SPIKE})
 GPU_WATCHDOG_ADVICE = (
     "the macOS GPU watchdog kills long GPU command buffers while the display is on; let the "
@@ -176,6 +192,7 @@ class Decision:
     bad_until: int = -1  # no position named: skip data up to and including this step
     counted: bool = False  # counted as a failure against the budgets
     quarantine: bool = False  # quarantine the checkpoint the attempt resumed from
+    recycle_after: int = 0  # >0: a planned restart once a worker has run this many steps
 
 
 @dataclass
@@ -190,6 +207,9 @@ class Policy:
     streak: int = 0  # consecutive failures without sustained progress (backoff exponent)
     # epoch-plan batch -> lr_scale in effect when it was first non-finite
     nonfinite_batches: dict[int, float] = field(default_factory=dict)
+    # steps each worker ran before Metal's resource limit ended it; the recycle point (0: none)
+    resource_limit_steps: list[int] = field(default_factory=list)
+    recycle_after: int = 0
 
     def decide(self, o: Outcome, settings: Settings, now: float) -> Decision:
         progressed = o.end_step > self.high_water
@@ -213,6 +233,11 @@ class Policy:
             return Decision(Verdict.GIVE_UP, "give_up", f"bad config or data: {o.detail}")
         if f is FailureClass.SYSTEM_LIMIT:  # every worker would fail the same way at start
             return Decision(Verdict.GIVE_UP, "give_up", f"system limit: {o.detail}")
+        if f is FailureClass.BATTERY_PAUSE:  # not a failure: wait for AC, count nothing
+            return Decision(Verdict.RESTART, "wait_for_power",
+                            f"paused on battery: {o.detail}; resuming on AC power (not "
+                            "counted against the restart budgets)", 0.0, settings,
+                            recycle_after=self.recycle_after)
         if f is FailureClass.DISK_FULL:  # not the training's fault: wait, count nothing
             full = o.detail if o.detail.startswith("disk full") else f"disk full: {o.detail}"
             return Decision(Verdict.RESTART, "wait_for_space",
@@ -226,7 +251,8 @@ class Policy:
         self.last_failure = None if o.killed_from_outside else (f, settings, o.failed_at)
 
         if f is FailureClass.PLANNED_RESTART:
-            return Decision(Verdict.RESTART, "planned_restart", o.detail, 0.0, settings)
+            return Decision(Verdict.RESTART, "planned_restart", o.detail, 0.0, settings,
+                            recycle_after=self.recycle_after)
         if f is FailureClass.CHECKPOINT_REFUSED:  # the checkpoint's fault, not the training's
             return Decision(
                 Verdict.RESTART, "quarantine_checkpoint",
@@ -249,15 +275,52 @@ class Policy:
             return self._rollback(o, settings, delay)
         if f is FailureClass.OOM:
             return self._shrink(o, settings, delay)
+        if f is FailureClass.METAL_RESOURCE_LIMIT:
+            return self._resource_limit(o, settings, delay)
         if f in RESTARTED_SAME:
             why = f"{f.value}: {o.detail}"
             if f is FailureClass.GPU_WATCHDOG:
                 why = f"{why}; {GPU_WATCHDOG_ADVICE}"
-            return Decision(Verdict.RESTART, "restart", why, delay, settings, counted=True)
+                if self.opts.gpu_watchdog_mitigation and delay < self.opts.gpu_watchdog_cooldown:
+                    delay = self.opts.gpu_watchdog_cooldown
+                    why = f"{why}; cooling down {delay:.0f} s first (gpu_watchdog_mitigation)"
+            return Decision(Verdict.RESTART, "restart", why, delay, settings, counted=True,
+                            recycle_after=self.recycle_after)
         raise ValueError(f"expected a known failure class, got {f!r}")  # pragma: no cover
 
+    def _resource_limit(self, o: Outcome, settings: Settings, delay: float) -> Decision:
+        """Metal's buffer-count limit: restart unchanged; when it recurs after a similar number
+        of steps, recycle every worker before that point (module docstring)."""
+        why = (f"{o.failure.value}: {o.detail}; restarting with the same settings "
+               "(clear_cache_threshold slows the buffer count's growth)")
+        why += self.note_resource_limit(max(1, o.end_step - o.start_step))
+        return Decision(Verdict.RESTART, "restart", why, delay, settings, counted=True,
+                        recycle_after=self.recycle_after)
+
+    def note_resource_limit(self, ran: int) -> str:
+        """A worker that ran `ran` steps ended at Metal's resource limit: update the recycle
+        point; what changed, as a clause ("" for nothing). Also replays run.json's attempts
+        when a supervisor restarts (supervisor/daemon/runner.py)."""
+        earlier = self.resource_limit_steps[-1] if self.resource_limit_steps else None
+        self.resource_limit_steps.append(ran)
+        if self.recycle_after and ran <= self.recycle_after:  # the recycle came too late
+            self.recycle_after = max(1, int(ran * RECYCLE_AT))
+            return (f"; it came after {ran} steps, before the recycle point: recycling "
+                    f"workers after {self.recycle_after} steps from now on")
+        if earlier is not None and min(ran, earlier) >= SIMILAR_STEPS * max(ran, earlier):
+            self.recycle_after = max(1, int(min(ran, earlier) * RECYCLE_AT))
+            return (f"; it recurred after a similar number of steps ({earlier}, then {ran}): "
+                    f"each worker is recycled (checkpoint, planned restart) after "
+                    f"{self.recycle_after} steps")
+        return ""
+
     def _repeated(self, o: Outcome, settings: Settings, progressed: bool) -> Decision | None:
-        """Give up when this failure repeats the last one exactly (module docstring)."""
+        """Give up when this failure repeats the last one exactly (module docstring). Not
+        Metal's resource limit: a count that grows with the worker's age is expected to end
+        it at about the same step after a restart from the same checkpoint; the recycle is
+        the answer, and the crash-loop budget the bound."""
+        if o.failure is FailureClass.METAL_RESOURCE_LIMIT:
+            return None
         if progressed or o.killed_from_outside \
                 or self.last_failure != (o.failure, settings, o.failed_at):
             return None

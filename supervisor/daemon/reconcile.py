@@ -6,7 +6,11 @@ supervisor holds the run lock, so no other supervisor lives: at start (after sto
 orphaned worker) it closes that attempt as `abandoned`, with the reason it can find:
 
 - the supervisor's end: the machine restarted (the boot id in run.json differs from this
-  boot's: shared/run_record.py `supervisor.boot_id`), or the supervisor logged its own
+  boot's: shared/run_record.py `supervisor.boot_id`) — then the attempt it interrupted is
+  classified `machine_restarted` (its own failure class), with when this boot began and, on
+  macOS, the panic string of the newest kernel panic report written after the record's last
+  update (Linux: the previous boot's last journal lines, where the journal is persistent;
+  supervisor/daemon/machine_restart.py) — or the supervisor logged its own
   failure (`supervisor_failed` in logs/supervisor.jsonl, with the exception), or else
   "supervisor died (no record of how ...)" — SIGKILL and the OOM killer leave none (a
   supervisor on another host, a run directory on a shared file system, is only named);
@@ -28,10 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from shared import strictjson
+from shared.exitcodes import FailureClass
 from shared.layout import RunDir
 from shared.run_record import Action, AttemptRecord, State, SupervisorInfo
 from shared.tail import tail_lines
 from supervisor.daemon.ending import last_logged_step
+from supervisor.daemon.machine_restart import MachineRestart, find_restart
+from supervisor.daemon.platform_readings import Platform
 from supervisor.daemon.record import RecordKeeper, boot_id
 
 LOG_TAIL_BYTES = 512_000
@@ -45,29 +52,39 @@ class Reconciled:
     previous_state: State
     attempt: int | None  # the attempt closed as abandoned (None: none was open)
     reason: str
+    machine: MachineRestart | None = None  # the machine restarted since the last record
 
 
 def reconcile(keeper: RecordKeeper, run: RunDir, stopped_orphans: frozenset[int] = frozenset(),
-              this_boot: str | None = None) -> Reconciled | None:
+              this_boot: str | None = None, platform: Platform | None = None
+              ) -> Reconciled | None:
     """Close what the previous supervisor left open (module docstring); None when it left
-    a final state and no open attempt (nothing to reconcile)."""
+    a final state and no open attempt (nothing to reconcile). `platform`: where the boot
+    time and panic reports are read (supervisor/daemon/platform_readings.py)."""
     prev, state = keeper.previous, keeper.previous_state
     current = keeper.current
     open_attempt = current if current is not None and current.ended is None else None
     if prev is None or state is None or (state.is_final and open_attempt is None):
         return None
-    why = supervisor_end(prev, run, this_boot if this_boot is not None else boot_id())
+    this_boot = this_boot if this_boot is not None else boot_id()
+    machine = None
+    if prev.host == socket.gethostname():
+        machine = find_restart(prev.boot_id, this_boot, keeper.record.updated,
+                               platform or Platform())
+    why = machine.text if machine is not None else supervisor_end(prev, run, this_boot)
     if open_attempt is not None:
         worker = worker_end(open_attempt, run, stopped_orphans)
         reason = f"{why}; attempt {open_attempt.attempt} (worker pid {open_attempt.pid}): {worker}"
         end_step = reached(open_attempt, run)
-        keeper.end_attempt(classification=None, action=Action.ABANDONED, action_reason=reason,
-                           detail=worker, end_step=end_step,
-                           steps_gained=max(0, end_step - open_attempt.start_step))
+        keeper.end_attempt(
+            classification=FailureClass.MACHINE_RESTARTED if machine is not None else None,
+            action=Action.ABANDONED, action_reason=reason,
+            detail=f"{why}; {worker}" if machine is not None else worker,
+            end_step=end_step, steps_gained=max(0, end_step - open_attempt.start_step))
     else:
         reason = f"{why} while {state.value}"
     keeper.set_state(State.STARTING, f"previous supervisor (pid {prev.pid}): {reason}")
-    return Reconciled(state, open_attempt.attempt if open_attempt else None, reason)
+    return Reconciled(state, open_attempt.attempt if open_attempt else None, reason, machine)
 
 
 def supervisor_end(prev: SupervisorInfo, run: RunDir, this_boot: str) -> str:

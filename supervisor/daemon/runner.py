@@ -69,6 +69,8 @@ class AttemptRunner:
             bad = a.bad_data
             if a.classification is FailureClass.NON_FINITE and bad is not None and bad.batch >= 0:
                 policy.nonfinite_batches.setdefault(bad.batch, bad.lr_scale)
+            if a.classification is FailureClass.METAL_RESOURCE_LIMIT:  # the recycle point
+                policy.note_resource_limit(max(1, a.end_step - a.start_step))
         self.attempt: Attempt | None = None  # the attempt that runs (None between attempts)
         self.pending: Decision | None = None  # the decision that asked for the next attempt
         self.prev_end_at: float | None = None
@@ -229,6 +231,17 @@ class AttemptRunner:
                              detail=f"{describe_space(self.run.root)}; restarting once "
                                     f"{human_bytes(waiting_for)} are free")
         return POLL_SECONDS
+
+    def recycle_due(self, attempt: Attempt) -> str | None:
+        """The reason for a planned worker recycle when the running worker has trained the
+        policy's `recycle_after` steps (Metal's resource limit, policy.py), else None."""
+        every = self.policy.recycle_after
+        ran = attempt.view.step - attempt.view.start_step
+        if every <= 0 or ran < every:
+            return None
+        seen = ", ".join(str(n) for n in self.policy.resource_limit_steps[-3:])
+        return (f"recycling the worker after {ran} steps, before Metal's resource limit "
+                f"(it ended workers after {seen} steps): checkpoint, planned restart")
 
     def save_progress(self) -> None:
         self.check_space()

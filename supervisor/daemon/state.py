@@ -14,7 +14,8 @@ transition is logged by the loop as one `state_changed` event.
 | starting                     | Progressed       | training      | -                        |
 | starting, training           | HeartbeatLost    | stopping      | Terminate(hang)          |
 | starting, training           | Stalled          | stopping      | Terminate(stall)         |
-| starting, training           | MemoryHigh       | stopping      | Terminate(memory)        |
+| starting, training           | MemoryHigh       | stopping      | Terminate(its reason:    |
+|                              |                  |               | memory, recycle, power)  |
 | starting, training, stopping | StopRequested (*)| stopping      | Terminate(user)          |
 | stopping                     | StopTimedOut     | stopping      | Kill                     |
 | starting, training           | CheckpointReq.   | (same)        | RequestCheckpoint        |
@@ -49,6 +50,8 @@ class StopReason(str, Enum):
     HANG = "hang"
     STALL = "stall"
     MEMORY = "memory"
+    RECYCLE = "recycle"  # a planned restart before Metal's resource limit (policy.py)
+    POWER = "power"  # on battery below pause_below_charge: checkpoint and pause (powerwatch.py)
     USER = "user"
 
 
@@ -116,7 +119,10 @@ class Stalled:
 
 @dataclass(frozen=True)
 class MemoryHigh:
+    """A planned stop is due: memory (the default), a worker recycle, or low battery."""
+
     detail: str
+    reason: StopReason = StopReason.MEMORY
 
 
 @dataclass(frozen=True)
@@ -217,8 +223,8 @@ def transition(state: State, event: Event) -> tuple[State, tuple[Action, ...]]:
             return State.STOPPING, (Terminate(StopReason.HANG),)
         case Stalled() if state in _STARTED:
             return State.STOPPING, (Terminate(StopReason.STALL),)
-        case MemoryHigh() if state in _STARTED:
-            return State.STOPPING, (Terminate(StopReason.MEMORY),)
+        case MemoryHigh(reason=why) if state in _STARTED:
+            return State.STOPPING, (Terminate(why),)
         case StopRequested(worker_running=True) if state.has_worker:
             return State.STOPPING, (Terminate(StopReason.USER),)
         case StopRequested() if state in _WAITING or state is State.STARTING:

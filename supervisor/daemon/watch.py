@@ -36,6 +36,8 @@ class AttemptView:
     tokens: int = 0
     step_seconds: float = 0.0
     active_mb: float = 0.0
+    cache_mb: float = 0.0  # MLX's buffer cache (telemetry)
+    footprint_mb: float = 0.0  # macOS physical footprint the worker measured (telemetry)
     peak_mlx_mb: float = 0.0
     rss_mb: float = 0.0
     last_loss: float | None = None
@@ -68,6 +70,7 @@ class AttemptView:
             self.active_mb = msg.active_mb
             self.peak_mlx_mb = max(self.peak_mlx_mb, msg.peak_mb, msg.active_mb)
             self.rss_mb = msg.rss_mb
+            self.cache_mb, self.footprint_mb = msg.cache_mb, msg.footprint_mb
             progressed = self._step(msg.step, now) or msg.phase is Phase.TRAINING
         elif isinstance(msg, StepMetrics):
             self.tokens += msg.tokens
@@ -75,6 +78,7 @@ class AttemptView:
             self.last_loss = msg.loss
             self.active_mb = msg.active_mb
             self.peak_mlx_mb = max(self.peak_mlx_mb, msg.peak_mb, msg.active_mb)
+            self.cache_mb, self.footprint_mb = msg.cache_mb, msg.footprint_mb
             self._step(msg.step, now)
             progressed = True
         elif isinstance(msg, CheckpointSaved):

@@ -41,7 +41,7 @@ INT_COLUMNS = {"step": -1, "attempt": 0}  # name -> the value of a line that doe
 # The fields kept (shared.protocol.StepMetrics); int columns first. A field added to the
 # metrics line is added here to reach the report.
 COLUMNS = ("step", "attempt", "time", "loss", "grad_norm", "lr", "tokens", "tokens_per_sec",
-           "step_seconds", "active_mb", "peak_mb", "rss_mb")
+           "step_seconds", "active_mb", "peak_mb", "rss_mb", "cache_mb", "footprint_mb")
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

@@ -31,6 +31,7 @@ from shared.errors import ConfigError
 from shared.faults import EMULATED_OUTPUT
 from shared.faults import describe as describe_fault
 from shared.run_record import Detection, State
+from supervisor.morning import machine
 from supervisor.morning.facts import Attempt, RunFacts, RunState, Unclassified, Unsupervised
 from supervisor.morning.report_doc import (
     Block,
@@ -137,6 +138,7 @@ def build(facts: RunFacts, png_name: str | None, note: str = "") -> list[Block]:
     blocks += _timeline(facts)
     blocks += _failures(facts)
     blocks += _planned(facts)
+    blocks += machine.section(facts)  # restarts, battery pauses, heat, recycles
     blocks += numbers(facts)
     blocks += [Heading("More", 2), Para(
         f"`overnight logs {shlex.quote(str(facts.run_dir))} --level warning` (what went "
@@ -200,7 +202,7 @@ def _short(text: str, n: int = DETAIL_CHARS) -> str:
 def _ended(a: Attempt) -> str:
     if a.outcome is Unclassified.RUNNING:
         return "running"
-    text = f"**{kind(a.outcome)}**"
+    text = f"**{kind(a)}**"
     if a.injected_by:
         text += f" (injected: `{a.injected_by}`)"
     text += f": {_short(a.detail, 55)}" if a.detail else ""
@@ -298,7 +300,7 @@ def _planned(facts: RunFacts) -> list[Block]:
 
 
 def _what(a: Attempt) -> str:
-    return ("injected " if a.injected_by else "") + kind(a.outcome)
+    return ("injected " if a.injected_by else "") + kind(a)
 
 
 def _sentence(text: str) -> str:

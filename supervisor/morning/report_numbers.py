@@ -182,7 +182,7 @@ def numbers(facts: RunFacts) -> list[Block]:
     planned = facts.planned_ends
     if planned:
         _, p_restart, _, p_redone = time_lost(facts, planned=True)
-        kinds = Counter(kind(a.outcome) for a in planned)
+        kinds = Counter(kind(a) for a in planned)
         text = ", ".join(f"{k} ×{c}" for k, c in kinds.most_common())
         if p_restart or p_redone:
             text += f"; {duration(p_restart)} restarting" + (
@@ -203,7 +203,8 @@ def numbers(facts: RunFacts) -> list[Block]:
            "no memory samples; ")
     mem += ("⚠️ grew " + ", ".join(f"{g:+.0%} in attempt {k}" for k, g in grow)
             if grow else "no growth within an attempt")
-    if any(a.outcome is FailureClass.PLANNED_RESTART for a in facts.attempts):
+    if any(a.outcome is FailureClass.PLANNED_RESTART and a.detected_by is Detection.MEMORY
+           for a in facts.attempts):
         mem += "; the supervisor restarted the worker for memory"
     rows.append(["memory", mem])
     if facts.evals:

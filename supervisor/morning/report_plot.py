@@ -4,8 +4,10 @@
         loss; each restart a vertical line named after its cause, the steps it had to redo
         shaded; the best checkpoint a star.
     Steps vs wall-clock time: the overnight story (a flat stretch is a hang, a drop is work
-        redone after a restart, a gap is downtime).
-    Memory vs step: MLX active and peak memory and the process RSS (a slow leak shows here).
+        redone after a restart, a gap is downtime); throttled stretches and battery pauses
+        shaded, machine restarts and worker recycles marked (supervisor/morning/machine.py).
+    Memory vs step: MLX active and peak memory, its buffer cache, the process RSS and, on
+        macOS, the physical footprint (Metal's memory; a slow leak shows here).
 
 A series longer than MAX_POINTS (a night of 1M steps) is drawn thinned (`thin`): the raw
 loss as the range of each bucket of steps, memory as each bucket's maximum, the rest at
@@ -27,6 +29,7 @@ import numpy.typing as npt
 
 from shared.exitcodes import FailureClass as F
 from shared.run_record import Action, State
+from supervisor.morning import machine
 from supervisor.morning.facts import Outcome, RunFacts, RunState, Unclassified, Unsupervised
 from supervisor.morning.verdict import describe, kind, restarts
 
@@ -34,7 +37,8 @@ COLORS: dict[Outcome, str] = {
     F.CRASH: "#d62728", Unclassified.KILLED: "#d62728", F.OOM: "#9467bd",
     F.GPU_WATCHDOG: "#8c564b", F.HANG: "#ff7f0e", F.STALL: "#bcbd22", F.NON_FINITE: "#e377c2",
     F.GRAD_SPIKE: "#e377c2", F.PLANNED_RESTART: "#7f7f7f", Unclassified.ABANDONED: "#7f7f7f",
-    F.GRACEFUL_STOP: "#17becf",
+    F.GRACEFUL_STOP: "#17becf", F.METAL_RESOURCE_LIMIT: "#9467bd",
+    F.MACHINE_RESTARTED: "#000000", F.BATTERY_PAUSE: "#7f7f7f",
 }
 ENDED_EARLY: dict[RunState, str] = {
     State.EARLY_STOPPED: "early stop", State.GAVE_UP: "gave up", State.STOPPED: "stopped",
@@ -177,7 +181,7 @@ def _restart_marks(ax: Any, facts: RunFacts) -> None:
         back = following.resumed_from if following is not None else None
         if back is not None and back < a.end_step:
             ax.axvspan(back, a.end_step, color=color, alpha=0.10, zorder=1)
-        label = kind(a.outcome)
+        label = kind(a)
         if a.action is Action.ROLLBACK:
             label += " → rollback"
         ax.text(a.end_step, 0.98 - 0.09 * (i % 3), f" {label} @{a.end_step} ", transform=trans,
@@ -216,7 +220,8 @@ def _progress_panel(ax: Any, facts: RunFacts) -> None:
         color = COLORS.get(a.outcome, "#d62728")
         ax.plot([(a.ended - t0) / div], [a.end_step], marker="X", markersize=11, color=color,
                 linestyle="none", markeredgecolor="black",
-                label=f"{kind(a.outcome)} (attempt {a.number} ended)")
+                label=f"{kind(a)} (attempt {a.number} ended)")
+    machine.draw(ax, facts, t0, div)  # heat, battery pauses, restarts, recycles
     if facts.total_steps:
         ax.axhline(facts.total_steps, color="#555555", linestyle="--", linewidth=1)
     ax.set_xlabel(f"wall-clock {unit} since the start")
@@ -232,10 +237,13 @@ def _memory_panel(ax: Any, facts: RunFacts) -> None:
     m = facts.metrics
     eff = m.effective()
     series = (("active_mb", "MLX active", "-"), ("peak_mb", "MLX peak", "--"),
-              ("rss_mb", "process RSS", ":"))
+              ("rss_mb", "process RSS", ":"), ("cache_mb", "MLX cache", "-."),
+              ("footprint_mb", "physical footprint (macOS)", "-"))
     highest, lowest = 0.0, math.inf
     for key, label, style in series:
         steps, values = _finite_pairs(m.steps[eff], m.col(key)[eff])
+        if key in ("cache_mb", "footprint_mb"):  # 0: not measured here (footprint: macOS)
+            steps, values = steps[values > 0], values[values > 0]
         if len(steps):
             xs, _, ys = thin(steps, values, "max")
             ax.plot(xs, ys, linestyle=style, linewidth=1.6, label=label)

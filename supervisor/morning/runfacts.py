@@ -76,7 +76,7 @@ def _attempt(a: AttemptRecord) -> Attempt:
     ended = parse_time(a.ended)
     outcome: Outcome = a.classification or (
         Unclassified.RUNNING if a.ended is None else Unclassified.UNKNOWN)
-    if a.action is Action.ABANDONED:
+    if a.action is Action.ABANDONED and a.classification is None:  # not a machine restart
         outcome = Unclassified.ABANDONED
     return Attempt(
         number=a.attempt, pid=a.pid, started=parse_time(a.started),

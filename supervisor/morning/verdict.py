@@ -38,7 +38,14 @@ from pathlib import Path
 
 from shared.exitcodes import FailureClass as F
 from shared.progress import Progress
-from shared.run_record import Action, BestCheckpoint, LatestCheckpoint, RunRecord, State
+from shared.run_record import (
+    Action,
+    BestCheckpoint,
+    Detection,
+    LatestCheckpoint,
+    RunRecord,
+    State,
+)
 from supervisor.daemon.control import RunStatus
 from supervisor.morning.facts import Attempt, Outcome, RunFacts, Unclassified, Unsupervised
 from supervisor.morning.runfacts import gather
@@ -49,7 +56,8 @@ KIND: dict[Outcome, str] = {
     F.STALL: "stall", F.NON_FINITE: "NaN loss", F.GRAD_SPIKE: "gradient spike",
     F.PLANNED_RESTART: "memory restart", F.GRACEFUL_STOP: "stop on request",
     Unclassified.KILLED: "killed", Unclassified.ABANDONED: "supervisor restart",
-    F.BAD_CONFIG: "bad config or data",
+    F.BAD_CONFIG: "bad config or data", F.METAL_RESOURCE_LIMIT: "Metal resource limit",
+    F.MACHINE_RESTARTED: "machine restart", F.BATTERY_PAUSE: "battery pause",
 }
 # Attempts after which the run went no further on its own (not a restart).
 ENDED_FOR_GOOD = frozenset({F.COMPLETED, F.EARLY_STOPPED, Unclassified.RUNNING,
@@ -83,15 +91,20 @@ def clock(t: float | None) -> str:
     return dt.datetime.fromtimestamp(t).strftime("%H:%M:%S")
 
 
-def kind(outcome: Outcome) -> str:
-    """How an ending is named in the verdict, the report and the picture: "OOM", "hang"."""
-    return KIND.get(outcome, str(outcome.value).replace("_", " "))
+def kind(ending: Outcome | Attempt) -> str:
+    """How an ending is named in the verdict, the report and the picture: "OOM", "hang"; an
+    attempt's: a planned restart before Metal's resource limit is a "worker recycle"."""
+    if isinstance(ending, Attempt):
+        if ending.detected_by is Detection.RECYCLE:
+            return "worker recycle"
+        ending = ending.outcome
+    return KIND.get(ending, str(ending.value).replace("_", " "))
 
 
 def failure_note(a: Attempt, following: Attempt | None) -> str:
     """`OOM at 812 → micro-batch 8→4`, `NaN loss at 512 → rolled back to 500, lr ×0.5`,
     `injected crash at 70` (a fault injected on purpose)."""
-    text = ("injected " if a.injected_by else "") + f"{kind(a.outcome)} at {a.end_step}"
+    text = ("injected " if a.injected_by else "") + f"{kind(a)} at {a.end_step}"
     changes = []
     for key, pair in (a.settings_changed or {}).items():
         if key == "lr_scale" or not isinstance(pair, list) or len(pair) != 2:
@@ -124,7 +137,7 @@ def restarts(attempts: list[Attempt]) -> list[tuple[Attempt, Attempt | None]]:
 def _notes(pairs: list[tuple[Attempt, Attempt | None]]) -> str:
     if len(pairs) <= MAX_LISTED:
         return "; ".join(failure_note(a, f) for a, f in pairs)
-    kinds = Counter(("injected " if a.injected_by else "") + kind(a.outcome) for a, _ in pairs)
+    kinds = Counter(("injected " if a.injected_by else "") + kind(a) for a, _ in pairs)
     return ", ".join(f"{k} ×{c}" for k, c in kinds.most_common())
 
 
@@ -171,7 +184,7 @@ def describe(facts: RunFacts) -> str:
     elif state is State.STOPPED:
         head = f"stopped at step {steps} after {wall} ({facts.reason or 'stop requested'})"
     elif state is Unsupervised.INCOMPLETE:
-        why = kind(last.outcome) if last else "nothing ran"
+        why = kind(last) if last else "nothing ran"
         head = (f"INCOMPLETE at step {steps} after {wall}: the last worker ended ({why}) and "
                 "nothing restarted it")
     elif state is State.BACKING_OFF:

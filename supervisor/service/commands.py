@@ -35,7 +35,7 @@ from shared import run_record
 from shared.errors import ConfigError, OvernightError, RecordError, RunDirError
 from shared.fsutil import atomic_write_bytes
 from shared.layout import RunDir, creation_problem
-from supervisor.service import launchd, systemd
+from supervisor.service import at_boot, launchd, systemd
 from supervisor.service.model import STOP_MARGIN, Host, Platform, ServiceManager, ServiceSpec, Step
 
 QUERY_TIMEOUT = 10.0  # seconds for read-only service-manager queries
@@ -245,6 +245,10 @@ def add_services_arguments(p: argparse.ArgumentParser) -> None:
 def _add_platform(p: argparse.ArgumentParser) -> None:
     p.add_argument("--platform", choices=[m.value for m in Platform],
                    help="service manager (default: launchd on macOS, systemd on Linux)")
+    p.add_argument("--at-boot", action="store_true",
+                   help="a system-wide job that starts at boot with nobody logged in and runs "
+                        "as you (LaunchDaemon / system unit; needs sudo); default: a per-user "
+                        "service (LaunchAgent / user unit)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -253,9 +257,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="print the file and the commands; write and run nothing")
 
 
+def _backend(args: argparse.Namespace) -> ServiceManager:
+    """The service manager the command line asks for: the user's (default), or the
+    system's with --at-boot (supervisor/service/at_boot.py: root required unless a dry run)."""
+    platform, host = Platform.choose(args.platform), Host.current()
+    if not getattr(args, "at_boot", False):
+        return backend(platform, host)
+    if not getattr(args, "dry_run", False):
+        at_boot.require_root()
+    return at_boot.backend(platform, at_boot.host_for(host), _query)
+
+
 def main_install(args: argparse.Namespace) -> int:
-    host = Host.current()
-    b = backend(Platform.choose(args.platform), host)
+    b = _backend(args)
     spec = spec_from_args(args)
     path, content = b.path(spec.name), b.render_spec(spec)
     for other, other_path, other_run_dir in installed(b):
@@ -285,6 +299,8 @@ def main_install(args: argparse.Namespace) -> int:
             raise RunDirError(problem)
     else:
         RunDir(spec.run_dir).create()
+        if args.at_boot:  # created by root: the job's user must own it
+            at_boot.hand_over(spec.run_dir, b.host)
     if args.dry_run:
         print(f"# overnight install: dry run, nothing written or run\n# {path} ({what})")
         print(content, end="" if content.endswith("\n") else "\n")
@@ -311,7 +327,7 @@ def main_install(args: argparse.Namespace) -> int:
 
 
 def main_uninstall(args: argparse.Namespace) -> int:
-    b = backend(Platform.choose(args.platform), Host.current())
+    b = _backend(args)
     # "tiny", "io.mlx-overnight.tiny", "mlx-overnight-tiny.service": all mean the same job.
     exact = _NAME.match(args.name) and b.path(args.name).is_file()
     name = check_name(args.name if exact else b.strip(args.name), "NAME")
@@ -340,7 +356,7 @@ def main_uninstall(args: argparse.Namespace) -> int:
 
 
 def main_services(args: argparse.Namespace) -> int:
-    b = backend(Platform.choose(args.platform), Host.current())
+    b = _backend(args)
     rows = [
         (name, b.status(name), run_state(run_dir), str(run_dir) if run_dir else "?")
         for name, _, run_dir in installed(b)

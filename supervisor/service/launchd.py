@@ -24,6 +24,7 @@ from xml.parsers.expat import ExpatError
 from xml.sax.saxutils import escape
 
 from shared.layout import RunDir
+from supervisor.daemon.service_exit import SERVICE_ENV
 from supervisor.service import model as service_model
 from supervisor.service.model import Platform, ServiceManager, ServiceSpec, Step, Steps, steps
 
@@ -176,7 +177,8 @@ class Launchd(ServiceManager):
     def render_spec(self, spec: ServiceSpec) -> str:
         return render(
             name=spec.name, python=spec.python, config=spec.config, run_dir=spec.run_dir,
-            working_directory=spec.workdir, environment=dict(spec.environment),
+            working_directory=spec.workdir,
+            environment={**dict(spec.environment), SERVICE_ENV: "launchd"},
             log_dir=RunDir(spec.run_dir).logs, stop_timeout=spec.stop_timeout,
             exit_timeout=spec.stop_grace,
         )

@@ -24,6 +24,7 @@ from string import Template
 
 from shared.errors import ConfigError
 from shared.exitcodes import ExitCode
+from supervisor.daemon.service_exit import SERVICE_ENV
 from supervisor.service import model as service_model
 from supervisor.service.model import Platform, ServiceManager, ServiceSpec, Step, Steps, steps
 
@@ -197,7 +198,8 @@ class Systemd(ServiceManager):
     def render_spec(self, spec: ServiceSpec) -> str:
         return render(
             name=spec.name, python=spec.python, config=spec.config, run_dir=spec.run_dir,
-            working_directory=spec.workdir, environment=dict(spec.environment),
+            working_directory=spec.workdir,
+            environment={**dict(spec.environment), SERVICE_ENV: "systemd"},
             stop_timeout=spec.stop_timeout, timeout_stop_sec=spec.stop_grace,
             watchdog_sec=spec.watchdog_sec,
         )
