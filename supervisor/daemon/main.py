@@ -56,6 +56,7 @@ from supervisor.daemon.record import RecordKeeper
 from supervisor.daemon.runner import AttemptRunner
 from supervisor.daemon.state import AlreadyComplete, Begin, State
 from supervisor.daemon.stopping import HowStopped, ProcessHandle, stop
+from supervisor.queue import night
 
 ON_EXIT_TIMEOUT = 60.0
 # The worker: `python -m worker train CONFIG ...` (supervisor/daemon/worker_command.py).
@@ -63,15 +64,20 @@ WORKER_COMMAND = [sys.executable, "-m", "worker"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="the run's YAML config (with a supervisor: "
-                                                  "section for these settings)")
+    parser.add_argument("config", type=Path, nargs="?",
+                        help="the run's YAML config (with a supervisor: section for these "
+                             "settings); a queue directory: as --queue")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="run directory (default: ./runs/<config name>)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                         help="console and JSON log level")
+    night.add_arguments(parser)  # --queue, --until, ...: supervisor/queue/night.py
 
 
 def main(args: argparse.Namespace) -> int:
+    queue_dir = night.queue_of(args)  # `run --queue DIR`: the night's jobs, one at a time
+    if queue_dir is not None:
+        return night.main(args, queue_dir)
     config_path = args.config.resolve()
     config = config_mod.load(config_path)  # ConfigError: one line, exit 78, nothing started
     limit = openfile_limit.problem()  # every worker would die importing mlx_lm: refuse now
