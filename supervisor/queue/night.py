@@ -339,7 +339,12 @@ class Runner:
                                  failures=failures, output=str(self._console(job)))
                 if failures < SUPERVISOR_RETRIES:
                     self._sleep(SUPERVISOR_BACKOFF)
-                    continue
+                    if not self._past_deadline():
+                        continue
+                    end, reason = JobState.DEADLINE, (f"the deadline {_clock(self.until)} came "
+                                                      f"while its supervisor was restarted")
+                    self._finish(job, end, reason)
+                    return end
                 end = JobState.GAVE_UP
                 reason = (f"its supervisor failed {failures} times in a row (last exit {rc}; "
                           f"see {self._console(job)})")
@@ -431,6 +436,10 @@ class Runner:
             if state is run_record.State.STOPPED:
                 return JobState.STOPPED, f"stopped by hand ({reason})"
         last = _last_line(self._console(job))
+        if why == "deadline":  # our SIGTERM came before its supervisor could catch it
+            step = record.final_step if record is not None else 0
+            return JobState.DEADLINE, (f"stopped at the deadline {_clock(self.until)} at step "
+                                       f"{step} (exit {rc})")
         if rc == 78 and "in use" not in last:
             return JobState.GAVE_UP, f"refused to start: {last}"
         if why == "signal":

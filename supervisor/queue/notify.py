@@ -121,8 +121,11 @@ class Notifier:
         try:
             self._pending.put(None, timeout=with_end)
         except queue.Full:
-            return
+            pass
         self._thread.join(with_end)
+        if self._thread.is_alive():
+            self.log.warning("notify_unsent", pending=self._pending.qsize(),
+                             waited_s=round(with_end, 1))
 
     def _loop(self) -> None:
         while True:
