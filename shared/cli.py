@@ -43,7 +43,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("checkpoints", "worker.checkpoints_cli", "list a run's checkpoints with their status"),
     ("logs", "supervisor.morning.logview", "show a run's merged supervisor and worker logs"),
     ("report", "supervisor.morning.report", "write and print the morning report of a run"),
-    ("compare", "supervisor.queue.compare",
+    ("compare", "supervisor.queue.compare_cli",
      "compare runs side by side: verdicts, a table, one picture, the best run"),
     ("install", "supervisor.service.commands", "install a run as a launchd/systemd user service"),
     ("uninstall", "supervisor.service.commands", "remove an installed service"),

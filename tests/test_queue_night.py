@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from shared import queue_file, run_record
 from shared.queue_file import JobState
+from shared.runlock import read as read_lock
 from supervisor.queue import commands
 from tests.conftest import overnight, subprocess_env
 from tests.supervisor_support import ROOT, wait_for, write_config
@@ -141,3 +143,26 @@ def test_a_stopped_runner_leaves_its_job_running_and_the_next_one_resumes_it(tmp
     job = queue_file.load(q).find("a")
     assert job.state is JobState.FINISHED and job.supervisor_starts == 2
     assert "resuming" in done.stderr
+
+
+def test_a_killed_job_supervisor_is_started_again_and_its_job_goes_on(tmp_path):
+    """SIGKILL to the job's own supervisor (not the runner): the runner starts it again, it
+    resumes the job from its checkpoint; the job finishes and the queue goes on."""
+    q = _queue(tmp_path, [("a", ["iters=300"]), ("b", [])])
+    env = subprocess_env(FAKE_STEP_SECONDS="0.01")
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "run", "--queue", str(q)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    run = q / "runs" / "a"
+    wait_for(lambda: (run / "checkpoints" / "step-0000020").is_dir(), 60)
+    holder = read_lock(run / "run.lock")
+    assert holder is not None and holder.role.value == "supervisor"
+    os.kill(holder.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert _states(q) == {"a": JobState.FINISHED, "b": JobState.FINISHED}
+    assert queue_file.load(q).find("a").supervisor_starts == 2
+    record = run_record.load(run / "run.json")
+    assert record is not None and record.supervisor.starts == 2
+    assert record.attempts[-1].resumed_from is not None
+    assert record.attempts[-1].resumed_from.step >= 20

@@ -111,7 +111,7 @@ def main(args: argparse.Namespace) -> int:
     if args.queue:
         from supervisor.queue import demo as queue_demo
 
-        return queue_demo.main(args, base)
+        return queue_demo.main(args, base, prepare)
     run = RunDir((args.run_dir or base / "run").resolve())
     if run.record.exists() or run.checkpoints.exists():
         raise ConfigError(f"{run.root}: already holds a run; choose another --run-dir or "

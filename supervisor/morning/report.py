@@ -75,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
             raise ConfigError("expected RUN_DIR or --queue DIR, not both")
         from supervisor.queue.compare import main_queue
 
-        return main_queue(args.queue, args.format, args.output)
+        return main_queue(args.queue, args.format, args.output, _use_result,
+                          MATPLOTLIB_MISSING)
     run_dir = resolve_run_dir(args.run_dir, "report")
     facts = gather(run_dir)
     out = args.output or run_dir / f"report.{args.format}"
@@ -201,7 +202,7 @@ def _use_result(facts: RunFacts) -> list[Block]:
     return [*blocks, Code("\n".join(cmds))]
 
 
-use_result = _use_result  # the night's comparison names the best job's adapters with it
+use_result = _use_result  # `overnight compare` names the best run's adapters with it
 
 
 def _short(text: str, n: int = DETAIL_CHARS) -> str:

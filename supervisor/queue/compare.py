@@ -1,5 +1,5 @@
 """The morning after a night of several jobs: `overnight report --queue DIR` and
-`overnight compare RUN_DIR...`.
+`overnight compare RUN_DIR...` (its command line: compare_cli.py).
 
     overnight report --queue queue             # queue/report.md + report.png, printed too
     overnight compare runs/a runs/b --format html --output night.html
@@ -17,11 +17,11 @@ reads a run file itself.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,6 @@ from shared import queue_file
 from shared.errors import ConfigError
 from shared.queue_file import Job, JobState
 from supervisor.morning.facts import RunFacts
-from supervisor.morning.report import MATPLOTLIB_MISSING, use_result
 from supervisor.morning.report_doc import (
     Block,
     Heading,
@@ -55,34 +54,14 @@ class Entry:
     job: Job | None = None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
-                        help="the runs to compare (two or more)")
-    _add_output(parser, "./compare.md")
+UseResult = Callable[[RunFacts], list[Block]]
 
 
-def _add_output(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--format", choices=("md", "html"), default="md",
-                        help="md: the document + a .png beside it; html: one file")
-    parser.add_argument("--output", type=Path, metavar="FILE",
-                        help=f"where to write it (default: {default}, .html for html)")
-
-
-def main(args: argparse.Namespace) -> int:
-    entries = []
-    for run_dir in args.run_dirs:
-        if not run_dir.is_dir():
-            raise ConfigError(f"{run_dir}: not a run directory")
-        entries.append(Entry(run_dir.resolve().name, gather(run_dir.resolve())))
-    names = [e.name for e in entries]
-    if len(set(names)) != len(names):  # runs/a/x and runs/b/x: name them by their path
-        entries = [Entry(str(d), e.facts) for d, e in zip(args.run_dirs, entries, strict=True)]
-    out = args.output or Path(f"compare.{args.format}")
-    return _write_and_print(entries, out, args.format, "Comparison")
-
-
-def main_queue(queue_dir: Path, fmt: str, output: Path | None) -> int:
-    """`overnight report --queue DIR`."""
+def main_queue(queue_dir: Path, fmt: str, output: Path | None, use: UseResult,
+               no_picture: str) -> int:
+    """`overnight report --queue DIR`. `use` renders "Use the result" for a run (the
+    single-run report's: supervisor/morning/report.py passes it), `no_picture` the line
+    printed when matplotlib is missing."""
     queue_dir = queue_dir.resolve()
     if not (queue_dir / "queue.json").exists():
         raise ConfigError(f"{queue_dir}: no queue here (no queue.json)")
@@ -93,13 +72,17 @@ def main_queue(queue_dir: Path, fmt: str, output: Path | None) -> int:
         facts = gather(run_dir) if (run_dir / "run.json").exists() else None
         entries.append(Entry(job.name, facts, job))
     out = output or queue_dir / f"report.{fmt}"
-    return _write_and_print(entries, out, fmt, f"The night of {queue_dir.name}")
+    return write_and_print(entries, out, fmt, f"The night of {queue_dir.name}", use,
+                           no_picture)
 
 
-def _write_and_print(entries: list[Entry], out: Path, fmt: str, title: str) -> int:
+def write_and_print(entries: list[Entry], out: Path, fmt: str, title: str, use: UseResult,
+                    no_picture: str) -> int:
+    """Write the comparison to `out` (md + png beside it, or one html) and print it."""
     image = render_png(entries)
     png = out.with_suffix(".png") if image is not None and fmt == "md" else None
-    blocks = build(entries, title, out.with_suffix(".png").name if image is not None else None)
+    blocks = build(entries, title, out.with_suffix(".png").name if image is not None else None,
+                   use)
     markdown = to_markdown(blocks)
     try:
         if fmt == "html":
@@ -112,7 +95,7 @@ def _write_and_print(entries: list[Entry], out: Path, fmt: str, title: str) -> i
         raise ConfigError(f"{out}: cannot write the report ({e.strerror})") from None
     print(markdown, end="")
     if image is None:
-        print(f"overnight: {MATPLOTLIB_MISSING}", file=sys.stderr)
+        print(f"overnight: {no_picture}", file=sys.stderr)
     print(f"report: {out}" + (f"  picture: {png}" if png else ""), file=sys.stderr)
     return 0
 
@@ -155,7 +138,8 @@ def best_entry(entries: list[Entry]) -> Entry | None:
     return min(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
 
 
-def build(entries: list[Entry], title: str, png_name: str | None) -> list[Block]:
+def build(entries: list[Entry], title: str, png_name: str | None, use: UseResult
+          ) -> list[Block]:
     best = best_entry(entries)
     blocks: list[Block] = [Heading(title, 1)]
     if best is not None and best.facts is not None and best.facts.best is not None:
@@ -172,8 +156,7 @@ def build(entries: list[Entry], title: str, png_name: str | None) -> list[Block]
                    Image(png_name, "every job's validation loss against step and against "
                                    "wall-clock time")]
     if best is not None and best.facts is not None:
-        use = use_result(best.facts)
-        blocks += [Heading(f"Use the best job: {best.name}", 2), *use[1:]]
+        blocks += [Heading(f"Use the best job: {best.name}", 2), *use(best.facts)[1:]]
     return blocks
 
 

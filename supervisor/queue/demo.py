@@ -17,6 +17,7 @@ import argparse
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.errors import ConfigError, OvernightError
@@ -32,9 +33,10 @@ def _overnight(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, check=False)
 
 
-def main(args: argparse.Namespace, base: Path) -> int:
-    from supervisor.morning.demo import prepare
-
+def main(args: argparse.Namespace, base: Path, prepare: Callable[[Path, int, str], Path]
+         ) -> int:
+    """The queue demo in `base`; `prepare(base, iters, inject)` builds the model, corpus and
+    demo.yaml (supervisor/morning/demo.py's)."""
     started = time.time()
     out = sys.stdout
     queue = base / "queue"

@@ -72,7 +72,7 @@ from supervisor.queue.notify import Message, Notifier
 POLL = 0.5  # seconds between looks at the job supervisor, the clock and the signals
 FAILURE_CHECK_EVERY = 2.0  # seconds between reads of the job's run.json for failures
 SUPERVISOR_RETRIES = 3
-SUPERVISOR_BACKOFF = 5.0
+SUPERVISOR_BACKOFF = 2.0
 STOP_MARGIN = 60.0  # seconds beyond the job's stop_timeout for its supervisor to stop
 SUPERVISOR_RUN = [sys.executable, "-m", "supervisor.cli", "run"]
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)

@@ -24,6 +24,7 @@ The wire formats:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import subprocess
@@ -118,10 +119,8 @@ class Notifier:
         if self._thread is None:
             return
         with_end = self.config.timeout * (len(self.config.targets) + 1)
-        try:
+        with contextlib.suppress(queue.Full):
             self._pending.put(None, timeout=with_end)
-        except queue.Full:
-            pass
         self._thread.join(with_end)
         if self._thread.is_alive():
             self.log.warning("notify_unsent", pending=self._pending.qsize(),
