@@ -122,3 +122,13 @@ def test_until_means_the_next_such_clock_time():
     assert deadline("2026-12-01T06:30:00", evening) == datetime(2026, 12, 1, 6, 30)
     with pytest.raises(Exception, match="HH:MM"):
         deadline("7am", evening)
+
+
+def test_running_a_queue_that_is_not_there_is_one_line(tmp_path):
+    done = overnight("run", "--queue", str(tmp_path / "qeueu"))
+    assert done.returncode == 78 and "no queue here" in done.stderr
+    assert not (tmp_path / "qeueu").exists()
+    both = overnight("run", str(tmp_path / "x.yaml"), "--queue", str(tmp_path))
+    assert both.returncode == 78 and "not both" in both.stderr
+    alone = overnight("run", str(tmp_path / "x.yaml"), "--until", "07:00")
+    assert alone.returncode == 78 and "--until: only with --queue" in alone.stderr

@@ -48,8 +48,8 @@ def test_three_jobs_one_gives_up_all_run_and_each_end_is_notified(tmp_path):
                           ("c", [])])
     hook = Receiver()
     try:
-        (q / "queue.yaml").write_text(f"notify:\n  targets:\n    - webhook: {{url: "
-                                      f"'{hook.url}/night'}}\n")
+        (q / "queue.yaml").write_text(f"notify:\n  events: [job, queue, failure]\n"
+                                      f"  targets:\n    - webhook: {{url: '{hook.url}/night'}}\n")
         done = _run(q)
         assert done.returncode == 0, done.stderr
         assert _states(q) == {"a": JobState.FINISHED, "b": JobState.GAVE_UP,
@@ -63,6 +63,8 @@ def test_three_jobs_one_gives_up_all_run_and_each_end_is_notified(tmp_path):
         assert [m["state"] for m in sent if m["event"] == "job"] == [
             "finished", "gave_up", "finished"]
         assert [m["event"] for m in sent].count("queue") == 1
+        failures = [m for m in sent if m["event"] == "failure"]  # asked for: each failed attempt
+        assert [(m["job"], m["attempt"]) for m in failures] == [("b", 1)]
     finally:
         hook.close()
     for job in jobs:  # each a normal supervised run in its own directory
@@ -166,3 +168,32 @@ def test_a_killed_job_supervisor_is_started_again_and_its_job_goes_on(tmp_path):
     assert record is not None and record.supervisor.starts == 2
     assert record.attempts[-1].resumed_from is not None
     assert record.attempts[-1].resumed_from.step >= 20
+
+
+def test_a_paused_queue_starts_nothing_until_resumed_run_as_the_service_runs_it(tmp_path):
+    """`overnight install --queue Q` writes `run Q --run-dir Q`: that command runs the queue;
+    paused, it starts no job and says so; `overnight queue resume` lets it go on."""
+    q = _queue(tmp_path, [("a", [])])
+    assert overnight("queue", "pause", "--queue", str(q)).returncode == 0
+    unit = overnight("install", "--queue", str(q), "--dry-run", "--platform", "systemd")
+    assert unit.returncode == 0, unit.stderr
+    assert f"run {q} --run-dir {q}" in unit.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", str(q),
+                             "--run-dir", str(q)], cwd=ROOT, env=subprocess_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: "queue_paused_waiting" in _log(q), 30)
+        assert _states(q) == {"a": JobState.QUEUED} and not (q / "runs" / "a").exists()
+        assert overnight("queue", "resume", "--queue", str(q)).returncode == 0
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "the queue is paused" in err
+    assert _states(q) == {"a": JobState.FINISHED}
+
+
+def _log(q: Path) -> str:
+    path = q / "logs" / "queue.jsonl"
+    return path.read_text() if path.exists() else ""

@@ -111,6 +111,9 @@ def queue_of(args: argparse.Namespace) -> Path | None:
 
 def main(args: argparse.Namespace, queue_dir: Path) -> int:
     queue_dir = queue_dir.resolve()
+    if not queue_file.path(queue_dir).exists():
+        raise QueueError(f"{queue_dir}: no queue here (add a job first: `overnight queue add "
+                         f"CONFIG.yaml --queue {queue_dir}`)")
     settings = settings_mod.load(queue_dir)
     queue_file.load(queue_dir)  # an unreadable queue.json: one line now
     until_text = args.until or settings.until
