@@ -138,8 +138,9 @@ def listing(queue_dir: Path, now: float | None = None) -> str:
         note = job.note or job.reason
         rows.append([str(i), job.name, job.state.value, progress, eta, note])
     header = f"{queue_dir}" + (" (paused)" if q.paused else "")
-    if q.night is not None and q.night.until:
-        header += f"; tonight until {q.night.until}"
+    until = queue_file.parse_iso(q.night.until) if q.night is not None else None
+    if until is not None:
+        header += f"; tonight until {datetime.fromtimestamp(until).strftime('%a %H:%M')}"
     return header + "\n" + _table(rows)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import queue_file
-from shared.errors import ConfigError
+from shared.errors import ConfigError, OvernightError
 from shared.queue_file import Job, JobState
 from supervisor.morning.facts import RunFacts
 from supervisor.morning.report_doc import (
@@ -52,6 +52,11 @@ class Entry:
     name: str
     facts: RunFacts | None
     job: Job | None = None
+    job_config: dict[str, Any] | None = None  # a job that has not run: its config file's
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.facts.config if self.facts is not None else (self.job_config or {})
 
 
 UseResult = Callable[[RunFacts], list[Block]]
@@ -70,7 +75,7 @@ def main_queue(queue_dir: Path, fmt: str, output: Path | None, use: UseResult,
     for job in q.jobs:
         run_dir = Path(job.run_dir)
         facts = gather(run_dir) if (run_dir / "run.json").exists() else None
-        entries.append(Entry(job.name, facts, job))
+        entries.append(Entry(job.name, facts, job, None if facts else _job_config(job)))
     out = output or queue_dir / f"report.{fmt}"
     return write_and_print(entries, out, fmt, f"The night of {queue_dir.name}", use,
                            no_picture)
@@ -161,7 +166,7 @@ def build(entries: list[Entry], title: str, png_name: str | None, use: UseResult
 
 
 def _table(entries: list[Entry]) -> list[Block]:
-    differ, hidden = differing_settings([e.facts.config for e in entries if e.facts])
+    differ, hidden = differing_settings([e.config for e in entries if e.config])
     header = ["job", "state", "final val", "best val (step)", "steps", "wall", "restarts",
               "tok/s", "peak MB", *differ]
     rows = []
@@ -169,7 +174,8 @@ def _table(entries: list[Entry]) -> list[Block]:
         f = e.facts
         state = e.job.state.value if e.job is not None else (f.state.value if f else "-")
         if f is None:
-            rows.append([e.name, state, *["-"] * (len(header) - 2)])
+            flat = flatten(e.config)
+            rows.append([e.name, state, *["-"] * 7, *(_value(flat.get(k)) for k in differ)])
             continue
         final = f"{f.evals[-1][1]:.3f}" if f.evals else "-"
         best = f"{f.best[1]:.3f} ({f.best[0]})" if f.best else "-"
@@ -182,6 +188,15 @@ def _table(entries: list[Entry]) -> list[Block]:
     if hidden:
         blocks.append(Para(f"{hidden} more settings differ (see each run's config.yaml)."))
     return blocks
+
+
+def _job_config(job: Job) -> dict[str, Any]:
+    from shared import config as config_mod
+
+    try:
+        return config_mod.load(Path(job.config)).to_dict()
+    except (OvernightError, OSError):
+        return {}
 
 
 def tokens_per_sec(f: RunFacts) -> float | None:
