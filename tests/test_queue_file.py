@@ -132,3 +132,12 @@ def test_running_a_queue_that_is_not_there_is_one_line(tmp_path):
     assert both.returncode == 78 and "not both" in both.stderr
     alone = overnight("run", str(tmp_path / "x.yaml"), "--until", "07:00")
     assert alone.returncode == 78 and "--until: only with --queue" in alone.stderr
+
+
+def test_overnight_services_shows_an_installed_queue_by_its_jobs(tmp_path):
+    from supervisor.service.commands import run_state
+
+    config = write_config(tmp_path)
+    q = tmp_path / "q"
+    assert overnight("queue", "add", str(config), "--queue", str(q)).returncode == 0
+    assert run_state(q) == "queue: 1 queued"

@@ -144,6 +144,19 @@ def listing(queue_dir: Path, now: float | None = None) -> str:
     return header + "\n" + _table(rows)
 
 
+def summary(queue_dir: Path) -> str:
+    """"queue: 2 finished, 1 running" (`overnight services`); "unknown" when unreadable."""
+    try:
+        q = queue_file.load(queue_dir)
+    except QueueError:
+        return "unknown"
+    counts: dict[str, int] = {}
+    for job in q.jobs:
+        counts[job.state.value] = counts.get(job.state.value, 0) + 1
+    states = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no jobs"
+    return f"queue: {states}" + (" (paused)" if q.paused else "")
+
+
 def _config(job: Job) -> dict[str, object]:
     from shared import config as config_mod
 

@@ -200,6 +200,10 @@ def run_state(run_dir: Path | None) -> str:
     """The state in the run record; "unknown" if there is none or it is unreadable."""
     if run_dir is None:
         return "unknown"
+    if (run_dir / "queue.json").exists():  # `install --queue`: the jobs' states
+        from supervisor.queue.commands import summary
+
+        return summary(run_dir)
     try:
         record = run_record.load(RunDir(run_dir).record)
     except RecordError:
