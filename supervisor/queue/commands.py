@@ -157,6 +157,25 @@ def summary(queue_dir: Path) -> str:
     return f"queue: {states}" + (" (paused)" if q.paused else "")
 
 
+def stop_timeout(queue_dir: Path) -> float:
+    """`overnight install --queue`: the service must wait for the runner to stop the running
+    job: the longest stop_timeout of the jobs (seconds; the default when there is none yet),
+    to which the service adds its margin. QueueError when there is no queue yet."""
+    from shared import config as config_mod
+
+    if not (queue_dir / "queue.json").exists():
+        raise QueueError(f"--queue: {queue_dir} holds no queue yet (add a job with "
+                         "`overnight queue add CONFIG.yaml --queue DIR` first)")
+
+    timeouts = [config_mod.Config().supervisor.stop_timeout]
+    for job in queue_file.load(queue_dir).jobs:
+        try:
+            timeouts.append(config_mod.load(Path(job.config)).supervisor.stop_timeout)
+        except (OvernightError, OSError):
+            continue
+    return max(timeouts)
+
+
 def _config(job: Job) -> dict[str, object]:
     from shared import config as config_mod
 

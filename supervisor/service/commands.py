@@ -165,6 +165,8 @@ def spec_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
         if args.config is not None or args.run_dir:
             raise ConfigError("expected CONFIG.yaml or --queue DIR, not both (a queue's jobs "
                               "have their own run directories)")
+        from supervisor.queue.commands import stop_timeout as queue_stop_timeout
+
         config_path = run_dir = _abspath(cwd, args.queue)
         stop_timeout = queue_stop_timeout(run_dir)
     else:
@@ -230,24 +232,6 @@ def installed(b: ServiceManager) -> list[tuple[str, Path, Path | None]]:
 
 
 # --- the commands ----------------------------------------------------------------------------
-
-
-def queue_stop_timeout(queue_dir: Path) -> float:
-    """A queue's service must wait for its runner to stop the running job: the longest
-    stop_timeout of its jobs (the default when it has none yet); the service adds its margin.
-    The queue must exist (one line otherwise: `overnight queue add` first)."""
-    from shared import queue_file
-
-    if not (queue_dir / "queue.json").exists():
-        raise ConfigError(f"--queue: {queue_dir} holds no queue yet (add a job with "
-                          "`overnight queue add CONFIG.yaml --queue DIR` first)")
-    timeouts = [config_mod.Config().supervisor.stop_timeout]
-    for job in queue_file.load(queue_dir).jobs:
-        try:
-            timeouts.append(config_mod.load(Path(job.config)).supervisor.stop_timeout)
-        except (ConfigError, OSError):
-            continue
-    return max(timeouts)
 
 
 def add_install_arguments(p: argparse.ArgumentParser) -> None:
