@@ -83,8 +83,8 @@ def test_on_failure_stop_ends_the_night_and_leaves_the_rest_queued(tmp_path):
 
 def test_the_deadline_stops_job_2_cleanly_leaves_job_3_queued_and_next_night_resumes(
         tmp_path):
-    q = _queue(tmp_path, [("a", []), ("b", ["iters=1000"]), ("c", [])])
-    until = (datetime.now() + timedelta(seconds=12)).isoformat(timespec="seconds")
+    q = _queue(tmp_path, [("a", ["iters=5"]), ("b", ["iters=1000"]), ("c", [])])
+    until = (datetime.now() + timedelta(seconds=15)).isoformat(timespec="seconds")
     done = _run(q, "--until", until, "--no-skip", env={"FAKE_STEP_SECONDS": "0.03"})
     assert done.returncode == 0, done.stderr
     assert _states(q) == {"a": JobState.FINISHED, "b": JobState.DEADLINE, "c": JobState.QUEUED}
@@ -197,3 +197,32 @@ def test_a_paused_queue_starts_nothing_until_resumed_run_as_the_service_runs_it(
 def _log(q: Path) -> str:
     path = q / "logs" / "queue.jsonl"
     return path.read_text() if path.exists() else ""
+
+
+def test_after_a_power_cut_the_running_job_resumes_from_its_checkpoint(tmp_path):
+    """Every process of the night SIGKILLed at once (the runner, its guards, the job's
+    supervisor and worker: a reboot or power cut, nothing saves): the next runner resumes
+    the job from its newest checkpoint and goes on."""
+    import psutil
+
+    q = _queue(tmp_path, [("a", ["iters=300"]), ("b", [])])
+    env = subprocess_env(FAKE_STEP_SECONDS="0.01")
+    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "run", "--queue", str(q)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    run = q / "runs" / "a"
+    wait_for(lambda: (run / "checkpoints" / "step-0000020").is_dir(), 60)
+    tree = [proc.pid, *(p.pid for p in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)
+    proc.wait(10)
+    wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
+                             for p in tree), 10)
+    done = _run(q, env={"FAKE_STEP_SECONDS": "0.002"})
+    assert done.returncode == 0, done.stderr
+    assert _states(q) == {"a": JobState.FINISHED, "b": JobState.FINISHED}
+    record = run_record.load(run / "run.json")
+    assert record is not None and record.final_step == 300
+    assert record.attempts[0].classification is None  # abandoned: its supervisor died
+    assert record.attempts[-1].resumed_from is not None
+    assert record.attempts[-1].resumed_from.step >= 20
