@@ -226,3 +226,14 @@ def test_after_a_power_cut_the_running_job_resumes_from_its_checkpoint(tmp_path)
     assert record.attempts[0].classification is None  # abandoned: its supervisor died
     assert record.attempts[-1].resumed_from is not None
     assert record.attempts[-1].resumed_from.step >= 20
+
+
+def test_a_job_whose_config_is_gone_gives_up_in_one_line_and_the_night_goes_on(tmp_path):
+    q = _queue(tmp_path, [("gone", []), ("b", [])])
+    Path(queue_file.load(q).find("gone").config).unlink()
+    done = _run(q)
+    assert done.returncode == 0, done.stderr
+    assert _states(q) == {"gone": JobState.GAVE_UP, "b": JobState.FINISHED}
+    reason = queue_file.load(q).find("gone").reason
+    assert reason.startswith("refused to start: overnight run: ") and "not found" in reason
+    assert queue_file.load(q).find("gone").supervisor_starts == 1  # not retried

@@ -25,6 +25,7 @@ from typing import Any
 from shared import config as config_mod
 from shared import queue_file, run_record
 from shared.errors import ConfigError, OvernightError, RecordError
+from shared.exitcodes import ExitCode
 from shared.layout import RunDir
 from shared.queue_file import Job, JobState, Queue, now_iso
 from shared.runlock import Role, is_locked
@@ -114,10 +115,12 @@ class JobRunner:
                 [*SUPERVISOR_RUN, job.config, "--run-dir", job.run_dir], cwd=job.cwd,
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=sdnotify.child_environment(), start_new_session=True, close_fds=True)
-        except OSError as e:
+        except OSError as e:  # its directory is gone, say: the job cannot run
+            self.log.error("job_start_failed", job=job.name, cwd=job.cwd, error=str(e))
+            out.write(f"overnight queue: cannot start the job's supervisor in {job.cwd} "
+                      f"({e.strerror or e})\n".encode())
             out.close()
-            self.log.error("job_start_failed", job=job.name, error=str(e))
-            return 1, ""
+            return int(ExitCode.BAD_CONFIG), ""
         try:
             guard = spawn.start_guard(popen.pid, _stop_grace(job), out)
         except BaseException:
@@ -179,7 +182,7 @@ class JobRunner:
             step = record.final_step if record is not None else 0
             return JobState.DEADLINE, (f"stopped at the deadline {clock(self.until)} at step "
                                        f"{step} (exit {rc})")
-        if rc == 78 and "in use" not in last:
+        if rc == ExitCode.BAD_CONFIG and "in use" not in last:
             return JobState.GAVE_UP, f"refused to start: {last}"
         if why == "signal":
             return None, "interrupted: the runner was stopped"
