@@ -237,3 +237,28 @@ def test_a_job_whose_config_is_gone_gives_up_in_one_line_and_the_night_goes_on(t
     reason = queue_file.load(q).find("gone").reason
     assert reason.startswith("refused to start: overnight run: ") and "not found" in reason
     assert queue_file.load(q).find("gone").supervisor_starts == 1  # not retried
+
+
+def test_a_night_left_open_keeps_its_deadline_for_an_hour_then_a_new_night_begins(tmp_path):
+    """A runner restarted (by the service manager, after a reboot) 10 minutes after the dead
+    runner's deadline starts nothing; one started the next evening begins a new night."""
+    from dataclasses import replace
+
+    from shared.queue_file import Night
+
+    q = _queue(tmp_path, [("a", [])])
+
+    def open_night(minutes_ago: int) -> None:
+        until = (datetime.now() - timedelta(minutes=minutes_ago)).astimezone()
+        night = Night(started="2026-11-29T22:00:00+00:00", until=until.isoformat(), pid=1)
+        queue_file.update(q, lambda qu: (replace(qu, night=night), None))
+
+    open_night(10)
+    done = _run(q)
+    assert done.returncode == 0, done.stderr
+    assert "night ended (deadline)" in done.stderr
+    assert _states(q) == {"a": JobState.QUEUED} and queue_file.load(q).night is None
+    open_night(120)
+    done = _run(q)
+    assert done.returncode == 0, done.stderr
+    assert _states(q) == {"a": JobState.FINISHED}

@@ -31,7 +31,8 @@ result so far, and the next night resumes it first. Jobs not started stay `queue
 job starts, its expected duration (supervisor/queue/estimate.py: measured speed tonight) is
 compared with the time left; a job that cannot finish is passed over for tonight, stays
 queued with a note saying so, and the next one is tried. A runner that dies keeps its
-night's deadline (queue.json `night`); one started after that deadline ends at once.
+night's deadline (queue.json `night`); one started after that deadline (within an hour)
+ends at once, one started later begins a new night.
 
 **Paused** (`overnight queue pause`): no job is started; a job interrupted by a crash still
 resumes. The runner waits for `overnight queue resume`, the deadline or a signal.
@@ -65,6 +66,11 @@ from supervisor.queue.job import POLL, JobRunner, clock, facts_of
 from supervisor.queue.notify import Message, Notifier
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# A night left open (its runner died or was stopped) is continued — with its deadline — by
+# a runner started before its deadline or within this many seconds after it (a restart by
+# the service manager, a reboot: the night has ended, start nothing); later (the next
+# evening) a new night begins.
+NIGHT_OVER_AFTER = 3600.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,7 +194,10 @@ class Runner(JobRunner):
     def _open_night(self) -> None:
         def change(q: Queue) -> tuple[Queue, tuple[Night, bool]]:
             old = q.night
-            if old is not None:  # a runner died: its night (and deadline) goes on
+            old_until = queue_file.parse_iso(old.until) if old is not None else None
+            if old is not None and (old_until is None
+                                    or time.time() < old_until + NIGHT_OVER_AFTER):
+                # a runner died or was stopped tonight: its night (and deadline) goes on
                 night, continued = replace(old, pid=os.getpid()), True
             else:
                 at = (settings_mod.deadline(self.until_text, datetime.now())
