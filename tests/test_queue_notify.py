@@ -168,3 +168,15 @@ class _StructLog:
 
     def warning(self, event: str, **k: Any) -> None:
         self.log.warning(event, **k)
+
+
+def test_a_title_that_is_not_ascii_reaches_ntfy_encoded(receiver):
+    n = Notifier(Notify(targets=[Target(ntfy=NtfyTarget(topic="t", server=receiver.url))]),
+                 _NullLog())
+    n.send(Message("job", "lr-élevé finished", "ok"))
+    n.close()
+    from email.header import decode_header, make_header
+
+    title = receiver.got[0][1]["Title"]
+    assert title.startswith("=?utf-8?")  # RFC 2047: ASCII on the wire
+    assert str(make_header(decode_header(title))) == "lr-élevé finished"

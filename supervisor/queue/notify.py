@@ -15,8 +15,8 @@ The wire formats:
   `{"text": MSG, "content": MSG, "event": "job", "queue": DIR, "job": NAME, "state": ..., ...}`:
   Slack incoming webhooks read `text`, Discord webhooks `content`
   (api.slack.com/messaging/webhooks, discord.com/developers/docs/resources/webhook).
-- ntfy: POST SERVER/TOPIC with the message as the body and the `Title`, `Tags` and
-  `Priority` headers (docs.ntfy.sh/publish).
+- ntfy: POST SERVER/TOPIC with the message as the body and the `Title` (RFC 2047 when not
+  ASCII), `Tags` and `Priority` headers (docs.ntfy.sh/publish).
 - macOS: `osascript -e 'display notification "MSG" with title "overnight" subtitle "…"'`
   (AppleScript's `display notification`, Standard Additions); not on other platforms
   (logged once as `notify_skipped`).
@@ -35,6 +35,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from email.header import Header
 from typing import Any
 
 from supervisor.queue.settings import MacOSTarget, Notify, NtfyTarget, Target, WebhookTarget
@@ -172,7 +173,10 @@ class Notifier:
 
     @staticmethod
     def _ntfy(t: NtfyTarget, message: Message, timeout: float) -> None:
-        headers = {"Title": message.title.encode("utf-8").decode("latin-1", "replace"),
+        title = message.title
+        if not title.isascii():  # HTTP headers are Latin-1: RFC 2047, which ntfy decodes
+            title = Header(title, "utf-8").encode()
+        headers = {"Title": title,
                    "Tags": "warning" if message.event == "failure" else "robot",
                    "Priority": str(t.priority)}
         _post(f"{t.server.rstrip('/')}/{t.topic}", message.text.encode(), headers, timeout)
