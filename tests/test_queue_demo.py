@@ -1,6 +1,6 @@
 """`overnight demo --queue`: a two-job queue added with --sweep, listed, run (each job with an
 injected crash its supervisor survives) and compared — the real commands as processes.
-(The default, 60 steps a job, took 19 s on this 2-core machine when quiet; here 20 steps.)"""
+(The default, 60 steps a job, took 19-43 s on this shared 2-core machine; here 20 steps.)"""
 
 from __future__ import annotations
 
