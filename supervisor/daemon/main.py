@@ -3,6 +3,7 @@
     overnight run configs/mini.yaml                 # run dir: ./runs/mini
     overnight status runs/mini                      # from another terminal
     overnight stop runs/mini                        # checkpoint, then stop
+    overnight run --queue queue --until 07:00       # a night of jobs: supervisor/queue/night.py
 
 Start-up: create the run dir, lock it (shared/runlock.py: a second supervisor, or one while
 an `overnight train` writes the directory, is refused naming the holder's PID; the lock is
