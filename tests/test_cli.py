@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL = ["demo", "run", "train", "status", "stop", "checkpoints", "logs", "report", "install",
-       "uninstall", "services", "import-gguf", "tiny-model"]
+ALL = ["demo", "run", "queue", "train", "status", "stop", "checkpoints", "logs", "report",
+       "compare", "install", "uninstall", "services", "import-gguf", "tiny-model"]
 
 
 def run(*argv: str) -> subprocess.CompletedProcess[str]:

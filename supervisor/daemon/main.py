@@ -3,6 +3,7 @@
     overnight run configs/mini.yaml                 # run dir: ./runs/mini
     overnight status runs/mini                      # from another terminal
     overnight stop runs/mini                        # checkpoint, then stop
+    overnight run --queue queue --until 07:00       # a night of jobs: supervisor/queue/night.py
 
 Start-up: create the run dir, lock it (shared/runlock.py: a second supervisor, or one while
 an `overnight train` writes the directory, is refused naming the holder's PID; the lock is
@@ -60,6 +61,7 @@ from supervisor.daemon.record import RecordKeeper
 from supervisor.daemon.runner import AttemptRunner
 from supervisor.daemon.state import AlreadyComplete, Begin, State
 from supervisor.daemon.stopping import HowStopped, ProcessHandle, stop
+from supervisor.queue import night
 
 ON_EXIT_TIMEOUT = 60.0
 # The worker: `python -m worker train CONFIG ...` (supervisor/daemon/worker_command.py).
@@ -67,17 +69,23 @@ WORKER_COMMAND = [sys.executable, "-m", "worker"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="the run's YAML config (with a supervisor: "
-                                                  "section for these settings)")
+    parser.add_argument("config", type=Path, nargs="?",
+                        help="the run's YAML config (with a supervisor: section for these "
+                             "settings); a queue directory: as --queue")
     parser.add_argument("--run-dir", type=Path, default=None,
                         help="run directory (default: ./runs/<config name>)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning"],
                         help="console and JSON log level")
+    night.add_arguments(parser)  # --queue, --until, ...: supervisor/queue/night.py
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run the supervisor; under a service manager a refusal to start is recorded and exits
-    0 (supervisor/daemon/service_exit.py: launchd would relaunch it in a loop)."""
+    """Run the supervisor (or, with `--queue DIR`, the night's queue of jobs: supervisor/queue/);
+    under a service manager a refusal to start is recorded and exits 0
+    (supervisor/daemon/service_exit.py: launchd would relaunch it in a loop)."""
+    queue_dir = night.queue_of(args)  # `run --queue DIR`: the night's jobs, one at a time
+    if queue_dir is not None:
+        return night.main(args, queue_dir)
     try:
         return _main(args)
     except OvernightError as e:

@@ -60,6 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "hang at 75%%); '' for none; see worker/inject.py")
     parser.add_argument("--format", choices=("md", "html"), default="md",
                         help="the report's format (see overnight report)")
+    parser.add_argument("--queue", action="store_true",
+                        help="a night of two jobs instead: a queue, run, then compared "
+                             "(supervisor/queue/demo.py)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT,
                         help="seconds before the demo gives up on the supervisor")
 
@@ -105,6 +108,10 @@ def main(args: argparse.Namespace) -> int:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise RunDirError(cannot_create(base, e, "demo directory")) from None
+    if args.queue:
+        from supervisor.queue import demo as queue_demo
+
+        return queue_demo.main(args, base, prepare)
     run = RunDir((args.run_dir or base / "run").resolve())
     if run.record.exists() or run.checkpoints.exists():
         raise ConfigError(f"{run.root}: already holds a run; choose another --run-dir or "

@@ -65,9 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the report here (default: RUN_DIR/report.md or .html)")
     parser.add_argument("--quiet", action="store_true",
                         help="print only the verdict and where the report is")
+    parser.add_argument("--queue", type=Path, metavar="DIR",
+                        help="the report of a night of jobs: every job side by side "
+                             "(supervisor/queue/compare.py)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.queue is not None:
+        if args.run_dir is not None:
+            raise ConfigError("expected RUN_DIR or --queue DIR, not both")
+        from supervisor.queue.compare import main_queue
+
+        return main_queue(args.queue, args.format, args.output, _use_result,
+                          MATPLOTLIB_MISSING)
     run_dir = resolve_run_dir(args.run_dir, "report")
     facts = gather(run_dir)
     out = args.output or run_dir / f"report.{args.format}"
@@ -192,6 +202,9 @@ def _use_result(facts: RunFacts) -> list[Block]:
         cmds.append(f"overnight run {q(str(config or 'CONFIG.yaml'))} --run-dir "
                     f"{q(str(run.root))}   # resume")
     return [*blocks, Code("\n".join(cmds))]
+
+
+use_result = _use_result  # `overnight compare` names the best run's adapters with it
 
 
 def _short(text: str, n: int = DETAIL_CHARS) -> str:

@@ -161,10 +161,21 @@ def spec_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
     workdir = _abspath(cwd, args.workdir) if args.workdir else cwd
     if not workdir.is_dir():
         raise ConfigError(f"--workdir: expected a directory, got {str(workdir)!r}")
-    config_path = _abspath(cwd, args.config)
-    config = config_mod.load(config_path)
-    default_run_dir = workdir / "runs" / config_path.stem
-    run_dir = _abspath(cwd, args.run_dir) if args.run_dir else default_run_dir
+    if getattr(args, "queue", None) is not None:  # `run QUEUE_DIR`: supervisor/queue/night.py
+        if args.config is not None or args.run_dir:
+            raise ConfigError("expected CONFIG.yaml or --queue DIR, not both (a queue's jobs "
+                              "have their own run directories)")
+        from supervisor.queue.commands import stop_timeout as queue_stop_timeout
+
+        config_path = run_dir = _abspath(cwd, args.queue)
+        stop_timeout = queue_stop_timeout(run_dir)
+    else:
+        if args.config is None:
+            raise ConfigError("expected CONFIG.yaml (one run) or --queue DIR (a night of jobs)")
+        config_path = _abspath(cwd, args.config)
+        stop_timeout = config_mod.load(config_path).supervisor.stop_timeout
+        default_run_dir = workdir / "runs" / config_path.stem
+        run_dir = _abspath(cwd, args.run_dir) if args.run_dir else default_run_dir
     name = check_name(args.name) if args.name else derive_name(run_dir)
     if args.watchdog_sec < 0:
         raise ConfigError(f"--watchdog-sec: expected seconds >= 0, got {args.watchdog_sec}")
@@ -179,7 +190,7 @@ def spec_from_args(args: argparse.Namespace, env: Mapping[str, str] | None = Non
         _no_control(value, f"environment {key}")
     return ServiceSpec(
         name=name, python=python, config=config_path, run_dir=run_dir, workdir=workdir,
-        environment=tuple(environment.items()), stop_timeout=config.supervisor.stop_timeout,
+        environment=tuple(environment.items()), stop_timeout=stop_timeout,
         watchdog_sec=args.watchdog_sec,
     )
 
@@ -191,6 +202,10 @@ def run_state(run_dir: Path | None) -> str:
     """The state in the run record; "unknown" if there is none or it is unreadable."""
     if run_dir is None:
         return "unknown"
+    if (run_dir / "queue.json").exists():  # `install --queue`: the jobs' states
+        from supervisor.queue.commands import summary
+
+        return summary(run_dir)
     try:
         record = run_record.load(RunDir(run_dir).record)
     except RecordError:
@@ -220,7 +235,10 @@ def installed(b: ServiceManager) -> list[tuple[str, Path, Path | None]]:
 
 
 def add_install_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="the run's YAML config")
+    p.add_argument("config", nargs="?", help="the run's YAML config")
+    p.add_argument("--queue", metavar="DIR",
+                   help="install a night of jobs instead: the service runs `overnight run "
+                        "--queue DIR` (its deadline: `until:` in DIR/queue.yaml)")
     p.add_argument("--run-dir", help="run directory (default: WORKDIR/runs/<config stem>)")
     p.add_argument("--name", help="service name (default: the run directory's name)")
     p.add_argument("--workdir", help="working directory of the service (default: here)")
@@ -297,7 +315,7 @@ def main_install(args: argparse.Namespace) -> int:
         problem = creation_problem(spec.run_dir)
         if problem:
             raise RunDirError(problem)
-    else:
+    elif spec.config != spec.run_dir:  # a queue's directory (--queue) is no run directory
         RunDir(spec.run_dir).create()
         if args.at_boot:  # created by root: the job's user must own it
             at_boot.hand_over(spec.run_dir, b.host)
