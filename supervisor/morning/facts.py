@@ -132,7 +132,7 @@ class RunFacts:
     metrics: MetricsTable = field(default_factory=MetricsTable)  # columns, in file order
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss) by step
     best: tuple[int, float] | None = None  # (step, val_loss)
-    progress: list[dict[str, Any]] = field(default_factory=list)  # worker "progress" events
+    progress: list[dict[str, Any]] = field(default_factory=list)  # time, step, eta_h
     data_skipped: dict[str, int] = field(default_factory=dict)  # data file -> malformed lines
     data_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> DATA_EVENTS
     checkpoints: list[int] = field(default_factory=list)  # steps present, ascending

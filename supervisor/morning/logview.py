@@ -262,7 +262,10 @@ def main(args: argparse.Namespace) -> int:
     track = AttemptTracker()
     shown = 0
     try:
-        lines = merged(ts, final=not args.follow)
+        # --since skips what is older without reading it; not with --attempt, whose
+        # tracker must see the supervisor's earlier worker_spawned lines
+        lines = merged(ts, final=not args.follow,
+                       since=filt.since if args.attempt is None else -math.inf)
         selected: Iterable[LogLine] = (ln for ln in lines if filt.accepts(ln, track(ln)))
         if args.lines is not None:
             selected = deque(selected, maxlen=args.lines)

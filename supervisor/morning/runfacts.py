@@ -251,7 +251,8 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
                 if num(d.get("best_val_loss")) is not None:
                     best = (whole(d.get("best_step")), float(d["best_val_loss"]))
             elif ev == "progress":
-                progress.append({"time": t, **d})
+                # what the ETA table needs, not the whole event (~100k of them a 1M-step night)
+                progress.append({"time": t, "step": d.get("step"), "eta_h": d.get("eta_h")})
             elif ev in DATA_EVENTS and d.get("path"):
                 skipped[str(d["path"])] = whole(d.get("malformed"))
                 data_files[str(d["path"])] = d

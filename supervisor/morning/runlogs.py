@@ -74,10 +74,29 @@ class Problems:
                   f"(a process killed mid-write): {first}", file=out)
 
 
+_MINUTES: dict[str, float] = {}  # "2026-11-30T11:29" -> its epoch (UTC): a night has ~1000
+
+
 def parse_time(value: Any) -> float:
-    """ISO 8601 (structlog's `...Z` or run.json's `+00:00`) -> epoch seconds; nan if not."""
+    """ISO 8601 (structlog's `...Z` or run.json's `+00:00`) -> epoch seconds; nan if not.
+
+    structlog's UTC form ("2026-11-30T11:29:08.047981Z") takes a fast path: the minute's
+    epoch, parsed once and cached, plus the seconds (a 1M-step night's logs hold ~100k
+    timestamps)."""
     if not isinstance(value, str) or not value:
         return math.nan
+    if len(value) > 17 and value[-1] == "Z" and value[16] == ":" and value[10] == "T":
+        minute = value[:16]
+        base = _MINUTES.get(minute)
+        if base is None:
+            with contextlib.suppress(ValueError):
+                base = _MINUTES[minute] = dt.datetime.fromisoformat(
+                    minute + ":00+00:00").timestamp()
+        if base is not None:
+            with contextlib.suppress(ValueError):
+                seconds = float(value[17:-1])
+                if 0.0 <= seconds < 60.0:
+                    return base + seconds
     try:
         t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
@@ -122,6 +141,57 @@ def rotated_files(path: Path) -> list[Path]:
     return [p for _, p in sorted(backups, reverse=True)] + ([path] if path.exists() else [])
 
 
+SINCE_SLACK_S = 300.0
+BISECT_STOP_BYTES = 64 << 10
+
+
+def _time_at(f: Any, offset: int) -> tuple[float, int]:
+    """(time, start offset) of the first whole line starting after `offset` that has a
+    time; (inf, end) when none does within 64 KiB."""
+    f.seek(offset)
+    if offset:
+        f.readline()  # the rest of a line cut by the seek
+    start = f.tell()
+    for _ in range(64):
+        raw = f.readline(BISECT_STOP_BYTES)
+        if not raw:
+            break
+        obj = parse_line(raw.decode("utf-8", "replace"))
+        t = parse_time(obj.get("timestamp")) if obj else math.nan
+        if not math.isnan(t):
+            return t, start
+        start = f.tell()
+    return math.inf, f.tell()
+
+
+def _offset_at(f: Any, since: float) -> int:
+    """A line boundary in the open file `f` before which every line is older than `since`
+    (0 when unsure): bisection over byte offsets, the lines being in time order."""
+    try:
+        lo, hi = 0, os.fstat(f.fileno()).st_size
+        while hi - lo > BISECT_STOP_BYTES:
+            mid = (lo + hi) // 2
+            t, start = _time_at(f, mid)
+            if t < since:
+                lo = start
+            else:
+                hi = mid
+        _, start = _time_at(f, lo) if lo else (0.0, 0)
+        return start
+    except (OSError, ValueError):
+        return 0
+
+
+def _last_time(path: Path) -> float:
+    """The time of the last timed line of a (rotated, complete) log; inf when unknown."""
+    for raw in reversed(tail_lines(path, 65536)):
+        obj = parse_line(raw.decode("utf-8", "replace"))
+        t = parse_time(obj.get("timestamp")) if obj else math.nan
+        if not math.isnan(t):
+            return t
+    return math.inf
+
+
 def _to_line(obj: dict[str, Any], default_source: str) -> LogLine:
     obj.setdefault("source", default_source)
     return LogLine(parse_time(obj.get("timestamp")), obj)
@@ -143,13 +213,19 @@ class Tail:
         self.partial = b""
         self.lineno = 0
 
-    def initial(self, final: bool = True) -> Iterator[LogLine]:
+    def initial(self, final: bool = True, since: float = -math.inf) -> Iterator[LogLine]:
         """Every line so far: the backups, then the live file (left open for `follow`;
-        then a last line still being written waits for its newline)."""
+        then a last line still being written waits for its newline). `since` (epoch
+        seconds): lines older than it may be left out — a backup whose last line is older,
+        and the part of the live file before it (found by bisection on the timestamps of
+        the lines; SINCE_SLACK_S of slack for lines written out of order)."""
         for backup in rotated_files(self.path):
-            if backup != self.path:
+            if backup != self.path and _last_time(backup) >= since - SINCE_SLACK_S:
                 yield from self._whole_file(backup)
         self._open()
+        if self.handle is not None and since > -math.inf:
+            self.handle.seek(_offset_at(self.handle, since - SINCE_SLACK_S))
+            self.lineno = -1  # line numbers are unknown after a seek (for notes only)
         yield from self.new_lines(final=final)
 
     def _whole_file(self, path: Path) -> Iterator[LogLine]:
@@ -203,6 +279,10 @@ class Tail:
                 yield line
 
     def _decode(self, raw: bytes, where: str) -> LogLine | None:
+        with contextlib.suppress(orjson.JSONDecodeError):  # the common case, without decoding
+            fast = orjson.loads(raw)
+            if type(fast) is dict:
+                return _to_line(fast, self.source)
         text = raw.decode("utf-8", "replace")
         if not text.strip():
             return None
@@ -228,9 +308,10 @@ def key(line: LogLine) -> float:
     return line.time if not math.isnan(line.time) else -math.inf
 
 
-def merged(ts: list[Tail], final: bool = True) -> Iterator[LogLine]:
-    """All lines so far of several logs in time order (each log is already in order)."""
-    return heapq.merge(*(t.initial(final) for t in ts), key=key)
+def merged(ts: list[Tail], final: bool = True, since: float = -math.inf) -> Iterator[LogLine]:
+    """All lines so far of several logs in time order (each log is already in order);
+    `since`: lines older than it may be left out (Tail.initial)."""
+    return heapq.merge(*(t.initial(final, since) for t in ts), key=key)
 
 
 def read_run_logs(run_dir: Path, sources: Iterable[str] = SOURCES,
