@@ -19,6 +19,7 @@ planned, as in run.json.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -186,7 +187,11 @@ class RunFacts:
     def metrics_by_attempt(self) -> dict[int, MetricsTable]:
         """Attempt number -> its metrics lines (in file order): by their `attempt` field under
         a supervisor; by start time otherwise (`overnight train` numbers every process
-        attempt 1)."""
+        attempt 1). Computed once (the report asks several times); do not modify."""
+        return self._by_attempt
+
+    @functools.cached_property
+    def _by_attempt(self) -> dict[int, MetricsTable]:
         m = self.metrics
         if not m:
             return {}
@@ -197,7 +202,7 @@ class RunFacts:
                                      if not math.isnan(a.started)), np.float64)
             times = np.nan_to_num(m.col("time"), nan=0.0)
             keys = np.maximum(1, np.searchsorted(starts, times, side="right"))
-        return {int(k): m.take(keys == k) for k in np.unique(keys)}
+        return m.split_by(keys)
 
 
 def num(v: Any, default: float | None = None) -> float | None:

@@ -10,8 +10,9 @@
         macOS, the physical footprint (Metal's memory; a slow leak shows here).
 
 A series longer than MAX_POINTS (a night of 1M steps) is drawn thinned (`thin`): the raw
-loss as the range of each bucket of steps, memory as each bucket's maximum, the rest at
-each bucket's last point; every step still counts in the smoothing and the limits.
+loss as the range of each bucket of steps and its smoothed line as each bucket's mean,
+memory as each bucket's maximum, the rest at each bucket's last point; every step still
+counts in the means, ranges and limits.
 
 `plot(facts, path)` raises ImportError when matplotlib is missing; the caller says so and
 writes a text-only report.
@@ -79,6 +80,12 @@ def thin(xs: npt.NDArray[Any], ys: npt.NDArray[np.float64], how: str = "last",
     return xs[ends], low, high
 
 
+def bucket_means(ys: npt.NDArray[np.float64], points: int) -> npt.NDArray[np.float64]:
+    """The means of the `points` consecutive buckets `thin` makes of ys (n,): (points,)."""
+    edges = np.linspace(0, len(ys), points + 1).astype(np.int64)
+    return np.add.reduceat(ys, edges[:-1]) / np.diff(edges)
+
+
 def _finite_pairs(xs: npt.NDArray[Any], ys: npt.NDArray[np.float64]
                   ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
     keep = np.isfinite(ys) & np.isfinite(xs.astype(np.float64))
@@ -115,19 +122,21 @@ def _loss_panel(ax: Any, facts: RunFacts) -> None:
     steps, losses = _finite_pairs(m.steps[eff], m.col("loss")[eff])
     top: list[float] = []
     if len(steps):
-        window = max(5, min(200, len(steps) // 30))
-        smoothed = np.array(smooth(losses.tolist(), window))
         x, lo, hi = thin(steps, losses, "range")
         if len(x) < len(steps):  # a long night: each step cannot be a point of its own
+            every = len(steps) // len(x)
             ax.fill_between(x, lo, hi, color=TRAIN, alpha=0.25, linewidth=0,
-                            label=f"training loss (range of every {len(steps) // len(x)} "
-                            "steps)")
+                            label=f"training loss (range of every {every} steps)")
+            smoothed = bucket_means(losses, len(x))  # the buckets' means smooth it enough
+            ax.plot(x, smoothed, color=TRAIN, linewidth=2.2,
+                    label=f"training loss (mean of every {every} steps)")
         else:
+            window = max(5, min(200, len(steps) // 30))
+            smoothed = np.array(smooth(losses.tolist(), window))
             ax.plot(steps, losses, color=TRAIN, alpha=0.25, linewidth=0.8,
                     label="training loss (each step)")
-        xs, ys, _ = thin(steps, smoothed)
-        ax.plot(xs, ys, color=TRAIN, linewidth=2.2,
-                label=f"training loss (smoothed, ~{window} steps)")
+            ax.plot(steps, smoothed, color=TRAIN, linewidth=2.2,
+                    label=f"training loss (smoothed, ~{window} steps)")
         k = int(0.98 * (len(losses) - 1))
         top += [float(smoothed.max()), float(np.partition(losses, k)[k])]
     # lines a later attempt wrote again for the same step, with another loss
