@@ -59,6 +59,9 @@ class Telemetry:
         import zmq
 
         self.token = os.environ.get(p.TOKEN_ENV, "") if token is None else token
+        # A group's member says its rank in every message (MLX_RANK: mlx's own variable,
+        # set by the supervisor for each rank, supervisor/daemon/group.py).
+        self.rank = int(os.environ.get("MLX_RANK", "0") or 0)
         self.status = status
         self.interval = interval
         self.dropped = 0
@@ -108,13 +111,15 @@ class Telemetry:
             rss_mb=self._proc.memory_info().rss / 2**20,
             dropped=self.dropped,
             token=self.token,
+            rank=self.rank,
         )
 
     def _send_now(self, message: p._Message) -> None:
         import zmq
 
-        if self.token and isinstance(message, p._Telemetry) and not message.token:
-            message = message.with_token(self.token)  # here, off the training thread
+        if isinstance(message, p._Telemetry) and (self.token or self.rank) \
+                and not message.token:
+            message = message.with_token(self.token, self.rank)  # here, off the training thread
         try:
             self._sock.send(message.to_json(), zmq.NOBLOCK)
         except zmq.Again:
