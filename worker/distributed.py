@@ -104,14 +104,14 @@ class Group:
         import mlx.core as mx
 
         total = self.all_sum(mx.array([int(f) for f in flags], mx.int32))
-        return [bool(v) for v in np.array(total)]
+        return [bool(v) for v in _host(total)]
 
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         """Rank 0's `data` on every rank (an all_sum where the others give zeros)."""
         import mlx.core as mx
 
         n = self.all_sum(mx.array([len(data) if self.rank == 0 and data else 0], mx.int64))
-        size = int(np.array(n)[0])
+        size = int(_host(n)[0])
         out = bytearray()
         for start in range(0, size, CHUNK):
             k = min(CHUNK, size - start)
@@ -119,8 +119,18 @@ class Group:
                 part = mx.array(np.frombuffer(data, np.uint8, k, start))
             else:
                 part = mx.zeros((k,), mx.uint8)
-            out += np.array(self.all_sum(part)).tobytes()
+            out += _host(self.all_sum(part)).tobytes()
         return bytes(out)
+
+
+def _host(x: Any) -> np.ndarray:
+    """An evaluated array on the host. mx.eval first: it raises when a peer is lost
+    ("[ring] connection to a peer was lost"), where np.array() of the pending collective
+    waits forever (measured, mlx 0.32.4)."""
+    import mlx.core as mx
+
+    mx.eval(x)
+    return np.array(x)
 
 
 def init_group(c: Config) -> Group | None:

@@ -47,7 +47,7 @@ from shared.errors import OvernightError, RunDirError, RunDirLocked, SystemLimit
 from shared.fsutil import describe_space
 from shared.layout import RunDir, never_world_writable
 from shared.runlock import Role, RunLock
-from supervisor.daemon import sdnotify, sockets, spawn
+from supervisor.daemon import group, sdnotify, sockets, spawn
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.loop import Supervisor
 from supervisor.daemon.policy import Policy
@@ -153,8 +153,10 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
 
     runner = AttemptRunner(
         config=config, config_path=config_path, run=run, record=record,
-        spawner=spawn.PopenSpawner(pass_fds=(lock.fd,),  # the worker writes under our lock
-                                   stop_timeout=opts.stop_timeout),  # its orphan grace
+        spawner=group.spawner(  # a data-parallel group's ranks, or the one worker
+            spawn.PopenSpawner(pass_fds=(lock.fd,),  # the worker writes under our lock
+                               stop_timeout=opts.stop_timeout),  # its orphan grace
+            config, run.root, log),
         policy=Policy(opts, high_water=record.record.high_water_step,
                       rollbacks=record.record.rollbacks),
         env={**spawn.worker_env(sdnotify.child_environment(), opts.openblas, log),

@@ -1,0 +1,70 @@
+"""A rank on another Mac: its command line through ssh, as `mlx.launch` builds it.
+
+Why ssh and not a small agent on each Mac: ssh is already how `mlx.launch` reaches the other
+Macs (so a user who ran mlx_lm under it has keys and `Remote Login` set up), it
+authenticates and encrypts without a port or a key format of ours, and with `-tt` the
+remote rank gets SIGHUP the moment the connection drops — when the supervisor, the orphan
+guard or the stop escalation kills the local `ssh`, the remote rank dies with it, which is
+the property an agent would have to re-implement (and keep alive itself). The cost: one
+ssh connection per remote rank for the whole attempt, and no SIGSTOP/SIGCONT across it
+(a stopped remote rank is seen as silent and killed through its connection).
+
+The script is mlx's (mlx/_distributed_utils/launch.py `make_launch_script`, 0.32.4): change
+to the working directory, export the variables, write the hostfile's *content* to a temp
+file on the remote host (the hostfile lives there, not here), `exec` the command.
+Telemetry from a remote rank goes to the supervisor's CURVE-authenticated TCP endpoint
+(supervisor/daemon/curve.py); its keys travel in the environment of the ssh command,
+never on a command line.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import sys
+
+from shared.errors import ConfigError
+
+SSH_OPTIONS = ("-tt", "-o", "BatchMode=yes", "-o", "LogLevel=QUIET",
+               "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
+# What a remote rank's environment gets from ours (the rest is the remote login's own).
+PASSED = ("MLX_RANK", "OVERNIGHT_WORLD_SIZE", "OVERNIGHT_TELEMETRY_TOKEN", "OVERNIGHT_INJECT",
+          "OVERNIGHT_INJECT_RANK", "OVERNIGHT_CURVE_SERVER", "OVERNIGHT_CURVE_PUBLIC",
+          "OVERNIGHT_CURVE_SECRET", "MLX_JACCL_COORDINATOR", "MLX_IBV_DEVICES",
+          "PYTHONUNBUFFERED")
+
+
+def resolve_ip(host: str) -> str:
+    """The IPv4 address of an ssh host name (mlx's ring backend needs IPs in the hostfile);
+    ConfigError naming the host when it does not resolve."""
+    name = host.split("@")[-1]
+    try:
+        return socket.gethostbyname(name)
+    except OSError as e:
+        raise ConfigError(f"distributed.hosts: {host!r} does not resolve ({e}); use a "
+                          "name in /etc/hosts or ~/.ssh/config, or its IP") from None
+
+
+def launch_script(argv: list[str], env: dict[str, str], hostfile: str, cwd: str,
+                  python: str) -> str:
+    """The bash script a remote rank runs (module docstring): cd, exports, the hostfile's
+    content in a temp file, exec. `argv[0]` (this machine's Python) becomes `python`."""
+    q = shlex.quote
+    script = "stty -echo 2>/dev/null; "
+    script += (f"cd {q(cwd)} || {{ echo 'overnight: no directory '{q(cwd)}' on' "
+               "$(hostname) >&2; exit 78; }; ")
+    for key in PASSED:
+        if key in env:
+            script += f"export {key}={q(env[key])}; "
+    script += f"fname=$(mktemp); printf '%s' {q(hostfile)} > $fname; export MLX_HOSTFILE=$fname; "
+    command = [python or argv[0], *argv[1:]]
+    script += "exec " + " ".join(q(a) for a in command)
+    return script
+
+
+def remote_argv(host: str, argv: list[str], env: dict[str, str], hostfile: str,
+                python: str = "", cwd: str = "") -> list[str]:
+    """`ssh -tt … host script` for one remote rank (module docstring)."""
+    script = launch_script(argv, env, hostfile, cwd or os.getcwd(), python or sys.executable)
+    return ["ssh", *SSH_OPTIONS, host, script]
