@@ -61,6 +61,9 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
                             "lr_scale": 1.0},  # the failing step's batch (non-finite, spike)
         "injected": ["crash@40"],      # faults injected on purpose in this attempt
                                        # (debug.inject; shared/faults.py); [] for none
+        "ranks": [{"rank": 1, "host": "localhost", "pid": 4242, "log": "worker-1-rank-1.log",
+                   "returncode": -9, "lost_peer": false}, ...],  # a group's ranks; [] alone
+        "failed_rank": null | 1,       # the rank whose end or silence failed the group
         "action": Action below,
         "action_reason": "crash: killed by SIGABRT ...",
         "restart_delay_s": 5.3,
