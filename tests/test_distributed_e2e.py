@@ -39,7 +39,8 @@ ITERS = 16
 def mixed_corpus(out: Path) -> Path:
     """24 training examples of 1 to 50 words: the ranks' shares of a batch differ in tokens."""
     rng = random.Random(14)
-    words = "the a cat owl robot moon runs sings over past red lazy old bridge dog".split()
+    words = ["the", "a", "cat", "owl", "robot", "moon", "runs", "sings", "over", "past",
+             "red", "lazy", "old", "bridge", "dog"]
     out.mkdir(parents=True, exist_ok=True)
     for name, n in (("train", 24), ("valid", 8)):
         lines = [json.dumps({"text": " ".join(rng.choice(words)
@@ -137,7 +138,7 @@ def test_kill_stop_and_oom_of_a_rank_restart_the_whole_group(group_runs, tmp_pat
         wait_for(lambda: last_step(run_dir) >= 9, timeout=90)
         stopped_at = time.monotonic()
         os.kill(pids2[1], signal.SIGSTOP)
-        pids3 = wait_for(lambda: group_pids(run_dir, 3), timeout=60)
+        wait_for(lambda: group_pids(run_dir, 3), timeout=60)
         hang_s = time.monotonic() - stopped_at
         assert not any(psutil.pid_exists(p) for p in pids2), "a rank of attempt 2 survived"
         _, err = sup.communicate(timeout=240)

@@ -53,7 +53,7 @@ from typing import Any
 from shared.distributed_config import DistributedOptions
 from shared.run_record import RankRecord
 from shared.tail import tail_lines
-from supervisor.daemon.group_remote import remote_argv, resolve_ip
+from supervisor.daemon.group_remote import remote_argv, resolve_ip, secrets_env
 from supervisor.daemon.spawn import ORPHAN_GRACE, PopenSpawner, WorkerProcess
 
 NORMAL_ENDS = frozenset({0, 20, 23})  # completed, early-stopped, stopped on request
@@ -290,7 +290,8 @@ class GroupSpawner:
                 if remote[r]:
                     cmd = remote_argv(hosts[r], list(argv), rank_env, text,
                                       d.python or self.python)
-                    started.append(self.base.spawn(cmd, env, outputs[r]))
+                    started.append(self.base.spawn(cmd, {**env, **secrets_env(rank_env)},
+                                                   outputs[r]))
                 else:
                     started.append(self.base.spawn(argv, rank_env, outputs[r]))
         except BaseException:

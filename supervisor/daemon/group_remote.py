@@ -12,13 +12,20 @@ ssh connection per remote rank for the whole attempt, and no SIGSTOP/SIGCONT acr
 The script is mlx's (mlx/_distributed_utils/launch.py `make_launch_script`, 0.32.4): change
 to the working directory, export the variables, write the hostfile's *content* to a temp
 file on the remote host (the hostfile lives there, not here), `exec` the command.
-Telemetry from a remote rank goes to the supervisor's CURVE-authenticated TCP endpoint
-(supervisor/daemon/curve.py); its keys travel in the environment of the ssh command,
-never on a command line.
+
+Secrets never go on a command line (the ssh command's argv is visible to every local user
+in `ps`): the attempt's telemetry token and the rank's CURVE keys (telemetry from a remote
+rank goes to the supervisor's CURVE-authenticated TCP endpoint, supervisor/daemon/curve.py)
+travel in the ssh process's environment as one `LC_OVERNIGHT` variable (base64 of shell
+exports), sent with `-o SendEnv=LC_OVERNIGHT`: macOS's sshd accepts `LC_*` by default
+(`AcceptEnv LANG LC_*` in /etc/ssh/sshd_config). A server that does not accept it leaves
+the rank without a token: its telemetry is not believed and the attempt ends as a hang
+naming that rank — the README says to check AcceptEnv.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import shlex
 import socket
@@ -26,8 +33,12 @@ import sys
 
 from shared.errors import ConfigError
 
+SECRETS_ENV = "LC_OVERNIGHT"  # LC_*: accepted by macOS's sshd by default
 SSH_OPTIONS = ("-tt", "-o", "BatchMode=yes", "-o", "LogLevel=QUIET",
-               "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3")
+               "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3",
+               "-o", f"SendEnv={SECRETS_ENV}")
+SECRET = ("OVERNIGHT_TELEMETRY_TOKEN", "OVERNIGHT_CURVE_SERVER", "OVERNIGHT_CURVE_PUBLIC",
+          "OVERNIGHT_CURVE_SECRET")
 # What a remote rank's environment gets from ours (the rest is the remote login's own).
 PASSED = ("MLX_RANK", "OVERNIGHT_WORLD_SIZE", "OVERNIGHT_TELEMETRY_TOKEN", "OVERNIGHT_INJECT",
           "OVERNIGHT_INJECT_RANK", "OVERNIGHT_CURVE_SERVER", "OVERNIGHT_CURVE_PUBLIC",
@@ -55,16 +66,24 @@ def launch_script(argv: list[str], env: dict[str, str], hostfile: str, cwd: str,
     script += (f"cd {q(cwd)} || {{ echo 'overnight: no directory '{q(cwd)}' on' "
                "$(hostname) >&2; exit 78; }; ")
     for key in PASSED:
-        if key in env:
+        if key in env and key not in SECRET:
             script += f"export {key}={q(env[key])}; "
+    script += (f'[ -n "${SECRETS_ENV}" ] && eval "$(printf %s "${SECRETS_ENV}" | base64 -d)"; '
+               f"unset {SECRETS_ENV}; ")
     script += f"fname=$(mktemp); printf '%s' {q(hostfile)} > $fname; export MLX_HOSTFILE=$fname; "
     command = [python or argv[0], *argv[1:]]
     script += "exec " + " ".join(q(a) for a in command)
     return script
 
 
+def secrets_env(env: dict[str, str]) -> dict[str, str]:
+    """The ssh process's extra environment: the secrets of `env` as LC_OVERNIGHT."""
+    exports = "".join(f"export {k}={shlex.quote(env[k])}; " for k in SECRET if k in env)
+    return {SECRETS_ENV: base64.b64encode(exports.encode()).decode()} if exports else {}
+
+
 def remote_argv(host: str, argv: list[str], env: dict[str, str], hostfile: str,
                 python: str = "", cwd: str = "") -> list[str]:
-    """`ssh -tt … host script` for one remote rank (module docstring)."""
+    """`ssh -tt … host script` for one remote rank (module docstring); no secret in it."""
     script = launch_script(argv, env, hostfile, cwd or os.getcwd(), python or sys.executable)
     return ["ssh", *SSH_OPTIONS, host, script]
