@@ -34,6 +34,11 @@ from shared.errors import ConfigError
 BACKENDS = ("ring", "jaccl")
 MAX_PROCESSES = 64  # more ranks than this on one config is a typo, not a cluster
 _HOST = re.compile(r"(?:[A-Za-z0-9_.-]+@)?[A-Za-z0-9_.:-]+")  # [user@]host, ssh's syntax
+# A rank's CURVE keys when telemetry crosses the network (supervisor/daemon/curve.py): the
+# supervisor's public key, the rank's public and secret key, z85; environment only.
+CURVE_SERVER_ENV = "OVERNIGHT_CURVE_SERVER"
+CURVE_PUBLIC_ENV = "OVERNIGHT_CURVE_PUBLIC"
+CURVE_SECRET_ENV = "OVERNIGHT_CURVE_SECRET"
 LOCAL_HOSTS = frozenset({"", "localhost", "127.0.0.1", "::1"})
 
 

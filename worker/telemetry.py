@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import psutil
 
 from shared import protocol as p
+from shared.distributed_config import CURVE_PUBLIC_ENV, CURVE_SECRET_ENV, CURVE_SERVER_ENV
 
 QUEUE_LIMIT = 10_000
 SEND_HWM = 1_000
@@ -73,6 +74,10 @@ class Telemetry:
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self._sock.setsockopt(zmq.LINGER, 500)  # flush the last messages briefly on exit
+        if CURVE_SERVER_ENV in os.environ:  # across the network: CURVE (supervisor/daemon/curve.py)
+            self._sock.curve_serverkey = os.environ[CURVE_SERVER_ENV].encode()
+            self._sock.curve_publickey = os.environ[CURVE_PUBLIC_ENV].encode()
+            self._sock.curve_secretkey = os.environ[CURVE_SECRET_ENV].encode()
         self._sock.connect(endpoint)
         self._proc = psutil.Process(os.getpid())
         self._seq = 0

@@ -237,13 +237,25 @@ class GroupProcess:
             time.sleep(0.01)
 
 
-def spawner(base: PopenSpawner, config: Any, run_root: Path, log: Any
-            ) -> PopenSpawner | GroupSpawner:
-    """The spawner of a run: `base` for one process, a GroupSpawner for a group."""
+def spawner(base: PopenSpawner, config: Any, run_root: Path, log: Any,
+            remote_telemetry: str = "") -> PopenSpawner | GroupSpawner:
+    """The spawner of a run: `base` for one process, a GroupSpawner for a group;
+    `remote_telemetry`: the CURVE tcp:// endpoint remote ranks send to
+    (supervisor/daemon/curve.py)."""
     d: DistributedOptions = config.distributed
     if not d.enabled:
         return base
-    return GroupSpawner(base, d, run_root, config.supervisor.stop_timeout, log)
+    return GroupSpawner(base, d, run_root, config.supervisor.stop_timeout, log,
+                        remote_telemetry=remote_telemetry)
+
+
+def telemetry_to(argv: list[str], endpoint: str) -> list[str]:
+    """A worker's command line sending its telemetry to `endpoint` instead (a remote rank:
+    the CURVE tcp:// endpoint; the ipc:// socket is on this machine only)."""
+    out = list(argv)
+    if endpoint and "--telemetry" in out:
+        out[out.index("--telemetry") + 1] = endpoint
+    return out
 
 
 def _lost_a_peer(output: Path) -> bool:
@@ -255,13 +267,15 @@ class GroupSpawner:
     """Starts one attempt's ranks (module docstring); `base` starts each local process."""
 
     def __init__(self, base: PopenSpawner, opts: DistributedOptions, run_root: Path,
-                 stop_timeout: float, log: Any, python: str = "") -> None:
+                 stop_timeout: float, log: Any, python: str = "",
+                 remote_telemetry: str = "") -> None:
         self.base = base
         self.opts = opts
         self.dir = run_root / "group"
         self.grace = max(0.5, min(stop_timeout, ORPHAN_GRACE))
         self.log = log
         self.python = python
+        self.remote_telemetry = remote_telemetry
         self.used_ports: set[int] = set()
         self.last: GroupProcess | None = None
         self.attempts = 0
@@ -288,8 +302,8 @@ class GroupSpawner:
                 rank_env = {**env, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile),
                             WORLD_ENV: str(n)}
                 if remote[r]:
-                    cmd = remote_argv(hosts[r], list(argv), rank_env, text,
-                                      d.python or self.python)
+                    cmd = remote_argv(hosts[r], telemetry_to(list(argv), self.remote_telemetry),
+                                      rank_env, text, d.python or self.python)
                     started.append(self.base.spawn(cmd, {**env, **secrets_env(rank_env)},
                                                    outputs[r]))
                 else:

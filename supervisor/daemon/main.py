@@ -47,7 +47,7 @@ from shared.errors import OvernightError, RunDirError, RunDirLocked, SystemLimit
 from shared.fsutil import describe_space
 from shared.layout import RunDir, never_world_writable
 from shared.runlock import Role, RunLock
-from supervisor.daemon import group, sdnotify, sockets, spawn
+from supervisor.daemon import curve, group, sdnotify, sockets, spawn
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.loop import Supervisor
 from supervisor.daemon.policy import Policy
@@ -144,7 +144,10 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint.removeprefix("ipc://"))  # stale: we hold the lock
     ctx: zmq.Context[Any] = zmq.Context()
-    telemetry = sockets.bind_telemetry(ctx, run.telemetry_endpoint)  # bounded: sockets.py
+    # Remote ranks: CURVE on ipc:// and tcp:// (curve.py); else ipc:// alone.
+    secure = curve.setup(ctx, config.distributed, run.root, run.telemetry_endpoint, log)
+    telemetry = (secure.sock if secure is not None
+                 else sockets.bind_telemetry(ctx, run.telemetry_endpoint))  # bounded: sockets.py
     control = ControlServer(ctx, run.control_endpoint, target=None)  # type: ignore[arg-type]
     log.info("sockets_bound", telemetry=run.telemetry_endpoint, control=run.control_endpoint)
     # Ready = holding the run and answering control requests; also on the path where the
@@ -156,11 +159,11 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
         spawner=group.spawner(  # a data-parallel group's ranks, or the one worker
             spawn.PopenSpawner(pass_fds=(lock.fd,),  # the worker writes under our lock
                                stop_timeout=opts.stop_timeout),  # its orphan grace
-            config, run.root, log),
+            config, run.root, log, secure.endpoint if secure is not None else ""),
         policy=Policy(opts, high_water=record.record.high_water_step,
                       rollbacks=record.record.rollbacks),
         env={**spawn.worker_env(sdnotify.child_environment(), opts.openblas, log),
-             **lock.child_environment()},
+             **lock.child_environment(), **(secure.env if secure is not None else {})},
         command=list(opts.worker_command) or WORKER_COMMAND,
         log=log,
     )
@@ -182,6 +185,8 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
         sdnotify.stopping()
         control.close()
         telemetry.close(linger=0)
+        if secure is not None:
+            secure.close()
         ctx.term()
         if caffeinate is not None:
             caffeinate.terminate()
