@@ -68,13 +68,14 @@ def supervise(config: Path, run_dir: Path, **env: str) -> subprocess.Popen[str]:
         text=True)
 
 
-def last_step(run_dir: Path) -> int:
+def last_step(run_dir: Path, attempt: int | None = None) -> int:
+    """The highest step in the metrics log (of attempt `attempt` only, when given)."""
     path = run_dir / "logs" / "metrics.jsonl"
     if not path.exists():
         return 0
-    steps = [json.loads(line)["step"] for line in path.read_text().splitlines()
-             if line.strip()]
-    return max(steps, default=0)
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return max((m["step"] for m in lines if attempt is None or m["attempt"] == attempt),
+               default=0)
 
 
 def group_pids(run_dir: Path, attempt: int) -> list[int]:
@@ -129,13 +130,15 @@ def test_kill_stop_and_oom_of_a_rank_restart_the_whole_group(group_runs, tmp_pat
     sup = supervise(config, run_dir, OVERNIGHT_INJECT="oom@14", OVERNIGHT_INJECT_RANK="1")
     try:
         pids1 = wait_for(lambda: group_pids(run_dir, 1), timeout=60)
-        wait_for(lambda: last_step(run_dir) >= 5, timeout=90)
+        wait_for(lambda: last_step(run_dir) >= 3, timeout=90)
+        live = overnight("status", str(run_dir), timeout=60).stdout
+        assert f"rank 1   pid {pids1[1]}  phase training" in live, live
         killed_at = time.monotonic()
         os.kill(pids1[1], signal.SIGKILL)
         pids2 = wait_for(lambda: group_pids(run_dir, 2), timeout=60)
         restart_s = time.monotonic() - killed_at
         assert not any(psutil.pid_exists(p) for p in pids1), "a rank of attempt 1 survived"
-        wait_for(lambda: last_step(run_dir) >= 9, timeout=90)
+        wait_for(lambda: last_step(run_dir, attempt=2) >= 7, timeout=90)
         stopped_at = time.monotonic()
         os.kill(pids2[1], signal.SIGSTOP)
         wait_for(lambda: group_pids(run_dir, 3), timeout=60)

@@ -42,7 +42,7 @@ from shared.errors import OvernightError, ProtocolError
 from shared.protocol import decode
 from supervisor.daemon import group_watch, memory, sdnotify, watch
 from supervisor.daemon.checkpoint_choice import Background, Job, ThreadJob
-from supervisor.daemon.control import ControlError, ControlServer, RunStatus
+from supervisor.daemon.control import ControlError, ControlServer, RankStatus, RunStatus
 from supervisor.daemon.record import RecordKeeper
 from supervisor.daemon.runner import AttemptRunner
 from supervisor.daemon.sdnotify import Notifier
@@ -316,6 +316,9 @@ class Supervisor:
             else None,
             attempts=len(r.attempts), failures=r.totals.failures,
             telemetry_rejected=self.gate.rejected,
+            ranks=tuple(RankStatus(r.rank, pid, r.phase, r.step, round(now - r.last_seen, 2))
+                        for r, pid in zip(attempt.group.ranks, attempt.rank_pids, strict=True))
+            if attempt is not None and attempt.group is not None else (),
         )
 
     def request_stop(self, source: str) -> dict[str, Any]:
