@@ -3,7 +3,7 @@
     distributed:
       processes: 2            # ranks (world size); 1 = one process, no group (the default)
       hosts: [mac-a, mac-b]   # optional: one host per rank (ssh names); empty = all local
-      backend: ring           # ring (TCP, Ethernet/Thunderbolt IP) or jaccl (Thunderbolt RDMA)
+      backend: ring           # ring (TCP over Ethernet or the Thunderbolt bridge); jaccl: refused
       port_base: 0            # 0 = free ports picked per attempt (localhost); else a range
       python: ""              # the Python on remote hosts (default: the same path as here)
 
@@ -73,7 +73,7 @@ def check(d: DistributedOptions, batch_size: int, source: str) -> None:
     """ConfigError (one line, exit 78) for a group that cannot work: a world size below 1
     or above MAX_PROCESSES, hosts that are not one per rank, a malformed host, a global
     `batch_size` that the world size does not divide (mlx_lm's rule; 0 = not checked),
-    jaccl without hosts, a port range outside 1024..65535."""
+    jaccl (not started by overnight yet), a port range outside 1024..65535."""
     def bad(key: str, what: str, got: Any) -> ConfigError:
         return ConfigError(f"{source}: distributed.{key}: expected {what}, got {got!r}")
 
@@ -90,8 +90,9 @@ def check(d: DistributedOptions, batch_size: int, source: str) -> None:
             f"{source}: batch_size: expected a multiple of distributed.processes "
             f"({d.processes}): each rank takes batch_size / processes examples of every "
             f"micro-batch, as mlx_lm under mlx.launch; got {batch_size!r}")
-    if d.backend == "jaccl" and d.enabled and not d.remote:
-        raise bad("backend", "ring on one machine (jaccl needs Thunderbolt RDMA between "
-                  "Macs, one per host)", d.backend)
+    if d.backend == "jaccl" and d.enabled:
+        raise bad("backend", "ring (jaccl, Thunderbolt RDMA, needs the RDMA device matrix "
+                  "mlx.launch reads from its hostfile; overnight does not start it yet: use "
+                  "ring over the Thunderbolt bridge's IP addresses)", d.backend)
     if d.port_base and not 1024 <= d.port_base <= 65535 - 2 * d.processes:
         raise bad("port_base", f"0 or a port 1024..{65535 - 2 * d.processes}", d.port_base)

@@ -131,8 +131,6 @@ def test_kill_stop_and_oom_of_a_rank_restart_the_whole_group(group_runs, tmp_pat
     try:
         pids1 = wait_for(lambda: group_pids(run_dir, 1), timeout=60)
         wait_for(lambda: last_step(run_dir) >= 3, timeout=90)
-        live = overnight("status", str(run_dir), timeout=60).stdout
-        assert f"rank 1   pid {pids1[1]}  phase training" in live, live
         killed_at = time.monotonic()
         os.kill(pids1[1], signal.SIGKILL)
         pids2 = wait_for(lambda: group_pids(run_dir, 2), timeout=60)

@@ -44,7 +44,7 @@ def base(**distributed: object) -> dict[str, object]:
     ({"processes": 2, "hosts": ["mac-a", "-oProxyCommand=x"]}, "distributed.hosts"),
     ({"processes": 0}, "distributed.processes: expected an integer 1..64"),
     ({"processes": 2, "backend": "mpi"}, "distributed.backend"),
-    ({"processes": 2, "backend": "jaccl"}, "distributed.backend: expected ring on one"),
+    ({"processes": 2, "backend": "jaccl"}, "distributed.backend: expected ring (jaccl"),
     ({"processes": 2, "port_base": 80}, "distributed.port_base"),
 ])
 def test_a_group_that_cannot_work_is_one_config_error(section, key) -> None:

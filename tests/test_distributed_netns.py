@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_config
+from tests.conftest import overnight, write_config
 from tests.supervisor_support import events, record, wait_for
 from tests.test_distributed_e2e import FAST, last_step, mixed_corpus, supervise
 
@@ -92,6 +92,8 @@ def test_a_pulled_link_is_a_stall_and_the_group_recovers(tmp_path, tiny_model, n
         wait_for(lambda: last_step(run_dir) >= 5, timeout=120)
         assert _ip("-n", ns[1], "link", "set", dev[1], "down").returncode == 0
         pulled = time.monotonic()
+        live = overnight("status", str(run_dir), timeout=60).stdout  # both ranks, blocked
+        assert "rank 0   pid" in live and "rank 1   pid" in live and "phase training" in live
         unhealthy = wait_for(lambda: events(run_dir, "worker_unhealthy"), timeout=60)[0]
         detected = time.monotonic() - pulled
         wait_for(lambda: len(events(run_dir, "group_spawned")) >= 2, timeout=60)
