@@ -77,6 +77,20 @@ def test_overnight_run_refuses_a_world_size_that_does_not_divide_the_batch(
     assert str(config) in lines[0]
 
 
+def test_an_unreachable_host_is_one_line_exit_78(tmp_path, tiny_model, corpus) -> None:
+    """127.0.0.2 is another address of this machine with no ssh server: refused at start."""
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus,
+                          distributed={"processes": 2, "hosts": ["127.0.0.1", "127.0.0.2"]},
+                          supervisor={"caffeinate": False})
+    res = overnight("run", str(config), "--run-dir", str(tmp_path / "run"), timeout=60)
+    assert res.returncode == 78, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("overnight run: distributed.hosts: '127.0.0.2' is unreachable "
+                               "over ssh"), lines[0]
+    assert not (tmp_path / "run" / "logs" / "worker-1.log").exists()  # nothing started
+
+
 def test_a_rank_started_by_hand_is_told_to_use_overnight_run(tmp_path, tiny_model,
                                                             corpus) -> None:
     config = write_config(tmp_path / "c.yaml", tiny_model, corpus,

@@ -53,6 +53,7 @@ from typing import Any
 from shared.distributed_config import DistributedOptions
 from shared.run_record import RankRecord
 from shared.tail import tail_lines
+from supervisor.daemon.group_remote import check_hosts as check_hosts
 from supervisor.daemon.group_remote import remote_argv, resolve_ip, secrets_env
 from supervisor.daemon.spawn import ORPHAN_GRACE, PopenSpawner, WorkerProcess
 

@@ -29,6 +29,7 @@ import base64
 import os
 import shlex
 import socket
+import subprocess
 import sys
 
 from shared.errors import ConfigError
@@ -55,6 +56,27 @@ def resolve_ip(host: str) -> str:
     except OSError as e:
         raise ConfigError(f"distributed.hosts: {host!r} does not resolve ({e}); use a "
                           "name in /etc/hosts or ~/.ssh/config, or its IP") from None
+
+
+def check_hosts(hosts: list[str], timeout: float = 15.0) -> None:
+    """Every remote host resolves and answers ssh without a password (`ssh -o BatchMode=yes
+    -o ConnectTimeout=5 host true`), checked once when the supervisor starts; ConfigError
+    (one line, exit 78) naming the first that does not, with ssh's last line."""
+    for host in hosts:
+        if host.split("@")[-1] in ("", "localhost", "127.0.0.1", "::1"):
+            continue
+        resolve_ip(host)
+        try:
+            res = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=5", host,
+                                  "true"], stdin=subprocess.DEVNULL, capture_output=True,
+                                 text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise ConfigError(f"distributed.hosts: {host!r} is unreachable over ssh ({e})"
+                              ) from None
+        if res.returncode != 0:
+            said = (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1]
+            raise ConfigError(f"distributed.hosts: {host!r} is unreachable over ssh "
+                              f"without a password: {said}")
 
 
 def launch_script(argv: list[str], env: dict[str, str], hostfile: str, cwd: str,

@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config_path = args.config.resolve()
     config = config_mod.load(config_path)  # ConfigError: one line, exit 78, nothing started
+    group.check_hosts(config.distributed.hosts)  # a group's other Macs answer ssh (exit 78)
     limit = openfile_limit.problem()  # every worker would die importing mlx_lm: refuse now
     if limit is not None:
         raise SystemLimitError(f"cannot run: {limit}")
