@@ -169,6 +169,10 @@ def test_kill_stop_and_oom_of_a_rank_restart_the_whole_group(group_runs, tmp_pat
     for e in events(run_dir, "worker_exited")[:3]:
         print(f"  {e['classification']}: detected {e['detection_latency_s']} s after the "
               f"last sign of life")
+    received = [e for e in map(json.loads, (run_dir / "logs" / "worker-rank1.jsonl")
+                                .read_text().splitlines()) if e["event"] == "checkpoint_received"]
+    # rank 0 sent the checkpoint at each restart that had one (attempt 2 may start fresh)
+    assert {3, 4} <= {e["attempt"] for e in received}
     diff = max_diff(adapters(base / "two"), adapters(run_dir))
     print(f"max |faulted - uninterrupted 2 ranks| = {diff:.2e}")
     assert diff < 1e-5

@@ -102,6 +102,20 @@ def test_a_rank_started_by_hand_is_told_to_use_overnight_run(tmp_path, tiny_mode
         "`overnight run`")
 
 
+def test_a_rank_takes_every_size_th_example_and_its_own_dropout_seed() -> None:
+    from worker.distributed import Group, dropout_seed, local_micro_batch, shard
+
+    batch = list(range(7))
+    assert shard(batch, Group(0, 2, None)) == [0, 2, 4, 6]
+    assert shard(batch, Group(1, 2, None)) == [1, 3, 5]
+    assert local_micro_batch(8, 2) == 4 and local_micro_batch(1, 2) == 1  # after an OOM
+    # rank 0 keeps worker/train.py's single-process seed: seed*1000003 + step*1009 + j
+    assert dropout_seed(3, 5, 0, 1) == 3 * 1_000_003 + 5 * 1_009 + 1
+    seeds = {dropout_seed(3, step, rank, j) for step in range(50) for rank in range(4)
+             for j in range(4)}
+    assert len(seeds) == 50 * 4 * 4
+
+
 # ---- ports, hostfile, ssh ----------------------------------------------------------------
 
 
