@@ -126,6 +126,7 @@ class GroupProcess:
     _term_at: float | None = None  # when the others get SIGTERM
     _kill_at: float | None = None  # when whatever is left gets SIGKILL
     _result: int | None = None
+    log: Any = None  # logs `group_rank_ended` the moment a rank's end is seen
 
     @property
     def pid(self) -> int:
@@ -147,6 +148,10 @@ class GroupProcess:
                 if rc is not None:
                     lost = rc not in NORMAL_ENDS and _lost_a_peer(self.outputs[r])
                     self.ends[r] = RankEnd(r, rc, now, lost)
+                    if self.log is not None:
+                        (self.log.info if rc in NORMAL_ENDS or lost else self.log.warning)(
+                            "group_rank_ended", rank=r, pid=proc.pid, returncode=rc,
+                            lost_peer=lost, ranks_left=len(self.ranks) - len(self.ends))
         if not self.ends:
             return None
         if len(self.ends) == len(self.ranks):
@@ -297,7 +302,7 @@ class GroupSpawner:
             f.write(text)
         started: list[WorkerProcess] = []
         outputs = [rank_output(output, r) for r in range(n)]
-        group = GroupProcess(started, outputs, hosts, self.grace, remote)
+        group = GroupProcess(started, outputs, hosts, self.grace, remote, log=self.log)
         try:
             for r in range(n):
                 rank_env = {**env, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile),
