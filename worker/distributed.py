@@ -86,6 +86,7 @@ class Group:
     rank: int
     size: int
     group: Any
+    raw: Any = None  # the Controls the signal handlers set (agree_controls)
 
     @property
     def writes(self) -> bool:
@@ -260,11 +261,21 @@ def compute_step(tr: Any, step: int) -> tuple[Any, float, float, int]:
 
 
 def agree_controls(group: Group | None, controls: Any) -> None:
-    """Stop and checkpoint requests as the whole group sees them (module docstring)."""
+    """Stop and checkpoint requests as the whole group sees them (module docstring).
+
+    The signal handlers write `group.raw` (worker/signals.py), never `controls`, which the
+    loop reads: a SIGTERM that arrives while this rank waits in the agreement itself (a
+    rank blocked in a collective runs its Python handler only when the wait ends) stays in
+    `raw` for the next agreement, instead of being overwritten by this one's answer (it
+    was: a stopped rank's group trained on after SIGTERM + SIGCONT)."""
     if group is None:
         return
-    stop, checkpoint = group.agree([controls.stop_requested, controls.checkpoint_requested])
+    raw = group.raw if group.raw is not None else controls
+    local = [raw.stop_requested, raw.checkpoint_requested]
+    stop, checkpoint = group.agree(local)
+    if local[1] and raw is not controls:
+        raw.checkpoint_requested = False  # taken into this agreement
     if stop and not controls.stop_requested:
-        controls.stop_reason = controls.stop_reason or "another rank was asked to stop"
-    controls.stop_requested, controls.checkpoint_requested = stop, checkpoint
-
+        controls.stop_reason = raw.stop_reason or "another rank was asked to stop"
+    controls.stop_requested = controls.stop_requested or stop
+    controls.checkpoint_requested = checkpoint

@@ -312,6 +312,9 @@ class Session:
                 log_dir=str(run.root),
             )
         self.reporter = FanOut(*reporters)
+        group_controls = Controls()  # a group's loop acts on agreed requests only
+        if group is not None:
+            group.raw = self.controls  # what the signal handlers set (worker/distributed.py)
         spec = os.environ.get(INJECT_ENV) or c.debug.inject
         if group is not None and group.rank != int(os.environ.get(INJECT_RANK_ENV, "0") or 0):
             spec = ""  # a group's injected faults fire on one rank (default 0)
@@ -333,7 +336,7 @@ class Session:
             ),
             reporter=self.reporter,
             progress=progress,
-            controls=self.controls,
+            controls=self.controls if group is None else group_controls,
             injector=Injector(spec, run.root / "inject"),
             adapter_config=models.adapter_config(c),
             lr_schedule=schedule,
