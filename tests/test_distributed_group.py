@@ -151,6 +151,17 @@ def test_a_remote_rank_is_ssh_tt_with_no_secret_on_its_command_line() -> None:
     assert set(secrets_env(env)) == {SECRETS_ENV}
 
 
+def test_a_remote_rank_sends_its_telemetry_to_the_curve_endpoint() -> None:
+    from supervisor.daemon.group import telemetry_to
+
+    argv = ["py", "-m", "worker", "train", "c.yaml", "--telemetry", "ipc:///r/sock/telemetry",
+            "--attempt", "2"]
+    assert telemetry_to(argv, "tcp://10.0.0.1:5555") == [
+        "py", "-m", "worker", "train", "c.yaml", "--telemetry", "tcp://10.0.0.1:5555",
+        "--attempt", "2"]
+    assert telemetry_to(argv, "") == argv  # a local rank keeps ipc://
+
+
 def test_the_launch_script_runs_the_rank_with_its_hostfile_and_secrets(tmp_path) -> None:
     """The script a remote rank runs, run here by bash as sshd would run it."""
     probe = ("import os,json; print(json.dumps({k: os.environ.get(k) for k in "
