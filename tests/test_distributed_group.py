@@ -116,6 +116,30 @@ def test_a_rank_takes_every_size_th_example_and_its_own_dropout_seed() -> None:
     assert len(seeds) == 50 * 4 * 4
 
 
+def test_a_sigterm_arriving_during_the_agreement_is_kept_for_the_next() -> None:
+    """A rank blocked in the agreement's collective runs its SIGTERM handler only when the
+    collective returns: the request must survive this agreement's (older) answer."""
+    from worker.distributed import Group, agree_controls
+    from worker.train import Controls
+
+    raw, agreed = Controls(), Controls()
+    answers: list[list[bool]] = []
+
+    class Collective(Group):
+        def agree(self, flags: list[bool]) -> list[bool]:
+            if not answers:
+                raw.stop_requested, raw.stop_reason = True, "signal SIGTERM"  # mid-wait
+            answers.append(list(flags))
+            return list(flags)  # the other rank asked for nothing
+
+    group = Collective(0, 2, None, raw=raw)
+    agree_controls(group, agreed)
+    assert not agreed.stop_requested  # not agreed yet: both ranks go on alike
+    agree_controls(group, agreed)
+    assert agreed.stop_requested and agreed.stop_reason == "signal SIGTERM"
+    assert answers == [[False, False], [True, False]]
+
+
 # ---- ports, hostfile, ssh ----------------------------------------------------------------
 
 
