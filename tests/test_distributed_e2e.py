@@ -169,6 +169,8 @@ def test_kill_stop_and_oom_of_a_rank_restart_the_whole_group(group_runs, tmp_pat
     for e in events(run_dir, "worker_exited")[:3]:
         print(f"  {e['classification']}: detected {e['detection_latency_s']} s after the "
               f"last sign of life")
+    ports = [p for e in events(run_dir, "group_spawned") for p in e["ports"]]
+    assert len(ports) == 2 * len(attempts) == len(set(ports))  # fresh ports every attempt
     received = [e for e in map(json.loads, (run_dir / "logs" / "worker-rank1.jsonl")
                                 .read_text().splitlines()) if e["event"] == "checkpoint_received"]
     # rank 0 sent the checkpoint at each restart that had one (attempt 2 may start fresh)
@@ -176,3 +178,25 @@ def test_kill_stop_and_oom_of_a_rank_restart_the_whole_group(group_runs, tmp_pat
     diff = max_diff(adapters(base / "two"), adapters(run_dir))
     print(f"max |faulted - uninterrupted 2 ranks| = {diff:.2e}")
     assert diff < 1e-5
+
+
+def test_no_rank_outlives_a_killed_supervisor(group_runs, tmp_path):
+    """SIGKILL of the supervisor: every rank's orphan guard stops it (SIGTERM, then SIGKILL
+    after min(stop_timeout, 10 s)); the group leaves a checkpoint and no process."""
+    _, config = group_runs
+    run_dir = tmp_path / "orphans"
+    long = config.with_name("long.yaml")
+    long.write_text(config.read_text().replace(f"iters: {ITERS}", "iters: 400"))
+    sup = supervise(long, run_dir)
+    try:
+        pids = wait_for(lambda: group_pids(run_dir, 1), timeout=60)
+        wait_for(lambda: last_step(run_dir) >= 2, timeout=90)
+        sup.kill()
+        sup.wait()
+        gone_at = time.monotonic()
+        wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), timeout=15)
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+            sup.wait()
+    print(f"\nsupervisor SIGKILL -> every rank gone in {time.monotonic() - gone_at:.2f} s")
