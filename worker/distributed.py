@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import hashlib
 import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,9 +184,31 @@ def shard(items: list[Any], group: Group) -> list[Any]:
     return items[group.rank :: group.size]
 
 
-def share_checkpoint(group: Group, chosen: Path | None) -> Path | None:
+def _receive_dir(rank: int, key: str) -> Path:
+    """The private directory a rank receives checkpoints into: one per run and rank
+    (`key`: the run directory's), emptied before each use and removed at exit, so a rank
+    killed before its exit leaves one copy, not one per restart; a fresh mkdtemp when the
+    path is taken by something else (not a directory of ours)."""
+    root = Path(tempfile.gettempdir()) / f"overnight-{os.getuid()}-{key}-rank{rank}"
+    try:
+        st = root.lstat()
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid():
+            shutil.rmtree(root)
+        root.mkdir(mode=0o700)
+    except FileNotFoundError:
+        try:
+            root.mkdir(mode=0o700)
+        except OSError:
+            root = Path(tempfile.mkdtemp(prefix=f"overnight-rank{rank}-"))
+    except OSError:
+        root = Path(tempfile.mkdtemp(prefix=f"overnight-rank{rank}-"))
+    atexit.register(shutil.rmtree, root, True)
+    return root
+
+
+def share_checkpoint(group: Group, chosen: Path | None, key: str = "run") -> Path | None:
     """Rank 0 sends the files of `chosen` (None: no checkpoint); every other rank receives
-    them into a private temporary directory (removed at exit) and returns it."""
+    them into its private directory (`_receive_dir`) and returns the copy."""
     header: dict[str, Any] = {"files": []}
     if group.rank == 0 and chosen is not None:
         header = {"name": chosen.name,
@@ -194,8 +218,7 @@ def share_checkpoint(group: Group, chosen: Path | None) -> Path | None:
         return chosen if group.rank == 0 else None
     dest: Path | None = None
     if group.rank != 0:
-        root = Path(tempfile.mkdtemp(prefix=f"overnight-rank{group.rank}-"))
-        atexit.register(shutil.rmtree, root, True)
+        root = _receive_dir(group.rank, key)
         dest = root / str(header["name"])
         dest.mkdir()
     for name in header["files"]:
@@ -218,11 +241,12 @@ def choose_checkpoint(
     fully (their copy never passed the supervisor's validation)."""
     if group is None:
         return choose(args, run)
+    key = hashlib.sha256(str(getattr(run, "root", run)).encode()).hexdigest()[:12]
     if group.rank == 0:
         chosen, stored = choose(args, run)
-        share_checkpoint(group, chosen)
+        share_checkpoint(group, chosen, key)
         return chosen, stored
-    received = share_checkpoint(group, None)
+    received = share_checkpoint(group, None, key)
     if received is None:
         return None, None
     mine = argparse.Namespace(**{**vars(args), "resume": str(received), "validated": None,
