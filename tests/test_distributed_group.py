@@ -263,6 +263,14 @@ def test_a_silent_rank_named_by_the_watch_gets_the_signals_first(tmp_path) -> No
     assert wait_rc(group) == -9 and group.failed_rank == 1
 
 
+def test_ranks_done_first_wait_for_rank_0s_test_pass(tmp_path) -> None:
+    """Rank 1 completes (exit 0) while rank 0 still runs its test pass and writes COMPLETE:
+    rank 0 is not stopped however long that takes (here 3 x the grace)."""
+    group = start_group(tmp_path, ["import time; time.sleep(1.5)", "import sys; sys.exit(0)"])
+    assert wait_rc(group) == 0
+    assert [r.returncode for r in group.records()] == [0, 0] and group.failed_rank is None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -318,6 +326,18 @@ def test_no_group_step_while_heartbeats_flow_is_a_stall_naming_the_laggard() -> 
     assert check(view, group, OPTS, 31.9) is None  # rank 0's last step was at t=2
     kind, _, detail, rank = check(view, group, OPTS, 32.0)  # type: ignore[misc]
     assert (kind, rank) == ("stall", 1) and "rank 1 lags" in detail
+
+
+def test_a_rank_that_said_it_stops_is_not_a_hang_when_silent() -> None:
+    from shared.protocol import WorkerStopping
+
+    view, group = views()
+    group.update(WorkerStopping(run_id="r", attempt=1, step=1, exit_code=0,
+                                reason="completed", detail="", rank=1), 1.5)
+    for t in range(2, 30):
+        view.update(beat(0, 1), float(t))
+        group.update(beat(0, 1), float(t))
+    assert check(view, group, OPTS, 20.0) is None  # rank 0's test pass: nobody is silent
 
 
 def test_one_process_keeps_its_checks_and_words() -> None:

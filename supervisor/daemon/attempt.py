@@ -80,7 +80,7 @@ class Attempt:
     def group_ending(self) -> bool:
         """A group one of whose ranks has ended: the group is ending (its poll() stops the
         others), so its silence is not a hang of its own."""
-        return bool(getattr(self.proc, "ends", None))
+        return bool(getattr(self.proc, "ending", False))
 
     def add_sample(self, s: Sample) -> str | None:
         """Fold in a memory sample; a reason when a planned restart is due."""

@@ -22,8 +22,9 @@ command through ssh — so `GroupSpawner` does that, per attempt:
 
 - **Any rank's end ends the group.** A rank that ends with anything but a normal end (0
   completed, 20 early-stopped, 23 stopped on request) makes the others get SIGCONT +
-  SIGTERM at once, SIGKILL after the grace (`supervisor.stop_timeout`, at most 10 s); a
-  normal end gives the others the grace to end alike first. `poll()` returns a code only
+  SIGTERM at once, SIGKILL after the grace (`supervisor.stop_timeout`, at most 10 s). Ranks
+  ending normally wait for rank 0 (its test pass and COMPLETE come after theirs); once rank
+  0 has ended normally the others get the grace to end alike. `poll()` returns a code only
   when every rank has been reaped.
 - **The culprit.** The first rank to end abnormally, passing over ranks that only lost a
   peer (`[ring] connection to a peer was lost` in their output: collateral, ~20 ms after a
@@ -157,11 +158,12 @@ class GroupProcess:
         if len(self.ends) == len(self.ranks):
             self._result = self._finish()
             return self._result
-        abnormal = any(e.returncode not in NORMAL_ENDS for e in self.ends.values())
-        if self._term_at is None:
-            self._term_at = now if abnormal else now + self.grace
-        elif abnormal:
-            self._term_at = min(self._term_at, now)
+        if self.ending:  # the others are stopped at once
+            self._term_at = now if self._term_at is None else min(self._term_at, now)
+        elif 0 in self.ends and self._term_at is None:  # rank 0 is done: the others follow
+            self._term_at = now + self.grace
+        if self._term_at is None:  # ranks done before rank 0 (its test pass, COMPLETE)
+            return None
         if self._kill_at is None and now >= self._term_at:
             self._signal_living(signal.SIGTERM)
             self._signal_living(signal.SIGCONT, group=True)
@@ -169,6 +171,11 @@ class GroupProcess:
         if self._kill_at is not None and now >= self._kill_at:
             self._signal_living(signal.SIGKILL, group=True)
         return None
+
+    @property
+    def ending(self) -> bool:
+        """Whether a rank has ended abnormally: the group is ending (its silence is no hang)."""
+        return any(e.returncode not in NORMAL_ENDS for e in self.ends.values())
 
     def next_deadline(self) -> float | None:
         """Monotonic time the group next needs a poll() (a SIGTERM or SIGKILL is due)."""

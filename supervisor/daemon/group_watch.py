@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shared.config import SupervisorOptions
-from shared.protocol import Heartbeat, Message, Phase, StepMetrics
+from shared.protocol import Heartbeat, Message, Phase, StepMetrics, WorkerStopping
 from supervisor.daemon import watch
 from supervisor.daemon.watch import STARTUP_PHASES, AttemptView
 
@@ -39,6 +39,7 @@ class RankView:
     step: int
     phase: Phase = Phase.STARTING
     heartbeats: int = 0
+    done: bool = False  # it said it is stopping (WorkerStopping): its silence is no hang
 
 
 @dataclass
@@ -74,13 +75,15 @@ class GroupView:
             view.step = max(view.step, msg.step)
         elif isinstance(msg, StepMetrics):
             view.step = max(view.step, msg.step)
+        elif isinstance(msg, WorkerStopping):
+            view.done = True
         if self.step > before:
             self.progress_at = now
 
     def silent(self, opts: SupervisorOptions, now: float) -> tuple[int, float] | None:
         """(rank, seconds) of the rank silent past its heartbeat timeout, the longest first."""
         late = []
-        for r in self.ranks:
+        for r in (r for r in self.ranks if not r.done):
             timeout = (opts.startup_timeout if r.phase in STARTUP_PHASES
                        else opts.heartbeat_timeout)
             if now - r.last_seen >= timeout:
