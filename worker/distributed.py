@@ -56,6 +56,7 @@ RANK_ENV = "MLX_RANK"  # mlx's own (mlx/distributed_run.py)
 HOSTFILE_ENV = "MLX_HOSTFILE"
 WORLD_ENV = "OVERNIGHT_WORLD_SIZE"  # the size the supervisor started (checked after init)
 CHUNK = 64 * 2**20  # bytes per all_sum when a checkpoint file is sent to the other ranks
+PACK_ELEMENTS = 16 * 2**20  # float32 elements (64 MB) per all_sum of the gradients
 
 log = structlog.get_logger("worker")
 
@@ -103,22 +104,39 @@ class Group:
         return tree_map(lambda x: mx.distributed.all_sum(x, group=self.group), tree)
 
     def all_sum_packed(self, tree: Any) -> Any:
-        """`all_sum` of a whole tree as ONE collective: its leaves flattened into one float32
-        vector, summed, and split back (each leaf keeps its shape and dtype; integer counts
-        are exact below 2**24). One collective per step is also what survives a lost peer:
-        with one all_sum per gradient leaf, mx.eval of the step waited forever after the
-        ring failed its pending tasks (measured, mlx 0.32.4), where one raises at once."""
+        """`all_sum` of a whole tree, its leaves packed into float32 vectors of about
+        PACK_ELEMENTS (64 MB; mlx_lm's average_gradients groups its all_sums the same way),
+        each summed and evaluated before the next, then split back (each leaf keeps its
+        shape and dtype; integer counts are exact below 2**24). One collective in flight at
+        a time is also what survives a lost peer: with one all_sum per gradient leaf in one
+        mx.eval, the step waited forever after the ring failed its pending tasks (measured,
+        mlx 0.32.4), where one collective raises at once."""
         import mlx.core as mx
         from mlx.utils import tree_flatten, tree_unflatten
 
-        leaves = tree_flatten(tree)
-        flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in leaves])
-        total = mx.distributed.all_sum(flat, group=self.group)
-        out, start = [], 0
-        for key, v in leaves:
-            n = v.size
-            out.append((key, total[start:start + n].reshape(v.shape).astype(v.dtype)))
-            start += n
+        out: list[tuple[str, Any]] = []
+        batch: list[tuple[str, Any]] = []
+
+        def flush() -> None:
+            if not batch:
+                return
+            flat = mx.concatenate([v.astype(mx.float32).reshape(-1) for _, v in batch])
+            total = mx.distributed.all_sum(flat, group=self.group)
+            mx.eval(total)  # raises when a peer is lost
+            start = 0
+            for key, v in batch:
+                out.append((key, total[start:start + v.size].reshape(v.shape).astype(v.dtype)))
+                start += v.size
+            batch.clear()
+
+        size = 0
+        for key, v in tree_flatten(tree):
+            batch.append((key, v))
+            size += v.size
+            if size >= PACK_ELEMENTS:
+                flush()
+                size = 0
+        flush()
         return tree_unflatten(out)
 
     def agree(self, flags: list[bool]) -> list[bool]:
