@@ -3,7 +3,8 @@
     distributed:
       processes: 2            # ranks (world size); 1 = one process, no group (the default)
       hosts: [mac-a, mac-b]   # optional: one host per rank (ssh names); empty = all local
-      backend: ring           # ring (TCP over Ethernet or the Thunderbolt bridge); jaccl: refused
+      backend: ring           # ring (TCP over Ethernet or the Thunderbolt bridge) or jaccl
+      rdma: []                # jaccl: rank i's RDMA device to rank j ("" to itself)
       port_base: 0            # 0 = free ports picked per attempt (localhost); else a range
       python: ""              # the Python on remote hosts (default: the same path as here)
 
@@ -54,6 +55,9 @@ class DistributedOptions:
     backend: Literal["ring", "jaccl"] = _f("ring", "mx.distributed backend: ring or jaccl")
     port_base: int = _f(0, "first TCP port of the ranks (0: free ports, fresh per attempt)")
     python: str = _f("", "the Python on remote hosts (default: this one's path)")
+    rdma: list[list[str]] = field(default_factory=list, metadata={
+        "help": "jaccl: per rank, the RDMA device to each rank (\"\" to itself), as "
+                "mlx.launch's hostfile"})
 
     @property
     def enabled(self) -> bool:
@@ -73,7 +77,7 @@ def check(d: DistributedOptions, batch_size: int, source: str) -> None:
     """ConfigError (one line, exit 78) for a group that cannot work: a world size below 1
     or above MAX_PROCESSES, hosts that are not one per rank, a malformed host, a global
     `batch_size` that the world size does not divide (mlx_lm's rule; 0 = not checked),
-    jaccl (not started by overnight yet), a port range outside 1024..65535."""
+    jaccl without hosts or without a full `rdma` matrix, a port range outside 1024..65535."""
     def bad(key: str, what: str, got: Any) -> ConfigError:
         return ConfigError(f"{source}: distributed.{key}: expected {what}, got {got!r}")
 
@@ -91,8 +95,14 @@ def check(d: DistributedOptions, batch_size: int, source: str) -> None:
             f"({d.processes}): each rank takes batch_size / processes examples of every "
             f"micro-batch, as mlx_lm under mlx.launch; got {batch_size!r}")
     if d.backend == "jaccl" and d.enabled:
-        raise bad("backend", "ring (jaccl, Thunderbolt RDMA, needs the RDMA device matrix "
-                  "mlx.launch reads from its hostfile; overnight does not start it yet: use "
-                  "ring over the Thunderbolt bridge's IP addresses)", d.backend)
+        if not d.remote:
+            raise bad("backend", "ring on one machine (jaccl is Thunderbolt RDMA between "
+                      "Macs: give hosts)", d.backend)
+        n = d.processes
+        if len(d.rdma) != n or any(len(row) != n for row in d.rdma) \
+                or any(bool(d.rdma[i][j]) == (i == j) for i in range(n) for j in range(n)):
+            raise bad("rdma", f"for jaccl, {n} rows of {n} RDMA device names (rank i's "
+                      "device to rank j; \"\" to itself), as mlx.launch's hostfile "
+                      "\"rdma\"", d.rdma)
     if d.port_base and not 1024 <= d.port_base <= 65535 - 2 * d.processes:
         raise bad("port_base", f"0 or a port 1024..{65535 - 2 * d.processes}", d.port_base)

@@ -44,7 +44,11 @@ def base(**distributed: object) -> dict[str, object]:
     ({"processes": 2, "hosts": ["mac-a", "-oProxyCommand=x"]}, "distributed.hosts"),
     ({"processes": 0}, "distributed.processes: expected an integer 1..64"),
     ({"processes": 2, "backend": "mpi"}, "distributed.backend"),
-    ({"processes": 2, "backend": "jaccl"}, "distributed.backend: expected ring (jaccl"),
+    ({"processes": 2, "backend": "jaccl"}, "distributed.backend: expected ring on one machine"),
+    ({"processes": 2, "backend": "jaccl", "hosts": ["a", "b"], "rdma": [["", "en2"]]},
+     "distributed.rdma: expected for jaccl, 2 rows of 2"),
+    ({"processes": 2, "backend": "jaccl", "hosts": ["a", "b"],
+      "rdma": [["en2", "en2"], ["en2", ""]]}, "distributed.rdma"),
     ({"processes": 2, "port_base": 80}, "distributed.port_base"),
 ])
 def test_a_group_that_cannot_work_is_one_config_error(section, key) -> None:
@@ -173,6 +177,24 @@ def test_a_remote_rank_is_ssh_tt_with_no_secret_on_its_command_line() -> None:
     assert "export MLX_RANK=1;" in argv[-1] and "HOME" not in argv[-1]
     assert argv[-1].endswith("exec /opt/py -m worker train c.yaml")
     assert set(secrets_env(env)) == {SECRETS_ENV}
+
+
+def test_jaccl_gets_mlx_launchs_variables() -> None:
+    from supervisor.daemon.group import backend_files
+
+    d = cfg.resolve({**base(processes=2, backend="jaccl", hosts=["mac-a", "mac-b"],
+                            rdma=[["", "rdma_en2"], ["rdma_en3", ""]])}).distributed
+    files, env = backend_files(d, ["10.0.0.1", "10.0.0.2"], [5000, 5001])
+    # mlx.launch's launch_jaccl: MLX_IBV_DEVICES (a file: null to itself), the coordinator
+    assert json.loads(files["MLX_IBV_DEVICES"]) == [[None, "rdma_en2"], ["rdma_en3", None]]
+    assert env == {"MLX_JACCL_COORDINATOR": "10.0.0.1:5000"}
+    ring = cfg.resolve(base(processes=2)).distributed
+    assert backend_files(ring, ["127.0.0.1"] * 2, [7, 8]) == (
+        {"MLX_HOSTFILE": '[["127.0.0.1:7"], ["127.0.0.1:8"]]'}, {})
+    script = launch_script(["py", "-m", "worker"], {"MLX_JACCL_COORDINATOR": "10.0.0.1:5000",
+                                                    "MLX_RANK": "1"}, files, "/w", "")
+    assert "export MLX_IBV_DEVICES=$fname;" in script
+    assert "export MLX_JACCL_COORDINATOR=10.0.0.1:5000;" in script
 
 
 def test_a_remote_rank_sends_its_telemetry_to_the_curve_endpoint() -> None:

@@ -99,6 +99,19 @@ def hostfile_json(ips: Sequence[str], ports: Sequence[int]) -> str:
     return json.dumps([[f"{ip}:{port}"] for ip, port in zip(ips, ports, strict=True)])
 
 
+def backend_files(d: DistributedOptions, ips: Sequence[str], ports: Sequence[int]
+                  ) -> tuple[dict[str, str], dict[str, str]]:
+    """({variable: file content}, {variable: value}) every rank needs, as mlx.launch gives
+    them (mlx/_distributed_utils/launch.py): ring, MLX_HOSTFILE; jaccl, MLX_IBV_DEVICES
+    (the RDMA device from each rank to each other, null to itself) and
+    MLX_JACCL_COORDINATOR (rank 0's IP and its port)."""
+    if d.backend == "jaccl":
+        devices = [[dev or None for dev in row] for row in d.rdma]
+        return ({"MLX_IBV_DEVICES": json.dumps(devices)},
+                {"MLX_JACCL_COORDINATOR": f"{ips[0]}:{ports[0]}"})
+    return {"MLX_HOSTFILE": hostfile_json(ips, ports)}, {}
+
+
 def rank_output(output: Path, rank: int) -> Path:
     """Where rank `rank`'s stdout/stderr go: the attempt's log for rank 0."""
     return output if rank == 0 else output.with_name(f"{output.stem}-rank-{rank}{output.suffix}")
@@ -302,21 +315,24 @@ class GroupSpawner:
         ports = fresh_ports(n, self.used_ports, d.port_base)
         self.attempts += 1
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        hostfile = self.dir / f"hostfile-{self.attempts}-{os.getpid()}.json"
-        text = hostfile_json(ips, ports)
-        fd = os.open(hostfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        files, extra = backend_files(d, ips, ports)  # what each rank's backend reads
+        paths = {}
+        for name, content in files.items():
+            path = self.dir / f"hostfile-{self.attempts}-{os.getpid()}-{name}.json"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(content)
+            paths[name] = str(path)
+        hostfile = paths.get("MLX_HOSTFILE", "")
         started: list[WorkerProcess] = []
         outputs = [rank_output(output, r) for r in range(n)]
         group = GroupProcess(started, outputs, hosts, self.grace, remote, log=self.log)
         try:
             for r in range(n):
-                rank_env = {**env, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile),
-                            WORLD_ENV: str(n)}
+                rank_env = {**env, **paths, **extra, "MLX_RANK": str(r), WORLD_ENV: str(n)}
                 if remote[r]:
                     cmd = remote_argv(hosts[r], telemetry_to(list(argv), self.remote_telemetry),
-                                      rank_env, text, d.python or self.python)
+                                      rank_env, files, d.python or self.python)
                     started.append(self.base.spawn(cmd, {**env, **secrets_env(rank_env)},
                                                    outputs[r]))
                 else:
@@ -324,7 +340,7 @@ class GroupSpawner:
         except BaseException:
             group.kill_all()
             raise
-        self.log.info("group_spawned", size=n, backend=d.backend, hostfile=str(hostfile),
+        self.log.info("group_spawned", size=n, backend=d.backend, hostfile=hostfile,
                       ports=ports, pids=[p.pid for p in started],
                       hosts=[h or "localhost" for h in hosts])
         self.last = group
@@ -340,7 +356,7 @@ class GroupSpawner:
             self.log.warning("group_ranks_left", ranks=alive, action="SIGKILL")
             last.kill_all()
         with contextlib.suppress(OSError):
-            for old in self.dir.glob("hostfile-*.json"):
+            for old in self.dir.glob("hostfile-*"):
                 old.unlink()
 
 

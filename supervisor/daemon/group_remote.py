@@ -79,10 +79,13 @@ def check_hosts(hosts: list[str], timeout: float = 15.0) -> None:
                               f"without a password: {said}")
 
 
-def launch_script(argv: list[str], env: dict[str, str], hostfile: str, cwd: str,
-                  python: str) -> str:
-    """The bash script a remote rank runs (module docstring): cd, exports, the hostfile's
-    content in a temp file, exec. `argv[0]` (this machine's Python) becomes `python`."""
+def launch_script(argv: list[str], env: dict[str, str], files: dict[str, str] | str,
+                  cwd: str, python: str) -> str:
+    """The bash script a remote rank runs (module docstring): cd, exports, each of `files`
+    ({variable: content}; a str: the ring's hostfile) in a temp file named by its variable,
+    exec. `argv[0]` (this machine's Python) becomes `python`."""
+    if isinstance(files, str):
+        files = {"MLX_HOSTFILE": files}
     q = shlex.quote
     script = "stty -echo 2>/dev/null; "
     script += (f"cd {q(cwd)} || {{ echo 'overnight: no directory '{q(cwd)}' on' "
@@ -92,7 +95,8 @@ def launch_script(argv: list[str], env: dict[str, str], hostfile: str, cwd: str,
             script += f"export {key}={q(env[key])}; "
     script += (f'[ -n "${SECRETS_ENV}" ] && eval "$(printf %s "${SECRETS_ENV}" | base64 -d)"; '
                f"unset {SECRETS_ENV}; ")
-    script += f"fname=$(mktemp); printf '%s' {q(hostfile)} > $fname; export MLX_HOSTFILE=$fname; "
+    for name, content in files.items():
+        script += f"fname=$(mktemp); printf '%s' {q(content)} > $fname; export {name}=$fname; "
     command = [python or argv[0], *argv[1:]]
     script += "exec " + " ".join(q(a) for a in command)
     return script
@@ -104,8 +108,8 @@ def secrets_env(env: dict[str, str]) -> dict[str, str]:
     return {SECRETS_ENV: base64.b64encode(exports.encode()).decode()} if exports else {}
 
 
-def remote_argv(host: str, argv: list[str], env: dict[str, str], hostfile: str,
+def remote_argv(host: str, argv: list[str], env: dict[str, str], files: dict[str, str] | str,
                 python: str = "", cwd: str = "") -> list[str]:
     """`ssh -tt … host script` for one remote rank (module docstring); no secret in it."""
-    script = launch_script(argv, env, hostfile, cwd or os.getcwd(), python or sys.executable)
+    script = launch_script(argv, env, files, cwd or os.getcwd(), python or sys.executable)
     return ["ssh", *SSH_OPTIONS, host, script]
