@@ -28,7 +28,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal, cast, get_args, get_type_hints
 
-from shared import config_identity, records
+from shared import config_identity, distributed_config, records
+from shared.distributed_config import DistributedOptions
 from shared.errors import ConfigError
 from shared.mlx_lm_keys import KEYS as MLX_LM_KEYS
 from shared.yamlfile import load_yaml
@@ -202,6 +203,7 @@ class Config:
     logging: LoggingOptions = field(default_factory=LoggingOptions)
     debug: Debug = field(default_factory=Debug)
     supervisor: SupervisorOptions = field(default_factory=SupervisorOptions)
+    distributed: DistributedOptions = field(default_factory=DistributedOptions)
 
     @property
     def effective_batch(self) -> int:
@@ -291,6 +293,11 @@ def resolve(
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     _check_ranges(config, source)
+    # The global batch must split evenly over the ranks; a batch_size given on the command
+    # line (an OOM's halved micro-batch, supervisor/daemon/policy.py) is split as evenly as
+    # it goes instead (worker/distributed.py).
+    batch = 0 if "batch_size" in (overrides or {}) else config.batch_size
+    distributed_config.check(config.distributed, batch, source)
     return config
 
 

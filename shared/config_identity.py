@@ -30,7 +30,7 @@ HASH_EXCLUDED = (
     "grad_accumulation_steps", "grad_checkpoint", "adapter_path", "learning_rate",
     "lr_schedule", "iters", "checkpoints", "steps_per_eval", "save_every", "val_batches",
     "early_stopping", "grad_spike", "test", "test_batches", "report_to", "project_name",
-    "clear_cache_threshold", "wired_limit", "train", "config",
+    "clear_cache_threshold", "wired_limit", "train", "config", "distributed",
 )
 NESTED_EXCLUDED = {"training": ("streaming", "compile")}
 

@@ -14,7 +14,8 @@ NaN/Infinity tokens (non-finite floats travel as the strings "nan"/"inf"/"-inf")
 
 Telemetry messages carry `token`, the attempt's telemetry token: the supervisor makes one per
 attempt and hands it to the worker in the environment (TOKEN_ENV, never on the command
-line); the worker's sender (worker/telemetry.py) stamps it on every message; the supervisor
+line); the worker's sender (worker/telemetry.py) stamps it, and the rank of a data-parallel
+group's member (`rank`, left out when 0), on every message; the supervisor
 believes only messages of the running attempt with its token
 (supervisor/daemon/telemetry_gate.py). An empty token is left out of the JSON, so a worker
 started by hand (no supervisor, no token) sends exactly the version-1 messages it always did.
@@ -65,6 +66,8 @@ class _Message:
                 d[k] = strictjson.finite(v)  # nested (ControlReply.data): null
         if d.get("token") == "":
             del d["token"]  # no token (a worker without a supervisor): the v1 message as before
+        if d.get("rank") == 0:
+            del d["rank"]  # one process, or rank 0 of a group: the v1 message as before
         d["type"] = self.TYPE
         d["v"] = PROTOCOL_VERSION
         return d
@@ -79,10 +82,14 @@ class _Telemetry(_Message):
     attempt's telemetry token from TOKEN_ENV, stamped by the sender; "" = none."""
 
     token: str = field(default="", kw_only=True, repr=False)
+    # The sender's rank in a data-parallel group (shared/distributed_config.py; MLX_RANK);
+    # 0 for one process, and then left out of the JSON like an empty token.
+    rank: int = field(default=0, kw_only=True)
 
-    def with_token(self, token: str) -> _Telemetry:
-        """This message stamped with the attempt's token (the sender does this)."""
-        return dataclasses.replace(self, token=token)
+    def with_token(self, token: str, rank: int = 0) -> _Telemetry:
+        """This message stamped with the attempt's token and the sender's rank (the sender
+        does this)."""
+        return dataclasses.replace(self, token=token, rank=rank or self.rank)
 
 
 @dataclass(frozen=True)

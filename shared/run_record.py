@@ -62,6 +62,9 @@ seconds (float); memory is MB. Schema version 1 (every run.json ever written is 
                             "lr_scale": 1.0},  # the failing step's batch (non-finite, spike)
         "injected": ["crash@40"],      # faults injected on purpose in this attempt
                                        # (debug.inject; shared/faults.py); [] for none
+        "ranks": [{"rank": 1, "host": "localhost", "pid": 4242, "log": "worker-1-rank-1.log",
+                   "returncode": -9, "lost_peer": false}, ...],  # a group's ranks; [] alone
+        "failed_rank": null | 1,       # the rank whose end or silence failed the group
         "action": Action below,
         "action_reason": "crash: killed by SIGABRT ...",
         "restart_delay_s": 5.3,
@@ -210,6 +213,22 @@ class BadData:
 
 
 @dataclass(frozen=True)
+class RankRecord:
+    """One rank of a data-parallel group's attempt (supervisor/daemon/group.py).
+
+    {"rank": 1, "host": "localhost", "pid": 4242, "log": "worker-3-rank-1.log",
+     "returncode": -9, "lost_peer": false}
+    """
+
+    rank: int
+    host: str
+    pid: int
+    log: str
+    returncode: int | None = None
+    lost_peer: bool = False  # it ended only because another rank had (collateral)
+
+
+@dataclass(frozen=True)
 class AttemptRecord:
     """One worker process: the first block is known at its start, the rest at its end."""
 
@@ -251,6 +270,8 @@ class AttemptRecord:
     settings_changed: dict[str, Any] = field(default_factory=dict)
     bad_data: BadData | None = None
     injected: tuple[str, ...] = ()  # faults fired in it on purpose (shared/faults.py)
+    ranks: tuple[RankRecord, ...] = ()  # a data-parallel group's ranks (one process: none)
+    failed_rank: int | None = None  # the group's rank whose end (or silence) failed it
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ def test_a_record_written_before_the_typed_record_reads_and_round_trips():
     for a in back["attempts"]:
         assert a.pop("bad_data") is None
         assert a.pop("injected") == []  # issue 17: no fault injected on record
+        assert a.pop("ranks") == [] and a.pop("failed_rank") is None  # issue 14: one process
     assert back["supervisor"].pop("boot_id") == ""  # issue 12: unknown in an old record
     assert back == raw
 

@@ -228,9 +228,10 @@ def main(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, config: cfg.Config, run: RunDir) -> int:
     # The progress line already shows what the progress and phase events say.
+    rank = os.environ.get("MLX_RANK", "0") if config.distributed.enabled else "0"
     logsetup.configure(
         "worker",
-        run.worker_log,
+        run.worker_log if rank == "0" else run.logs / f"worker-rank{rank}.jsonl",
         max_bytes=config.logging.max_bytes,
         backups=config.logging.backups,
         console_skip=frozenset({"progress", "phase_changed", "mlx_lm_differences"}),

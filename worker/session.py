@@ -38,6 +38,7 @@ from shared.fsutil import disk_full_message, is_disk_full, quiet_unwritable_outp
 from shared.layout import RunDir
 from shared.progress import Progress
 from shared.trainer_state import DataIdentity
+from worker import distributed
 from worker.finish import finish, make_adapter_dir, mlx_lm_test_pass, test_subset
 from worker.inject import ENV as INJECT_ENV
 from worker.inject import Injector
@@ -56,6 +57,7 @@ from worker.telemetry import LiveStatus, Telemetry
 from worker.train import Controls, Outcome, Trainer, TrainState
 
 log = structlog.get_logger("worker")
+INJECT_RANK_ENV = "OVERNIGHT_INJECT_RANK"  # the rank of a group whose faults fire (tests)
 
 
 class Session:
@@ -74,6 +76,7 @@ class Session:
         self.trainer: Trainer | None = None
         self._adapter_dir: Path | None = None  # mlx_lm's adapter_path, created at start
         self._test_usable: int | None = None  # streaming: usable rows of the test subset
+        self.group: Any = None  # a data-parallel group's rank (worker/distributed.py)
 
     # -------------------------------------------------------------- outer boundary
     def run(self) -> ExitCode:
@@ -179,12 +182,15 @@ class Session:
                 file=sys.stderr,
             )
             return Outcome(ExitCode.COMPLETED, "completed", "run was already complete")
-        if args.fresh:
+        self.group = group = distributed.init_group(c)  # None: one process
+        writes = group is None or group.writes  # rank 0 alone writes the run directory
+        if args.fresh and writes:
             move_previous_aside(self.run_dir)
-        cleaned = clean_leftovers(run.checkpoints)  # a killed writer's half-done dirs
+        cleaned = clean_leftovers(run.checkpoints) if writes else []  # half-done dirs
         if cleaned:
             log.info("checkpoint_leftovers_removed", names=cleaned)
-        chosen, stored = choose_checkpoint(self.args, self.run_dir)
+        chosen, stored = distributed.choose_checkpoint(group, self.args, self.run_dir,
+                                                       choose_checkpoint)
         if chosen is not None and stored is not None:
             c = reconcile(c, stored, chosen)
         self.config = c
@@ -197,7 +203,7 @@ class Session:
 
         files = locate(c)  # before anything is loaded or trained: one line per problem
         check_report_to(c)
-        self._adapter_dir = make_adapter_dir(c)
+        self._adapter_dir = make_adapter_dir(c) if writes else None
         self._announce_differences(c, files.valid is not None)
         import mlx.core as mx
         from mlx_lm.utils import maybe_set_recommended_wired_limit
@@ -287,13 +293,17 @@ class Session:
         )
         self.status.step = state.step
         reporters: list[Any] = [RunReporter(progress, run.metrics_log, c.steps_per_report)]
+        if not writes:  # another rank: heartbeats and its steps only, no files
+            reporters = []
         if self.telemetry is not None:
             reporters.append(TelemetryReporter(self.telemetry, self.status))
-        board = tensorboard_reporter(run.root / "tensorboard", c.steps_per_report)
+        board = (tensorboard_reporter(run.root / "tensorboard", c.steps_per_report)
+                 if writes else None)
         if board is not None:
             reporters.append(board)
             log.info("tensorboard_enabled", logdir=str(run.root / "tensorboard"))
-        callbacks = callback_reporter(c, run.root, c.iters, state.tokens_total)
+        callbacks = (callback_reporter(c, run.root, c.iters, state.tokens_total)
+                     if writes else None)
         if callbacks is not None:
             reporters.append(callbacks)
             log.info(
@@ -303,7 +313,12 @@ class Session:
                 log_dir=str(run.root),
             )
         self.reporter = FanOut(*reporters)
+        group_controls = Controls()  # a group's loop acts on agreed requests only
+        if group is not None:
+            group.raw = self.controls  # what the signal handlers set (worker/distributed.py)
         spec = os.environ.get(INJECT_ENV) or c.debug.inject
+        if group is not None and group.rank != int(os.environ.get(INJECT_RANK_ENV, "0") or 0):
+            spec = ""  # a group's injected faults fire on one rank (default 0)
         trainer = Trainer(
             config=c,
             run_id=self.run_id,
@@ -322,7 +337,7 @@ class Session:
             ),
             reporter=self.reporter,
             progress=progress,
-            controls=self.controls,
+            controls=self.controls if group is None else group_controls,
             injector=Injector(spec, run.root / "inject"),
             adapter_config=models.adapter_config(c),
             lr_schedule=schedule,
@@ -336,6 +351,7 @@ class Session:
             last_saved_step=state.step,
             skip_batches=skip_batches,
             skip_positions=frozenset(getattr(args, "skip_position", None) or []),
+            group=group,
         )
         self.trainer = trainer
         if stored is not None and stored.reason == "early_stop" and c.early_stopping.enabled:
@@ -346,6 +362,8 @@ class Session:
         else:
             outcome = trainer.run()
         trainer.writer.wait()
+        if not writes:
+            return outcome  # rank 0 runs the test pass and publishes the adapters
         if outcome.code in (ExitCode.COMPLETED, ExitCode.EARLY_STOPPED):
             test = None
             if test_set is not None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import psutil
 
 from shared import protocol as p
+from shared.distributed_config import CURVE_PUBLIC_ENV, CURVE_SECRET_ENV, CURVE_SERVER_ENV
 from shared.footprint import phys_footprint_mb
 
 QUEUE_LIMIT = 10_000
@@ -61,6 +62,9 @@ class Telemetry:
         import zmq
 
         self.token = os.environ.get(p.TOKEN_ENV, "") if token is None else token
+        # A group's member says its rank in every message (MLX_RANK: mlx's own variable,
+        # set by the supervisor for each rank, supervisor/daemon/group.py).
+        self.rank = int(os.environ.get("MLX_RANK", "0") or 0)
         self.status = status
         self.interval = interval
         self.dropped = 0
@@ -72,6 +76,10 @@ class Telemetry:
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self._sock.setsockopt(zmq.LINGER, 500)  # flush the last messages briefly on exit
+        if CURVE_SERVER_ENV in os.environ:  # across the network: CURVE (supervisor/daemon/curve.py)
+            self._sock.curve_serverkey = os.environ[CURVE_SERVER_ENV].encode()
+            self._sock.curve_publickey = os.environ[CURVE_PUBLIC_ENV].encode()
+            self._sock.curve_secretkey = os.environ[CURVE_SECRET_ENV].encode()
         self._sock.connect(endpoint)
         self._proc = psutil.Process(os.getpid())
         self._seq = 0
@@ -112,13 +120,15 @@ class Telemetry:
             cache_mb=s.cache_mb,
             footprint_mb=phys_footprint_mb(os.getpid()) or 0.0,
             token=self.token,
+            rank=self.rank,
         )
 
     def _send_now(self, message: p._Message) -> None:
         import zmq
 
-        if self.token and isinstance(message, p._Telemetry) and not message.token:
-            message = message.with_token(self.token)  # here, off the training thread
+        if isinstance(message, p._Telemetry) and (self.token or self.rank) \
+                and not message.token:
+            message = message.with_token(self.token, self.rank)  # here, off the training thread
         try:
             self._sock.send(message.to_json(), zmq.NOBLOCK)
         except zmq.Again:

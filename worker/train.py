@@ -37,6 +37,7 @@ from shared.trainer_state import BatchSplit, Best, PlanState, RngScheme, Trainer
 from worker.batching import EpochPlan, collate, micro_batches, target_count
 from worker.checkpointing import CheckpointWriter, SavedCheckpoint, snapshot
 from worker.data import Example, Examples
+from worker.distributed import agree_controls
 from worker.inject import Injector
 from worker.loss import token_mean, weighted_ce_sums
 from worker.monitors import EarlyStopper, SpikeDetector
@@ -109,6 +110,7 @@ class Trainer:
     batch_examples: list[int] = field(default_factory=list)  # its usable examples
     # the steps of the current gradient-spike run: (data position, usable examples)
     spike_window: list[tuple[int, list[int]]] = field(default_factory=list)
+    group: Any = None  # this rank's data-parallel group (worker/distributed.py); None: alone
     _proc: Any = None
 
     # ------------------------------------------------------------------ step machinery
@@ -159,6 +161,7 @@ class Trainer:
             state = [model.state, optimizer.state]
             apply = partial(mx.compile, inputs=state, outputs=state)(apply)
         self._first, self._more, self._only, self._last = fns
+        self._finish = finish  # a group's rank divides after the all_sum (worker/distributed.py)
         self._apply = apply
 
     def _clear_cache(self) -> None:
@@ -245,6 +248,10 @@ class Trainer:
         """
         import mlx.core as mx
 
+        if self.group is not None:
+            from worker.distributed import compute_step
+
+            return compute_step(self, step)  # this rank's share, all_summed
         c = self.config
         self.position, usable = self._next_batch()
         self.batch_examples = [i for i, _ in usable]
@@ -329,6 +336,9 @@ class Trainer:
     def save(self, reason: str) -> None:
         import mlx.core as mx
 
+        if self.group is not None and not self.group.writes:
+            self.last_saved_step = self.state.step  # rank 0 writes the group's checkpoint
+            return
         mx.eval(self.model.state, self.optimizer.state)  # pending update; not in a writer thread
         self.reporter.phase(p.Phase.CHECKPOINTING, self.state.step)
         self.train_set.log_progress()
@@ -370,6 +380,7 @@ class Trainer:
         self.reporter.phase(p.Phase.COMPILING, s.step)
         first = True
         while s.step < c.iters:
+            agree_controls(self.group, self.controls)  # a group stops after the same step
             if self.controls.stop_requested:
                 return self._stop_gracefully()
             step = s.step + 1
@@ -452,6 +463,7 @@ class Trainer:
             if step == c.iters:
                 self.save("final")
                 return Outcome(ExitCode.COMPLETED, "completed", f"{step} steps")
+            agree_controls(self.group, self.controls)
             if self.controls.stop_requested:
                 return self._stop_gracefully()
             if step % c.save_every == 0 or new_best or self.controls.checkpoint_requested:

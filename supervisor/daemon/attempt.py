@@ -15,6 +15,7 @@ from pathlib import Path
 
 from shared.config import SupervisorOptions
 from shared.run_record import Detection
+from supervisor.daemon.group_watch import GroupView
 from supervisor.daemon.memory import MemoryWatch, Sample
 from supervisor.daemon.spawn import WorkerProcess
 from supervisor.daemon.state import StopReason
@@ -51,6 +52,9 @@ class Attempt:
         self.output = output
         self.lr_scale = lr_scale
         self.view = AttemptView(number, proc.pid, started_at, start_step)
+        pids: tuple[int, ...] = getattr(proc, "pids", ())  # a group (supervisor/daemon/group.py)
+        self.rank_pids = pids
+        self.group = GroupView(len(pids), started_at, start_step) if pids else None
         self.mem = MemoryWatch(opts, start_step=start_step)
         self.stopping = StopEscalation(opts.stop_timeout)
         self.stop_reason: StopReason | None = None  # the first reason we asked it to stop
@@ -65,9 +69,19 @@ class Attempt:
         """The return code once it has ended (Popen convention: -N = killed by signal N)."""
         return self.proc.poll()
 
-    def notice(self, kind: str, detail: str, seconds: float) -> None:
-        """A problem was detected ("hang", "stall", "memory"); kept for the record."""
+    def notice(self, kind: str, detail: str, seconds: float, rank: int | None = None) -> None:
+        """A problem was detected ("hang", "stall", "memory"); kept for the record. `rank`:
+        a group's culprit, signalled first when the group is stopped."""
         self.noticed = Noticed(DETECTED_BY[kind], detail, seconds)
+        name = getattr(self.proc, "name_culprit", None)
+        if rank is not None and name is not None:
+            name(rank)
+
+    @property
+    def group_ending(self) -> bool:
+        """A group one of whose ranks has ended: the group is ending (its poll() stops the
+        others), so its silence is not a hang of its own."""
+        return bool(getattr(self.proc, "ending", False))
 
     def add_sample(self, s: Sample) -> str | None:
         """Fold in a memory sample; a reason when a planned restart is due."""

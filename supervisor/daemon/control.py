@@ -34,6 +34,18 @@ class ControlError(Exception):
 
 
 @dataclass(frozen=True)
+class RankStatus:
+    """One rank of a running group: {"rank": 1, "pid": 4242, "phase": "training", "step": 120,
+    "last_heartbeat_s": 0.4} (pid 0: on another host)."""
+
+    rank: int
+    pid: int
+    phase: Phase
+    step: int
+    last_heartbeat_s: float
+
+
+@dataclass(frozen=True)
 class RunStatus:
     """The data of a status reply: the supervisor's live view of the run (JSON: see Status).
     `step` is the worker's while one runs, else the record's final_step."""
@@ -59,6 +71,7 @@ class RunStatus:
     attempts: int
     failures: int
     telemetry_rejected: int = 0  # messages not believed (supervisor/daemon/telemetry_gate.py)
+    ranks: tuple[RankStatus, ...] = ()  # a data-parallel group's ranks (one process: none)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = records.to_dict(self)

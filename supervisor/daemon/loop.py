@@ -40,9 +40,9 @@ import zmq
 from shared import config as config_mod
 from shared.errors import OvernightError, ProtocolError
 from shared.protocol import decode
-from supervisor.daemon import memory, sdnotify, watch
+from supervisor.daemon import group_watch, memory, sdnotify, watch
 from supervisor.daemon.checkpoint_choice import Background, Job, ThreadJob
-from supervisor.daemon.control import ControlError, ControlServer, RunStatus
+from supervisor.daemon.control import ControlError, ControlServer, RankStatus, RunStatus
 from supervisor.daemon.powerwatch import PowerWatch
 from supervisor.daemon.record import RecordKeeper
 from supervisor.daemon.runner import AttemptRunner
@@ -179,7 +179,7 @@ class Supervisor:
         self.next_sample = self.clock() + self.opts.sample_interval
         running = self.runner.attempt
         if running is not None:  # from now on, messages with its token are believed
-            self.gate.begin(attempt, pid, running.token, self._iters())
+            self.gate.begin(attempt, pid, running.token, self._iters(), running.rank_pids)
         self.dispatch(Spawned(attempt, pid))
         if not self.ready_sent:
             self.notifier.ready()
@@ -224,6 +224,10 @@ class Supervisor:
         if not self.gate.admit(msg):
             return
         attempt = self.runner.attempt
+        if attempt is not None and attempt.group is not None:  # a group: every rank's
+            attempt.group.update(msg, self.clock())  # heartbeat and step (group_watch.py)
+            if msg.rank:  # type: ignore[union-attr]
+                return  # rank 0 alone speaks for the run (metrics, checkpoints, stopping)
         if attempt is None or not attempt.view.accepts(msg):
             return
         if attempt.view.update(msg, self.clock()) and self.state is State.STARTING:
@@ -245,13 +249,13 @@ class Supervisor:
         now = self.clock()
         attempt = self.runner.attempt
         if self.state in (State.STARTING, State.TRAINING) and attempt is not None:
-            found = watch.check(attempt.view, self.opts, now)
+            found = None if attempt.group_ending else group_watch.check(
+                attempt.view, attempt.group, self.opts, now)
             if found is not None:
-                kind, seconds = found
-                detail = (f"no heartbeat for {seconds:.1f} s" if kind == "hang"
-                          else f"no step for {seconds:.1f} s while heartbeats continue")
-                attempt.notice(kind, detail, seconds)
-                self.log.warning("worker_unhealthy", kind=kind, detail=detail)
+                kind, seconds, detail, rank = found
+                attempt.notice(kind, detail, seconds, rank)
+                self.log.warning("worker_unhealthy", kind=kind, detail=detail,
+                                 **({"rank": rank} if rank is not None else {}))
                 self.dispatch(HeartbeatLost(seconds) if kind == "hang" else Stalled(seconds))
             elif now >= self.next_sample:
                 self.next_sample = now + self.opts.sample_interval
@@ -302,6 +306,10 @@ class Supervisor:
         attempt = self.runner.attempt
         if attempt is not None and attempt.stopping.deadline is not None:
             deadlines.append(attempt.stopping.deadline)
+        if attempt is not None and (due := getattr(attempt.proc, "next_deadline", None)):
+            group_due = due()  # a group's ranks get SIGTERM / SIGKILL from its poll()
+            if group_due is not None:
+                deadlines.append(group_due)
         if self.state in (State.STARTING, State.TRAINING) and attempt is not None:
             deadlines.append(watch.heartbeat_deadline(attempt.view, self.opts))
         return max(0.0, min(deadlines) - now)
@@ -332,6 +340,9 @@ class Supervisor:
             else None,
             attempts=len(r.attempts), failures=r.totals.failures,
             telemetry_rejected=self.gate.rejected,
+            ranks=tuple(RankStatus(r.rank, pid, r.phase, r.step, round(now - r.last_seen, 2))
+                        for r, pid in zip(attempt.group.ranks, attempt.rank_pids, strict=True))
+            if attempt is not None and attempt.group is not None else (),
         )
 
     def request_stop(self, source: str) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from shared.errors import OvernightError, RunDirError, RunDirLocked, SystemLimit
 from shared.fsutil import describe_space
 from shared.layout import RunDir, never_world_writable
 from shared.runlock import Role, RunLock
-from supervisor.daemon import gpu_watchdog, sdnotify, service_exit, sockets, spawn
+from supervisor.daemon import curve, gpu_watchdog, group, sdnotify, service_exit, sockets, spawn
 from supervisor.daemon.control import ControlServer
 from supervisor.daemon.loop import Supervisor
 from supervisor.daemon.platform_readings import Platform
@@ -100,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
 def _main(args: argparse.Namespace) -> int:
     config_path = args.config.resolve()
     config = config_mod.load(config_path)  # ConfigError: one line, exit 78, nothing started
+    group.check_hosts(config.distributed.hosts)  # a group's other Macs answer ssh (exit 78)
     limit = openfile_limit.problem()  # every worker would die importing mlx_lm: refuse now
     if limit is not None:
         raise SystemLimitError(f"cannot run: {limit}")
@@ -171,7 +172,10 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
         with contextlib.suppress(FileNotFoundError):
             os.unlink(endpoint.removeprefix("ipc://"))  # stale: we hold the lock
     ctx: zmq.Context[Any] = zmq.Context()
-    telemetry = sockets.bind_telemetry(ctx, run.telemetry_endpoint)  # bounded: sockets.py
+    # Remote ranks: CURVE on ipc:// and tcp:// (curve.py); else ipc:// alone.
+    secure = curve.setup(ctx, config.distributed, run.root, run.telemetry_endpoint, log)
+    telemetry = (secure.sock if secure is not None
+                 else sockets.bind_telemetry(ctx, run.telemetry_endpoint))  # bounded: sockets.py
     control = ControlServer(ctx, run.control_endpoint, target=None)  # type: ignore[arg-type]
     log.info("sockets_bound", telemetry=run.telemetry_endpoint, control=run.control_endpoint)
     # Ready = holding the run and answering control requests; also on the path where the
@@ -180,12 +184,15 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
 
     runner = AttemptRunner(
         config=config, config_path=config_path, run=run, record=record,
-        spawner=spawn.PopenSpawner(pass_fds=(lock.fd,),  # the worker writes under our lock
-                                   stop_timeout=opts.stop_timeout),  # its orphan grace
+        spawner=group.spawner(  # a data-parallel group's ranks, or the one worker
+            spawn.PopenSpawner(pass_fds=(lock.fd,),  # the worker writes under our lock
+                               stop_timeout=opts.stop_timeout),  # its orphan grace
+            config, run.root, log, secure.endpoint if secure is not None else ""),
         policy=Policy(opts, high_water=record.record.high_water_step,
                       rollbacks=record.record.rollbacks),
         env={**spawn.worker_env(sdnotify.child_environment(), opts.openblas, log),
-             **lock.child_environment(), **gpu_watchdog.worker_environment(opts)},
+             **lock.child_environment(), **gpu_watchdog.worker_environment(opts),
+             **(secure.env if secure is not None else {})},
         command=list(opts.worker_command) or WORKER_COMMAND,
         log=log,
     )
@@ -209,6 +216,8 @@ def _run(config: config_mod.Config, config_path: Path, run: RunDir, level: str,
         sdnotify.stopping()
         control.close()
         telemetry.close(linger=0)
+        if secure is not None:
+            secure.close()
         ctx.term()
         if caffeinate is not None:
             caffeinate.terminate()

@@ -31,6 +31,7 @@ from supervisor.daemon import ending
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.checkpoint_choice import Choice, choose
 from supervisor.daemon.diskspace import POLL_SECONDS, WAITING_LOG_EVERY, SpaceWatch
+from supervisor.daemon.group import GroupProcess, group_end, group_fields
 from supervisor.daemon.policy import Decision, Policy, Settings
 from supervisor.daemon.record import RecordKeeper, now_iso
 from supervisor.daemon.spawn import Spawner
@@ -258,8 +259,13 @@ class AttemptRunner:
         """The attempt ended with return code `rc`: classify, decide what next, record both."""
         attempt = self.attempt
         assert attempt is not None
+        group = attempt.proc if isinstance(attempt.proc, GroupProcess) else None
+        if group is not None:  # the failed rank's output tells how it failed
+            attempt.output = group.failed_output
         end = ending.read_end(attempt, rc, now, self.run.metrics_log, self.opts,
                               (free_space(self.run.root)[0], self.space.checkpoint_size()))
+        if group is not None:
+            end = group_end(group, end)
         decision = self.policy.decide(ending.outcome(attempt, end), self.settings, now)
         if decision.quarantine:
             decision = self._set_refused_aside(attempt, end.classification.detail, decision)
@@ -276,7 +282,7 @@ class AttemptRunner:
             downtime = round(attempt.view.first_step_at - self.prev_end_at, 3)
         injected = fired_in(marker_dir(self.run.root), attempt.pid)  # faults on purpose
         self.record.end_attempt(**ending.end_fields(attempt, end, decision, changed, downtime),
-                                injected=injected)
+                                injected=injected, **group_fields(group))
         c = end.classification
         # Levels make `overnight logs --level warning` the list of what went wrong.
         failed = c.failure.is_failure

@@ -9,7 +9,9 @@ every local user can read) and stamped by the worker on every message
 (worker/telemetry.py). A message is believed only if
 
 - it carries the running attempt's token (compared in constant time), its attempt number
-  and, for a heartbeat, the worker's pid;
+  and, for a heartbeat, the worker's pid — in a data-parallel group, the pid of the rank it
+  names (`rank`; a rank on another machine: any pid, its messages are authenticated by
+  CURVE instead, supervisor/daemon/curve.py), and a rank within the group;
 - its step is within 0..total_steps, the run's `iters` as the attempt's worker reads it
   (the loop reads the config file when the attempt starts: `iters` is not in the config
   hash, so a user may raise it between attempts); a heartbeat's own total_steps is not
@@ -57,7 +59,8 @@ class AttemptTelemetry:
     pid: int
     token: str
     total_steps: int  # the run's iters when the attempt started
-    last: dict[type, int] = field(default_factory=dict)
+    last: dict[tuple[type, int], int] = field(default_factory=dict)  # per kind and rank
+    rank_pids: tuple[int, ...] = ()  # a group's pid per rank (0: remote); () = one process
 
     def check(self, msg: Message) -> str | None:
         """None when `msg` (of this attempt's token) is believable, else why not."""
@@ -65,9 +68,14 @@ class AttemptTelemetry:
         attempt = getattr(msg, "attempt", None)
         if attempt != self.attempt:
             return f"{kind}: attempt {attempt} with the token of attempt {self.attempt}"
+        rank = getattr(msg, "rank", 0)
+        if not 0 <= rank < max(1, len(self.rank_pids)):
+            return f"{kind}: rank {rank}, the group has {max(1, len(self.rank_pids))}"
         if isinstance(msg, Heartbeat):
-            if msg.pid != self.pid:
-                return f"heartbeat: pid {msg.pid}, the worker is pid {self.pid}"
+            pid = self.rank_pids[rank] if self.rank_pids else self.pid
+            if pid and msg.pid != pid:
+                who = f"rank {rank}" if self.rank_pids else "the worker"
+                return f"heartbeat: pid {msg.pid}, {who} is pid {pid}"
             if not 1 <= msg.total_steps <= self.total_steps:
                 return (f"heartbeat: total_steps {msg.total_steps} outside "
                         f"1..{self.total_steps} (the run's iters)")
@@ -75,7 +83,7 @@ class AttemptTelemetry:
         total = msg.total_steps if isinstance(msg, Heartbeat) else self.total_steps
         if not 0 <= step <= total:
             return f"{kind}: step {step} outside 0..{total} (total steps)"
-        last = self.last.get(type(msg))
+        last = self.last.get((type(msg), rank))
         if last is not None and step < last:
             return f"{kind}: step {step} after step {last} (steps only move forward)"
         if isinstance(msg, EvalResult) and msg.best_step > step:
@@ -87,7 +95,7 @@ class AttemptTelemetry:
         return None
 
     def believe(self, msg: Message) -> None:
-        self.last[type(msg)] = msg.step  # type: ignore[union-attr]
+        self.last[(type(msg), msg.rank)] = msg.step  # type: ignore[union-attr]
 
 
 class TelemetryGate:
@@ -102,10 +110,11 @@ class TelemetryGate:
         self.first_reason = ""
         self.last_reason = ""
 
-    def begin(self, attempt: int, pid: int, token: str, total_steps: int) -> None:
-        """An attempt started with `token`; its worker is `pid`."""
+    def begin(self, attempt: int, pid: int, token: str, total_steps: int,
+              rank_pids: tuple[int, ...] = ()) -> None:
+        """An attempt started with `token`; its worker is `pid` (a group: `rank_pids`)."""
         self.end()
-        self.current = AttemptTelemetry(attempt, pid, token, total_steps)
+        self.current = AttemptTelemetry(attempt, pid, token, total_steps, rank_pids=rank_pids)
 
     def end(self) -> None:
         """The running attempt ended: its stragglers are late, not rejected."""

@@ -146,6 +146,9 @@ def format_live(s: RunStatus) -> str:
         f"phase {s.phase.value if s.phase else None}  heartbeat {s.last_heartbeat_s} s ago  "
         f"{s.tokens_per_sec or '-'} tok/s  rss {s.rss_mb or '-'} MB",
     ]
+    for r in s.ranks:  # a data-parallel group (supervisor/daemon/group.py)
+        lines.append(f"rank {r.rank}   pid {r.pid or 'remote'}  phase {r.phase.value}  "
+                     f"step {r.step}  heartbeat {r.last_heartbeat_s} s ago")
     lines.append(f"attempts {s.attempts} ({max(0, s.attempts - 1)} restarts)  "
                  f"failures {s.failures}")
     if s.restart_in_s is not None:
