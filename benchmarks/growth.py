@@ -14,7 +14,7 @@ Each command is one child process timed as a whole (wall seconds) with its own p
 (wait4): `overnight status RUN` (no supervisor: run.json and the tail of the logs),
 `overnight report RUN --quiet` (report.md + report.png), `overnight logs RUN --since T` (T:
 an hour before the last step),
-and `overnight logs RUN -f -n 20` until its first line (then SIGINT).
+and `overnight logs RUN -f -n 20` until its first line (then SIGTERM).
 
 `supervisor_rss`: `overnight run` of the scripted fake worker (tests/fake_worker.py: the real
 protocol and telemetry sender, no model) for 10^6 steps as fast as it can send them — one
@@ -211,7 +211,7 @@ def measure(rd: Path, steps: int, work: Path) -> list[Measured]:
     while time.monotonic() - t0 < 120 and (not output.exists() or output.stat().st_size == 0):
         time.sleep(0.01)
     first = time.monotonic() - t0
-    os.kill(popen.pid, signal.SIGINT)
+    os.kill(popen.pid, signal.SIGTERM)  # (SIGINT is ignored in a background job)
     p = wait(popen, t0, output)
     out.append(Measured(steps, "logs -f (first line)", round(first, 3), round(p.peak_rss_mb, 1),
                         size))
