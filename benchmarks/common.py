@@ -95,7 +95,7 @@ def wait(popen: subprocess.Popen[bytes], started: float, output: Path,
         pid, status, usage = os.wait4(popen.pid, os.WNOHANG)
         if pid:
             break
-        hwm_kb = max(hwm_kb, _vm_hwm_kb(status_file))
+        hwm_kb = max(hwm_kb, vm_hwm_kb(status_file))
         if time.monotonic() > deadline:
             popen.kill()
             pid, status, usage = os.wait4(popen.pid, 0)
@@ -108,7 +108,7 @@ def wait(popen: subprocess.Popen[bytes], started: float, output: Path,
                 peak, output)
 
 
-def _vm_hwm_kb(status_file: Path) -> int:
+def vm_hwm_kb(status_file: Path) -> int:
     """VmHWM (kB) of a live process's current program; 0 when unreadable (not Linux, gone,
     or a zombie, whose status has no VmHWM line)."""
     try:

@@ -104,8 +104,9 @@ def queue_of(args: argparse.Namespace) -> Path | None:
     if queue is None:
         if config is None:
             raise ConfigError("expected CONFIG.yaml (one run) or --queue DIR (a night of jobs)")
-        for flag, value in (("--until", args.until), ("--on-failure", args.on_failure),
-                            ("--no-skip", args.no_skip)):
+        for flag, value in (("--until", getattr(args, "until", None)),
+                            ("--on-failure", getattr(args, "on_failure", None)),
+                            ("--no-skip", getattr(args, "no_skip", False))):
             if value:
                 raise ConfigError(f"{flag}: only with --queue DIR")
         return None
