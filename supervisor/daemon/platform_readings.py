@@ -35,7 +35,9 @@ from supervisor.daemon import panics, power
 from supervisor.daemon.panics import Boot, Panic
 from supervisor.daemon.power import PowerReading, ThermalReading
 
-COMMAND_TIMEOUT = 10.0  # seconds a reading command may take
+# Seconds a reading command (pmset, sysctl, journalctl) may take. They run on the loop thread
+# and answer in milliseconds; a hung one must not hold the watch up for long.
+COMMAND_TIMEOUT = 3.0
 DIAGNOSTIC_REPORTS = Path("/Library/Logs/DiagnosticReports")
 BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 PROC_STAT = Path("/proc/stat")
