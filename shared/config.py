@@ -14,6 +14,9 @@ An existing `mlx_lm lora` config runs unchanged. Precedence: command line > file
     logging:         {max_bytes: 50000000, backups: 5}
     debug:           {inject: "crash@120"}
     supervisor:      {heartbeat_timeout: 120, ...}
+
+Longer than 400 lines: it is the one schema of every section (each key with its default and
+help text) plus resolve(); split by section, a key's meaning and its checks would sit apart.
 """
 
 from __future__ import annotations
