@@ -186,6 +186,17 @@ MISSES: dict[str, str] = {
         "compiled call for gradient + norm + update that keeps the pre-update LoRA weights "
         "and moments to undo a step the host rejects (in-process: 7.1 vs 7.7 ms a step, "
         "mlx_lm 6.9). At SmolLM2's seconds-long steps all of this is < 0.1%."),
+    "yardstick": (
+        "**Ours vs the bare compiled loop (fixed shapes).** The bare loop "
+        "(`benchmarks/bare_loop.py`) is one compiled call and one `mx.eval` a step and "
+        "nothing else; what ours adds per step is the batch assembly of the exact-resume "
+        "data plan, the host checks (finite loss, gradient-spike statistics), the metrics "
+        "line and the progress bookkeeping. See README 'Performance' for the per-call "
+        "costs measured and what is left."),
+    "peer": (
+        "**mlx-lm-lora.** See the row's note: when it could not be installed or run, the "
+        "reason is printed there; when it ran, the same per-step accounting as the bare loop "
+        "applies."),
     "throughput": (
         "**SmolLM2 f16 / 4-bit throughput a hair below 1.0.** These rows time 2 steps of "
         "~3.5 s each, almost all of it float16/quantized matmul that is the same MLX code in "
