@@ -41,7 +41,8 @@ from benchmarks import (
 from benchmarks.common import ROOT, Results, machine_description, openblas_available
 from benchmarks.throughput import Workload, compare
 
-PARTS = ("throughput", "fixed_shapes", "openblas", "checkpoint", "telemetry", "supervision", "failures")
+PARTS = ("throughput", "fixed_shapes", "openblas", "checkpoint", "telemetry", "supervision",
+         "failures")
 
 
 class Context:
@@ -179,7 +180,8 @@ def part_failures(ctx: Context, res: Results) -> None:
 
 
 RUNNERS: dict[str, Callable[[Context, Results], None]] = {
-    "throughput": part_throughput, "fixed_shapes": part_fixed_shapes, "openblas": part_openblas, "checkpoint": part_checkpoint,
+    "throughput": part_throughput, "fixed_shapes": part_fixed_shapes,
+    "openblas": part_openblas, "checkpoint": part_checkpoint,
     "telemetry": part_telemetry, "supervision": part_supervision, "failures": part_failures,
 }
 
