@@ -105,8 +105,9 @@ class FixedShapes:
 
 
 def compare(work: Path, reps: int, openblas: bool, log: Any = print,
-            n_train: int = 256) -> FixedShapes:
-    """Interleaved repetitions of every tool; the order rotates each round."""
+            n_train: int = 256, peer_too: bool = True) -> FixedShapes:
+    """Interleaved repetitions of every tool; the order rotates each round. `peer_too`:
+    also mlx-lm-lora (installed into its venv on first use, minutes)."""
     work.mkdir(parents=True, exist_ok=True)
     w = workload(work, n_train)
     r = FixedShapes(w, openblas)
@@ -115,7 +116,7 @@ def compare(work: Path, reps: int, openblas: bool, log: Any = print,
         "mlx_lm": lambda tag: run_mlx_lm(w, work / "mlx_lm", openblas, tag),
         "bare": lambda tag: run_bare(w, work, openblas, tag),
     }
-    python, why = peer.environment(log)
+    python, why = peer.environment(log) if peer_too else (None, "not asked for")
     if python is None:
         r.skipped["mlx-lm-lora"] = why
     else:

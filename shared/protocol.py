@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -50,12 +50,29 @@ class Phase(str, Enum):
     STOPPING = "stopping"
 
 
+_FLAT: dict[type, tuple[str, ...] | None] = {}
+
+
+def _flat_fields(cls: type) -> tuple[str, ...] | None:
+    """The field names of a message class whose fields are all scalars (str, int, float,
+    bool, an Enum) — None when one may hold a container (asdict's deep copy is needed)."""
+    if cls not in _FLAT:
+        scalar = {"str", "int", "float", "bool", "Phase"}
+        fs = fields(cls)
+        _FLAT[cls] = tuple(f.name for f in fs) if all(str(f.type) in scalar for f in fs) else None
+    return _FLAT[cls]
+
+
 @dataclass(frozen=True)
 class _Message:
     TYPE: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The JSON object of this message. Flat messages (every one but ControlReply) are
+        read field by field: `dataclasses.asdict` deep-copies and costs ~40 us, a tenth of a
+        small model's step when it ran for every step's metrics."""
+        names = _flat_fields(type(self))
+        d = asdict(self) if names is None else {name: getattr(self, name) for name in names}
         for k, v in d.items():
             if isinstance(v, Enum):
                 d[k] = v.value
