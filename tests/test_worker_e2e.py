@@ -316,8 +316,9 @@ def test_telemetry_heartbeats_from_loading_on_and_metrics_every_step(
     stalled_beats = 0
     while time.monotonic() < deadline and stalled_beats < 3:
         if sub.poll(200):
-            msg = p.decode(sub.recv())
-            got.append(msg)
+            msgs = p.decode_all(sub.recv())
+            got.extend(msgs)
+            msg = msgs[-1]
             if isinstance(msg, p.Heartbeat) and msg.step == 11 and \
                     msg.phase == p.Phase.TRAINING and 11 in {
                         m.step for m in got if isinstance(m, p.StepMetrics)}:

@@ -39,7 +39,7 @@ import zmq
 
 from shared import config as config_mod
 from shared.errors import OvernightError, ProtocolError
-from shared.protocol import decode
+from shared.protocol import Message, decode_all
 from supervisor.daemon import memory, sdnotify, watch
 from supervisor.daemon.checkpoint_choice import Background, Job, ThreadJob
 from supervisor.daemon.control import ControlError, ControlServer, RunStatus
@@ -217,10 +217,14 @@ class Supervisor:
 
     def _on_telemetry(self, raw: bytes) -> None:
         try:
-            msg = decode(raw)
+            messages = decode_all(raw)  # a flush's steps come folded: each as its own
         except ProtocolError as e:
             self.gate.reject(f"not a message: {e}")
             return
+        for msg in messages:
+            self._on_message(msg)
+
+    def _on_message(self, msg: Message) -> None:
         if not self.gate.admit(msg):
             return
         attempt = self.runner.attempt
