@@ -6,7 +6,8 @@
 
 Parts: throughput (1: `overnight train` vs `mlx_lm lora`, tokens/s and peak memory),
 fixed_shapes (1: ours, `mlx_lm lora`, the bare compiled loop and mlx-lm-lora on identical
-fixed-shape batches: how close to the limit, and ahead of whom), openblas
+fixed-shape batches: how close to the limit, and ahead of whom), host_costs (1: the worker's
+per-step host work, per call, before and after), openblas
 (1: the same without the OpenBLAS preload), checkpoint (5), telemetry (6), supervision (2:
 `overnight run` vs the worker alone), failures (3 and 4: detection latency, recovery time).
 Every ratio comes from A/B runs interleaved in this one invocation (medians); methods are in
@@ -34,6 +35,7 @@ from benchmarks import (
     checkpoint_cost,
     fixed_shapes,
     fixtures,
+    host_costs,
     report,
     supervision,
     telemetry_cost,
@@ -41,7 +43,7 @@ from benchmarks import (
 from benchmarks.common import ROOT, Results, machine_description, openblas_available
 from benchmarks.throughput import Workload, compare
 
-PARTS = ("throughput", "fixed_shapes", "openblas", "checkpoint", "telemetry", "supervision",
+PARTS = ("throughput", "fixed_shapes", "host_costs", "openblas", "checkpoint", "telemetry", "supervision",
          "failures")
 
 
@@ -114,6 +116,10 @@ def part_fixed_shapes(ctx: Context, res: Results) -> None:
     fixed_shapes.rows(res, r, (load0, os.getloadavg()[0]))
 
 
+def part_host_costs(ctx: Context, res: Results) -> None:
+    host_costs.rows(res, host_costs.measure(1000 if ctx.quick else 4000))
+
+
 def part_openblas(ctx: Context, res: Results) -> None:
     if not ctx.blas:
         res.notes.append("OpenBLAS: not found (apt-get install libopenblas0-pthread); "
@@ -181,6 +187,7 @@ def part_failures(ctx: Context, res: Results) -> None:
 
 RUNNERS: dict[str, Callable[[Context, Results], None]] = {
     "throughput": part_throughput, "fixed_shapes": part_fixed_shapes,
+    "host_costs": part_host_costs,
     "openblas": part_openblas, "checkpoint": part_checkpoint,
     "telemetry": part_telemetry, "supervision": part_supervision, "failures": part_failures,
 }

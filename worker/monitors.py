@@ -7,6 +7,7 @@ shared/trainer_state.py), so their state goes into every checkpoint and a resume
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -100,6 +101,12 @@ class SpikeDetector:
     history: deque[float] = field(default_factory=deque)
     consecutive: int = 0
     first_bad_step: int = -1
+    # `history` kept sorted as well (bisect on every append and drop): the median is read,
+    # not computed, each step.
+    _sorted: list[float] = field(default_factory=list, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._sorted = sorted(self.history)
 
     def observe(self, step: int, norm: float) -> str | None:
         """Record one step's gradient norm; a reason string when training should abort."""
@@ -110,17 +117,25 @@ class SpikeDetector:
         if norm > o.threshold:
             reason = f"gradient norm {norm:.3g} > threshold {o.threshold:g}"
         elif len(self.history) >= o.min_history:
-            med = _median(sorted(self.history))
-            mad = _median(sorted([abs(x - med) for x in self.history])) or 1e-12
-            limit = med + o.robust_z * mad
-            if norm > limit:
-                reason = f"gradient norm {norm:.3g} > median {med:.3g} + {o.robust_z:g} x MAD"
+            ordered = self._sorted
+            med = _median(ordered)
+            # MAD >= 0 and the limit is above the median for robust_z >= 0: a norm at or
+            # below the median is no spike, and most steps need no MAD at all. The
+            # deviations of a sorted list are two sorted runs, which sorted() merges in O(n).
+            if norm > med or o.robust_z < 0:
+                mad = _median(sorted([abs(x - med) for x in ordered])) or 1e-12
+                limit = med + o.robust_z * mad
+                if norm > limit:
+                    reason = (f"gradient norm {norm:.3g} > median {med:.3g} + "
+                              f"{o.robust_z:g} x MAD")
         if reason is None:
             self.consecutive = 0
             self.first_bad_step = -1
             self.history.append(norm)
+            bisect.insort(self._sorted, norm)
             while len(self.history) > o.window:
-                self.history.popleft()
+                old = self.history.popleft()
+                del self._sorted[bisect.bisect_left(self._sorted, old)]
             return None
         if self.consecutive == 0:
             self.first_bad_step = step
