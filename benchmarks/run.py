@@ -43,8 +43,8 @@ from benchmarks import (
 from benchmarks.common import ROOT, Results, machine_description, openblas_available
 from benchmarks.throughput import Workload, compare
 
-PARTS = ("throughput", "fixed_shapes", "host_costs", "openblas", "checkpoint", "telemetry", "supervision",
-         "failures")
+PARTS = ("throughput", "fixed_shapes", "host_costs", "openblas", "checkpoint", "telemetry",
+         "supervision", "failures")
 
 
 class Context:

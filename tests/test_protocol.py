@@ -86,7 +86,7 @@ def test_a_metrics_batch_of_no_steps_or_too_many_is_refused() -> None:
     for rows in ([], [row] * 65):
         raw = json.dumps({"type": "metrics_batch", "v": 1, "run_id": "r", "attempt": 1,
                           "steps": rows})
-        with pytest.raises(ProtocolError, match="expected 1..64 steps"):
+        with pytest.raises(ProtocolError, match=r"expected 1\.\.64 steps"):
             p.decode(raw)
     with pytest.raises(ProtocolError, match="loss"):
         p.decode(json.dumps({"type": "metrics_batch", "v": 1, "run_id": "r", "attempt": 1,
