@@ -12,6 +12,8 @@ the minimum is the cost, the rest is other processes' load):
   computed; at or below the median it is not needed) on its kept-sorted window;
 - a StepMetrics as a metrics.jsonl line: `dataclasses.asdict` vs field by field
   (shared/protocol.py `_Message.to_dict`), both through strictjson.dumps;
+- the pre-update weights a fused step keeps to undo a rejected step: through
+  `model.trainable_parameters()` vs slots found once (worker/train.py `_slots`);
 - psutil's RSS read (now at report steps only);
 - TensorBoard's five `add_scalar` calls (already at report steps only; for the record);
 - the supervisor's decode of one step's metrics: a single StepMetrics message vs its share
@@ -95,6 +97,7 @@ def measure(number: int = 2000) -> dict[str, dict[str, float]]:
     out["metrics line (to_dict + JSON)"] = {
         "before": best_us(asdict_line, number),
         "after": best_us(lambda: strictjson.dumps(m.to_dict()), number)}
+    out["pre-update weights kept (tiny LoRA, 28 arrays)"] = _kept_weights(number)
     proc = psutil.Process(os.getpid())
     out["psutil RSS read"] = {"before": best_us(lambda: proc.memory_info().rss, number)}
     try:
@@ -117,6 +120,26 @@ def measure(number: int = 2000) -> dict[str, dict[str, float]]:
         "before": best_us(lambda: p.decode_all(single), number // 4),
         "after": best_us(lambda: p.decode_all(batch), number // 16) / 16}
     return out
+
+
+def _kept_weights(number: int) -> dict[str, float]:
+    """`tree_flatten(model.trainable_parameters())` (walks every module with filters) vs
+    the slots worker/train.py finds once, on the tiny model with LoRA on both layers."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from worker.train import _slots
+
+    model = llama.Model(llama.ModelArgs.from_dict({
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5, "vocab_size": 384, "tie_word_embeddings": True}))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 8, "scale": 20.0, "dropout": 0.0})
+    slots = _slots(model.trainable_parameters(), model)
+    return {"before": best_us(lambda: tree_flatten(model.trainable_parameters()), number // 4),
+            "after": best_us(lambda: [parent[key] for parent, key in slots], number)}
 
 
 def rows(res: Any, r: dict[str, dict[str, float]]) -> None:
