@@ -10,8 +10,9 @@ the minimum is the cost, the rest is other processes' load):
 - the spike detector's median/MAD over a 100-norm window: numpy before; after, the whole
   `SpikeDetector.observe` for a norm above the median (the costlier case: the MAD is
   computed; at or below the median it is not needed) on its kept-sorted window;
-- a StepMetrics as a metrics.jsonl line: `dataclasses.asdict` vs field by field
-  (shared/protocol.py `_Message.to_dict`), both through strictjson.dumps;
+- a StepMetrics as a metrics.jsonl line: `dataclasses.asdict` and strictjson.dumps (which
+  walks the dict again for non-finite floats) vs field by field (shared/protocol.py
+  `_Message.to_dict`, which already writes them as strings) and json.dumps;
 - the pre-update weights a fused step keeps to undo a rejected step: through
   `model.trainable_parameters()` vs slots found once (worker/train.py `_slots`);
 - psutil's RSS read (now at report steps only);
@@ -23,6 +24,7 @@ the minimum is the cost, the rest is other processes' load):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 import timeit
@@ -96,7 +98,7 @@ def measure(number: int = 2000) -> dict[str, dict[str, float]]:
 
     out["metrics line (to_dict + JSON)"] = {
         "before": best_us(asdict_line, number),
-        "after": best_us(lambda: strictjson.dumps(m.to_dict()), number)}
+        "after": best_us(lambda: json.dumps(m.to_dict(), allow_nan=False), number)}
     out["pre-update weights kept (tiny LoRA, 28 arrays)"] = _kept_weights(number)
     proc = psutil.Process(os.getpid())
     out["psutil RSS read"] = {"before": best_us(lambda: proc.memory_info().rss, number)}
