@@ -262,3 +262,23 @@ def test_every_state_change_is_told_to_the_service_manager(rig):
         "STATUS=training: training started (step 1)"]
     sup.request_stop("control")
     assert sup.notifier.sent[-2:] == ["STOPPING=1", "STATUS=stopping: stop requested (control)"]
+
+
+def test_a_metrics_batch_is_believed_step_by_step(rig):
+    """The worker folds a flush's steps into one message: the supervisor's view moves to the
+    batch's last step, and a forged step inside a batch is rejected like a single one."""
+    from shared.protocol import StepMetrics, StepMetricsBatch
+
+    sup, spawner, clock, pub = rig
+    sup.dispatch(Begin())
+    proc = spawner.started[0][1]
+    send(pub, sup, beat(proc.pid, 0))
+
+    def step(n: int) -> StepMetrics:
+        return StepMetrics("r", 1, n, 0.0, 2.0, 1.0, 1e-4, 64, 1.0, 0.01, 1.0, 1.0, 1.0)
+
+    send(pub, sup, StepMetricsBatch.fold([step(n) for n in range(1, 21)]))
+    assert sup.runner.attempt.view.step == 20
+    assert sup.gate.rejected == 0
+    send(pub, sup, StepMetricsBatch.fold([step(21), step(10**6)]))
+    assert sup.runner.attempt.view.step == 21 and sup.gate.rejected == 1
