@@ -364,7 +364,11 @@ class Supervisor:
             poller.register(self.telemetry, zmq.POLLIN)
             if self.control is not None:
                 poller.register(self.control.socket, zmq.POLLIN)
-            poller.register(wakeup.reader, zmq.POLLIN)
+            # pyzmq hands a registered plain socket back as its file descriptor: register
+            # and look for the fd (the socket object is never among the ready keys, which
+            # left the wake-up byte unread and the loop spinning at 100% of a core).
+            wake_fd = wakeup.reader.fileno()
+            poller.register(wake_fd, zmq.POLLIN)
             registered = self.control.socket if self.control is not None else None
             self.dispatch(first)
             while not self.state.is_final:
@@ -373,7 +377,7 @@ class Supervisor:
                     registered = self.control.socket
                     poller.register(registered, zmq.POLLIN)
                 ready = dict(poller.poll(int(self._timeout() * 1000)))
-                if wakeup.reader in ready:
+                if wake_fd in ready:
                     _drain(wakeup.reader)
                 self._tick()
         self.wake = lambda: None
