@@ -280,8 +280,10 @@ def test_a_metrics_batch_is_believed_step_by_step(rig):
     send(pub, sup, StepMetricsBatch.fold([step(n) for n in range(1, 21)]))
     assert sup.runner.attempt.view.step == 20
     assert sup.gate.rejected == 0
+    assert sup.record.record.final_step == 20  # the record has the batch's last step
     send(pub, sup, StepMetricsBatch.fold([step(21), step(10**6)]))
     assert sup.runner.attempt.view.step == 21 and sup.gate.rejected == 1
+    assert sup.record.record.final_step == 21
 
 
 def test_a_wake_up_does_not_leave_the_loop_spinning(slow_rig):

@@ -221,18 +221,27 @@ class Supervisor:
         except ProtocolError as e:
             self.gate.reject(f"not a message: {e}")
             return
-        for msg in messages:
-            self._on_message(msg)
-
-    def _on_message(self, msg: Message) -> None:
-        if not self.gate.admit(msg):
+        if len(messages) == 1:
+            self._on_message(messages[0])
             return
+        # A metrics_batch: the view takes every step, the record the last believed one at
+        # once (for metrics the record only copies the view's step: runner.on_message).
+        believed = [msg for msg in messages if self._on_message(msg, to_record=False)]
+        if believed and self.runner.attempt is not None:
+            self.runner.on_message(believed[-1])
+
+    def _on_message(self, msg: Message, to_record: bool = True) -> bool:
+        """Take in one believed message; False when the gate or the view refuses it."""
+        if not self.gate.admit(msg):
+            return False
         attempt = self.runner.attempt
         if attempt is None or not attempt.view.accepts(msg):
-            return
+            return False
         if attempt.view.update(msg, self.clock()) and self.state is State.STARTING:
             self.dispatch(Progressed(attempt.view.step))
-        self.runner.on_message(msg)
+        if to_record:
+            self.runner.on_message(msg)
+        return True
 
     def _check_worker(self) -> None:
         attempt = self.runner.attempt
