@@ -74,6 +74,7 @@ from supervisor.daemon.state import (
 from supervisor.daemon.telemetry_gate import TelemetryGate
 
 MAX_POLL = 0.5
+LAST_WORDS = 0.1  # seconds: a worker's last messages may trail its exit (_last_words)
 MAX_TELEMETRY_PER_PASS = 1000  # messages taken in per pass (the rest wait for the next one)
 RECORD_EVERY = 2.0  # seconds between progress-only record writes
 WATCHDOG_DEFAULT = 10.0  # seconds between WATCHDOG=1 when systemd gives no interval
@@ -250,9 +251,20 @@ class Supervisor:
         rc = attempt.poll()
         if rc is None:
             return
+        if rc >= 0:
+            self._last_words()
         self.gate.end()  # what its worker still sends is late, not believed
         decision = self.runner.finish(rc, self.clock())
         self.dispatch(WorkerExited(decision.verdict, decision.reason, decision.delay))
+
+    def _last_words(self) -> None:
+        """Read what a worker that exited on its own sent just before (its `stopping`
+        message): SIGCHLD can wake the loop before ZeroMQ has handed those messages over.
+        Waits at most LAST_WORDS seconds, and only as long as nothing arrives."""
+        deadline = time.monotonic() + LAST_WORDS
+        while (left := deadline - time.monotonic()) > 0 and self.telemetry.poll(
+                max(1, int(left * 1000))):
+            self._take_telemetry()
 
     def _check_timers(self) -> None:
         now = self.clock()
