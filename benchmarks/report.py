@@ -232,10 +232,10 @@ MISSES: dict[str, str] = {
         "**Supervisor CPU at >100 steps/s.** It grows with the steps per second: the worker "
         "folds the steps of each 50 ms telemetry flush into one `metrics_batch` message "
         "(shared/protocol.py), so the supervisor receives and parses ~20 messages a second "
-        "instead of one per step, but it still validates and gates every step it unfolds "
-        "(see the 'supervisor decode, per step' row). What would close the rest: gate a "
-        "batch as one message (its steps are consecutive and of one attempt) and keep only "
-        "its last step's view update."),
+        "instead of one per step, and folds a batch into the run record once, but it "
+        "still validates and gates every step it unfolds (see the 'supervisor decode, per "
+        "step' row). What would close the rest: validate a batch's rows in one pass, one "
+        "type check per column instead of `records.build` per row."),
     "recovery": (
         "**Validation + start above 2 s.** Most of it is the new Python process importing "
         "MLX and mlx_lm; see the breakdown row."),
