@@ -115,6 +115,7 @@ class Trainer:
     _slots: list[tuple[Any, Any]] | None = None  # (module or list, key) of each trainable
     _opt_slots: list[tuple[Any, Any]] | None = None  # ... of each optimizer state array
     _fused: bool = False
+    _updates: int = 0  # updates applied in this process
 
     # ------------------------------------------------------------------ step machinery
     def _build_step_functions(self) -> None:
@@ -313,10 +314,12 @@ class Trainer:
         read through slots found once: `model.trainable_parameters()` walks every module
         with filters (~0.3-0.5 ms a step, 3-5% of a small model's step). The optimizer's
         state is empty until its first update creates it; its slots are found then."""
-        if self._slots is None:
-            self._slots = _slots(self.model.trainable_parameters(), self.model)
         state = self.optimizer.state
-        if state and self._opt_slots is None:
+        # Found again until one update has run in this process: the optimizer's first
+        # update (`init`, also after a resume loaded its state) rebuilds its lists.
+        if self._slots is None or self._updates <= 1:
+            self._slots = _slots(self.model.trainable_parameters(), self.model)
+        if state and (self._opt_slots is None or self._updates <= 1):
             self._opt_slots = _slots(state, state)
         opt = [parent[key] for parent, key in self._opt_slots] if state else None
         self._kept = ([parent[key] for parent, key in self._slots], opt)
@@ -486,6 +489,7 @@ class Trainer:
                 # (one sync per step, as mlx_lm).
                 self._apply(grads)
             self._kept = None
+            self._updates += 1
             self._clear_cache()
             seconds = time.perf_counter() - tic
             s.step, s.data_position = step, self.position + 1
