@@ -117,3 +117,36 @@ def smollm2(cache: Path = CACHE) -> tuple[dict[str, Path], str]:
     if not (out["f32"] / "config.json").exists():
         _to_float32(out["f16"], out["f32"])
     return out, ""
+
+
+def fixed_length_corpus(root: Path, model: Path, n_train: int, n_valid: int,
+                        length: int = 32, seed: int = 0) -> Path:
+    """Text examples that all tokenise (with the model's tokenizer, EOS appended as mlx_lm's
+    TextDataset does) to exactly `length` tokens: every batch of every tool has one shape
+    (batch, 1 + 32k), so batching rules cannot hide per-step costs. Each example is a run of
+    sentences cut to `length` - 1 tokens and decoded; one whose re-encoding differs in
+    length is replaced by the next candidate."""
+    from mlx_lm.utils import load_tokenizer
+
+    from worker.tinymodel import sentences
+
+    out = root / f"fixed{length}-data-{model.name}-{n_train}"
+    if (out / "train.jsonl").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(model)
+    rng = random.Random(seed)
+    pool = sentences(2000, seed=seed + 5)
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        lines: list[str] = []
+        while len(lines) < n:
+            text = ". ".join(rng.choice(pool) for _ in range(12))
+            ids = tok.encode(text)[:length - 1]
+            text = tok.decode(ids)
+            again = tok.encode(text)
+            if again[-1:] != [tok.eos_token_id]:
+                again.append(tok.eos_token_id)
+            if len(again) == length:
+                lines.append(json.dumps({"text": text}))
+        (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return out

@@ -4,7 +4,10 @@
     python benchmarks/run.py --quick          # tiny model only, < 3 min; prints the table
     python benchmarks/run.py --only throughput,telemetry --out /tmp/r.md
 
-Parts: throughput (1: `overnight train` vs `mlx_lm lora`, tokens/s and peak memory), openblas
+Parts: throughput (1: `overnight train` vs `mlx_lm lora`, tokens/s and peak memory),
+fixed_shapes (1: ours, `mlx_lm lora`, the bare compiled loop and mlx-lm-lora on identical
+fixed-shape batches: how close to the limit, and ahead of whom), host_costs (1: the worker's
+per-step host work, per call, before and after), openblas
 (1: the same without the OpenBLAS preload), checkpoint (5), telemetry (6), supervision (2:
 `overnight run` vs the worker alone), failures (3 and 4: detection latency, recovery time),
 growth (7: status/report/logs on 10k-1M-step run directories, supervisor RSS over 10^6
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,12 +33,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import checkpoint_cost, fixtures, growth, report, supervision, telemetry_cost
+from benchmarks import (
+    checkpoint_cost,
+    fixed_shapes,
+    fixtures,
+    growth,
+    host_costs,
+    report,
+    supervision,
+    telemetry_cost,
+)
 from benchmarks.common import ROOT, Results, machine_description, openblas_available
 from benchmarks.throughput import Workload, compare
 
-PARTS = ("throughput", "openblas", "checkpoint", "telemetry", "supervision", "failures",
-         "growth")
+PARTS = ("throughput", "fixed_shapes", "host_costs", "openblas", "checkpoint", "telemetry",
+         "supervision", "failures", "growth")
 
 
 class Context:
@@ -98,6 +111,16 @@ def part_throughput(ctx: Context, res: Results) -> None:
         report.throughput_rows(res, c)
     if ctx.quick and not models:
         res.notes.append("SmolLM2 rows: not run in --quick mode.")
+
+
+def part_fixed_shapes(ctx: Context, res: Results) -> None:
+    load0 = os.getloadavg()[0]
+    r = fixed_shapes.compare(ctx.work / "fixed", 3 if ctx.quick else 5, ctx.blas, ctx.log)
+    fixed_shapes.rows(res, r, (load0, os.getloadavg()[0]))
+
+
+def part_host_costs(ctx: Context, res: Results) -> None:
+    host_costs.rows(res, host_costs.measure(1000 if ctx.quick else 4000))
 
 
 def part_openblas(ctx: Context, res: Results) -> None:
@@ -173,7 +196,9 @@ def part_growth(ctx: Context, res: Results) -> None:
 
 
 RUNNERS: dict[str, Callable[[Context, Results], None]] = {
-    "throughput": part_throughput, "openblas": part_openblas, "checkpoint": part_checkpoint,
+    "throughput": part_throughput, "fixed_shapes": part_fixed_shapes,
+    "host_costs": part_host_costs,
+    "openblas": part_openblas, "checkpoint": part_checkpoint,
     "telemetry": part_telemetry, "supervision": part_supervision, "failures": part_failures,
     "growth": part_growth,
 }

@@ -48,3 +48,27 @@ def test_markdown_explains_each_missed_goal_once() -> None:
     assert "| 2 supervision | cpu | 4% |  |  | < 1% | **no** |  |" in text
     assert text.count(report.MISSES["supervisor_cpu"]) == 1
     assert report.MISSES["recovery"] not in text
+
+
+def test_fixed_shapes_times_ours_mlx_lm_and_the_bare_loop_on_one_batch_shape(
+        tmp_path: Path) -> None:
+    """Every example is 32 tokens, so every tool trains (4, 33) batches; each is timed."""
+    import json
+
+    from benchmarks import fixed_shapes
+
+    r = fixed_shapes.compare(tmp_path, reps=1, openblas=openblas_available(),
+                             log=lambda _: None, n_train=16, peer_too=False)
+    w = r.workload
+    assert set(r.samples) == {"ours", "mlx_lm", "bare"}
+    assert all(s[0].steps == w.iters == 9 for s in r.samples.values())
+    bare = json.loads((tmp_path / "bare-0.json").read_text())
+    assert bare["batch_shapes"] == [[4, 33]] * 4
+    mlx_lm = json.loads((tmp_path / "mlx_lm" / "mlx_lm-0.json").read_text())
+    assert {tuple(b) for b in mlx_lm["batch_shapes"]} == {(4, 33)}
+    ours = [json.loads(x) for x in (tmp_path / "ours" / "run-0" / "logs" /
+                                    "metrics.jsonl").read_text().splitlines()]
+    assert {m["tokens"] for m in ours} == {4 * 31}  # 32 tokens: 31 targets each, no padding
+    s = r.summary()
+    assert s["ours"]["step_ms"] > 0 and s["bare"]["ratio_ours_over"] > 0
+    assert s["skipped"] == {"mlx-lm-lora": "not asked for"}

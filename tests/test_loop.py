@@ -262,3 +262,47 @@ def test_every_state_change_is_told_to_the_service_manager(rig):
         "STATUS=training: training started (step 1)"]
     sup.request_stop("control")
     assert sup.notifier.sent[-2:] == ["STOPPING=1", "STATUS=stopping: stop requested (control)"]
+
+
+def test_a_metrics_batch_is_believed_step_by_step(rig):
+    """The worker folds a flush's steps into one message: the supervisor's view moves to the
+    batch's last step, and a forged step inside a batch is rejected like a single one."""
+    from shared.protocol import StepMetrics, StepMetricsBatch
+
+    sup, spawner, _, pub = rig
+    sup.dispatch(Begin())
+    proc = spawner.started[0][1]
+    send(pub, sup, beat(proc.pid, 0))
+
+    def step(n: int) -> StepMetrics:
+        return StepMetrics("r", 1, n, 0.0, 2.0, 1.0, 1e-4, 64, 1.0, 0.01, 1.0, 1.0, 1.0)
+
+    send(pub, sup, StepMetricsBatch.fold([step(n) for n in range(1, 21)]))
+    assert sup.runner.attempt.view.step == 20
+    assert sup.gate.rejected == 0
+    assert sup.record.record.final_step == 20  # the record has the batch's last step
+    send(pub, sup, StepMetricsBatch.fold([step(21), step(10**6)]))
+    assert sup.runner.attempt.view.step == 21 and sup.gate.rejected == 1
+    assert sup.record.record.final_step == 21
+
+
+def test_a_wake_up_does_not_leave_the_loop_spinning(slow_rig):
+    """A background job's wake-up byte is read: the loop then sleeps in its poll (at most
+    MAX_POLL, 0.5 s) instead of ticking thousands of times a second, and a SIGTERM still
+    stops it."""
+    import os
+    import threading
+
+    sup, _, _, _ = slow_rig
+    ticks = [0]
+    tick = sup._tick
+
+    def counted() -> None:
+        ticks[0] += 1
+        tick()
+
+    sup._tick = counted
+    threading.Timer(0.1, lambda: sup.wake()).start()
+    threading.Timer(1.1, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    assert sup.run(Begin()) is State.STOPPED
+    assert ticks[0] <= 10, f"{ticks[0]} ticks in ~1 s"

@@ -85,3 +85,22 @@ def test_the_early_stop_reason_names_the_reference_apart_from_the_best() -> None
     assert fine.reason(None, -1, "smoothed training loss ") == (
         "no improvement of 0.0001 on smoothed training loss 2.51834 (step 715) in 2 "
         "evaluations")
+
+
+def test_spike_statistics_are_numpys_median_and_mad_to_the_bit() -> None:
+    """The host statistics run without numpy (a round trip per step), and give the same
+    limit as numpy.median: odd and even windows, ties, a window still filling up."""
+    import random
+
+    import numpy as np
+
+    from worker.monitors import _median
+
+    rng = random.Random(7)
+    for n in (1, 2, 3, 4, 99, 100, 101):
+        for _ in range(50):
+            xs = [rng.choice([0.5, 1.0, rng.lognormvariate(0, 2)]) for _ in range(n)]
+            med = _median(sorted(xs))
+            assert med == float(np.median(np.asarray(xs)))
+            mad = _median(sorted(abs(x - med) for x in xs))
+            assert mad == float(np.median(np.abs(np.asarray(xs) - med)))

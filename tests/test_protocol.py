@@ -66,3 +66,38 @@ def test_heartbeat_phase_must_be_known() -> None:
     d["phase"] = "dreaming"
     with pytest.raises(ProtocolError, match="phase: expected one of"):
         p.decode(json.dumps(d))
+
+
+def test_a_metrics_batch_stands_for_its_single_step_messages() -> None:
+    """The worker folds a flush's steps into one message; the reader gets each step back as
+    the StepMetrics it was, token included. Single StepMetrics still decode as before."""
+    steps = [p.StepMetrics("r1", 2, s, 1.5, 2.25, 0.5, 1e-4, 128, 512.0, 0.25, 10.0, 20.0,
+                           30.0, data_position=s - 1, token="t" * 32) for s in (7, 8, 9)]
+    raw = p.StepMetricsBatch.fold(steps).to_json()
+    assert json.loads(raw)["type"] == "metrics_batch" and json.loads(raw)["token"] == "t" * 32
+    assert p.decode_all(raw) == steps
+    assert p.decode_all(steps[0].to_json()) == [steps[0]]  # the version-1 single message
+
+
+def test_a_metrics_batch_keeps_the_rank_of_a_group_member() -> None:
+    """A rank's folded steps must stay that rank's (the group's step is the minimum over the
+    ranks, shared/protocol.py `rank`): rank 1's batch unfolds as rank 1's steps."""
+    steps = [p.StepMetrics("r1", 1, s, 1.5, 2.25, 0.5, 1e-4, 128, 512.0, 0.25, 10.0, 20.0,
+                           30.0, token="t" * 32, rank=1) for s in (4, 5)]
+    raw = p.StepMetricsBatch.fold(steps).to_json()
+    assert json.loads(raw)["rank"] == 1
+    assert [(m.step, m.rank) for m in p.decode_all(raw)] == [(4, 1), (5, 1)]
+
+
+def test_a_metrics_batch_of_no_steps_or_too_many_is_refused() -> None:
+    row = {"step": 1, "time": 0.0, "loss": 1.0, "grad_norm": 1.0, "lr": 1e-4, "tokens": 1,
+           "tokens_per_sec": 1.0, "step_seconds": 1.0, "active_mb": 1.0, "peak_mb": 1.0,
+           "rss_mb": 1.0}
+    for rows in ([], [row] * 65):
+        raw = json.dumps({"type": "metrics_batch", "v": 1, "run_id": "r", "attempt": 1,
+                          "steps": rows})
+        with pytest.raises(ProtocolError, match=r"expected 1\.\.64 steps"):
+            p.decode(raw)
+    with pytest.raises(ProtocolError, match="loss"):
+        p.decode(json.dumps({"type": "metrics_batch", "v": 1, "run_id": "r", "attempt": 1,
+                             "steps": [{**row, "loss": "x"}]}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def test_a_late_subscriber_gets_what_was_sent_before_it_arrived(tmp_path: Path) 
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and len([m for m in got if isinstance(m, p.StepMetrics)]) < 3:
         if sub.poll(100):
-            got.append(p.decode(sub.recv()))
+            got.extend(p.decode_all(sub.recv()))
     t.close()
     sub.close(linger=0)
     assert [m.step for m in got if isinstance(m, p.StepMetrics)] == [1, 2, 3]
@@ -67,7 +68,7 @@ def test_every_message_carries_the_attempts_token_from_the_environment(
     t = Telemetry(endpoint, LiveStatus("r", 1, 10))
     t.send(_metrics(1))
     t.send(p.WorkerStopping("r", 1, 1, 0, "completed", ""))
-    got = [p.decode(raw) for raw in _collect(endpoint, t, 3)]
+    got = [m for raw in _collect(endpoint, t, 3) for m in p.decode_all(raw)]
     t.close()
     kinds = {type(m).__name__ for m in got}
     assert {"Heartbeat", "StepMetrics", "WorkerStopping"} <= kinds
@@ -85,3 +86,22 @@ def test_without_a_supervisor_the_messages_are_the_version_1_ones(tmp_path: Path
     t.close()
     assert raws and all(b'"token"' not in raw for raw in raws)
     assert all(b'"v":1' in raw for raw in raws)
+
+
+def test_the_steps_of_one_flush_go_out_as_one_metrics_batch(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """At > 100 steps/s a flush holds several steps: one message carries them all, so the
+    supervisor receives and parses one message per flush, not one per step."""
+    monkeypatch.setenv(p.TOKEN_ENV, "ab" * 16)
+    endpoint = f"ipc://{tmp_path}/batch"
+    t = Telemetry(endpoint, LiveStatus("r", 1, 200))
+    for step in range(1, 101):  # queued before anyone subscribes: one flush
+        t.send(_metrics(step))
+    t.send(p.WorkerStopping("r", 1, 100, 0, "completed", ""))
+    raws = _collect(endpoint, t, 4)
+    t.close()
+    kinds = [json.loads(raw)["type"] for raw in raws]
+    assert kinds[:4] == ["heartbeat", "metrics_batch", "metrics_batch", "stopping"]
+    steps = [m for raw in raws for m in p.decode_all(raw) if isinstance(m, p.StepMetrics)]
+    assert [m.step for m in steps] == list(range(1, 101))  # 64 + 36: at most 64 a message
+    assert {m.token for m in steps} == {"ab" * 16}

@@ -210,6 +210,43 @@ def test_gradient_spike_aborts_after_patience_with_a_checkpoint(tmp_path: Path,
     assert found[1].state is not None and found[1].state.reason == "grad_spike"
 
 
+def test_a_rejected_step_leaves_weights_and_moments_as_before_it(tmp_path: Path,
+                                                                tiny_model: Path,
+                                                                corpus: Path) -> None:
+    """One compiled call computes a step's gradient and applies its update (as mlx_lm); a
+    step the host rejects (here the third spike in a row, at step 14) is undone: the
+    grad_spike checkpoint is bit for bit the state an unbroken run has after step 13."""
+    spiked = tmp_path / "spiked"
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus, save_every=100, iters=13,
+                          grad_spike={"patience": 3})
+    clean = tmp_path / "clean"
+    assert overnight("train", str(config), "--run-dir", str(clean)).returncode == 0
+    config = write_config(tmp_path / "c2.yaml", tiny_model, corpus, save_every=100,
+                          grad_spike={"patience": 3})
+    result = overnight("train", str(config), "--run-dir", str(spiked),
+                       env=subprocess_env(OVERNIGHT_INJECT="spike@12"))
+    assert result.returncode == ExitCode.GRAD_SPIKE
+    # the same after a resume (the optimizer's loaded state is re-made by its first update)
+    resumed = tmp_path / "resumed"
+    config = write_config(tmp_path / "c3.yaml", tiny_model, corpus, save_every=10,
+                          grad_spike={"patience": 3})
+    proc = start(config, resumed, inject="stall@11")
+    wait_for_step(resumed, proc, 10)
+    time.sleep(0.2)
+    kill(proc)
+    result = overnight("train", str(config), "--run-dir", str(resumed),
+                       env=subprocess_env(OVERNIGHT_INJECT="spike@12"))
+    assert result.returncode == ExitCode.GRAD_SPIKE
+    ref = ckpt.newest_valid(clean / "checkpoints")
+    assert ref is not None and ref[0].step == 13
+    for run in (spiked, resumed):
+        got = ckpt.newest_valid(run / "checkpoints")
+        assert got is not None and got[0].step == 13
+        for name in ("adapters.safetensors", "optimizer.safetensors"):
+            a, b = mx.load(str(got[0].path / name)), mx.load(str(ref[0].path / name))
+            assert max_abs_diff(a, b) == 0.0, (run.name, name)
+
+
 def test_early_stopping_saves_and_marks_the_run_complete(tmp_path: Path, tiny_model: Path,
                                                          corpus: Path) -> None:
     config = write_config(tmp_path / "c.yaml", tiny_model, corpus, steps_per_eval=5,
@@ -293,8 +330,9 @@ def test_telemetry_heartbeats_from_loading_on_and_metrics_every_step(
     stalled_beats = 0
     while time.monotonic() < deadline and stalled_beats < 3:
         if sub.poll(200):
-            msg = p.decode(sub.recv())
-            got.append(msg)
+            msgs = p.decode_all(sub.recv())
+            got.extend(msgs)
+            msg = msgs[-1]
             if isinstance(msg, p.Heartbeat) and msg.step == 11 and \
                     msg.phase == p.Phase.TRAINING and 11 in {
                         m.step for m in got if isinstance(m, p.StepMetrics)}:

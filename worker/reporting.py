@@ -10,6 +10,7 @@ swanlab`); `FanOut` combines them. Tests pass a recording fake.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -17,7 +18,6 @@ from typing import Any, Protocol, TextIO
 import structlog
 
 from shared import protocol as p
-from shared import strictjson
 from shared.config import Config
 from shared.errors import ConfigError
 from shared.progress import Progress
@@ -61,7 +61,8 @@ class RunReporter:
 
     def step(self, m: p.StepMetrics) -> None:
         self.progress.record_step(m.step, m.loss, m.lr, m.tokens, m.step_seconds, m.active_mb)
-        self._metrics.write(strictjson.dumps(m.to_dict()) + "\n")
+        # to_dict() already wrote non-finite floats as strings: plain json.dumps suffices
+        self._metrics.write(json.dumps(m.to_dict(), allow_nan=False) + "\n")
         if m.step % self.steps_per_report == 0 or m.step == self.progress.total_steps:
             structlog.contextvars.bind_contextvars(step=m.step)
             self.log.info(

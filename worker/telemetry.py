@@ -157,7 +157,18 @@ class Telemetry:
                 self.dropped += 1
             return
         while self._queue:
-            self._send_now(self._queue.popleft())
+            message = self._queue.popleft()
+            if isinstance(message, p.StepMetrics):
+                # Consecutive steps go out as one message (shared.protocol.StepMetricsBatch):
+                # at > 100 steps/s the supervisor then handles a few messages a second.
+                steps = [message]
+                while (self._queue and isinstance(self._queue[0], p.StepMetrics)
+                       and len(steps) < p.MAX_BATCH_STEPS):
+                    steps.append(self._queue.popleft())  # type: ignore[arg-type]
+                if len(steps) > 1:
+                    self._send_now(p.StepMetricsBatch.fold(steps))
+                    continue
+            self._send_now(message)
 
     def _run(self) -> None:
         next_beat = 0.0

@@ -112,6 +112,12 @@ class Trainer:
     spike_window: list[tuple[int, list[int]]] = field(default_factory=list)
     group: Any = None  # this rank's data-parallel group (worker/distributed.py); None: alone
     _proc: Any = None
+    _rss: float = 0.0  # MB, the last reading (see _memory)
+    _kept: Any = None  # (trainable weights, optimizer state) before a fused update
+    _slots: list[tuple[Any, Any]] | None = None  # (module or list, key) of each trainable
+    _opt_slots: list[tuple[Any, Any]] | None = None  # ... of each optimizer state array
+    _fused: bool = False
+    _updates: int = 0  # updates applied in this process
 
     # ------------------------------------------------------------------ step machinery
     def _build_step_functions(self) -> None:
@@ -153,16 +159,35 @@ class Trainer:
                 grads, _ = optim.clip_grad_norm(grads, c.training.max_grad_norm)
             optimizer.update(model, grads)
 
+        def only_update(tokens: Any, spans: Any, weights: Any) -> Any:
+            grads, norm, loss, ntok = only(tokens, spans, weights)
+            apply(grads)
+            return norm, loss, ntok
+
+        def last_update(acc: Any, tokens: Any, spans: Any, weights: Any) -> Any:
+            grads, norm, loss, ntok = last(acc, tokens, spans, weights)
+            apply(grads)
+            return norm, loss, ntok
+
         fns = [first, more, only, last]
+        updates = [only_update, last_update]
         if c.training.compile:
             # value_and_grad swaps traced arrays into the model: model.state is an output too.
             io = [model.state, mx.random.state]
             fns = [partial(mx.compile, inputs=io, outputs=io)(f) for f in fns]
             state = [model.state, optimizer.state]
             apply = partial(mx.compile, inputs=state, outputs=state)(apply)
+            state = [model.state, optimizer.state, mx.random.state]
+            updates = [partial(mx.compile, inputs=state, outputs=state)(f) for f in updates]
         self._first, self._more, self._only, self._last = fns
         self._finish = finish  # a group's rank divides after the all_sum (worker/distributed.py)
         self._apply = apply
+        self._only_update, self._last_update = updates
+        # One compiled call a step (gradient, norm and update, as mlx_lm and the bare loop
+        # of benchmarks/bare_loop.py) when the pre-update state kept to undo a rejected step
+        # is small: LoRA/DoRA. Full fine-tuning keeps gradient and update apart (a second
+        # copy of every weight and moment would cost more memory than the split costs time).
+        self._fused = c.fine_tune_type != "full"
 
     def _clear_cache(self) -> None:
         """mlx_lm's `clear_cache_threshold`: free MLX's buffer cache when it holds more."""
@@ -172,13 +197,17 @@ class Trainer:
         if limit > 0 and mx.get_cache_memory() > limit:
             mx.clear_cache()
 
-    def _memory(self) -> tuple[float, float, float]:
+    def _memory(self, step: int) -> tuple[float, float, float]:
+        """(MLX active, MLX peak, process RSS) in MB. RSS is read (psutil, ~10-25 us) at the
+        first step, at report steps and at the last; the steps between repeat that reading."""
         import mlx.core as mx
 
-        if self._proc is None:
-            self._proc = psutil.Process(os.getpid())
-        rss = self._proc.memory_info().rss / 2**20
-        return mx.get_active_memory() / 2**20, mx.get_peak_memory() / 2**20, rss
+        c = self.config
+        if self._proc is None or step % c.steps_per_report == 0 or step == c.iters:
+            if self._proc is None:
+                self._proc = psutil.Process(os.getpid())
+            self._rss = self._proc.memory_info().rss / 2**20
+        return mx.get_active_memory() / 2**20, mx.get_peak_memory() / 2**20, self._rss
 
     def _held_memory(self) -> tuple[float, float]:
         """MLX's buffer cache and (macOS) the physical footprint, MB: what the Metal memory
@@ -240,18 +269,25 @@ class Trainer:
             f"{self.train_set.index.path}: no batch of the training set has a usable example"
         )
 
-    def _compute_step(self, step: int) -> tuple[Any, float, float, int]:
-        """Gradients of the effective batch at the next data position (`self.position`).
+    def _compute_step(self, step: int) -> tuple[Any, float, float, int, float]:
+        """(gradients or None, loss, gradient norm, target tokens, learning rate) of the
+        effective batch at the next data position (`self.position`).
 
         One sync point per micro-batch, as mlx_lm: it keeps one micro-batch's graph alive,
         and the last one also yields the loss and gradient norm the checks need on the host.
+        Fused (`self._fused`), the last call also applies the update, after `_keep()` has
+        kept the state before it, and the gradients returned are None; otherwise the update
+        is left to `_apply`. The rate is the one the update uses (mlx's optimizer stores
+        `schedule(step)` in its state before it counts the step).
         """
         import mlx.core as mx
 
-        if self.group is not None:
-            from worker.distributed import compute_step
+        if self.group is not None:  # this rank's share, all_summed; never fused: the update
+            from worker.distributed import compute_step  # follows the all_sum, as unfused
 
-            return compute_step(self, step)  # this rank's share, all_summed
+            grads, loss, norm, ntok = compute_step(self, step)
+            lr = float(self.lr_schedule(mx.array(self.state.step, mx.uint64)).item())
+            return grads, loss, norm, ntok, lr
         c = self.config
         self.position, usable = self._next_batch()
         self.batch_examples = [i for i, _ in usable]
@@ -266,9 +302,52 @@ class Trainer:
                 acc = self._first(*batch) if acc is None else self._more(acc, *batch)
                 mx.eval(acc)
                 continue
+            if self._fused:
+                self._keep()
+                if acc is None:
+                    norm, loss, ntok = self._only_update(*batch)
+                else:
+                    norm, loss, ntok = self._last_update(acc, *batch)
+                lr = self.optimizer.learning_rate
+                mx.eval(norm, loss, ntok, lr, self.model.state, self.optimizer.state)
+                return None, float(loss.item()), float(norm.item()), int(ntok.item()), float(
+                    lr.item())
             grads, norm, loss, ntok = self._only(*batch) if acc is None else self._last(acc, *batch)
             mx.eval(grads, norm, loss, ntok)
-        return grads, float(loss.item()), float(norm.item()), int(ntok.item())
+        lr = float(self.lr_schedule(mx.array(self.state.step, mx.uint64)).item())
+        return grads, float(loss.item()), float(norm.item()), int(ntok.item()), lr
+
+    def _keep(self) -> None:
+        """Keep the trainable weights and the optimizer state before a fused update: MLX
+        arrays are immutable, so references are enough (no copy of the data). Both are
+        read through slots found once: `model.trainable_parameters()` walks every module
+        with filters (~0.3-0.5 ms a step, 3-5% of a small model's step). The optimizer's
+        state is empty until its first update creates it; its slots are found then."""
+        state = self.optimizer.state
+        # Found again until one update has run in this process: the optimizer's first
+        # update (`init`, also after a resume loaded its state) rebuilds its lists.
+        if self._slots is None or self._updates <= 1:
+            self._slots = _slots(self.model.trainable_parameters(), self.model)
+        if state and (self._opt_slots is None or self._updates <= 1):
+            self._opt_slots = _slots(state, state)
+        opt = [parent[key] for parent, key in self._opt_slots] if state else None
+        self._kept = ([parent[key] for parent, key in self._slots], opt)
+
+    def _undo(self) -> None:
+        """Put back what `_keep()` kept, in place (the compiled step holds these dicts):
+        the step the host rejected never happened."""
+        if not (self._fused and self._kept is not None and self._slots is not None):
+            return
+        params, opt = self._kept
+        for (parent, key), value in zip(self._slots, params, strict=True):
+            parent[key] = value
+        if opt is None:  # before the first update the optimizer had no state
+            self.optimizer.state.clear()
+        else:
+            assert self._opt_slots is not None
+            for (parent, key), value in zip(self._opt_slots, opt, strict=True):
+                parent[key] = value
+        self._kept = None
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, dataset: Examples | None = None, subset: np.ndarray | None = None) -> float:
@@ -372,7 +451,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Outcome:
-        import mlx.core as mx
 
         c, s = self.config, self.state
         self._build_step_functions()
@@ -386,11 +464,12 @@ class Trainer:
             step = s.step + 1
             self.injector.before_step(step)
             tic = time.perf_counter()
-            grads, loss, norm, ntok = self._compute_step(step)
+            grads, loss, norm, ntok, lr = self._compute_step(step)
             if self.injector.loss_is_nan(step):
                 loss = math.nan
             norm *= self.injector.spike_factor(step, c.grad_spike.patience)
             if not (math.isfinite(loss) and math.isfinite(norm)):
+                self._undo()
                 what = "loss" if not math.isfinite(loss) else "gradient norm"
                 where = self._where()
                 return Outcome(
@@ -409,6 +488,7 @@ class Trainer:
                 self.spike_window.append((self.position, self.batch_examples))
             if spike is not None:
                 # This step's update is not applied; the checkpoint holds the last one.
+                self._undo()
                 self.save("grad_spike")
                 return Outcome(
                     ExitCode.GRAD_SPIKE,
@@ -417,10 +497,12 @@ class Trainer:
                     first_bad_step=self.spikes.first_bad_step,
                     **self._spike_where(),
                 )
-            # The update is evaluated lazily, with the next step's gradients (one sync per
-            # step, as mlx_lm); the rate it uses is the schedule at the step before it.
-            self._apply(grads)
-            lr = float(self.lr_schedule(mx.array(s.step, mx.uint64)).item())
+            if grads is not None:
+                # Not fused: the update is evaluated lazily, with the next step's gradients
+                # (one sync per step, as mlx_lm).
+                self._apply(grads)
+            self._kept = None
+            self._updates += 1
             self._clear_cache()
             seconds = time.perf_counter() - tic
             s.step, s.data_position = step, self.position + 1
@@ -429,7 +511,7 @@ class Trainer:
             if first:
                 self.reporter.phase(p.Phase.TRAINING, step)
                 first = False
-            active, peak, rss = self._memory()
+            active, peak, rss = self._memory(step)
             cache, footprint = self._held_memory()
             self.reporter.step(
                 p.StepMetrics(
@@ -545,6 +627,22 @@ class Trainer:
 
 
 _log = structlog.get_logger("worker")
+
+
+def _slots(tree: Any, root: Any) -> list[tuple[Any, Any]]:
+    """(parent, key) of every array of `tree`, found in `root`: `parent[key]` is the array
+    (a module or a dict takes a str, a list an int). For a model, `tree` is its
+    `trainable_parameters()`; for an optimizer's state, the state itself."""
+    from mlx.utils import tree_flatten
+
+    out = []
+    for name, _ in tree_flatten(tree):
+        parent: Any = root
+        *path, key = name.split(".")
+        for part in path:
+            parent = parent[int(part)] if isinstance(parent, list) else parent[part]
+        out.append((parent, int(key) if isinstance(parent, list) else key))
+    return out
 
 
 def _leaves(tree: Any) -> list[Any]:

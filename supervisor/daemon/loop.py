@@ -39,7 +39,7 @@ import zmq
 
 from shared import config as config_mod
 from shared.errors import OvernightError, ProtocolError
-from shared.protocol import decode
+from shared.protocol import Message, decode_all
 from supervisor.daemon import group_watch, memory, sdnotify, watch
 from supervisor.daemon.checkpoint_choice import Background, Job, ThreadJob
 from supervisor.daemon.control import ControlError, ControlServer, RankStatus, RunStatus
@@ -74,6 +74,7 @@ from supervisor.daemon.state import (
 from supervisor.daemon.telemetry_gate import TelemetryGate
 
 MAX_POLL = 0.5
+LAST_WORDS = 0.1  # seconds: a worker's last messages may trail its exit (_last_words)
 MAX_TELEMETRY_PER_PASS = 1000  # messages taken in per pass (the rest wait for the next one)
 RECORD_EVERY = 2.0  # seconds between progress-only record writes
 WATCHDOG_DEFAULT = 10.0  # seconds between WATCHDOG=1 when systemd gives no interval
@@ -217,22 +218,35 @@ class Supervisor:
 
     def _on_telemetry(self, raw: bytes) -> None:
         try:
-            msg = decode(raw)
+            messages = decode_all(raw)  # a flush's steps come folded: each as its own
         except ProtocolError as e:
             self.gate.reject(f"not a message: {e}")
             return
-        if not self.gate.admit(msg):
+        if len(messages) == 1:
+            self._on_message(messages[0])
             return
+        # A metrics_batch: the view takes every step, the record the last believed one at
+        # once (for metrics the record only copies the view's step: runner.on_message).
+        believed = [msg for msg in messages if self._on_message(msg, to_record=False)]
+        if believed and self.runner.attempt is not None:
+            self.runner.on_message(believed[-1])
+
+    def _on_message(self, msg: Message, to_record: bool = True) -> bool:
+        """Take in one believed message; False when the gate or the view refuses it."""
+        if not self.gate.admit(msg):
+            return False
         attempt = self.runner.attempt
         if attempt is not None and attempt.group is not None:  # a group: every rank's
             attempt.group.update(msg, self.clock())  # heartbeat and step (group_watch.py)
             if msg.rank:  # type: ignore[union-attr]
-                return  # rank 0 alone speaks for the run (metrics, checkpoints, stopping)
+                return False  # rank 0 alone speaks for the run (metrics, checkpoints, ...)
         if attempt is None or not attempt.view.accepts(msg):
-            return
+            return False
         if attempt.view.update(msg, self.clock()) and self.state is State.STARTING:
             self.dispatch(Progressed(attempt.view.step))
-        self.runner.on_message(msg)
+        if to_record:
+            self.runner.on_message(msg)
+        return True
 
     def _check_worker(self) -> None:
         attempt = self.runner.attempt
@@ -241,9 +255,20 @@ class Supervisor:
         rc = attempt.poll()
         if rc is None:
             return
+        if rc >= 0:
+            self._last_words()
         self.gate.end()  # what its worker still sends is late, not believed
         decision = self.runner.finish(rc, self.clock())
         self.dispatch(WorkerExited(decision.verdict, decision.reason, decision.delay))
+
+    def _last_words(self) -> None:
+        """Read what a worker that exited on its own sent just before (its `stopping`
+        message): SIGCHLD can wake the loop before ZeroMQ has handed those messages over.
+        Waits at most LAST_WORDS seconds, and only as long as nothing arrives."""
+        deadline = time.monotonic() + LAST_WORDS
+        while (left := deadline - time.monotonic()) > 0 and self.telemetry.poll(
+                max(1, int(left * 1000))):
+            self._take_telemetry()
 
     def _check_timers(self) -> None:
         now = self.clock()
@@ -371,7 +396,11 @@ class Supervisor:
             poller.register(self.telemetry, zmq.POLLIN)
             if self.control is not None:
                 poller.register(self.control.socket, zmq.POLLIN)
-            poller.register(wakeup.reader, zmq.POLLIN)
+            # pyzmq hands a registered plain socket back as its file descriptor: register
+            # and look for the fd (the socket object is never among the ready keys, which
+            # left the wake-up byte unread and the loop spinning at 100% of a core).
+            wake_fd = wakeup.reader.fileno()
+            poller.register(wake_fd, zmq.POLLIN)
             registered = self.control.socket if self.control is not None else None
             self.dispatch(first)
             while not self.state.is_final:
@@ -380,7 +409,7 @@ class Supervisor:
                     registered = self.control.socket
                     poller.register(registered, zmq.POLLIN)
                 ready = dict(poller.poll(int(self._timeout() * 1000)))
-                if wakeup.reader in ready:
+                if wake_fd in ready:
                     _drain(wakeup.reader)
                 self._tick()
         self.wake = lambda: None
