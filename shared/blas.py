@@ -50,6 +50,9 @@ def reexec_with_preload(setting: str) -> None:
     if os.environ.get(CHOSEN_ENV):
         return
     env, done = preload_env(dict(os.environ), setting)
+    if done == "missing" and setting == "true":  # asked for, not there: say so, go on
+        print(f"overnight train: supervisor.openblas is true but {OPENBLAS} is missing "
+              "(apt-get install libopenblas0-pthread); MLX's own BLAS is used", file=sys.stderr)
     if done != "preloaded" or os.environ.get("LD_PRELOAD") == env["LD_PRELOAD"]:
         os.environ[CHOSEN_ENV] = "1"  # for the processes this one starts
         return
