@@ -5,6 +5,7 @@ fired when `fire` is called: the worker did it at its step.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -202,8 +203,17 @@ def _garbage(d: Driver, r: FaultResult, rng: random.Random) -> None:
     time.sleep(0.2)
     sup = d.sup
     r.facts["sent"] = sent
-    r.facts["alive"] = sup is not None and sup.poll() is None
     r.facts["status_ok"] = garbage.status(socks / "control") is not None
+    if not r.facts["status_ok"] and sup is not None:
+        # Unanswered: the run may be ending (a finishing supervisor closes its control socket
+        # first; the tiny model's last steps go fast), or the request was lost. Either it
+        # exits (judged by how), or it must answer the next request.
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            sup.wait(timeout=5.0)
+        if sup.poll() is None:
+            r.facts["status_ok"] = r.facts["status_retry"] = (
+                garbage.status(socks / "control") is not None)
+    r.facts["alive"] = sup is not None and sup.poll() is None
     if sup is not None and sup.poll() is not None:
         r.facts["exit"] = sup.returncode
         r.facts["state_after"] = (d.obs.record() or {}).get("state")

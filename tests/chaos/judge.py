@@ -129,7 +129,8 @@ def _classify(r: FaultResult, rec: dict[str, Any], worker_events: list[dict[str,
         else:
             r.observed = ("alive" if f.get("alive") else
                           f"DEAD (exit {f.get('exit')}, run {f.get('state_after')})") + (
-                ", status answered" if f.get("status_ok") else ", status NOT answered")
+                ", status answered" if f.get("status_ok") else ", status NOT answered") + (
+                " (at the second request)" if f.get("status_retry") else "")
             r.classified_ok = bool(f.get("alive") and f.get("status_ok"))
     elif kind == "start_race":
         f = r.facts
