@@ -73,9 +73,10 @@ def reconcile(keeper: RecordKeeper, run: RunDir, stopped_orphans: frozenset[int]
                                platform or Platform())
     why = machine.text if machine is not None else supervisor_end(prev, run, this_boot)
     if open_attempt is not None:
-        worker = worker_end(open_attempt, run, stopped_orphans)
+        events = _events(run.worker_log)
+        worker = worker_end(open_attempt, run, stopped_orphans, events)
         reason = f"{why}; attempt {open_attempt.attempt} (worker pid {open_attempt.pid}): {worker}"
-        end_step = reached(open_attempt, run)
+        end_step = reached(open_attempt, run, events)
         keeper.end_attempt(
             classification=FailureClass.MACHINE_RESTARTED if machine is not None else None,
             action=Action.ABANDONED, action_reason=reason,
@@ -100,9 +101,11 @@ def supervisor_end(prev: SupervisorInfo, run: RunDir, this_boot: str) -> str:
     return NO_RECORD
 
 
-def worker_end(attempt: AttemptRecord, run: RunDir, stopped: frozenset[int]) -> str:
-    """How the open attempt's worker ended, as far as anything says."""
-    for event in reversed(_events(run.worker_log)):
+def worker_end(attempt: AttemptRecord, run: RunDir, stopped: frozenset[int],
+               events: list[dict[str, Any]]) -> str:
+    """How the open attempt's worker ended, as far as anything says (`events`: the tail of
+    logs/worker.jsonl, `_events`)."""
+    for event in reversed(events):
         if event.get("pid") != attempt.pid:
             continue
         name = event.get("event")
@@ -121,12 +124,13 @@ def worker_end(attempt: AttemptRecord, run: RunDir, stopped: frozenset[int]) -> 
     return "its worker's end is not recorded" + (f" (last output: {last})" if last else "")
 
 
-def reached(attempt: AttemptRecord, run: RunDir) -> int:
+def reached(attempt: AttemptRecord, run: RunDir, events: list[dict[str, Any]]) -> int:
     """The last step the open attempt reached (steps): the highest of what run.json last
     said, the attempt's last line in logs/metrics.jsonl and its worker's `worker_stopping`
-    event — a supervisor killed mid-attempt wrote run.json long before its worker's end."""
+    event in `events` (the tail of logs/worker.jsonl) — a supervisor killed mid-attempt
+    wrote run.json long before its worker's end."""
     steps = [attempt.end_step, last_logged_step(run.metrics_log, attempt.attempt)]
-    for event in _events(run.worker_log):
+    for event in events:
         step = event.get("step")
         if (event.get("pid") == attempt.pid and event.get("event") == "worker_stopping"
                 and isinstance(step, int) and not isinstance(step, bool)):

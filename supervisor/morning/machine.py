@@ -143,9 +143,8 @@ def draw(ax: Any, facts: RunFacts, t0: float, div: float) -> None:
     night = read(facts)
     if not (night.throttled or night.pauses or night.restarts):
         return
-    times = facts.metrics.col("time")
-    times = times[np.isfinite(times)]
-    last = float(times.max()) if len(times) else t0
+    newest = facts.metrics.last_time()
+    last = newest if newest is not None else t0
     for periods, color, name, hatch in ((night.throttled, THROTTLED, "throttled (heat)", None),
                                         (night.pauses, PAUSED, "paused on battery", "//")):
         for i, p in enumerate(periods):

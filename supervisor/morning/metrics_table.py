@@ -16,16 +16,14 @@ columns: ~96 MB) and a few seconds:
   from one C pass (`operator.itemgetter` + one array); otherwise field by field. Strings are
   not kept, except the last line's `run_id`.
 
-The morning's consumers (report_numbers.py, report_plot.py, runfacts.py) use the columns;
-iterating the table still yields one dict per line (its numeric fields) for code that wants
-rows, at Python speed.
+The morning's consumers (report_numbers.py, report_plot.py, runfacts.py, machine.py, the
+queue's comparison) use the columns.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -114,18 +112,11 @@ class MetricsTable:
         _, first_in_rev = np.unique(steps[rev], return_index=True)  # sorted by step
         return rev[first_in_rev]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        names = list(self.columns)
-        for i in range(len(self)):
-            row: dict[str, Any] = {}
-            for k in names:
-                v = self.columns[k][i]
-                if k in INT_COLUMNS:
-                    if v != INT_COLUMNS[k]:
-                        row[k] = int(v)
-                elif not math.isnan(v):
-                    row[k] = float(v)
-            yield row
+    def last_time(self) -> float | None:
+        """The newest line's `time` (Unix seconds, the largest finite one); None if none."""
+        times = self.col("time")
+        times = times[np.isfinite(times)]
+        return float(times.max()) if len(times) else None
 
 
 def read(path: Path) -> MetricsTable:

@@ -55,13 +55,6 @@ def time_lost(facts: RunFacts, planned: bool = False) -> tuple[float, float, flo
     return notice, restart, redo, redone
 
 
-def last_time(facts: RunFacts) -> float | None:
-    """The newest metrics line's time (Unix seconds), None when no line has one."""
-    times = facts.metrics.col("time")
-    times = times[np.isfinite(times)]
-    return float(times.max()) if len(times) else None
-
-
 def _attempts(facts: RunFacts) -> str:
     """"4 (3 restarts); 1 failure, 2 planned ends": run.json's totals, said once."""
     n, failures, planned = len(facts.attempts), len(facts.failures), len(facts.planned_ends)
@@ -139,7 +132,7 @@ def eta_accuracy(facts: RunFacts) -> list[list[str]]:
     """At 10/25/50/75/90 % of the steps: what the ETA said, and when it actually finished."""
     if not facts.finished or not facts.progress or not facts.total_steps:
         return []
-    actual = last_time(facts)
+    actual = facts.metrics.last_time()
     if actual is None:
         actual = facts.ended
     if actual is None:
@@ -243,7 +236,7 @@ def numbers(facts: RunFacts) -> list[Block]:
     if eta:
         blocks += [Heading("ETA accuracy", 3),
                    Para("What the progress line's ETA predicted, against the actual end "
-                        f"({clock(last_time(facts) or 0.0)}); it does not "
+                        f"({clock(facts.metrics.last_time() or 0.0)}); it does not "
                         "foresee failures."),
                    Table(["at", "ETA said", "actual end"], eta, "lrl")]
     return blocks
