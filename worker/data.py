@@ -303,6 +303,12 @@ class Examples:
             self.use.seen + self.use.malformed + self.use.no_targets >= len(self)
         )
 
+    @property
+    def in_memory(self) -> bool:
+        """True when every example is tokenised in memory: `fetch` then has no side effect
+        (no counting, no logging), so a batch may be fetched ahead of its step."""
+        return self._cache is not None
+
     def _truncation(self) -> dict[str, Any]:
         if self._cache is not None:
             truncated = int((self.lengths > self.max_seq_length).sum())

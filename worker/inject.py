@@ -117,6 +117,10 @@ class Injector:
                 return True
         return False
 
+    def due(self, step: int) -> bool:
+        """True if any fault is scheduled for `step` (fired or not: a cheap check, no I/O)."""
+        return any(f.step == step for f in self.faults)
+
     def before_step(self, step: int) -> None:
         """Process-level faults, fired just before training step `step`."""
         if self._claim("crash", step):

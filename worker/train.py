@@ -118,6 +118,8 @@ class Trainer:
     _opt_slots: list[tuple[Any, Any]] | None = None  # ... of each optimizer state array
     _fused: bool = False
     _updates: int = 0  # updates applied in this process
+    _pending: Any = None  # a plain step's metrics, reported while the next step computes
+    _ahead: Any = None  # (data position, usable examples, device micro-batches), built early
 
     # ------------------------------------------------------------------ step machinery
     def _build_step_functions(self) -> None:
@@ -224,7 +226,7 @@ class Trainer:
         unusable (streaming finds unusable rows only when it reads them, worker/data.py), are
         passed over: deterministic, so a resumed run passes over the same ones.
         """
-        c, plan = self.config, self.plan
+        plan = self.plan
         pos = self.state.data_position
         tried = 0
         while tried <= plan.groups_per_epoch:  # every group once: none is usable
@@ -250,11 +252,7 @@ class Trainer:
                 )
                 pos += 1
                 continue
-            usable = [
-                (i, ex)
-                for i, ex in self.train_set.fetch(plan.group(pos), count=plan.epoch(pos) == 0)
-                if target_count(len(ex[0]), ex[1], c.max_seq_length) > 0
-            ]
+            usable = self._usable(pos)
             if usable:
                 return pos, usable
             _log.warning(
@@ -285,19 +283,21 @@ class Trainer:
         if self.group is not None:  # this rank's share, all_summed; never fused: the update
             from worker.distributed import compute_step  # follows the all_sum, as unfused
 
+            self._flush()
             grads, loss, norm, ntok = compute_step(self, step)
             lr = float(self.lr_schedule(mx.array(self.state.step, mx.uint64)).item())
             return grads, loss, norm, ntok, lr
         c = self.config
-        self.position, usable = self._next_batch()
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == self.state.data_position:
+            self.position, usable, parts = ahead
+        else:
+            self.position, usable = self._next_batch()
+            parts = self._device_batches(usable)
         self.batch_examples = [i for i, _ in usable]
-        examples = [ex for _, ex in usable]
-        parts = list(micro_batches(np.arange(len(examples)), c.batch_size))
         acc = None
-        for j, idx in enumerate(parts):
-            mb = collate([examples[int(i)] for i in idx], c.max_seq_length)
+        for j, batch in enumerate(parts):
             mx.random.seed((c.seed * 1_000_003 + step * 1_009 + j) % 2**63)
-            batch = (mx.array(mb.tokens), mx.array(mb.spans), mx.array(mb.weights))
             if j < len(parts) - 1:
                 acc = self._first(*batch) if acc is None else self._more(acc, *batch)
                 mx.eval(acc)
@@ -309,13 +309,75 @@ class Trainer:
                 else:
                     norm, loss, ntok = self._last_update(acc, *batch)
                 lr = self.optimizer.learning_rate
-                mx.eval(norm, loss, ntok, lr, self.model.state, self.optimizer.state)
+                mx.async_eval(norm, loss, ntok, lr, self.model.state, self.optimizer.state)
+                self._while_computing()
                 return None, float(loss.item()), float(norm.item()), int(ntok.item()), float(
                     lr.item())
             grads, norm, loss, ntok = self._only(*batch) if acc is None else self._last(acc, *batch)
-            mx.eval(grads, norm, loss, ntok)
+            mx.async_eval(grads, norm, loss, ntok)
+            self._while_computing()
         lr = float(self.lr_schedule(mx.array(self.state.step, mx.uint64)).item())
         return grads, float(loss.item()), float(norm.item()), int(ntok.item()), lr
+
+    def _device_batches(self, usable: list[tuple[int, Example]]) -> list[tuple[Any, Any, Any]]:
+        """The micro-batches of an effective batch as MLX arrays: (tokens (B, W) int32,
+        spans (B, 2) int32, weights (B,) float32) each, padded as `collate` says."""
+        import mlx.core as mx
+
+        c = self.config
+        examples = [ex for _, ex in usable]
+        out = []
+        for idx in micro_batches(np.arange(len(examples)), c.batch_size):
+            mb = collate([examples[int(i)] for i in idx], c.max_seq_length)
+            out.append((mx.array(mb.tokens), mx.array(mb.spans), mx.array(mb.weights)))
+        return out
+
+    def _while_computing(self) -> None:
+        """Host work done while MLX computes the step just dispatched: the previous step's
+        report (`_flush`) and the next batch (`_look_ahead`), both off the step's critical
+        path (the bare loop of benchmarks/bare_loop.py has neither)."""
+        self._flush()
+        self._ahead = self._look_ahead(self.position + 1)
+
+    def _look_ahead(self, pos: int) -> Any:
+        """(pos, usable examples, device micro-batches) of the batch at data position `pos`,
+        or None where fetching early could differ from fetching in turn: a streaming
+        dataset (reading counts and logs), a position or batch to pass over (logged when
+        passed), or a batch with no usable example (`_next_batch` logs and moves on). The
+        step after uses it only if it starts at `pos` (`_compute_step`)."""
+        plan = self.plan
+        if not self.train_set.in_memory or pos in self.skip_positions:
+            return None
+        if plan.batch_id(pos) in self.skip_batches:
+            return None
+        usable = self._usable(pos)
+        return (pos, usable, self._device_batches(usable)) if usable else None
+
+    def _usable(self, pos: int) -> list[tuple[int, Example]]:
+        """The examples of the batch at data position `pos` that have a target to train on
+        (the first epoch's reads are counted when streaming, worker/data.py)."""
+        plan, c = self.plan, self.config
+        return [
+            (i, ex)
+            for i, ex in self.train_set.fetch(plan.group(pos), count=plan.epoch(pos) == 0)
+            if target_count(len(ex[0]), ex[1], c.max_seq_length) > 0
+        ]
+
+    def _flush(self) -> None:
+        """Report the plain step kept in `_pending` (its metrics, then its progress line).
+
+        A plain step (no evaluation) is reported while the next step computes: `_compute_step`
+        calls this between dispatching the step (`mx.async_eval`) and reading its loss, so
+        the ~0.1-0.2 ms of serialising and sending a metrics line overlaps MLX's work instead
+        of adding to it. Anything that reports or ends first (a checkpoint, an evaluation
+        step, a stop, an injected fault, an exception) flushes before it, so the logs keep
+        the order of a step-by-step run; the metrics themselves (times included) were taken
+        when the step ended.
+        """
+        m, self._pending = self._pending, None
+        if m is not None:
+            self.reporter.step(m)
+            self.reporter.step_done(m.step)
 
     def _keep(self) -> None:
         """Keep the trainable weights and the optimizer state before a fused update: MLX
@@ -415,6 +477,7 @@ class Trainer:
     def save(self, reason: str) -> None:
         import mlx.core as mx
 
+        self._flush()  # the step's own report comes before its checkpoint
         if self.group is not None and not self.group.writes:
             self.last_saved_step = self.state.step  # rank 0 writes the group's checkpoint
             return
@@ -451,7 +514,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> Outcome:
+        """Train until `iters`, a stop, an early stop or a fault; the outcome says which.
+        A step's report still pending when an exception leaves the loop goes out first."""
+        try:
+            return self._loop()
+        finally:
+            self._flush()
 
+    def _loop(self) -> Outcome:
         c, s = self.config, self.state
         self._build_step_functions()
         self.model.train()
@@ -462,6 +532,8 @@ class Trainer:
             if self.controls.stop_requested:
                 return self._stop_gracefully()
             step = s.step + 1
+            if self.injector.due(step):  # the report of the step before goes out first
+                self._flush()
             self.injector.before_step(step)
             tic = time.perf_counter()
             grads, loss, norm, ntok, lr = self._compute_step(step)
@@ -513,7 +585,7 @@ class Trainer:
                 first = False
             active, peak, rss = self._memory(step)
             cache, footprint = self._held_memory()
-            self.reporter.step(
+            metrics = (
                 p.StepMetrics(
                     run_id=self.run_id,
                     attempt=self.attempt,
@@ -537,8 +609,11 @@ class Trainer:
             stop_early = False
             new_best = False
             if step % c.steps_per_eval == 0 or step == c.iters:
+                self.reporter.step(metrics)
                 stop_early, new_best = self._evaluate_and_watch(step)
-            self.reporter.step_done(step)  # the progress line, with this step's evaluation
+                self.reporter.step_done(step)  # the progress line, with this evaluation
+            else:  # reported while the next step computes (or before whatever comes first)
+                self._pending = metrics
             if stop_early:
                 self.save("early_stop")
                 return self.early_stopped()
@@ -616,6 +691,7 @@ class Trainer:
         return where
 
     def _stop_gracefully(self) -> Outcome:
+        self._flush()
         if self.state.step != self.last_saved_step:
             self.save("graceful_stop")
         return Outcome(
