@@ -297,8 +297,7 @@ class Session:
             reporters = []
         if self.telemetry is not None:
             reporters.append(TelemetryReporter(self.telemetry, self.status))
-        board = (tensorboard_reporter(run.root / "tensorboard", c.steps_per_report)
-                 if writes else None)
+        board = tensorboard_reporter(c, run.root / "tensorboard") if writes else None
         if board is not None:
             reporters.append(board)
             log.info("tensorboard_enabled", logdir=str(run.root / "tensorboard"))
