@@ -4,7 +4,8 @@ The loop calls a `Reporter`; it never prints, logs or sends directly. `RunReport
 the structlog events, the per-step metrics file and the progress line; `TelemetryReporter`
 publishes to the supervisor; `TensorBoardReporter` writes scalars (`report_to: tensorboard`,
 ours); `CallbackReporter` feeds mlx_lm's own reporting callbacks (`report_to: wandb,
-swanlab`); `FanOut` combines them. A reporting package is imported only when the run asks. Tests pass a recording fake.
+swanlab`); `FanOut` combines them. A reporting package is imported only when the run asks.
+Tests pass a recording fake.
 """
 
 from __future__ import annotations
