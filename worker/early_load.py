@@ -32,6 +32,7 @@ def load_model(c: Config) -> tuple[Any, Any]:
 
     from worker import model as models
 
+    started = time.monotonic()
     if c.wired_limit:
         mx.set_wired_limit(c.wired_limit)
     else:
@@ -40,6 +41,7 @@ def load_model(c: Config) -> tuple[Any, Any]:
     # Seeded after loading, as mlx_lm lora: the same seed gives the same LoRA weights.
     mx.random.seed(c.seed)
     models.make_trainable(model, c)
+    log.info("model_loaded", seconds=round(time.monotonic() - started, 3))
     return model, tokenizer
 
 
