@@ -272,7 +272,8 @@ def _recovery(rd: Path, sev: list[dict[str, Any]], wev: list[dict[str, Any]], t_
             "spawn": spawned["t"] - restarting["t"],
             "process_start": started["t"] - spawned["t"],
             "worker_checks": loading["t"] - started["t"],
-            "model_load": loaded["t"] - loading["t"],
+            "mlx_lm_imports": float(loaded.get("imports_s", 0.0)),
+            "model_load": loaded["t"] - loading["t"] - float(loaded.get("imports_s", 0.0)),
             "handoff_wait": waited,
             "data_load_and_restore": compiling["t"] - handoff["t"],
         })

@@ -26,7 +26,10 @@ log = structlog.get_logger("worker")
 
 
 def load_model(c: Config) -> tuple[Any, Any]:
-    """(model, tokenizer): the base model with its trainable layers, as the session uses it."""
+    """(model, tokenizer): the base model with its trainable layers, as the session uses it.
+    Logs `model_loaded` with the seconds of MLX's and mlx_lm's imports (transformers: most
+    of them) and of the load itself."""
+    t0 = time.monotonic()
     import mlx.core as mx
     from mlx_lm.utils import maybe_set_recommended_wired_limit
 
@@ -41,7 +44,8 @@ def load_model(c: Config) -> tuple[Any, Any]:
     # Seeded after loading, as mlx_lm lora: the same seed gives the same LoRA weights.
     mx.random.seed(c.seed)
     models.make_trainable(model, c)
-    log.info("model_loaded", seconds=round(time.monotonic() - started, 3))
+    log.info("model_loaded", imports_s=round(started - t0, 3),
+             seconds=round(time.monotonic() - started, 3))
     return model, tokenizer
 
 
