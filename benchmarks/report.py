@@ -152,6 +152,13 @@ def failure_rows(res: Results, r: dict[str, Any]) -> None:
     res.add("4 recovery", f"{w}: checkpoint validation + process start "
             f"({r['checkpoint_bytes'] / 1e6:.1f} MB checkpoint)", _ms(v), "", "", "< 2 s",
             v < 2.0, "backoff end -> worker starts loading the model", kind="recovery")
+    if "restart_overhead_s" in r:
+        o, load = r["restart_overhead_s"], rec.get("model_load", 0.0)
+        res.add("4 recovery", f"{w}: restart overhead (total - backoff "
+                f"{rec['backoff']:.2f} s - first step's compute {r['first_step_compute_s']:.2f} s)",
+                _ms(o), "", "", "<= model load + 2 s", o <= load + 2.0,
+                f"compile {_ms(r['compile_s'])}; checkpoint validation "
+                f"{_ms(r['checkpoint_validation_s'])} alongside the worker's start")
     res.raw["failures"] = r
 
 

@@ -157,7 +157,9 @@ def _first(evs: list[dict[str, Any]], name: str, after: float = 0.0,
 
 def failures(w: Workload, work: Path, openblas: bool, save_every: int,
              heartbeat_timeout: float = 3.0, log: Any = print) -> dict[str, Any]:
-    """SIGKILL -> detection + recovery breakdown; then SIGSTOP -> hang detection."""
+    """SIGKILL -> detection + recovery breakdown (`_recovery`: the critical path, compile
+    apart from the first step's own compute, the restart overhead); then SIGSTOP -> hang
+    detection."""
     from dataclasses import replace
 
     endless = replace(w, save_every=save_every, total_iters=10**6)  # until stopped
@@ -191,49 +193,114 @@ def failures(w: Workload, work: Path, openblas: bool, save_every: int,
     finally:
         if popen.poll() is None:
             popen.send_signal(signal.SIGTERM)
-        proc = wait(popen, t0, out, timeout=300)
+        wait(popen, t0, out, timeout=300)
     sev = events(sup_log)
     wev = events(worker_log)
-    exited = _first(sev, "worker_exited", attempt=1)
-    backoff_end = _first(sev, "state_changed", t_kill, to_state="restarting")
-    validated = _first(sev, "checkpoint_validated", t_kill)
-    spawned = _first(sev, "worker_spawned", t_kill, attempt=2)
-    started = _first(wev, "worker_started", t_kill, attempt=2)
-    loading = _first(wev, "phase_changed", t_kill, attempt=2, phase="loading")
-    compiling = _first(wev, "phase_changed", t_kill, attempt=2, phase="compiling")
-    if None in (exited, backoff_end, validated, spawned, started, loading, compiling):
-        raise RuntimeError(f"{rd}: recovery events missing (supervisor exit {proc.returncode})")
-    assert exited and backoff_end and validated and spawned and started and loading and compiling
-    stored = run_record.load(rd / "run.json")
-    assert stored is not None
-    record = stored.attempts
     result.update({
-        "kill_detection_s": exited["t"] - t_kill,
-        "kill_detection_record_s": record[0].detection_latency_s,
-        "hang_detection_s": hang["t"] - t_stop,
-        "hang_detection_record_s": record[1].detection_latency_s,
-        "recovery": {
-            "detection": exited["t"] - t_kill,
-            "backoff": backoff_end["t"] - exited["t"],
-            "checkpoint_validation": validated["t"] - backoff_end["t"],
-            "spawn": spawned["t"] - validated["t"],
-            "process_start": started["t"] - spawned["t"],
-            "worker_checks": loading["t"] - started["t"],
-            "model_and_data_load": compiling["t"] - loading["t"],
-            "compile_and_first_step": step2["time"] - compiling["t"],
-        },
-        "recovery_total_s": step2["time"] - t_kill,
-        "resumed_from_step": record[1].resumed_from.step if record[1].resumed_from else None,
-        "checkpoint_bytes": _checkpoint_bytes(rd),
+        "kill_detection_s": None, "hang_detection_s": hang["t"] - t_stop,
+        "backoff_configured_s": 1.0,  # supervisor.backoff_initial above
     })
+    result.update(_recovery(rd, sev, wev, t_kill, step2))
+    result["kill_detection_s"] = result["recovery"]["detection"]
+    record = _records(rd)
+    result["kill_detection_record_s"] = record[0].detection_latency_s
+    result["hang_detection_record_s"] = record[1].detection_latency_s
+    result["resumed_from_step"] = record[1].resumed_from.step if record[1].resumed_from else None
+    result["checkpoint_bytes"] = _checkpoint_bytes(rd)
     r = result["recovery"]
-    result["validation_plus_start_s"] = (r["checkpoint_validation"] + r["spawn"]
-                                         + r["process_start"] + r["worker_checks"])
     log(f"  failures {w.name}: SIGKILL noticed in {result['kill_detection_s'] * 1000:.0f} ms, "
         f"SIGSTOP in {result['hang_detection_s']:.2f} s (timeout {heartbeat_timeout:g} s), "
         f"recovery {result['recovery_total_s']:.2f} s = "
-        + ", ".join(f"{k} {v:.2f}" for k, v in r.items()))
+        + ", ".join(f"{k} {v:.2f}" for k, v in r.items())
+        + f"; checkpoint validation {result['checkpoint_validation_s']:.2f} s alongside; "
+        f"restart overhead {result['restart_overhead_s']:.2f} s "
+        f"(= total - backoff - the first step's own compute "
+        f"{result['first_step_compute_s']:.2f} s)")
     return result
+
+
+def _records(rd: Path) -> tuple[AttemptRecord, ...]:
+    stored = run_record.load(rd / "run.json")
+    assert stored is not None
+    return stored.attempts
+
+
+def _recovery(rd: Path, sev: list[dict[str, Any]], wev: list[dict[str, Any]], t_kill: float,
+              step2: dict[str, Any]) -> dict[str, Any]:
+    """SIGKILL -> attempt 2's first step, split along its critical path from the logs.
+
+    The worker starts while the supervisor validates the checkpoint
+    (supervisor/daemon/early_start.py), so validation is reported beside the path, not in
+    it; `handoff_wait` is the part of it the worker waited for (0 when loading took longer).
+    The first step's time (its metrics' step_seconds, from before the batch to the end of
+    its update) is its own compute — the tokens of that batch at the median tokens/s of
+    the run's other steps (first steps excluded) — plus `compile` (mx.compile's traces,
+    worker/train.py) for the rest. restart overhead = total - the configured backoff (the
+    crash policy's delay, supervisor.backoff_initial) - the first step's own compute.
+    """
+    def sup(name: str, **match: Any) -> dict[str, Any]:
+        found = _first(sev, name, t_kill, **match)
+        if found is None:
+            raise RuntimeError(f"{rd}: recovery event {name} {match} missing")
+        return found
+
+    def wrk(name: str, **match: Any) -> dict[str, Any]:
+        found = _first(wev, name, t_kill, attempt=2, **match)
+        if found is None:
+            raise RuntimeError(f"{rd}: worker event {name} {match} missing")
+        return found
+
+    exited = sup("worker_exited", attempt=1)
+    restarting = sup("state_changed", to_state="restarting")
+    validation = sup("checkpoint_validated")
+    early = _first(sev, "worker_started_early", t_kill, attempt=2)
+    spawned = early or sup("worker_spawned", attempt=2)
+    started, loading = wrk("worker_started"), wrk("phase_changed", phase="loading")
+    loaded = _first(wev, "model_loaded", t_kill, attempt=2)
+    handoff = _first(wev, "resume_handoff_received", t_kill, attempt=2)
+    compiling = wrk("phase_changed", phase="compiling")
+    metrics = read_jsonl(rd / "logs" / "metrics.jsonl")
+    firsts = {min(m["step"] for m in metrics if m["attempt"] == a): a
+              for a in {m["attempt"] for m in metrics}}
+    later = [m["tokens_per_sec"] for m in metrics if firsts.get(m["step"]) != m["attempt"]]
+    own = step2["tokens"] / median(later) if later else step2["step_seconds"]
+    compile_s = max(0.0, step2["step_seconds"] - own)
+    path = {"detection": exited["t"] - t_kill, "backoff": restarting["t"] - exited["t"]}
+    if early is not None and loaded is not None and handoff is not None:
+        waited = float(handoff.get("waited_s", 0.0))
+        path.update({
+            "spawn": spawned["t"] - restarting["t"],
+            "process_start": started["t"] - spawned["t"],
+            "worker_checks": loading["t"] - started["t"],
+            "mlx_lm_imports": float(loaded.get("imports_s", 0.0)),
+            "model_load": loaded["t"] - loading["t"] - float(loaded.get("imports_s", 0.0)),
+            "handoff_wait": waited,
+            "data_load_and_restore": compiling["t"] - handoff["t"],
+        })
+    else:  # validated first, then spawned (a group, or before early start)
+        path.update({
+            "checkpoint_validation": validation["t"] - restarting["t"],
+            "spawn": spawned["t"] - validation["t"],
+            "process_start": started["t"] - spawned["t"],
+            "worker_checks": loading["t"] - started["t"],
+            "model_and_data_load": compiling["t"] - loading["t"],
+        })
+    path.update({
+        "first_batch": step2["time"] - compiling["t"] - step2["step_seconds"],
+        "compile": compile_s,
+        "first_step_compute": own,
+    })
+    total = step2["time"] - t_kill
+    return {
+        "recovery": path,
+        "recovery_total_s": total,
+        "checkpoint_validation_s": float(validation.get("seconds", 0.0)),
+        "first_step_compute_s": own,
+        "compile_s": compile_s,
+        "restart_overhead_s": total - path["backoff"] - own,
+        "validation_plus_start_s": path.get("checkpoint_validation", 0.0) + path["spawn"]
+        + path["process_start"] + path["worker_checks"],
+    }
 
 
 def _checkpoint_bytes(rd: Path) -> int:

@@ -189,8 +189,9 @@ class Config:
     test: bool = _f(False, "after training, evaluate test.jsonl (mlx_lm's test pass)")
     test_batches: int = _f(500, "test batches of batch_size examples; -1 = the whole test set")
     report_to: list[str] | None = _f(
-        None, "also report to wandb and/or swanlab ('wandb,swanlab') through mlx_lm's callbacks")
-    project_name: str | None = _f(None, "project name for report_to (mlx_lm's key)")
+        None, "also report to wandb and/or swanlab through mlx_lm's callbacks, and/or to "
+        "TensorBoard (ours: RUN_DIR/tensorboard, needs tensorboardX) ('wandb,tensorboard')")
+    project_name: str | None = _f(None, "project name for wandb/swanlab (mlx_lm's key)")
     clear_cache_threshold: int = _f(
         0, "clear MLX's allocator cache after a step when it holds more than this many bytes "
         "(e.g. 2GB); 0 = never")
@@ -222,7 +223,8 @@ class Config:
 
 
 # Every mlx_lm key is honoured, refused or warned about: shared/mlx_lm_keys.py.
-REPORTERS = ("wandb", "swanlab")  # mlx_lm.tuner.callbacks.SUPPORT_CALLBACK
+MLX_LM_REPORTERS = ("wandb", "swanlab")  # mlx_lm.tuner.callbacks.SUPPORT_CALLBACK (0.32.2)
+REPORTERS = (*MLX_LM_REPORTERS, "tensorboard")  # tensorboard: ours (worker/reporting.py)
 SIZE_KEYS = ("clear_cache_threshold", "wired_limit")
 SCHEDULE_KEYS = ("name", "arguments", "warmup", "warmup_init")  # mlx_lm's build_schedule
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -337,7 +339,8 @@ def _check_ranges(c: Config, source: str) -> None:
     need(c.test_batches == -1 or c.test_batches >= 1 or not c.test, "test_batches",
          "-1 (the whole set) or >= 1 with test: true", c.test_batches)
     for name in c.report_to or []:
-        need(name in REPORTERS, "report_to", f"{' and/or '.join(REPORTERS)} "
+        need(name in REPORTERS, "report_to", f"{', '.join(REPORTERS[:-1])} and/or "
+             f"{REPORTERS[-1]} "
              "(comma-separated, as mlx_lm)", name)
     for key in SIZE_KEYS:
         need(getattr(c, key) >= 0, key, "a size >= 0", getattr(c, key))

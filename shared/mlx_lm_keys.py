@@ -113,8 +113,9 @@ KEYS: dict[str, KeyHandling] = {
     "mask_prompt": KeyHandling("same", "the prompt is not in the loss"),
     "report_to": KeyHandling("same", "wandb and/or swanlab through mlx_lm's own reporting "
                                      "callbacks, with mlx_lm's train and validation fields; "
+                                     "ours too: tensorboard (scalars in RUN_DIR/tensorboard); "
                                      "a package that is not installed is an error at start"),
-    "project_name": KeyHandling("same", "the project for report_to"),
+    "project_name": KeyHandling("same", "the project for report_to's wandb/swanlab"),
     "trust_remote_code": KeyHandling("same", "allow custom model code"),
     # read by mlx_lm's dataset loader, not in CONFIG_DEFAULTS
     "hf_dataset": KeyHandling("refused", "Hugging Face datasets need the network at run time: "

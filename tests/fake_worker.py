@@ -2,7 +2,7 @@
 
     python tests/fake_worker.py train CONFIG --run-dir D --telemetry E --attempt N
         [--resume auto|PATH [--validated SHA256] | --fresh] [--set k=v]... [--lr-scale F]
-        [--skip-steps K] [--skip-batch B]... [--skip-position P]...
+        [--skip-steps K] [--skip-batch B]... [--skip-position P]... [--resume-fd FD]
 
 Same contract as the real worker: telemetry through the worker's own sender
 (worker/telemetry.py: heartbeats from its thread, batched non-blocking sends), StepMetrics per
@@ -45,6 +45,7 @@ from shared.protocol import (
     StepMetrics,
     WorkerStopping,
 )
+from shared.resume_handoff import receive
 from shared.trainer_state import BatchSplit, Best
 from tests.checkpoint_support import trainer_state
 from worker.telemetry import LiveStatus, Telemetry
@@ -163,6 +164,28 @@ class Fake:
                                   path=str(path), seconds=time.time() - t0, bytes=100))
         self.phase = Phase.TRAINING
 
+    def await_resume(self) -> None:
+        """`--resume-fd`: the resume point comes over the pipe, as to the real worker
+        (shared/resume_handoff.py); logs/fake-argv-N.json then holds the equivalent flags."""
+        a = self.args
+        self.log(f"awaiting {os.getpid()} {time.time()}")
+        handoff = receive(a.resume_fd, lambda: self.stop, limit=600)
+        if handoff is None:
+            self.log(f"handoff_closed {os.getpid()} {time.time()}")
+            self.exit(ExitCode.GRACEFUL_STOP, "graceful_stop", "no checkpoint choice")
+            return
+        self.log(f"handoff {os.getpid()} {time.time()} {handoff.resume}")
+        a.resume, a.validated = handoff.resume, handoff.validated
+        a.skip_steps, a.skip_position = handoff.skip_steps, list(handoff.skip_positions)
+        argv = sys.argv[1:]
+        at = argv.index("--resume-fd")
+        argv[at:at + 2] = ["--resume", a.resume, *(["--validated", a.validated]
+                                                   if a.validated else [])]
+        argv += [x for p in a.skip_position for x in ("--skip-position", str(p))]
+        argv += ["--skip-steps", str(a.skip_steps)] if a.skip_steps else []
+        with open(self.run_dir / "logs" / f"fake-argv-{self.attempt}.json", "w") as f:
+            json.dump(argv, f)
+
     def resume(self) -> None:
         a = self.args
         if a.fresh or a.resume in (None, "auto"):
@@ -190,6 +213,8 @@ class Fake:
             self.exit(ExitCode.BAD_CONFIG, "bad_config",
                       f"data: {self.config.data}: directory not found")
         time.sleep(LOAD_SECONDS)
+        if self.args.resume_fd is not None:
+            self.await_resume()
         self.resume()
         if self.args.lr_scale is not None:
             self.lr_scale = self.args.lr_scale
@@ -272,6 +297,7 @@ def main() -> None:
     p.add_argument("--lr-scale", type=float)
     p.add_argument("--skip-steps", type=int, default=0)
     p.add_argument("--validated")
+    p.add_argument("--resume-fd", type=int)
     p.add_argument("--skip-batch", type=int, action="append", default=[])  # accepted, unused
     p.add_argument("--skip-position", type=int, action="append", default=[])  # likewise
     args = p.parse_args()

@@ -63,7 +63,8 @@ def test_refused_values_of_mlx_lm_keys_are_one_line() -> None:
         "train": ({"train": False}, "train: expected true (overnight always trains"),
         "hf_dataset": ({"hf_dataset": {"path": "billsum"}}, "key 'hf_dataset' is not supported"),
         "test_batches": ({"test": True, "test_batches": 0}, "test_batches: expected -1"),
-        "report_to": ({"report_to": "tensorboard"}, "report_to: expected wandb and/or swanlab"),
+        "report_to": ({"report_to": "mlflow"},
+                      "report_to: expected wandb, swanlab and/or tensorboard"),
     }
     for key, (values, message) in cases.items():
         with pytest.raises(ConfigError) as e:

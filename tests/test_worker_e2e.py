@@ -428,11 +428,11 @@ def _tfrecord_events(path: Path) -> list:
     return events
 
 
-def test_tensorboard_scalars_when_tensorboardx_is_installed(tmp_path: Path, tiny_model: Path,
-                                                            corpus: Path) -> None:
+def test_tensorboard_scalars_when_the_run_asks(tmp_path: Path, tiny_model: Path,
+                                               corpus: Path) -> None:
     pytest.importorskip("tensorboardX", reason="the optional tensorboard extra is not installed")
     config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=10, steps_per_eval=5,
-                          steps_per_report=2)
+                          steps_per_report=2, report_to="tensorboard")
     run = tmp_path / "run"
     assert overnight("train", str(config), "--run-dir", str(run)).returncode == 0
     files = list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -158,6 +158,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="never train on batch N of the epoch plan (a data problem)",
     )
     sup.add_argument(
+        "--resume-fd",
+        type=int,
+        metavar="FD",
+        help="load the model, then read where to resume from on this descriptor "
+        "(shared/resume_handoff.py): the supervisor validates the checkpoint meanwhile",
+    )
+    sup.add_argument(
         "--validated",
         metavar="SHA256",
         help="the --resume checkpoint was validated by the supervisor; this is its "

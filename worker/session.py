@@ -38,7 +38,7 @@ from shared.fsutil import disk_full_message, is_disk_full, quiet_unwritable_outp
 from shared.layout import RunDir
 from shared.progress import Progress
 from shared.trainer_state import DataIdentity
-from worker import distributed
+from worker import distributed, early_load
 from worker.finish import finish, make_adapter_dir, mlx_lm_test_pass, test_subset
 from worker.inject import ENV as INJECT_ENV
 from worker.inject import Injector
@@ -189,6 +189,13 @@ class Session:
         cleaned = clean_leftovers(run.checkpoints) if writes else []  # half-done dirs
         if cleaned:
             log.info("checkpoint_leftovers_removed", names=cleaned)
+        preloaded = None
+        if getattr(args, "resume_fd", None) is not None and group is None:
+            self._phase(p.Phase.LOADING)  # while the supervisor validates (worker/early_load.py)
+            preloaded = early_load.load_model(c)
+            if not early_load.await_resume(args, c, lambda: self.controls.stop_requested):
+                return Outcome(ExitCode.GRACEFUL_STOP, "graceful_stop",
+                               "stopped before the supervisor chose a checkpoint")
         chosen, stored = distributed.choose_checkpoint(group, self.args, self.run_dir,
                                                        choose_checkpoint)
         if chosen is not None and stored is not None:
@@ -197,7 +204,8 @@ class Session:
         if self.controls.stop_requested:
             return Outcome(ExitCode.GRACEFUL_STOP, "graceful_stop", "stopped before loading")
 
-        self._phase(p.Phase.LOADING)
+        if preloaded is None:
+            self._phase(p.Phase.LOADING)
         log.info("config_resolved", config=c.to_dict(), config_hash=c.hash())
         from worker.datafiles import load_splits, locate, require_usable
 
@@ -205,22 +213,12 @@ class Session:
         check_report_to(c)
         self._adapter_dir = make_adapter_dir(c) if writes else None
         self._announce_differences(c, files.valid is not None)
-        import mlx.core as mx
-        from mlx_lm.utils import maybe_set_recommended_wired_limit
-
         from worker import model as models
         from worker.batching import fixed_subset, plan_for_resume
         from worker.checkpointing import CheckpointWriter, restore
         from worker.monitors import EarlyStopper, SpikeDetector
 
-        if c.wired_limit:
-            mx.set_wired_limit(c.wired_limit)
-        else:
-            maybe_set_recommended_wired_limit()
-        model, tokenizer = models.load_base(c)
-        # Seeded after loading, as mlx_lm lora: the same seed gives the same LoRA weights.
-        mx.random.seed(c.seed)
-        models.make_trainable(model, c)
+        model, tokenizer = preloaded or early_load.load_model(c)
         if chosen is None and c.resume_adapter_file:
             # mlx_lm's resume_adapter_file: the starting weights of a fresh run (a run with a
             # checkpoint of its own resumes from that instead).
@@ -297,8 +295,7 @@ class Session:
             reporters = []
         if self.telemetry is not None:
             reporters.append(TelemetryReporter(self.telemetry, self.status))
-        board = (tensorboard_reporter(run.root / "tensorboard", c.steps_per_report)
-                 if writes else None)
+        board = tensorboard_reporter(c, run.root / "tensorboard") if writes else None
         if board is not None:
             reporters.append(board)
             log.info("tensorboard_enabled", logdir=str(run.root / "tensorboard"))

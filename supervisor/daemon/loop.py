@@ -137,6 +137,14 @@ class Supervisor:
         match action:
             case Spawn():
                 self.restart_at = None
+                try:  # the worker imports and loads while the checkpoint is validated
+                    token = self.runner.start_early()
+                except OSError as e:
+                    self.log.error("worker_spawn_failed", error=str(e))
+                    self.dispatch(SpawnFailed(str(e)))
+                    return
+                if token is not None:
+                    self.gate.expect(token)
                 self.log.info("checkpoint_validation_started")
                 self.choice = self.background(self.runner.chooser(), self.wake)
                 self._check_choice()
@@ -169,6 +177,7 @@ class Supervisor:
             return
         self.choice = None
         if self.state not in (State.STARTING, State.RESTARTING):
+            self.runner.abandon_early()
             return  # stopped meanwhile
         try:
             choice = job.result()
@@ -412,6 +421,7 @@ class Supervisor:
                 if wake_fd in ready:
                     _drain(wakeup.reader)
                 self._tick()
+        self.runner.abandon_early()  # a start that was still being prepared
         self.wake = lambda: None
         return self.state
 

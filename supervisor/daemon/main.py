@@ -275,6 +275,7 @@ def _stop_orphan(proc: psutil.Process, stop_timeout: float, log: Any) -> None:
 
 def _emergency_stop(runner: AttemptRunner, stop_timeout: float, log: Any) -> None:
     """The supervisor itself failed: do not leave the worker behind."""
+    runner.abandon_early()
     attempt = runner.attempt
     if attempt is None or attempt.poll() is not None:
         return

@@ -31,10 +31,11 @@ from supervisor.daemon import ending
 from supervisor.daemon.attempt import Attempt
 from supervisor.daemon.checkpoint_choice import Choice, choose
 from supervisor.daemon.diskspace import POLL_SECONDS, WAITING_LOG_EVERY, SpaceWatch
+from supervisor.daemon.early_start import EarlyWorker, start_early
 from supervisor.daemon.group import GroupProcess, group_end, group_fields
 from supervisor.daemon.policy import Decision, Policy, Settings
 from supervisor.daemon.record import RecordKeeper, now_iso
-from supervisor.daemon.spawn import Spawner
+from supervisor.daemon.spawn import PopenSpawner, Spawner
 from supervisor.daemon.state import AlreadyComplete, State, Verdict
 from supervisor.daemon.telemetry_gate import new_token
 from supervisor.daemon.worker_command import worker_argv, worker_env
@@ -73,6 +74,7 @@ class AttemptRunner:
             if a.classification is FailureClass.METAL_RESOURCE_LIMIT:  # the recycle point
                 policy.note_resource_limit(max(1, a.end_step - a.start_step))
         self.attempt: Attempt | None = None  # the attempt that runs (None between attempts)
+        self.early: EarlyWorker | None = None  # started, its checkpoint not yet chosen
         self.pending: Decision | None = None  # the decision that asked for the next attempt
         self.prev_end_at: float | None = None
         self.progress_dirty = False
@@ -86,9 +88,36 @@ class AttemptRunner:
         before = self.pending.rollback_before if self.pending is not None else None
         return lambda: choose(self.run.checkpoints, before)
 
+    def start_early(self) -> str | None:
+        """Start the next attempt's worker now, before its checkpoint is chosen
+        (supervisor/daemon/early_start.py); its telemetry token, or None when this run's
+        workers start only once the choice is made (a group; a test spawner). OSError when
+        the process cannot be started."""
+        if not isinstance(self.spawner, PopenSpawner) or self.config.distributed.enabled:
+            return None
+        n = len(self.record.attempts) + 1
+        argv = worker_argv(self.command, self.config_path, self.run, n, self.record.run_id,
+                           None, self.settings, self.base_settings, 0, handoff=True)
+        token = new_token()
+        self.early = start_early(self.spawner, argv, worker_env(self.env, token),
+                                 self.run.attempt_output(n), n, token)
+        self.log.info("worker_started_early", attempt=n, worker_pid=self.early.proc.pid,
+                      argv=self.early.argv)
+        return token
+
+    def abandon_early(self) -> None:
+        """The early worker's start is not wanted after all (a stop while validating, the
+        supervisor leaving): close its pipe and stop it (blocking, stop_timeout at most)."""
+        early, self.early = self.early, None
+        if early is not None:
+            how = early.abandon(self.opts.stop_timeout)
+            self.log.info("worker_start_abandoned", attempt=early.attempt,
+                          worker_pid=early.proc.pid, how=how.value)
+
     def start(self, choice: Choice, now: float) -> tuple[int, int]:
-        """Apply the checkpoint choice, spawn the next attempt; returns (attempt, pid).
-        OSError when the process cannot be started."""
+        """Apply the checkpoint choice, then tell the early worker where to resume from, or
+        spawn the next attempt; returns (attempt, pid). OSError when the process cannot be
+        started."""
         for info, reason in (*choice.invalid, *choice.set_aside):
             self._quarantine(info, reason)
         found = choice.found
@@ -107,12 +136,22 @@ class AttemptRunner:
         if pending is not None and pending.bad_until >= 0:  # the worker named no position
             skip = max(1, pending.bad_until - start_step)
         n = len(self.record.attempts) + 1
+        # The command line, or (an early worker) what it is equivalent to: the one to start
+        # this attempt again by hand, recorded in run.json.
         argv = worker_argv(self.command, self.config_path, self.run, n, self.record.run_id,
                            found, self.settings, self.base_settings, skip, ahead)
+        early, self.early = self.early, None
+        if early is not None:  # started while the checkpoint was validated: tell it
+            handoff = early.tell(found, skip, ahead)
+            output, token, proc = early.output, early.token, early.proc
+            self.log.info("resume_handoff_sent", attempt=n, worker_pid=proc.pid,
+                          resume=handoff.resume, skip_steps=handoff.skip_steps,
+                          skip_positions=list(handoff.skip_positions))
+        else:
+            output = self.run.attempt_output(n)
+            token = new_token()  # in the environment only: argv is logged and world-readable
+            proc = self.spawner.spawn(argv, worker_env(self.env, token), output)
         skip += len(ahead)
-        output = self.run.attempt_output(n)
-        token = new_token()  # in the environment only: argv is logged and world-readable
-        proc = self.spawner.spawn(argv, worker_env(self.env, token), output)
         lr_scale = float(self.settings.lr_scale or (state.lr_scale if state else None) or 1.0)
         self.attempt = Attempt(n, proc, output, now, start_step, lr_scale, self.opts, token)
         self.attempt.resumed_from = found[0].path if found is not None else None

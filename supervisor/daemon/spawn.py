@@ -175,7 +175,10 @@ class PopenSpawner:
         self.pass_fds = tuple(pass_fds)
         self.orphan_grace = max(0.0, min(stop_timeout, ORPHAN_GRACE))
 
-    def spawn(self, argv: Sequence[str], env: dict[str, str], output: Path) -> WorkerProcess:
+    def spawn(self, argv: Sequence[str], env: dict[str, str], output: Path,
+              extra_fds: Sequence[int] = ()) -> WorkerProcess:
+        """Start `argv`; `extra_fds` stay open in it too (the resume handoff's read end:
+        supervisor/daemon/early_start.py)."""
         output.parent.mkdir(parents=True, exist_ok=True)
         out = open(output, "ab")  # noqa: SIM115 - closed by PopenWorker.poll
         preexec: Callable[[], None] | None = (
@@ -186,7 +189,7 @@ class PopenSpawner:
             popen = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 env=env, start_new_session=True, preexec_fn=preexec, close_fds=True,
-                pass_fds=self.pass_fds,
+                pass_fds=(*self.pass_fds, *extra_fds),
             )
         except BaseException:
             out.close()

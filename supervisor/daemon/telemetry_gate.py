@@ -22,6 +22,8 @@ every local user can read) and stamped by the worker on every message
   step, a stopping message's first_bad_step not beyond its step + 1 (the failing step is
   the one the worker was computing).
 
+A message of a worker started before its attempt began (early_start.py: its checkpoint is
+being validated) is early: ignored and counted apart, not rejected (`expect`).
 A message with the token of an attempt that has ended is late (its worker's last words,
 arriving after the exit was handled): ignored and counted apart, not rejected. Everything
 else is rejected: counted, with the first reason kept, and ignored. The loop logs
@@ -104,6 +106,8 @@ class TelemetryGate:
     def __init__(self) -> None:
         self.current: AttemptTelemetry | None = None
         self.ended: set[str] = set()  # tokens of attempts that have ended
+        self.expected: set[str] = set()  # tokens of workers started early, not yet attempts
+        self.early = 0
         self.accepted = 0
         self.late = 0
         self.rejected = 0
@@ -114,7 +118,14 @@ class TelemetryGate:
               rank_pids: tuple[int, ...] = ()) -> None:
         """An attempt started with `token`; its worker is `pid` (a group: `rank_pids`)."""
         self.end()
+        self.expected.discard(token)
         self.current = AttemptTelemetry(attempt, pid, token, total_steps, rank_pids=rank_pids)
+
+    def expect(self, token: str) -> None:
+        """A worker was started with `token` before its attempt began (its checkpoint is
+        being validated: supervisor/daemon/early_start.py): its messages until `begin` are
+        early — ignored and counted apart, not rejected."""
+        self.expected.add(token)
 
     def end(self) -> None:
         """The running attempt ended: its stragglers are late, not rejected."""
@@ -137,6 +148,9 @@ class TelemetryGate:
             return True
         if token in self.ended:
             self.late += 1
+            return False
+        if token in self.expected:
+            self.early += 1
             return False
         what = "no token" if not token else "a token of no attempt"
         running = f"attempt {current.attempt}" if current is not None else "no attempt"

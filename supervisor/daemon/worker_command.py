@@ -5,6 +5,10 @@
         [--set batch_size=2 ...] [--lr-scale 0.5] [--skip-batch B ...]
         [--skip-position P ...] [--skip-steps K]
 
+A worker started before its checkpoint is chosen gets `--resume-fd FD` instead of `--resume`,
+`--skip-steps` and `--skip-position`, and those facts later over the pipe FD
+(shared/resume_handoff.py, supervisor/daemon/early_start.py).
+
 `--validated`: the sha256 of the manifest the supervisor validated (the worker re-checks only
 that); `--resume auto` when no checkpoint is valid (every one was quarantined, so the worker
 starts from scratch; not --fresh, which would move the run's history aside). `--set` carries
@@ -37,11 +41,16 @@ def worker_argv(
     command: list[str], config_path: Path, run: RunDir, attempt: int, run_id: str,
     resume: tuple[CheckpointInfo, Validation] | None, settings: Settings,
     base_settings: Settings, skip_steps: int, skip_positions: Sequence[int] = (),
+    handoff: bool = False,
 ) -> list[str]:
+    """The argv; `handoff`: no `--resume` (nor skips): the resume point is told later over
+    a pipe (`--resume-fd`, added by supervisor/daemon/early_start.py)."""
     argv = [*command, "train", str(config_path), "--run-dir", str(run.root),
             "--telemetry", run.telemetry_endpoint, "--attempt", str(attempt),
             "--run-id", run_id]
-    if resume is not None:
+    if handoff:
+        pass
+    elif resume is not None:
         info, validation = resume
         argv += ["--resume", str(info.path), "--validated", validation.manifest_sha256]
     else:
