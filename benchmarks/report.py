@@ -158,7 +158,9 @@ def failure_rows(res: Results, r: dict[str, Any]) -> None:
                 f"{rec['backoff']:.2f} s - first step's compute {r['first_step_compute_s']:.2f} s)",
                 _ms(o), "", "", "<= model load + 2 s", o <= load + 2.0,
                 f"compile {_ms(r['compile_s'])}; checkpoint validation "
-                f"{_ms(r['checkpoint_validation_s'])} alongside the worker's start")
+                f"{_ms(r['checkpoint_validation_s'])} alongside the worker's start"
+                + ("; the worker started and loaded during the backoff"
+                   if r.get("started_during_backoff") else ""), kind="recovery")
     res.raw["failures"] = r
 
 

@@ -230,8 +230,11 @@ def _recovery(rd: Path, sev: list[dict[str, Any]], wev: list[dict[str, Any]], t_
     """SIGKILL -> attempt 2's first step, split along its critical path from the logs.
 
     The worker starts while the supervisor validates the checkpoint
-    (supervisor/daemon/early_start.py), so validation is reported beside the path, not in
-    it; `handoff_wait` is the part of it the worker waited for (0 when loading took longer).
+    (supervisor/daemon/early_start.py) — after a crash already when the backoff starts
+    (supervisor/daemon/loop.py), so its start and model load run alongside the backoff and
+    `spawn` counts from the attempt's end — and validation is reported beside the path, not
+    in it; `handoff_wait` is what the loaded worker waited for its checkpoint choice (the
+    rest of the backoff, then validation; 0 when loading took longer).
     The first step's time (its metrics' step_seconds, from before the batch to the end of
     its update) is its own compute — the tokens of that batch at the median tokens/s of
     the run's other steps (first steps excluded) — plus `compile` (mx.compile's traces,
@@ -266,10 +269,11 @@ def _recovery(rd: Path, sev: list[dict[str, Any]], wev: list[dict[str, Any]], t_
     own = step2["tokens"] / median(later) if later else step2["step_seconds"]
     compile_s = max(0.0, step2["step_seconds"] - own)
     path = {"detection": exited["t"] - t_kill, "backoff": restarting["t"] - exited["t"]}
+    during_backoff = early is not None and early["t"] < restarting["t"]
     if early is not None and loaded is not None and handoff is not None:
         waited = float(handoff.get("waited_s", 0.0))
-        path.update({
-            "spawn": spawned["t"] - restarting["t"],
+        path.update({  # started at the backoff's start (a crash), or at its end (validating)
+            "spawn": spawned["t"] - (exited["t"] if during_backoff else restarting["t"]),
             "process_start": started["t"] - spawned["t"],
             "worker_checks": loading["t"] - started["t"],
             "mlx_lm_imports": float(loaded.get("imports_s", 0.0)),
@@ -298,6 +302,7 @@ def _recovery(rd: Path, sev: list[dict[str, Any]], wev: list[dict[str, Any]], t_
         "first_step_compute_s": own,
         "compile_s": compile_s,
         "restart_overhead_s": total - path["backoff"] - own,
+        "started_during_backoff": during_backoff,
         "validation_plus_start_s": path.get("checkpoint_validation", 0.0) + path["spawn"]
         + path["process_start"] + path["worker_checks"],
     }

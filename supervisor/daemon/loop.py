@@ -39,6 +39,7 @@ import zmq
 
 from shared import config as config_mod
 from shared.errors import OvernightError, ProtocolError
+from shared.exitcodes import FailureClass
 from shared.protocol import Message, decode_all
 from supervisor.daemon import group_watch, memory, sdnotify, watch
 from supervisor.daemon.checkpoint_choice import Background, Job, ThreadJob
@@ -79,6 +80,15 @@ MAX_TELEMETRY_PER_PASS = 1000  # messages taken in per pass (the rest wait for t
 RECORD_EVERY = 2.0  # seconds between progress-only record writes
 WATCHDOG_DEFAULT = 10.0  # seconds between WATCHDOG=1 when systemd gives no interval
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# The next worker starts at the beginning of a backoff of at most this many seconds (and at
+# most half of startup_timeout, which bounds its wait for the checkpoint choice) ...
+BACKOFF_EARLY_START_MAX_S = 60.0
+# ... after these ends only: none whose backoff waits for memory, heat, Metal, disk or power.
+EARLY_START_AFTER = frozenset({
+    FailureClass.CRASH, FailureClass.HANG, FailureClass.STALL, FailureClass.PLANNED_RESTART,
+    FailureClass.NON_FINITE, FailureClass.GRAD_SPIKE, FailureClass.CHECKPOINT_REFUSED,
+    FailureClass.MACHINE_RESTARTED,
+})
 
 
 class Supervisor:
@@ -137,14 +147,15 @@ class Supervisor:
         match action:
             case Spawn():
                 self.restart_at = None
-                try:  # the worker imports and loads while the checkpoint is validated
-                    token = self.runner.start_early()
-                except OSError as e:
-                    self.log.error("worker_spawn_failed", error=str(e))
-                    self.dispatch(SpawnFailed(str(e)))
-                    return
-                if token is not None:
-                    self.gate.expect(token)
+                if self.runner.early is None:  # not already started during the backoff
+                    try:  # the worker imports and loads while the checkpoint is validated
+                        token = self.runner.start_early()
+                    except OSError as e:
+                        self.log.error("worker_spawn_failed", error=str(e))
+                        self.dispatch(SpawnFailed(str(e)))
+                        return
+                    if token is not None:
+                        self.gate.expect(token)
                 self.log.info("checkpoint_validation_started")
                 self.choice = self.background(self.runner.chooser(), self.wake)
                 self._check_choice()
@@ -163,12 +174,34 @@ class Supervisor:
             case ScheduleRestart(delay=delay):
                 self.restart_at = now + delay
                 self.log.info("restart_scheduled", delay_s=round(delay, 3))
+                self._start_during_backoff(delay)
             case Finish(reason=reason):
                 self.final_reason = reason
                 self.record.set_state(self.state, reason)
                 self.log.info("run_ended", state=self.state.value, reason=reason,
                               final_step=self.record.record.final_step,
                               telemetry_rejected=self.gate.rejected)
+
+    def _start_during_backoff(self, delay: float) -> None:
+        """Start the next attempt's worker now, at the start of the backoff, so its imports
+        and model load (seconds: ~2-5 s for SmolLM2-135M here) overlap the delay instead of
+        following it; it waits for its checkpoint choice (validated when the backoff ends)
+        over its pipe (supervisor/daemon/early_start.py), bounded by startup_timeout.
+        Not after an end whose backoff is a wait for something the new worker would compete
+        with or could not use (EARLY_START_AFTER excludes memory, the GPU watchdog's
+        cool-down, Metal's buffer limit, a full disk, a battery pause), nor for a delay too
+        long to keep a loaded model idle (BACKOFF_EARLY_START_MAX_S)."""
+        last = self.record.attempts[-1] if self.record.attempts else None
+        if (delay > BACKOFF_EARLY_START_MAX_S or delay * 2 > self.opts.startup_timeout
+                or last is None or last.classification not in EARLY_START_AFTER):
+            return
+        try:
+            token = self.runner.start_early()
+        except OSError as e:  # tried again, and reported, when the backoff ends
+            self.log.warning("worker_early_start_failed", error=str(e))
+            return
+        if token is not None:
+            self.gate.expect(token)
 
     def _check_choice(self) -> None:
         """Once the checkpoint validation is done: spawn the worker (if still wanted)."""
@@ -313,6 +346,7 @@ class Supervisor:
                 wait = self.power.wait(now)  # paused on battery: on AC again?
             if wait is not None:
                 self.restart_at = now + wait
+                self.runner.abandon_early()  # waiting for room or power: no idle worker
             else:
                 self.dispatch(BackoffElapsed())
 
