@@ -38,6 +38,7 @@ from typing import Any
 import zmq
 
 from shared import config as config_mod
+from shared import step_columns
 from shared.errors import OvernightError, ProtocolError
 from shared.protocol import Message, decode_all
 from supervisor.daemon import group_watch, memory, sdnotify, watch
@@ -217,6 +218,18 @@ class Supervisor:
                              last_reason=self.gate.last_reason)
 
     def _on_telemetry(self, raw: bytes) -> None:
+        # A flush's steps (most of what arrives) are read and believed column by column
+        # (shared/step_columns.py); the rest, a group's, an attempt's first steps (they move
+        # it to training) and anything that reader is unsure of go message by message.
+        batch = step_columns.parse(raw)
+        attempt = self.runner.attempt
+        if batch is not None and self.state is not State.STARTING and (
+                attempt is None or attempt.group is None):
+            rows = self.gate.admit_steps(batch)
+            if rows and attempt is not None and attempt.view.attempt == batch.attempt:
+                attempt.view.update_steps(batch, rows, self.clock())
+                self.runner.on_message(batch.row(rows[-1]))  # the record: the last one
+            return
         try:
             messages = decode_all(raw)  # a flush's steps come folded: each as its own
         except ProtocolError as e:
