@@ -153,8 +153,8 @@ def _floats(values: Sequence[object]) -> tuple[float, ...] | None:
     out: list[float] = []
     for v in values:
         number = type(v) is float or type(v) is int
-        if not (number and -_FLOAT_BOUND < v < _FLOAT_BOUND  # type: ignore[operator]
-                or type(v) is str and v in NON_FINITE):
+        if not ((number and -_FLOAT_BOUND < v < _FLOAT_BOUND)  # type: ignore[operator]
+                or (type(v) is str and v in NON_FINITE)):
             return None
         out.append(float(v))  # type: ignore[arg-type]
     return tuple(out)
