@@ -8,7 +8,11 @@ graceful stop, and the checkpoint validation that precedes every start runs in a
 (supervisor/daemon/checkpoint_choice.py) that wakes the loop when it is done. The poll
 timeout (at most 0.5 s) bounds the reaction to timers and is the fallback if a wake-up is
 missed; every pass sends the systemd watchdog when it is due (WATCHDOG_SEC in
-supervisor/service/systemd.py says what that guarantees). Attempts are run by
+supervisor/service/systemd.py says what that guarantees). After taking telemetry in, the
+loop leaves the telemetry socket out of its poll for up to TELEMETRY_EVERY (0.25 s), so one
+wake-up takes in several of the worker's 50 ms flushes; the metrics batches among them are
+read and believed column by column (shared/step_columns.py) and go into the run record once
+a pass. Attempts are run by
 supervisor/daemon/runner.py. The clock, the service-manager notifier and the way background
 work runs are constructor arguments, so tests replay histories with fakes.
 
