@@ -234,3 +234,17 @@ def test_one_wake_up_takes_in_several_flushes(rig) -> None:  # noqa: F811
     assert final.is_final and steps == [96] and sup.gate.rejected == 0  # the run's iters: 100
     assert sup.gate.accepted == 1 + 96
     assert ticks[0] <= 12, f"{ticks[0]} passes for 25 messages in ~1.5 s"
+
+
+def test_the_intake_benchmark_measures_both_paths() -> None:
+    """benchmarks/intake_cost.py (part 2 of benchmarks/run.py) runs the real loop both ways
+    and finds no rejection; at 50 steps a message the column path is the cheaper one."""
+    from benchmarks import intake_cost
+
+    r = intake_cost.measure(messages=20, repeats=1)
+    assert sorted(r["rows"]) == [1, 7, 50]
+    fifty = r["rows"][50]["whole_per_step"]
+    assert 0 < fifty["after"] < fifty["before"]
+    assert set(r["loop"]) == {"idle pass (_tick, nothing waiting)",
+                              "memory sample (psutil, every sample_interval)",
+                              "progress write of run.json (every 2 s)"}
