@@ -17,12 +17,11 @@ not sure of — any parse error (orjson refuses what the standard library may ac
 byte-order mark, UTF-16, lone surrogates), a number of 2**63 or more in magnitude (orjson
 reads an integer literal past 64 bits as a float or an unsigned int, where the wire refuses
 it; a float that large is legal but rare), a missing, extra or wrongly typed field, a row
-count outside
-1..MAX_BATCH_STEPS, another message type — returns None, and the caller decodes the message
-the one general way (`protocol.decode`), which accepts it or raises the ProtocolError
-naming the problem. So a hostile batch is refused exactly as before, with the same reason;
-tests/test_step_columns.py holds the two ways to the same answer on valid and perturbed
-batches (Hypothesis).
+count outside 1..MAX_BATCH_STEPS, another message type — returns None, and the caller
+decodes the message the one general way (`protocol.decode`), which accepts it or raises
+the ProtocolError naming the problem. So a hostile batch is refused exactly as before,
+with the same reason; tests/test_step_columns.py holds the two ways to the same answer on
+valid and perturbed batches (Hypothesis).
 """
 
 from __future__ import annotations
