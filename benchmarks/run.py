@@ -21,6 +21,7 @@ skipped with the reason.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,8 +40,10 @@ from benchmarks import (
     fixtures,
     growth,
     host_costs,
+    intake_cost,
     report,
     supervision,
+    supervisor_cpu,
     telemetry_cost,
 )
 from benchmarks.common import ROOT, Results, machine_description, openblas_available
@@ -60,6 +63,7 @@ class Context:
         self.blas = openblas_available()
         self._smol: tuple[dict[str, Path], str] | None = None
         self.comparisons: dict[str, Any] = {}
+        self.before: Path | None = None  # --before: another checkout's supervisor (part 2)
 
     def tiny(self, n_train: int = 256) -> Workload:
         return Workload("tiny", fixtures.tiny_model(self.work),
@@ -170,8 +174,14 @@ def part_telemetry(ctx: Context, res: Results) -> None:
 
 
 def part_supervision(ctx: Context, res: Results) -> None:
-    r = supervision.overhead(ctx.tiny(1024), ctx.work / "sup-tiny", 2 if ctx.quick else 3,
-                             ctx.blas, ctx.log)
+    intake_cost.rows(res, intake_cost.measure(150 if ctx.quick else 300))
+    trees = {"before": ctx.before, "after": ROOT} if ctx.before else {"after": ROOT}
+    supervisor_cpu.rows(res, supervisor_cpu.paced(trees, ctx.work / "sup-paced",
+                                                  seconds=10 if ctx.quick else 20,
+                                                  reps=1 if ctx.quick else 3, log=ctx.log))
+    tiny = dataclasses.replace(ctx.tiny(1024), total_iters=supervision.CPU_EPOCHS * 256 + 1)
+    r = supervision.overhead(tiny, ctx.work / "sup-tiny", 2 if ctx.quick else 3,
+                             ctx.blas, ctx.log, before=ctx.before)
     report.supervision_rows(res, r)
     w = ctx.smol_workload("f32") if ctx.smollm2()[0] else None
     if w is not None:
@@ -213,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path,
                     help="write the markdown here (default: benchmarks/results.md for a full "
                          "run of every part, nowhere otherwise)")
+    ap.add_argument("--before", type=Path,
+                    help="another checkout (e.g. an export of main): the supervision part "
+                         "runs its supervisor too, interleaved, for before/after CPU figures")
     args = ap.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = [p for p in parts if p not in RUNNERS]
@@ -226,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.monotonic() - t0:6.1f}s] {msg}", flush=True)
 
     ctx = Context(args.quick, work.resolve(), log)
+    ctx.before = args.before.resolve() if args.before else None
     res = Results()
     res.raw["machine"] = machine_description()
     res.raw["mode"] = "quick" if args.quick else "full"

@@ -2,7 +2,11 @@
 
 - overhead: the same run under `overnight run` and as `overnight train` alone, interleaved;
   second-epoch time as in part 1 (throughput.py), plus the supervisor process's RSS and CPU
-  (psutil, sampled every 0.1 s) while its worker trains that epoch;
+  (its own user + system CPU times, all threads, psutil, sampled every 0.1 s) from the end
+  of the first epoch to the last step: the tiny run trains 6 epochs (`CPU_EPOCHS`) so that
+  window is ~10 s at > 100 steps/s, not the one ~2 s epoch whose 10 ms CPU-time ticks
+  (/proc) made 1% of a core a count of two. `before=TREE` adds supervised runs of another
+  checkout's supervisor (and worker), interleaved, for a before/after CPU figure;
 - failures: one supervised run (short backoff and heartbeat timeout). After the first
   checkpoint the worker gets SIGKILL: detection latency = the supervisor's `worker_exited`
   log time minus the kill time (same clock); recovery = kill -> first training step of
@@ -72,10 +76,14 @@ class ProcessSampler:
         return peak, (cb - ca) / (tb - ta) if tb > ta else float("nan")
 
 
-def run_supervised(w: Workload, work: Path, openblas: bool, tag: str,
+CPU_EPOCHS = 6  # a tiny supervised run's epochs: the CPU window is epochs 2..6
+
+
+def run_supervised(w: Workload, work: Path, openblas: bool, tag: str, tree: Path | None = None,
                    **sections: Any) -> tuple[Sample, dict[str, float]]:
-    """`overnight run` on a fresh run dir; the supervisor itself runs without the preload
-    (supervisor.openblas decides for its worker)."""
+    """`overnight run` on a fresh run dir (`tree`: another checkout's code, else this one);
+    the supervisor itself runs without the preload (supervisor.openblas decides for its
+    worker)."""
     work.mkdir(parents=True, exist_ok=True)
     sup = {"openblas": "auto" if openblas else "false", "sample_interval": 1.0,
            **sections.pop("supervisor", {})}
@@ -83,8 +91,11 @@ def run_supervised(w: Workload, work: Path, openblas: bool, tag: str,
     rd = work / f"run-{tag}"
     shutil.rmtree(rd, ignore_errors=True)
     out = work / f"supervised-{tag}.log"
+    env = child_env(False)
+    if tree is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(tree), env["PYTHONPATH"]])
     t0 = time.monotonic()
-    popen = start([*OVERNIGHT, "run", str(config), "--run-dir", str(rd)], child_env(False), out)
+    popen = start([*OVERNIGHT, "run", str(config), "--run-dir", str(rd)], env, out, cwd=tree)
     sampler = ProcessSampler(popen.pid)
     proc = wait(popen, t0, out).check()
     sampler.stop()
@@ -92,36 +103,50 @@ def run_supervised(w: Workload, work: Path, openblas: bool, tag: str,
     worker = list(record.attempts) if record is not None else []
     metrics = {m["step"]: m for m in read_jsonl(rd / "logs" / "metrics.jsonl")}
     e = w.steps_per_epoch
-    peak, cpu = sampler.between(metrics[e]["time"], metrics[2 * e]["time"])
+    peak, cpu = sampler.between(metrics[e]["time"], metrics[max(metrics)]["time"])
+    window_steps_per_s = (max(metrics) - e) / (metrics[max(metrics)]["time"] - metrics[e]["time"])
     # The worker's peak RSS is not in wait4's answer for the supervisor alone: use the
     # supervisor's own samples for it and metrics.jsonl (rss_mb per step) for the worker.
     s = ours_sample(w, rd, proc.wall_s, max(m["rss_mb"] for m in metrics.values()))
     return s, {"supervisor_peak_rss_mb": peak, "supervisor_cpu_fraction": cpu,
-               "attempts": len(worker)}
+               "attempts": len(worker), "window_steps_per_s": window_steps_per_s}
 
 
 def overhead(w: Workload, work: Path, reps: int, openblas: bool,
-             log: Any = print) -> dict[str, Any]:
+             log: Any = print, before: Path | None = None) -> dict[str, Any]:
     alone: list[float] = []
     supervised: list[float] = []
     sup_rss: list[float] = []
     sup_cpu: list[float] = []
+    rates: list[float] = []
+    cpu_before: list[float] = []
+    modes = ["alone", "supervised", *(["before"] if before is not None else [])]
     for r in range(reps):
-        for mode in ("alone", "supervised") if r % 2 == 0 else ("supervised", "alone"):
+        for mode in modes if r % 2 == 0 else modes[::-1]:
             if mode == "alone":
                 s = run_ours(w, work / "alone", openblas, f"{r}")
                 alone.append(s.epoch_s)
+            elif mode == "before":
+                s, info = run_supervised(w, work / "before", openblas, f"{r}", tree=before)
+                cpu_before.append(info["supervisor_cpu_fraction"])
             else:
                 s, info = run_supervised(w, work / "supervised", openblas, f"{r}")
                 supervised.append(s.epoch_s)
                 sup_rss.append(info["supervisor_peak_rss_mb"])
                 sup_cpu.append(info["supervisor_cpu_fraction"])
-            log(f"  {w.name} {mode:10s} rep {r + 1}/{reps}: epoch {s.epoch_s:.3f} s")
+                rates.append(info["window_steps_per_s"])
+            cpu = f", supervisor {info['supervisor_cpu_fraction'] * 100:.2f}% of a core at " \
+                  f"{info['window_steps_per_s']:.0f} steps/s" if mode != "alone" else ""
+            log(f"  {w.name} {mode:10s} rep {r + 1}/{reps}: epoch {s.epoch_s:.3f} s{cpu}")
     out = {"workload": w.name, "alone_epoch_s": alone, "supervised_epoch_s": supervised,
            "throughput_loss": 1 - median(alone) / median(supervised),
            "noise": max(noise(alone), noise(supervised)),
            "supervisor_peak_rss_mb": max(sup_rss), "supervisor_cpu_fraction": median(sup_cpu),
+           "supervisor_cpu_runs": sup_cpu, "cpu_window_steps_per_s": median(rates),
            "steps_per_s": w.steps_per_epoch / median(supervised)}
+    if cpu_before:
+        out["supervisor_cpu_fraction_before"] = median(cpu_before)
+        out["supervisor_cpu_runs_before"] = cpu_before
     log(f"  supervision {w.name}: throughput loss {out['throughput_loss'] * 100:+.1f}%, "
         f"supervisor RSS {out['supervisor_peak_rss_mb']:.1f} MB, CPU "
         f"{out['supervisor_cpu_fraction'] * 100:.2f}% of a core")

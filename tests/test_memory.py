@@ -80,3 +80,42 @@ def test_messages_of_other_attempts_are_ignored_and_metrics_count_tokens():
                     peak_mb=6.0, rss_mb=7.0)
     assert v.accepts(m) and v.update(m, 1.0)
     assert (v.step, v.tokens_per_sec, v.first_step_at) == (11, 100.0, 1.0)
+
+
+def test_the_worker_tree_is_walked_again_every_30_s_not_every_sample(tmp_path):
+    """psutil's children() reads every process's /proc entry: the worker's children are found
+    again every 30 s (memory.py CHILDREN_EVERY), the ones known read in between; a child that
+    exits stops counting at once."""
+    import subprocess
+    import sys
+    import time as clock
+
+    code = ("import subprocess, sys, time\n"
+            "child = None\n"
+            "for line in sys.stdin:\n"
+            "    if line.startswith('spawn'):\n"
+            "        child = subprocess.Popen([sys.executable, '-c',\n"
+            "            'b = bytearray(200 * 2**20); import time; time.sleep(60)'])\n"
+            "    elif child is not None:\n"
+            "        child.kill(); child.wait()\n"
+            "    print('ok', flush=True)\n")
+    worker = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        alone = memory.sample(worker.pid, 1000.0, 1, 0.0)
+        worker.stdin.write("spawn\n")
+        worker.stdin.flush()
+        assert worker.stdout.readline() == "ok\n"
+        clock.sleep(1.0)  # the child allocates its 200 MB
+        soon = memory.sample(worker.pid, 1029.0, 1, 0.0)  # 29 s later: the tree as it was
+        later = memory.sample(worker.pid, 1030.0, 1, 0.0)  # 30 s: found again
+        assert alone is not None and soon is not None and later is not None
+        assert soon.rss_mb < alone.rss_mb + 50 and later.rss_mb > alone.rss_mb + 150
+        worker.stdin.write("kill\n")
+        worker.stdin.flush()
+        assert worker.stdout.readline() == "ok\n"
+        gone = memory.sample(worker.pid, 1031.0, 1, 0.0)
+        assert gone is not None and gone.rss_mb < alone.rss_mb + 50
+    finally:
+        worker.kill()
+        worker.wait()

@@ -33,6 +33,7 @@ rejections (`telemetry_rejected`, rate-limited) and reports the count in `overni
 from __future__ import annotations
 
 import hmac
+import itertools
 import secrets
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ from shared.protocol import (
     StepMetrics,
     WorkerStopping,
 )
+from shared.step_columns import StepColumns
 
 TELEMETRY_TYPES = (Heartbeat, StepMetrics, EvalResult, CheckpointSaved, WorkerStopping)
 
@@ -83,11 +85,9 @@ class AttemptTelemetry:
                         f"1..{self.total_steps} (the run's iters)")
         step = msg.step  # type: ignore[union-attr]
         total = msg.total_steps if isinstance(msg, Heartbeat) else self.total_steps
-        if not 0 <= step <= total:
-            return f"{kind}: step {step} outside 0..{total} (total steps)"
-        last = self.last.get((type(msg), rank))
-        if last is not None and step < last:
-            return f"{kind}: step {step} after step {last} (steps only move forward)"
+        why = _step_reason(kind, step, total, self.last.get((type(msg), rank)))
+        if why is not None:
+            return why
         if isinstance(msg, EvalResult) and msg.best_step > step:
             return f"eval: best_step {msg.best_step} after its step {step}"
         # The failing step is the one being computed: one past the last finished step.
@@ -156,12 +156,67 @@ class TelemetryGate:
         running = f"attempt {current.attempt}" if current is not None else "no attempt"
         return self.reject(f"{type(msg).__name__} with {what} ({running} running)")
 
-    def reject(self, reason: str) -> bool:
-        """Count a message not believed (also one that did not decode); returns False."""
-        self.rejected += 1
+    def admit_steps(self, batch: StepColumns) -> list[int]:
+        """The rows of a metrics batch to believe (their indices, in order): each row is
+        judged exactly as `admit` judges the StepMetrics it stands for, and counted the same
+        (per row: accepted, late or rejected) — with the envelope's checks (token, attempt,
+        rank) made once and the per-row ones on the step column alone."""
+        n = len(batch.step)
+        current = self.current
+        if current is None or not _same(batch.token, current.token):
+            if batch.token in self.ended:
+                self.late += n
+                return []
+            what = "no token" if not batch.token else "a token of no attempt"
+            running = f"attempt {current.attempt}" if current is not None else "no attempt"
+            self.reject(f"StepMetrics with {what} ({running} running)", n)
+            return []
+        if batch.attempt != current.attempt:
+            self.reject(f"StepMetrics: attempt {batch.attempt} with the token of attempt "
+                        f"{current.attempt}", n)
+            return []
+        ranks = max(1, len(current.rank_pids))
+        if not 0 <= batch.rank < ranks:
+            self.reject(f"StepMetrics: rank {batch.rank}, the group has {ranks}", n)
+            return []
+        key, total = (StepMetrics, batch.rank), current.total_steps
+        last = current.last.get(key)
+        steps = batch.step
+        if (last is None or steps[0] >= last) and steps[0] >= 0 and steps[-1] <= total \
+                and all(a <= b for a, b in itertools.pairwise(steps)):
+            believed = list(range(n))  # the common case: every step in order and in range
+            last = steps[-1]
+        else:
+            believed = []
+            for i, step in enumerate(steps):
+                why = _step_reason("StepMetrics", step, total, last)
+                if why is None:
+                    believed.append(i)
+                    last = step
+                else:
+                    self.reject(why)
+        if believed:
+            current.last[key] = last  # type: ignore[assignment]
+            self.accepted += len(believed)
+        return believed
+
+    def reject(self, reason: str, count: int = 1) -> bool:
+        """Count `count` messages not believed (also one that did not decode) for `reason`;
+        returns False."""
+        self.rejected += count
         self.first_reason = self.first_reason or reason
         self.last_reason = reason
         return False
+
+
+def _step_reason(kind: str, step: int, total: int, last: int | None) -> str | None:
+    """Why a message's step is not believable (outside 0..total, or behind the last
+    believed step of its kind), or None."""
+    if not 0 <= step <= total:
+        return f"{kind}: step {step} outside 0..{total} (total steps)"
+    if last is not None and step < last:
+        return f"{kind}: step {step} after step {last} (steps only move forward)"
+    return None
 
 
 def _same(a: str, b: str) -> bool:

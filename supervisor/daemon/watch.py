@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from shared.config import SupervisorOptions
 from shared.protocol import CheckpointSaved, EvalResult, Heartbeat, Message, Phase, StepMetrics
+from shared.step_columns import StepColumns
 
 STARTUP_PHASES = frozenset({Phase.STARTING, Phase.LOADING, Phase.COMPILING})
 
@@ -90,6 +91,23 @@ class AttemptView:
         else:
             self.stopping = msg
         return progressed
+
+    def update_steps(self, batch: StepColumns, rows: list[int], now: float) -> None:
+        """Fold in the believed `rows` of a metrics batch (indices, in order, not empty):
+        the same view as `update` with each row's StepMetrics in turn (sums added in the
+        same order, the maxima over every row, the last row's readings)."""
+        self.last_seen = now
+        tokens, seconds, peak = self.tokens, self.step_seconds, self.peak_mlx_mb
+        for i in rows:
+            tokens += batch.tokens[i]
+            seconds += batch.step_seconds[i]
+            peak = max(peak, batch.peak_mb[i], batch.active_mb[i])
+        last = rows[-1]
+        self.tokens, self.step_seconds, self.peak_mlx_mb = tokens, seconds, peak
+        self.last_loss = batch.loss[last]
+        self.active_mb = batch.active_mb[last]
+        self.cache_mb, self.footprint_mb = batch.cache_mb[last], batch.footprint_mb[last]
+        self._step(batch.step[last], now)  # the believed steps never go back
 
     def _step(self, step: int, now: float) -> bool:
         if step > self.step:
