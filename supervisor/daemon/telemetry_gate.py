@@ -167,6 +167,9 @@ class TelemetryGate:
             if batch.token in self.ended:
                 self.late += n
                 return []
+            if batch.token in self.expected:  # as `admit`: a worker started early
+                self.early += n
+                return []
             what = "no token" if not batch.token else "a token of no attempt"
             running = f"attempt {current.attempt}" if current is not None else "no attempt"
             self.reject(f"StepMetrics with {what} ({running} running)", n)
