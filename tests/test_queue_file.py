@@ -155,3 +155,18 @@ def test_a_deadline_in_the_past_is_one_line_not_an_empty_night(tmp_path):
         "overnight run: --until: 2020-01-01T00:00 is in the past; nothing would run "
         "(give a later date and time, or a clock time HH:MM: the next one)"]
     assert queue_file.load(q).night is None
+
+
+def test_a_key_swept_twice_or_also_set_is_one_line():
+    """`--sweep lr=1e-5 --sweep lr=2e-5` made ONE job with both settings (the last won), and
+    `--sweep k=8 --set k=4` a job whose --set was silently overridden."""
+    from shared.errors import ConfigError
+    from supervisor.queue.jobs import expand
+
+    with pytest.raises(ConfigError, match=r"^--sweep learning_rate: swept twice; give its "
+                                          r"values in one --sweep \(KEY=V1,V2,\.\.\.\)$"):
+        expand([], ["learning_rate=1e-5", "learning_rate=2e-5"])
+    with pytest.raises(ConfigError, match=r"^--sweep lora_parameters.rank: also given with "
+                                          r"--set; one of them$"):
+        expand(["lora_parameters.rank=4"], ["lora_parameters.rank=8,16"])
+    assert len(expand([], ["learning_rate=1e-5,2e-5", "seed=1,2"])) == 4
