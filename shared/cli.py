@@ -22,7 +22,7 @@ import importlib
 import os
 import signal
 import sys
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from shared.errors import OvernightError
 from shared.exitcodes import ExitCode
@@ -60,6 +60,14 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(int(ExitCode.BAD_CONFIG), f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # the innermost (sub)parser left with arguments it does not know is the one whose
+        # name and --help the error gives (`overnight run: unrecognized arguments: ...`)
+        ns, extra = super().parse_known_args(args, namespace)
+        if extra and not hasattr(ns, "_unknown_to"):
+            ns._unknown_to = self
+        return ns, extra
 
 
 # The worker's own commands: what `python -m worker` offers.
@@ -126,7 +134,9 @@ def _silence_output() -> None:
 def _dispatch(argv: list[str], commands: Commands) -> int:
     command = _command_in(argv, commands)
     parser = build_parser(command or "", commands)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(args, "_unknown_to", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     module = importlib.import_module(args._module)
     entry = getattr(module, f"main_{args._command.replace('-', '_')}", None) or module.main
     try:

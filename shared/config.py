@@ -356,6 +356,23 @@ def _check_ranges(c: Config, source: str) -> None:
          c.grad_spike.patience)
     need(0 < c.supervisor.lr_backoff <= 1, "supervisor.lr_backoff", "0 < x <= 1",
          c.supervisor.lr_backoff)
+    # a negative or zero timeout would call every worker hung at once (a night of restarts
+    # that ends "the same failure twice"), a negative budget would give up before trying
+    s = c.supervisor
+    for key in ("heartbeat_timeout", "startup_timeout", "stop_timeout", "failure_window",
+                "sample_interval", "power_poll_interval"):
+        need(getattr(s, key) > 0, f"supervisor.{key}", "a number > 0", getattr(s, key))
+    need(s.stall_timeout >= 0, "supervisor.stall_timeout", "a number >= 0 (0 = off)",
+         s.stall_timeout)
+    for key in ("backoff_initial", "backoff_max", "memory_limit_mb", "memory_growth",
+                "min_available_mb", "gpu_watchdog_cooldown"):
+        need(getattr(s, key) >= 0, f"supervisor.{key}", "a number >= 0", getattr(s, key))
+    for key in ("max_failures", "memory_growth_samples"):
+        need(getattr(s, key) >= 1, f"supervisor.{key}", "an integer >= 1", getattr(s, key))
+    for key in ("max_rollbacks", "progress_reset_steps", "memory_warmup_steps"):
+        need(getattr(s, key) >= 0, f"supervisor.{key}", "an integer >= 0", getattr(s, key))
+    need(0 <= s.pause_below_charge <= 100, "supervisor.pause_below_charge",
+         "a percentage 0..100 (0 = off)", s.pause_below_charge)
     if c.lr_schedule is not None:
         need(isinstance(c.lr_schedule.get("name"), str), "lr_schedule.name",
              "a mlx.optimizers schedule name", c.lr_schedule.get("name"))

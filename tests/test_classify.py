@@ -80,3 +80,19 @@ def test_details_carry_the_evidence():
 def test_bad_config_without_telemetry_takes_the_message_from_stderr():
     c = classify(ExitFacts(78, stderr_tail="overnight train: c.yaml: data: dir not found\n"))
     assert c.failure is F.BAD_CONFIG and c.detail == "overnight train: c.yaml: data: dir not found"
+
+
+@pytest.mark.parametrize("routine", [
+    "Training: 50% | step 50/100 | loss=3.03 | loss_avg=4.02 | val=2.91 (best 2.91)",
+    "2026-11-30T14:58:31.871109Z [info     ] data_loaded                    path=d/valid.jsonl",
+    "  - loss: token mean over target tokens, padding never counted [always]",
+])
+def test_a_killed_workers_routine_last_line_is_not_its_detail(routine):
+    """SIGKILL (the chaos campaign's worker_kill, a killed rank) leaves no error line: the
+    detail used to end with whatever was printed last (a progress bar, an info log line, a
+    bullet of the mlx_lm-differences block), in run.json, the report and recovery_decision."""
+    c = classify(ExitFacts(KILL, stderr_tail=f"something\n{routine}\n"))
+    assert c.failure is F.CRASH and c.detail == "killed by SIGKILL"
+    segv = classify(ExitFacts(SEGV, stderr_tail=f"{routine}\nFatal Python error: Segmentation "
+                                                "fault\n"))
+    assert segv.detail == "killed by SIGSEGV: Fatal Python error: Segmentation fault"

@@ -214,3 +214,15 @@ def test_train_whose_progress_line_reader_has_gone(tmp_path, tiny_model, corpus)
     logged = [json.loads(line) for line in (run_dir / "logs" / "worker.jsonl").open()]
     closed = [e for e in logged if e["event"] == "output_closed"]
     assert len(closed) == 1 and closed[0]["step"] == 2
+
+
+@pytest.mark.parametrize("command", ["run", "status", "queue list"])
+def test_an_unknown_option_names_the_command_and_its_help(tmp_path, command):
+    """`overnight run x.yaml --iters 5` (a train flag): the subcommand's own name and help,
+    not the top-level parser's."""
+    args = command.split() if " " in command else [command, str(tmp_path / "x.yaml")]
+    done = cli(*args, "--iters", "5")
+    assert done.returncode == BAD_CONFIG
+    assert done.stderr.splitlines() == [
+        f"overnight {command}: unrecognized arguments: --iters 5 "
+        f"(see overnight {command} --help)"]

@@ -89,6 +89,14 @@ def test_command_line_beats_file_beats_defaults() -> None:
                                       "'full'], got 'qlora'"),
         ({"hf_dataset": {"path": "x"}}, "key 'hf_dataset' is not supported"),
         ({"supervisor": {"lr_backoff": 2}}, "supervisor.lr_backoff: expected 0 < x <= 1"),
+        ({"supervisor": {"heartbeat_timeout": -3}},
+         "supervisor.heartbeat_timeout: expected a number > 0, got -3"),
+        ({"supervisor": {"stall_timeout": -1}},
+         "supervisor.stall_timeout: expected a number >= 0 (0 = off), got -1"),
+        ({"supervisor": {"max_failures": 0}},
+         "supervisor.max_failures: expected an integer >= 1, got 0"),
+        ({"supervisor": {"backoff_initial": -5}},
+         "supervisor.backoff_initial: expected a number >= 0, got -5"),
     ],
 )
 def test_bad_values_name_the_key(values: dict, message: str) -> None:

@@ -141,3 +141,32 @@ def test_overnight_services_shows_an_installed_queue_by_its_jobs(tmp_path):
     q = tmp_path / "q"
     assert overnight("queue", "add", str(config), "--queue", str(q)).returncode == 0
     assert run_state(q) == "queue: 1 queued"
+
+
+def test_a_deadline_in_the_past_is_one_line_not_an_empty_night(tmp_path):
+    """`--until 2026-11-29T07:00` (yesterday's date by mistake) used to start a night that
+    ended at once, every job still queued, exit 0."""
+    config = write_config(tmp_path)
+    q = tmp_path / "q"
+    assert overnight("queue", "add", str(config), "--queue", str(q)).returncode == 0
+    done = overnight("run", "--queue", str(q), "--until", "2020-01-01T00:00")
+    assert done.returncode == 78, done.stderr
+    assert done.stderr.splitlines() == [
+        "overnight run: --until: 2020-01-01T00:00 is in the past; nothing would run "
+        "(give a later date and time, or a clock time HH:MM: the next one)"]
+    assert queue_file.load(q).night is None
+
+
+def test_a_key_swept_twice_or_also_set_is_one_line():
+    """`--sweep lr=1e-5 --sweep lr=2e-5` made ONE job with both settings (the last won), and
+    `--sweep k=8 --set k=4` a job whose --set was silently overridden."""
+    from shared.errors import ConfigError
+    from supervisor.queue.jobs import expand
+
+    with pytest.raises(ConfigError, match=r"^--sweep learning_rate: swept twice; give its "
+                                          r"values in one --sweep \(KEY=V1,V2,\.\.\.\)$"):
+        expand([], ["learning_rate=1e-5", "learning_rate=2e-5"])
+    with pytest.raises(ConfigError, match=r"^--sweep lora_parameters.rank: also given with "
+                                          r"--set; one of them$"):
+        expand(["lora_parameters.rank=4"], ["lora_parameters.rank=8,16"])
+    assert len(expand([], ["learning_rate=1e-5,2e-5", "seed=1,2"])) == 4

@@ -67,3 +67,12 @@ def test_the_picture_shades_heat_and_the_pause_and_marks_restart_and_recycle(nig
     assert {"worker recycle @292", "battery pause @320", "machine restart @352",
             "Metal resource limit @120"} <= marks
     plt.close(fig)
+
+
+def test_status_of_a_best_value_without_its_checkpoint_prints_no_none(night):
+    """run.json's best_checkpoint.path is null when no checkpoint of that step is on disk
+    (an evaluation before its checkpoint, or a night recorded on another machine)."""
+    done = overnight("status", str(night), env=subprocess_env(TZ="UTC"), timeout=60)
+    assert done.returncode == 0, done.stderr
+    best = [line for line in done.stdout.splitlines() if line.startswith("best ")]
+    assert best == ["best     step 400  val_loss 1.742  (no checkpoint of that step on disk)"]

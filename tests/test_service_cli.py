@@ -454,3 +454,14 @@ def test_real_cli_bad_config_is_one_line_without_traceback(env: Env) -> None:
     done = run_real_cli(env, "install", "missing.yaml", "--dry-run", "--platform", "systemd")
     assert done.returncode == ExitCode.BAD_CONFIG
     assert done.stderr.count("\n") == 1 and "config file not found" in done.stderr
+
+
+def test_the_units_pythonpath_is_the_checkout_that_holds_the_package() -> None:
+    """A source checkout's unit runs `python -m supervisor.cli` from the user's workdir: its
+    PYTHONPATH must be the directory holding `supervisor/`, not `supervisor/` itself."""
+    from supervisor.service.commands import default_environment
+
+    environment = default_environment(sys.executable, {"PATH": "/usr/bin"})
+    if "PYTHONPATH" in environment:
+        assert (Path(environment["PYTHONPATH"]) / "supervisor" / "cli.py").is_file()
+        assert Path(environment["PYTHONPATH"]) == REPO

@@ -213,7 +213,13 @@ def _near_limit(f: ExitFacts) -> bool:
     return f.available_fraction < LOW_AVAILABLE
 
 
+# What a worker prints while all is well: its progress line, an info log line, a bullet of
+# the mlx_lm-differences block. A killed worker's last line is often one of them: no evidence.
+_ROUTINE = re.compile(r"^(Training: \d|\d{4}-\d\d-\d\dT\S+ \[(debug|info)\s*\]|- )")
+
+
 def _last_error_line(text: str) -> str:
-    """The most telling line of a traceback or abort message: the last non-empty one."""
+    """The most telling line of a traceback or abort message: the last non-empty one ("" when
+    that is routine output, not an error)."""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
+    return lines[-1][:300] if lines and not _ROUTINE.match(lines[-1]) else ""

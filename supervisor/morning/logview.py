@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
+from shared import run_record
 from shared.errors import ConfigError
 from shared.layout import RunDir
 from supervisor.morning.runlogs import (
@@ -240,6 +241,8 @@ def main(args: argparse.Namespace) -> int:
     run_dir = resolve_run_dir(args.run_dir, "logs")
     if args.lines is not None and args.lines < 0:
         raise ConfigError(f"--lines: expected a number >= 0, got {args.lines}")
+    if args.attempt is not None:
+        _check_attempt(run_dir, args.attempt, args.follow)
     filt = Filter(
         min_level=LEVELS.index(args.level),
         since=parse_since(args.since, time.time()) if args.since else -math.inf,
@@ -284,6 +287,20 @@ def main(args: argparse.Namespace) -> int:
         print(f"overnight logs: {run_dir}: no logs yet (logs/ does not exist)", file=sys.stderr)
     problems.report(sys.stderr)
     return 0
+
+
+def _check_attempt(run_dir: Path, n: int, follow: bool) -> None:
+    """ConfigError for an attempt the run's record does not have (with -f, a later one may
+    still come)."""
+    try:
+        record = run_record.load(run_dir / "run.json")
+    except Exception:  # an unreadable record: the logs still tell what they hold
+        return
+    count = len(record.attempts) if record is not None else None
+    if n < 1 or (count is not None and n > count and not follow):
+        have = (f"has attempts 1 to {count}" if count else "has no attempts yet"
+                ) if count is not None else "numbers its attempts from 1"
+        raise ConfigError(f"--attempt {n}: {run_dir} {have}")
 
 
 def _follow(ts: list[Tail], filt: Filter, track: AttemptTracker, emit: Any,

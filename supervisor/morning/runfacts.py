@@ -89,9 +89,15 @@ def _attempt(a: AttemptRecord) -> Attempt:
         downtime_s=a.downtime_s, settings=a.settings, settings_changed=a.settings_changed,
         lr_scale=a.lr_scale, skip_steps=a.skip_steps, tokens_per_sec=a.tokens_per_sec_avg,
         peak_mlx_mb=a.peak_mlx_mb, peak_rss_mb=a.peak_rss_mb, stderr_tail=a.stderr_tail,
-        log=a.log, bad_data=a.bad_data.lines if a.bad_data is not None else "",
+        log=_failed_rank_log(a), bad_data=a.bad_data.lines if a.bad_data is not None else "",
         injected=a.injected,
     )
+
+
+def _failed_rank_log(a: AttemptRecord) -> str:
+    """The log whose end stderr_tail is: the failed rank's (a group), else the attempt's."""
+    rank = next((r for r in a.ranks if r.rank == a.failed_rank), None)
+    return f"logs/{rank.log}" if rank is not None and rank.log else a.log
 
 
 @dataclass

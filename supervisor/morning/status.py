@@ -196,7 +196,8 @@ def _checkpoints_and_settings(s: RunStatus | RunRecord) -> list[str]:
         lines.append(f"latest   step {s.latest_checkpoint.step}  {s.latest_checkpoint.path}")
     if s.best_checkpoint is not None:
         best = s.best_checkpoint
-        lines.append(f"best     step {best.step}  val_loss {best.val_loss:.3f}  {best.path}")
+        where = best.path or "(no checkpoint of that step on disk)"  # run.json's null
+        lines.append(f"best     step {best.step}  val_loss {best.val_loss:.3f}  {where}")
     if s.overrides:
         lines.append(f"settings {json.dumps(s.overrides, sort_keys=True)}")
     return lines

@@ -55,6 +55,7 @@ def expand(sets: list[str], sweeps: list[str]) -> list[tuple[str, list[str]]]:
     """[(name suffix, ["key=value", ...])]: one per combination of the sweeps (one with no
     suffix when there are none); ConfigError for a sweep without key or values."""
     axes: list[list[tuple[str, str]]] = []
+    set_keys = {s.partition("=")[0].strip() for s in sets}
     for sweep in sweeps:
         key, sep, text = sweep.partition("=")
         key = key.strip()
@@ -63,6 +64,12 @@ def expand(sets: list[str], sweeps: list[str]) -> list[tuple[str, list[str]]]:
             raise ConfigError(f"--sweep: expected KEY=V1,V2,..., got {sweep!r}")
         if len(set(values)) != len(values):
             raise ConfigError(f"--sweep {key}: a value is given twice in {text!r}")
+        # the same key twice would make one job holding both values (the last one wins)
+        if any(k == key for axis in axes for k, _ in axis[:1]):
+            raise ConfigError(f"--sweep {key}: swept twice; give its values in one --sweep "
+                              "(KEY=V1,V2,...)")
+        if key in set_keys:
+            raise ConfigError(f"--sweep {key}: also given with --set; one of them")
         axes.append([(key, v) for v in values])
     combos: list[tuple[str, list[str]]] = []
     for combo in itertools.product(*axes):

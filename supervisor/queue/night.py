@@ -125,7 +125,12 @@ def main(args: argparse.Namespace, queue_dir: Path) -> int:
     queue_file.load(queue_dir)  # an unreadable queue.json: one line now
     until_text = args.until or settings.until
     if until_text:
-        settings_mod.deadline(until_text, datetime.now())  # ConfigError: one line
+        now = datetime.now()
+        what = "--until" if args.until else f"{queue_dir / 'queue.yaml'}: until"
+        if settings_mod.deadline(until_text, now, what) <= now:  # ConfigError: one line
+            raise ConfigError(
+                f"{what}: {until_text} is in the past; nothing would run (give a later date "
+                "and time, or a clock time HH:MM: the next one)")
     (queue_dir / "logs").mkdir(parents=True, exist_ok=True)
     lock = RunLock(queue_dir / "runner.lock", Role.SUPERVISOR)
     try:

@@ -137,7 +137,7 @@ def default_environment(python: str, env: Mapping[str, str]) -> dict[str, str]:
     result = {"PATH": os.pathsep.join(path)}
     if sys.prefix != sys.base_prefix:
         result["VIRTUAL_ENV"] = sys.prefix
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: supervisor/service/ is 2 deep
     site = {Path(sysconfig.get_paths()[k]).resolve() for k in ("purelib", "platlib")}
     if root not in site:
         result["PYTHONPATH"] = str(root)
