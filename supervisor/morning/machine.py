@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from shared.run_record import Detection
 from supervisor.morning.facts import Attempt, RunFacts
@@ -60,13 +59,18 @@ class MachineNight:
 
 def read(facts: RunFacts) -> MachineNight:
     """What the supervisor recorded about the machine during the run in `facts`."""
-    night = MachineNight(recycles=[a for a in facts.attempts
-                                   if a.detected_by is Detection.RECYCLE])
-    if not facts.supervised:
+    return read_dir(facts.run_dir, facts.supervised, facts.attempts)
+
+
+def read_dir(run_dir: Path, supervised: bool, attempts: list[Attempt]) -> MachineNight:
+    """What the supervisor recorded about the machine in `run_dir` (nothing without a
+    supervisor), `attempts`: the run's."""
+    night = MachineNight(recycles=[a for a in attempts if a.detected_by is Detection.RECYCLE])
+    if not supervised:
         return night
     pause: tuple[float, str] | None = None
     hot: tuple[float, str] | None = None
-    for line in read_run_logs(facts.run_dir, sources=("supervisor",)):
+    for line in read_run_logs(run_dir, sources=("supervisor",)):
         d, t, ev = line.data, line.time, line.event
         if math.isnan(t):
             continue
@@ -92,15 +96,13 @@ def read(facts: RunFacts) -> MachineNight:
 
 
 def _slowdown(facts: RunFacts, p: Period) -> str:
-    """"steps took 2.9× as long as outside it" from the step times in logs/metrics.jsonl."""
-    end = p.end if p.end is not None else math.inf
-    t, s = facts.metrics.col("time"), facts.metrics.col("step_seconds")
-    ok = np.isfinite(t) & np.isfinite(s) & (s > 0)
-    within = (t >= p.start) & (t <= end)
-    inside, outside = s[ok & within], s[ok & ~within]
-    if not len(inside) or not len(outside):
+    """"steps took 2.9× as long as outside it" from the step times in logs/metrics.jsonl:
+    the medians inside and outside the stretch (metrics_summary.Median)."""
+    medians = facts.metrics.slow.get((p.start, p.end))
+    inside, outside = (medians[0].value(), medians[1].value()) if medians else (None, None)
+    if inside is None or outside is None:
         return ""
-    ratio = float(np.median(inside)) / float(np.median(outside))
+    ratio = inside / outside
     return f"; its steps took {ratio:.1f}× as long as the others"
 
 
