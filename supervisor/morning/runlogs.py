@@ -182,8 +182,8 @@ def _offset_at(f: Any, since: float) -> int:
         return 0
 
 
-def _last_time(path: Path) -> float:
-    """The time of the last timed line of a (rotated, complete) log; inf when unknown."""
+def last_time(path: Path) -> float:
+    """The time of the last timed line (in its last 64 KiB) of a log; inf when unknown."""
     for raw in reversed(tail_lines(path, 65536)):
         obj = parse_line(raw.decode("utf-8", "replace"))
         t = parse_time(obj.get("timestamp")) if obj else math.nan
@@ -220,7 +220,7 @@ class Tail:
         and the part of the live file before it (found by bisection on the timestamps of
         the lines; SINCE_SLACK_S of slack for lines written out of order)."""
         for backup in rotated_files(self.path):
-            if backup != self.path and _last_time(backup) >= since - SINCE_SLACK_S:
+            if backup != self.path and last_time(backup) >= since - SINCE_SLACK_S:
                 yield from self._whole_file(backup)
         self._open()
         if self.handle is not None and since > -math.inf:
