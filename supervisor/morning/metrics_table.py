@@ -36,7 +36,7 @@ import orjson
 
 from supervisor.morning.runlogs import parse_line
 
-CHUNK_BYTES = 2 << 20  # ~5k lines a piece: their transient dicts stay ~10 MB
+CHUNK_BYTES = 1 << 20  # ~2.5k lines a piece: their transient dicts stay ~5 MB
 INT_COLUMNS = {"step": -1, "attempt": 0}  # name -> the value of a line that does not say
 # The fields kept (shared.protocol.StepMetrics); int columns first. A field added to the
 # metrics line is added here to reach the report.

@@ -142,6 +142,7 @@ def rotated_files(path: Path) -> list[Path]:
 
 
 SINCE_SLACK_S = 300.0
+DRAIN_BYTES = 256 << 10  # a live log is read this much at a time
 BISECT_STOP_BYTES = 64 << 10
 
 
@@ -266,17 +267,22 @@ class Tail:
             yield from self._drain(final)
 
     def _drain(self, final: bool) -> Iterator[LogLine]:
-        data = self.partial + self.handle.read()
-        lines = data.split(b"\n")
-        self.partial = lines.pop()
-        if final and self.partial:
-            lines.append(self.partial)
-            self.partial = b""
-        for raw in lines:
-            self.lineno += 1
-            line = self._decode(raw, f"{self.path.name}:{self.lineno}")
-            if line is not None:
-                yield line
+        """The lines up to the end of the file, read DRAIN_BYTES at a time (a 1M-step
+        night's worker log is ~100 MB: its lines are never all in memory at once)."""
+        while True:
+            block = self.handle.read(DRAIN_BYTES)
+            lines = (self.partial + block).split(b"\n") if block else []
+            if lines:
+                self.partial = lines.pop()
+            elif final and self.partial:
+                lines, self.partial = [self.partial], b""
+            for raw in lines:
+                self.lineno += 1
+                line = self._decode(raw, f"{self.path.name}:{self.lineno}")
+                if line is not None:
+                    yield line
+            if not block:
+                return
 
     def _decode(self, raw: bytes, where: str) -> LogLine | None:
         with contextlib.suppress(orjson.JSONDecodeError):  # the common case, without decoding
