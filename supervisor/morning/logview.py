@@ -49,6 +49,7 @@ from supervisor.morning.runlogs import (
     LogLine,
     Problems,
     Tail,
+    first_time,
     is_relayed,
     key,
     last_time,
@@ -293,14 +294,15 @@ def main(args: argparse.Namespace) -> int:
 
 def last_lines(ts: list[Tail], filt: Filter, n: int, final: bool = True) -> list[LogLine]:
     """The last `n` lines of the logs `filt` accepts (no --attempt), read from the end: the
-    lines of the last minute (Tail.initial's `since`: a bisection, not a scan), then of 16
+    lines of the last minute (Tail.initial's `since`: a bisection, not a scan), then of 4
     times as long, ... until n of them are recent enough or the whole log is read — so
     `logs -f -n 20` on a 1M-step night reads its last few hundred lines, not 100 MB."""
     newest = max((last_time(t.path) for t in ts), default=math.inf)
+    oldest = min((first_time(t.path) for t in ts), default=-math.inf)
     window = 60.0
     while True:
         since = newest - window
-        if not math.isfinite(since) or since <= filt.since:
+        if not math.isfinite(since) or since <= max(filt.since, oldest):
             since = filt.since  # everything the filter lets through
         shown: deque[LogLine] = deque(maxlen=n)
         recent = 0
@@ -310,7 +312,7 @@ def last_lines(ts: list[Tail], filt: Filter, n: int, final: bool = True) -> list
                 recent += line.time >= since
         if since == filt.since or recent >= n:
             return list(shown)
-        window *= 16
+        window *= 4
 
 
 def _follow(ts: list[Tail], filt: Filter, track: AttemptTracker, emit: Any,

@@ -1,23 +1,24 @@
-"""logs/metrics.jsonl as columns: one numpy array per numeric field, read in bounded chunks.
+"""logs/metrics.jsonl as columns: one numpy array per numeric field, read in bounded pieces.
 
 A 100k-step night writes ~40 MB of metrics.jsonl, a 1M-step one ~400 MB (one line per step,
 shared.protocol.StepMetrics). Read as a list of dicts that is ~2.8 KB of Python objects per
-step (1M steps: ~3 GB, ~25 s); read here, it is 8 bytes per column per step (1M steps of 12
-columns: ~96 MB) and a few seconds:
+step (1M steps: ~3 GB, ~25 s); here a piece at a time:
 
 - the file is read in CHUNK_BYTES pieces and each line parsed with orjson (~3x faster than
   the standard library here: 0.32 s against 0.76-1.2 s per 100k lines); a line orjson
   refuses (a torn line, NaN tokens of an old file, a hostile one) goes to
   `runlogs.parse_line`, which recovers a line whose start was cut off and bounds nesting
   (shared/strictjson.py);
-- each of COLUMNS becomes a float64 column (NaN where a line lacks it or has null/a string
-  there), in file order; `step` and `attempt` are int64 with -1 / 0 for "not said". When a
-  piece's lines all carry every column as a number (what the worker writes) the columns come
-  from one C pass (`operator.itemgetter` + one array); otherwise field by field. Strings are
-  not kept, except the last line's `run_id`.
+- each of COLUMNS becomes a float64 column of the piece (NaN where a line lacks it or has
+  null/a string there), in file order; `step` and `attempt` are int64 with -1 / 0 for "not
+  said". When a piece's lines all carry every column as a number (what the worker writes)
+  the columns come from one C pass (`operator.itemgetter` + one array); otherwise field by
+  field. Strings are not kept, except the last line's `run_id`.
 
-The morning's consumers (report_numbers.py, report_plot.py, runfacts.py, machine.py, the
-queue's comparison) use the columns.
+The morning's commands fold the pieces into fixed-size state as they come
+(`pieces` -> supervisor/morning/metrics_summary.py: memory flat however long the night);
+`read` joins them into a whole-file `MetricsTable` (8 bytes per column per step) for
+tools and tests that want every line.
 """
 
 from __future__ import annotations

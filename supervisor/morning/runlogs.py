@@ -183,6 +183,16 @@ def _offset_at(f: Any, since: float) -> int:
         return 0
 
 
+def first_time(path: Path) -> float:
+    """The time of the first timed line (in its first 64 lines) of a log and its rotated
+    backups; inf when unknown."""
+    times = []
+    for p in rotated_files(path):
+        with contextlib.suppress(OSError, ValueError), open(p, "rb") as f:
+            times.append(_time_at(f, 0)[0])
+    return min(times, default=math.inf)
+
+
 def last_time(path: Path) -> float:
     """The time of the last timed line (in its last 64 KiB) of a log; inf when unknown."""
     for raw in reversed(tail_lines(path, 65536)):
