@@ -34,6 +34,7 @@ from shared.exitcodes import FailureClass
 from shared.faults import ENDS
 from shared.layout import RunDir
 from shared.run_record import Action, AttemptRecord, RunRecord, State
+from supervisor.morning import machine_night
 from supervisor.morning.eta_marks import EtaMarks
 from supervisor.morning.facts import (
     Attempt,
@@ -304,12 +305,10 @@ def _plan(run_dir: Path, record: RunRecord | None, attempts: list[Attempt],
     """What the metrics summary must keep apart (metrics_summary.Plan): the attempts (by
     field under a supervisor, by start time without), the steps each restart redid, the
     throttled stretches, the evaluated steps."""
-    from supervisor.morning import machine  # machine -> verdict -> this module
-
     if record is not None:
         pairs = list(itertools.pairwise(attempts))
         periods = tuple((p.start, p.end) for p in
-                        machine.read_dir(run_dir, True, attempts).throttled)
+                        machine_night.read_dir(run_dir, True, attempts).throttled)
         return Plan(redo_after={a.number: b.resumed_from or 0 for a, b in pairs},
                     periods=periods, evals=frozenset(evals))
     starts = sorted(p.started for p in procs if not math.isnan(p.started))
