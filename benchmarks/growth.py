@@ -11,7 +11,8 @@ and its `phase_changed` pair every 200 (k/10 copies of each). What the commands 
 then what a real N-step night leaves, minus the checkpoint files' contents.
 
 Each command is one child process timed as a whole (wall seconds) with its own peak RSS
-(wait4): `overnight status RUN` (no supervisor: run.json and the tail of the logs),
+(wait4; "flat": the largest size's within FLAT_MB of the smallest's): `overnight status
+RUN` (no supervisor: run.json and the tail of the logs),
 `overnight report RUN --quiet` (report.md + report.png), `overnight logs RUN --since T` (T:
 an hour before the last step),
 and `overnight logs RUN -f -n 20` until its first line (then SIGTERM).
@@ -51,6 +52,7 @@ STEP_LISTS = frozenset({"checkpoints_saved"})
 CKPT_NAME = re.compile(r"step-(\d{7})")
 SIZES = (10_000, 100_000, 1_000_000)
 GOALS = {"status": 0.5, "report": 10.0}  # seconds at 1M steps (issue 15)
+FLAT_MB = 5.0  # "memory flat": peak RSS at the largest size within this of the smallest
 
 
 @dataclasses.dataclass
@@ -291,6 +293,14 @@ def rows(res: Results, measured: list[Measured], rss: list[tuple[int, float]]) -
                 "of logs)", f"{m.wall_s:.2f} s", "", "",
                 f"< {goal:g} s" if goal else "", (m.wall_s < goal) if goal else None,
                 f"peak RSS {m.peak_rss_mb:.0f} MB")
+    for command in dict.fromkeys(m.command for m in measured):  # memory flat as it grows
+        by_size = sorted((m.steps, m.peak_rss_mb) for m in measured if m.command == command)
+        if len(by_size) > 1 and not command.startswith("logs -f"):
+            (n0, first), (n1, last) = by_size[0], by_size[-1]
+            res.add("7 growth", f"`{command}` peak RSS, {n0:,} -> {n1:,} steps",
+                    f"{first:.0f} -> {last:.0f} MB", "", "",
+                    f"flat (within {FLAT_MB:g} MB)", last <= first + FLAT_MB,
+                    ", ".join(f"{mb:.0f} MB at {n:,}" for n, mb in by_size))
     if rss:
         (n0, first), (n1, last) = rss[0], rss[-1]
         peak = max(mb for _, mb in rss)

@@ -19,7 +19,6 @@ planned, as in run.json.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,13 +26,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shared.exitcodes import NORMAL_ENDS, FailureClass
 from shared.faults import ended_by
 from shared.layout import RunDir
 from shared.run_record import Action, Detection, Quarantined, RunRecord, State
-from supervisor.morning.metrics_table import MetricsTable
+from supervisor.morning.metrics_summary import Group, MetricsSummary
 
 
 class Unclassified(str, Enum):
@@ -130,10 +127,11 @@ class RunFacts:
     attempts: list[Attempt]
     config: dict[str, Any]
     record: RunRecord | None = None
-    metrics: MetricsTable = field(default_factory=MetricsTable)  # columns, in file order
+    metrics: MetricsSummary = field(default_factory=MetricsSummary)  # logs/metrics.jsonl
     evals: list[tuple[int, float]] = field(default_factory=list)  # (step, val_loss) by step
     best: tuple[int, float] | None = None  # (step, val_loss)
-    progress: list[dict[str, Any]] = field(default_factory=list)  # time, step, eta_h
+    # the progress events the ETA table reads (time, step, eta_h; eta_marks.py)
+    progress: list[dict[str, Any]] = field(default_factory=list)
     data_skipped: dict[str, int] = field(default_factory=dict)  # data file -> malformed lines
     data_files: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> DATA_EVENTS
     checkpoints: list[int] = field(default_factory=list)  # steps present, ascending
@@ -184,25 +182,11 @@ class RunFacts:
     def layout(self) -> RunDir:
         return RunDir(self.run_dir)
 
-    def metrics_by_attempt(self) -> dict[int, MetricsTable]:
-        """Attempt number -> its metrics lines (in file order): by their `attempt` field under
-        a supervisor; by start time otherwise (`overnight train` numbers every process
-        attempt 1). Computed once (the report asks several times); do not modify."""
-        return self._by_attempt
-
-    @functools.cached_property
-    def _by_attempt(self) -> dict[int, MetricsTable]:
-        m = self.metrics
-        if not m:
-            return {}
-        if self.supervised:
-            keys = m.attempts
-        else:
-            starts = np.array(sorted(a.started for a in self.attempts
-                                     if not math.isnan(a.started)), np.float64)
-            times = np.nan_to_num(m.col("time"), nan=0.0)
-            keys = np.maximum(1, np.searchsorted(starts, times, side="right"))
-        return m.split_by(keys)
+    def metrics_by_attempt(self) -> dict[int, Group]:
+        """Attempt number -> its metrics lines summed up (metrics_summary.Group): by their
+        `attempt` field under a supervisor; by start time otherwise (`overnight train`
+        numbers every process attempt 1). Do not modify."""
+        return self.metrics.groups
 
 
 def num(v: Any, default: float | None = None) -> float | None:

@@ -50,8 +50,10 @@ from supervisor.morning.runlogs import (
     LogLine,
     Problems,
     Tail,
+    first_time,
     is_relayed,
     key,
+    last_time,
     merged,
     parse_time,
     resolve_run_dir,
@@ -265,13 +267,17 @@ def main(args: argparse.Namespace) -> int:
     track = AttemptTracker()
     shown = 0
     try:
-        # --since skips what is older without reading it; not with --attempt, whose
-        # tracker must see the supervisor's earlier worker_spawned lines
-        lines = merged(ts, final=not args.follow,
-                       since=filt.since if args.attempt is None else -math.inf)
-        selected: Iterable[LogLine] = (ln for ln in lines if filt.accepts(ln, track(ln)))
-        if args.lines is not None:
-            selected = deque(selected, maxlen=args.lines)
+        # --since skips what is older without reading it, and so does -n; not with
+        # --attempt, whose tracker must see the supervisor's earlier worker_spawned lines
+        selected: Iterable[LogLine]
+        if args.lines is not None and args.attempt is None:
+            selected = last_lines(ts, filt, args.lines, final=not args.follow)
+        else:
+            lines = merged(ts, final=not args.follow,
+                           since=filt.since if args.attempt is None else -math.inf)
+            selected = (ln for ln in lines if filt.accepts(ln, track(ln)))
+            if args.lines is not None:
+                selected = deque(selected, maxlen=args.lines)
         for line in selected:
             emit(line)
             shown += 1
@@ -301,6 +307,29 @@ def _check_attempt(run_dir: Path, n: int, follow: bool) -> None:
         have = (f"has attempts 1 to {count}" if count else "has no attempts yet"
                 ) if count is not None else "numbers its attempts from 1"
         raise ConfigError(f"--attempt {n}: {run_dir} {have}")
+
+
+def last_lines(ts: list[Tail], filt: Filter, n: int, final: bool = True) -> list[LogLine]:
+    """The last `n` lines of the logs `filt` accepts (no --attempt), read from the end: the
+    lines of the last minute (Tail.initial's `since`: a bisection, not a scan), then of 4
+    times as long, ... until n of them are recent enough or the whole log is read — so
+    `logs -f -n 20` on a 1M-step night reads its last few hundred lines, not 100 MB."""
+    newest = max((last_time(t.path) for t in ts), default=math.inf)
+    oldest = min((first_time(t.path) for t in ts), default=-math.inf)
+    window = 60.0
+    while True:
+        since = newest - window
+        if not math.isfinite(since) or since <= max(filt.since, oldest):
+            since = filt.since  # everything the filter lets through
+        shown: deque[LogLine] = deque(maxlen=n)
+        recent = 0
+        for line in merged(ts, final, since=since):
+            if filt.accepts(line, None):
+                shown.append(line)
+                recent += line.time >= since
+        if since == filt.since or recent >= n:
+            return list(shown)
+        window *= 4
 
 
 def _follow(ts: list[Tail], filt: Filter, track: AttemptTracker, emit: Any,

@@ -1,106 +1,36 @@
 """The machine at night, for the report: restarts, battery pauses, throttled stretches and
 worker recycles — in words (a report section) and in the picture (the steps-over-time panel).
 
-Read from what the supervisor recorded: its log events (logs/supervisor.jsonl, written by
-supervisor/daemon/main.py, powerwatch.py) and run.json's attempts:
-
-    machine_restarted   a new boot at start (boot_time, panic): "machine restarted at 03:12"
-    power_pause ..      on battery below pause_below_charge: from the pause to
-    power_returned      the return of AC power
-    thermal_throttled . a throttled stretch (what said so), to its end, or to the end of
-    thermal_nominal     the log
-    attempts detected_by "recycle": a planned worker recycle before Metal's resource limit
-
+What the supervisor recorded is read by supervisor/morning/machine_night.py.
 A slow night explains itself: a throttled stretch says how much longer its steps took.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from shared.run_record import Detection
-from supervisor.morning.facts import Attempt, RunFacts
+from supervisor.morning.facts import RunFacts
+from supervisor.morning.machine_night import MachineNight, Period, Restart, read_dir
 from supervisor.morning.report_doc import Block, Heading, Para
-from supervisor.morning.runlogs import read_run_logs
 from supervisor.morning.verdict import clock, duration
 
+__all__ = ["MachineNight", "Period", "Restart", "draw", "read", "read_dir", "section"]
 THROTTLED, PAUSED, RESTARTED = "#ff7f0e", "#7f7f7f", "#000000"
-
-
-@dataclass(frozen=True)
-class Period:
-    """A stretch of the night: start and end (epoch s; end None: to the end of the log)."""
-
-    start: float
-    end: float | None
-    detail: str
-
-
-@dataclass(frozen=True)
-class Restart:
-    time: float  # when the new boot began (epoch s), else when it was noticed
-    detail: str
-
-
-@dataclass
-class MachineNight:
-    restarts: list[Restart] = field(default_factory=list)
-    pauses: list[Period] = field(default_factory=list)
-    throttled: list[Period] = field(default_factory=list)
-    recycles: list[Attempt] = field(default_factory=list)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.restarts or self.pauses or self.throttled or self.recycles)
 
 
 def read(facts: RunFacts) -> MachineNight:
     """What the supervisor recorded about the machine during the run in `facts`."""
-    night = MachineNight(recycles=[a for a in facts.attempts
-                                   if a.detected_by is Detection.RECYCLE])
-    if not facts.supervised:
-        return night
-    pause: tuple[float, str] | None = None
-    hot: tuple[float, str] | None = None
-    for line in read_run_logs(facts.run_dir, sources=("supervisor",)):
-        d, t, ev = line.data, line.time, line.event
-        if math.isnan(t):
-            continue
-        if ev == "machine_restarted":
-            boot = d.get("boot_time")
-            when = float(boot) if isinstance(boot, (int, float)) else t
-            night.restarts.append(Restart(when, str(d.get("detail") or "")))
-        elif ev == "power_pause" and pause is None:
-            pause = (t, str(d.get("reading") or d.get("detail") or ""))
-        elif ev == "power_returned" and pause is not None:
-            night.pauses.append(Period(pause[0], t, pause[1]))
-            pause = None
-        elif ev == "thermal_throttled" and hot is None:
-            hot = (t, str(d.get("detail") or ""))
-        elif ev == "thermal_nominal" and hot is not None:
-            night.throttled.append(Period(hot[0], t, hot[1]))
-            hot = None
-    if pause is not None:
-        night.pauses.append(Period(pause[0], None, pause[1]))
-    if hot is not None:
-        night.throttled.append(Period(hot[0], None, hot[1]))
-    return night
+    return read_dir(facts.run_dir, facts.supervised, facts.attempts)
 
 
 def _slowdown(facts: RunFacts, p: Period) -> str:
-    """"steps took 2.9× as long as outside it" from the step times in logs/metrics.jsonl."""
-    end = p.end if p.end is not None else math.inf
-    t, s = facts.metrics.col("time"), facts.metrics.col("step_seconds")
-    ok = np.isfinite(t) & np.isfinite(s) & (s > 0)
-    within = (t >= p.start) & (t <= end)
-    inside, outside = s[ok & within], s[ok & ~within]
-    if not len(inside) or not len(outside):
+    """"steps took 2.9× as long as outside it" from the step times in logs/metrics.jsonl:
+    the medians inside and outside the stretch (metrics_summary.Median)."""
+    medians = facts.metrics.slow.get((p.start, p.end))
+    inside, outside = (medians[0].value(), medians[1].value()) if medians else (None, None)
+    if inside is None or outside is None:
         return ""
-    ratio = float(np.median(inside)) / float(np.median(outside))
+    ratio = inside / outside
     return f"; its steps took {ratio:.1f}× as long as the others"
 
 

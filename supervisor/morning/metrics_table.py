@@ -1,29 +1,31 @@
-"""logs/metrics.jsonl as columns: one numpy array per numeric field, read in bounded chunks.
+"""logs/metrics.jsonl as columns: one numpy array per numeric field, read in bounded pieces.
 
 A 100k-step night writes ~40 MB of metrics.jsonl, a 1M-step one ~400 MB (one line per step,
 shared.protocol.StepMetrics). Read as a list of dicts that is ~2.8 KB of Python objects per
-step (1M steps: ~3 GB, ~25 s); read here, it is 8 bytes per column per step (1M steps of 12
-columns: ~96 MB) and a few seconds:
+step (1M steps: ~3 GB, ~25 s); here a piece at a time:
 
 - the file is read in CHUNK_BYTES pieces and each line parsed with orjson (~3x faster than
   the standard library here: 0.32 s against 0.76-1.2 s per 100k lines); a line orjson
   refuses (a torn line, NaN tokens of an old file, a hostile one) goes to
   `runlogs.parse_line`, which recovers a line whose start was cut off and bounds nesting
   (shared/strictjson.py);
-- each of COLUMNS becomes a float64 column (NaN where a line lacks it or has null/a string
-  there), in file order; `step` and `attempt` are int64 with -1 / 0 for "not said". When a
-  piece's lines all carry every column as a number (what the worker writes) the columns come
-  from one C pass (`operator.itemgetter` + one array); otherwise field by field. Strings are
-  not kept, except the last line's `run_id`.
+- each of COLUMNS becomes a float64 column of the piece (NaN where a line lacks it or has
+  null/a string there), in file order; `step` and `attempt` are int64 with -1 / 0 for "not
+  said". When a piece's lines all carry every column as a number (what the worker writes)
+  the columns come from one C pass (`operator.itemgetter` + one array); otherwise field by
+  field. Strings are not kept, except the last line's `run_id`.
 
-The morning's consumers (report_numbers.py, report_plot.py, runfacts.py, machine.py, the
-queue's comparison) use the columns.
+The morning's commands fold the pieces into fixed-size state as they come
+(`pieces` -> supervisor/morning/metrics_summary.py: memory flat however long the night);
+`read` joins them into a whole-file `MetricsTable` (8 bytes per column per step) for
+tools and tests that want every line.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
@@ -35,7 +37,7 @@ import orjson
 
 from supervisor.morning.runlogs import parse_line
 
-CHUNK_BYTES = 2 << 20  # ~5k lines a piece: their transient dicts stay ~10 MB
+CHUNK_BYTES = 1 << 20  # ~2.5k lines a piece: their transient dicts stay ~5 MB
 INT_COLUMNS = {"step": -1, "attempt": 0}  # name -> the value of a line that does not say
 # The fields kept (shared.protocol.StepMetrics); int columns first. A field added to the
 # metrics line is added here to reach the report.
@@ -104,13 +106,7 @@ class MetricsTable:
     def effective(self) -> IntArray:
         """int64 (m,): for each step present, ascending, the index of the line that counts —
         the last one written for that step (a step redone after a restart supersedes)."""
-        steps = self.steps
-        valid = np.flatnonzero(steps >= 0)
-        if not len(valid):
-            return np.zeros(0, np.int64)
-        rev = valid[::-1]
-        _, first_in_rev = np.unique(steps[rev], return_index=True)  # sorted by step
-        return rev[first_in_rev]
+        return last_per_step(self.steps)
 
     def last_time(self) -> float | None:
         """The newest line's `time` (Unix seconds, the largest finite one); None if none."""
@@ -119,17 +115,58 @@ class MetricsTable:
         return float(times.max()) if len(times) else None
 
 
+def last_per_step(steps: IntArray) -> IntArray:
+    """int64 (m,): for each step >= 0 in `steps` (n,), ascending, the index of its last line
+    (a step redone after a restart supersedes the earlier line)."""
+    valid = np.flatnonzero(steps >= 0)
+    if not len(valid):
+        return np.zeros(0, np.int64)
+    rev = valid[::-1]
+    _, first_in_rev = np.unique(steps[rev], return_index=True)  # sorted by step
+    return rev[first_in_rev]
+
+
 def read(path: Path) -> MetricsTable:
     """logs/metrics.jsonl as a MetricsTable (module docstring); an absent or unreadable file
-    gives an empty table, never an error."""
+    gives an empty table, never an error. Holds every line's numbers (~110 bytes a step):
+    the morning's commands stream the file instead (`pieces`, metrics_summary.py)."""
     columns = _Columns()
     bad = 0
     run_id: str | None = None
+    for piece in pieces(path):
+        bad += piece.unreadable
+        if piece.n:
+            if not columns.n:  # room for the whole file at this piece's line length
+                columns.reserve(piece.lines_expected)
+            columns.append(piece.columns, piece.n)
+        if piece.run_id is not None:
+            run_id = piece.run_id
+    return MetricsTable(columns.result(), bad, run_id)
+
+
+@dataclass
+class Piece:
+    """The lines of one CHUNK_BYTES piece of the file: `columns` as `_columns` makes them
+    (a column no line of the piece has may be absent), n lines, how many were not a JSON
+    object, the piece's last `run_id`, and how many lines the whole file would hold at this
+    piece's line length."""
+
+    columns: dict[str, npt.NDArray[Any]]
+    n: int
+    unreadable: int
+    run_id: str | None
+    lines_expected: int = 0
+
+
+def pieces(path: Path) -> Iterator[Piece]:
+    """logs/metrics.jsonl in CHUNK_BYTES pieces, cut at line ends, each parsed into columns
+    (module docstring): memory is one piece's, whatever the file's size. An absent or
+    unreadable file yields nothing; a read that fails midway ends the pieces there."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; reading stops at an OSError
         size = os.fstat(f.fileno()).st_size
     except OSError:
-        return MetricsTable()
+        return
     with f:
         rest = b""
         while True:
@@ -137,6 +174,7 @@ def read(path: Path) -> MetricsTable:
                 block = f.read(CHUNK_BYTES)
             except OSError:
                 block = b""
+            cut = 0
             if not block:
                 lines = [rest] if rest.strip() else []
                 rest = b""
@@ -148,17 +186,13 @@ def read(path: Path) -> MetricsTable:
                     continue
                 lines, rest = block[:cut].split(b"\n"), block[cut + 1:]
             objs, unread = _parse(lines)
-            bad += unread
-            if objs:
-                if not columns.n:  # room for the whole file at this piece's line length
-                    columns.reserve(int(size / max(1, cut + 1) * len(lines) * 1.02) + 16)
-                columns.append(_columns(objs), len(objs))
-                rid = objs[-1].get("run_id")
-                if isinstance(rid, str):
-                    run_id = rid
+            if objs or unread:
+                rid = objs[-1].get("run_id") if objs else None
+                yield Piece(_columns(objs) if objs else {}, len(objs), unread,
+                            rid if isinstance(rid, str) else None,
+                            int(size / max(1, cut + 1) * len(lines) * 1.02) + 16)
             if not block:
                 break
-    return MetricsTable(columns.result(), bad, run_id)
 
 
 class _Columns:

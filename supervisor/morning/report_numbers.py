@@ -20,12 +20,12 @@ import numpy as np
 from shared.datalines import describe_lines
 from shared.exitcodes import FailureClass
 from shared.run_record import Detection
+from supervisor.morning.eta_marks import ETA_POINTS
 from supervisor.morning.facts import RunFacts
 from supervisor.morning.report_doc import Block, Heading, Para, Table
 from supervisor.morning.verdict import clock, duration, kind, restarts
 
 MEMORY_GROWTH = 0.5  # as shared/progress.py: more than 50 % above the first steps
-ETA_POINTS = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def time_lost(facts: RunFacts, planned: bool = False) -> tuple[float, float, float, int]:
@@ -49,9 +49,8 @@ def time_lost(facts: RunFacts, planned: bool = False) -> tuple[float, float, flo
         if back < a.end_step:
             redone += a.end_step - back
             lines = by_attempt.get(a.number)
-            if lines is not None:
-                secs = np.nan_to_num(lines.col("step_seconds"), nan=0.0)
-                redo += float(secs[lines.steps > back].sum())
+            if lines is not None:  # its step_seconds above the resume step (runfacts._plan)
+                redo += lines.redo_seconds
     return notice, restart, redo, redone
 
 
@@ -68,17 +67,13 @@ def _per_attempt(facts: RunFacts) -> dict[int, dict[str, float]]:
     """tokens/s, s/step, memory growth of each attempt, from metrics.jsonl."""
     out = {}
     for key, ms in facts.metrics_by_attempt().items():
-        secs = float(np.nan_to_num(ms.col("step_seconds"), nan=0.0).sum())
-        toks = float(np.nan_to_num(ms.col("tokens"), nan=0.0).sum())
-        active = ms.col("active_mb")
-        active = active[np.isfinite(active)]
-        base = float(np.median(active[:5])) if len(active) else 0.0
+        secs, toks = ms.seconds, ms.tokens
+        base = float(np.median(ms.active_head)) if ms.active_head else 0.0
         out[key] = {"tok_s": toks / secs if secs else math.nan,
                     "s_step": secs / len(ms) if ms else math.nan,
-                    "growth": (float(active[-5:].max()) / base - 1) if len(active) and base > 0
+                    "growth": (max(ms.active_tail) / base - 1) if ms.active_tail and base > 0
                     else 0.0,
-                    "peak": float(np.nan_to_num(ms.col("peak_mb"), nan=0.0).max(initial=0.0)),
-                    "rss": float(np.nan_to_num(ms.col("rss_mb"), nan=0.0).max(initial=0.0))}
+                    "peak": ms.peak_mb, "rss": ms.rss_mb}
     return out
 
 

@@ -9,10 +9,13 @@
     Memory vs step: MLX active and peak memory, its buffer cache, the process RSS and, on
         macOS, the physical footprint (Metal's memory; a slow leak shows here).
 
-A series longer than MAX_POINTS (a night of 1M steps) is drawn thinned (`thin`): the raw
-loss as the range of each bucket of steps and its smoothed line as each bucket's mean,
-memory as each bucket's maximum, the rest at each bucket's last point; every step still
-counts in the means, ranges and limits.
+The series come from metrics_summary.py, which never holds a night's lines: up to
+MAX_POINTS lines (4000: more than the ~1100 pixels of a panel add nothing) each step is
+drawn; past that, from buckets of steps (buckets.py: at most MAX_POINTS a series): the raw
+loss as the range of each bucket and its smoothed line as each bucket's mean, memory as
+each bucket's maximum, steps over time at each bucket's last point; every step still counts
+in the means, ranges and limits. Lines superseded by a restart are drawn only in the first
+case (past it, the shaded stretch a restart redid shows where they were).
 
 `plot(facts, path)` raises ImportError when matplotlib is missing; the caller says so and
 writes a text-only report.
@@ -32,6 +35,7 @@ from shared.exitcodes import FailureClass as F
 from shared.run_record import Action, State
 from supervisor.morning import machine
 from supervisor.morning.facts import Outcome, RunFacts, RunState, Unclassified, Unsupervised
+from supervisor.morning.metrics_table import last_per_step
 from supervisor.morning.verdict import describe, kind, restarts
 
 COLORS: dict[Outcome, str] = {
@@ -47,7 +51,6 @@ ENDED_EARLY: dict[RunState, str] = {
 TRAIN, VAL, BEST = "#1f77b4", "#ff7f0e", "#2ca02c"
 WIDTH_IN, HEIGHT_IN, DPI = 12.0, 8.0, 100
 TITLE_CHARS = 125  # characters of the verdict per title line at this width
-MAX_POINTS = 4000  # points per series: more than the ~1100 pixels of a panel add nothing
 
 
 def smooth(values: list[float], window: int) -> list[float]:
@@ -59,31 +62,6 @@ def smooth(values: list[float], window: int) -> list[float]:
         weight = (1 - alpha) * weight + alpha
         out.append(avg / weight)
     return out
-
-
-def thin(xs: npt.NDArray[Any], ys: npt.NDArray[np.float64], how: str = "last",
-         points: int = MAX_POINTS) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64],
-                                            npt.NDArray[np.float64]]:
-    """At most `points` of a series (n,) for drawing: unchanged (with ys twice) when short;
-    else consecutive buckets of ~n/points values, each drawn at its last x with
-    (low, high) = its (min, max) when how="range", its (max, max) when how="max" (memory:
-    peaks must show), its (last, last) when how="last". Returns (x, low, high), each (m,)."""
-    n = len(xs)
-    if n <= points:
-        return xs, ys, ys
-    edges = np.linspace(0, n, points + 1).astype(np.int64)
-    starts, ends = edges[:-1], edges[1:] - 1
-    if how == "last":
-        return xs[ends], ys[ends], ys[ends]
-    high = np.maximum.reduceat(ys, starts)
-    low = np.minimum.reduceat(ys, starts) if how == "range" else high
-    return xs[ends], low, high
-
-
-def bucket_means(ys: npt.NDArray[np.float64], points: int) -> npt.NDArray[np.float64]:
-    """The means of the `points` consecutive buckets `thin` makes of ys (n,): (points,)."""
-    edges = np.linspace(0, len(ys), points + 1).astype(np.int64)
-    return np.add.reduceat(ys, edges[:-1]) / np.diff(edges)
 
 
 def _finite_pairs(xs: npt.NDArray[Any], ys: npt.NDArray[np.float64]
@@ -117,38 +95,43 @@ def plot(facts: RunFacts, target: Path | BinaryIO) -> None:
 def _loss_panel(ax: Any, facts: RunFacts) -> None:
     import matplotlib.transforms as mtransforms
 
-    m = facts.metrics
-    eff = m.effective()
-    steps, losses = _finite_pairs(m.steps[eff], m.col("loss")[eff])
+    series = facts.metrics.series
     top: list[float] = []
-    if len(steps):
-        x, lo, hi = thin(steps, losses, "range")
-        if len(x) < len(steps):  # a long night: each step cannot be a point of its own
-            every = len(steps) // len(x)
-            ax.fill_between(x, lo, hi, color=TRAIN, alpha=0.25, linewidth=0,
-                            label=f"training loss (range of every {every} steps)")
-            smoothed = bucket_means(losses, len(x))  # the buckets' means smooth it enough
-            ax.plot(x, smoothed, color=TRAIN, linewidth=2.2,
-                    label=f"training loss (mean of every {every} steps)")
-        else:
+    if series.exact:  # every line at hand (metrics_summary.StepSeries): each step drawn
+        all_steps, all_values = series.raw()
+        all_losses = all_values[:, 0]
+        eff = last_per_step(all_steps)
+        steps, losses = _finite_pairs(all_steps[eff], all_losses[eff])
+        if len(steps):
             window = max(5, min(200, len(steps) // 30))
             smoothed = np.array(smooth(losses.tolist(), window))
             ax.plot(steps, losses, color=TRAIN, alpha=0.25, linewidth=0.8,
                     label="training loss (each step)")
             ax.plot(steps, smoothed, color=TRAIN, linewidth=2.2,
                     label=f"training loss (smoothed, ~{window} steps)")
-        k = int(0.98 * (len(losses) - 1))
-        top += [float(smoothed.max()), float(np.partition(losses, k)[k])]
-    # lines a later attempt wrote again for the same step, with another loss
-    all_steps, all_losses = m.steps, m.col("loss")
-    if len(steps):
-        pos = np.clip(np.searchsorted(m.steps[eff], all_steps), 0, len(eff) - 1)
-        counted = all_losses[eff][pos]
-        gone = (all_steps >= 0) & np.isfinite(all_losses) & (all_losses != counted)
-        if gone.any():
-            xs, ys, _ = thin(all_steps[gone], all_losses[gone])
-            ax.scatter(xs, ys, s=6, color="#999999", zorder=2,
-                       label="superseded (redone after a restart)")
+            k = int(0.98 * (len(losses) - 1))
+            top += [float(smoothed.max()), float(np.partition(losses, k)[k])]
+            # lines a later attempt wrote again for the same step, with another loss
+            pos = np.clip(np.searchsorted(all_steps[eff], all_steps), 0, len(eff) - 1)
+            counted = all_losses[eff][pos]
+            gone = np.isfinite(all_losses) & (all_losses != counted)
+            if gone.any():
+                ax.scatter(all_steps[gone], all_losses[gone], s=6, color="#999999",
+                           zorder=2, label="superseded (redone after a restart)")
+    else:  # a long night: each step cannot be a point of its own
+        assert series.buckets is not None
+        b = series.buckets.result()
+        has = b.count[:, 0] > 0
+        steps, losses = b.x_last[has], b.min[has, 0]
+        if len(steps):
+            lo, hi, smoothed = losses, b.max[has, 0], b.mean()[has, 0]
+            every = int(b.count[has, 0].sum()) // len(steps)
+            ax.fill_between(steps, lo, hi, color=TRAIN, alpha=0.25, linewidth=0,
+                            label=f"training loss (range of every {every} steps)")
+            ax.plot(steps, smoothed, color=TRAIN, linewidth=2.2,
+                    label=f"training loss (mean of every {every} steps)")
+            k = int(0.98 * (len(smoothed) - 1))
+            top += [float(smoothed.max()), float(np.partition(smoothed, k)[k])]
     if facts.evals:
         vs, vl = zip(*facts.evals, strict=True)
         ax.plot(vs, vl, color=VAL, marker="o", markersize=4, linewidth=1.8,
@@ -200,20 +183,18 @@ def _restart_marks(ax: Any, facts: RunFacts) -> None:
 
 
 def _progress_panel(ax: Any, facts: RunFacts) -> None:
-    all_times = facts.metrics.col("time")
-    all_times = all_times[np.isfinite(all_times)]
-    if not len(all_times):
+    first, newest = facts.metrics.first_time, facts.metrics.newest_time
+    if first is None or newest is None:
         _empty(ax, "steps over time: no steps recorded")
         return
-    t0 = facts.started if _finite(facts.started) else float(all_times.min())
-    span = float(all_times.max()) - t0
+    t0 = facts.started if _finite(facts.started) else first
+    span = newest - t0
     unit, div = ("hours", 3600.0) if span > 3 * 3600 else (
         ("minutes", 60.0) if span > 180 else ("seconds", 1.0))
     by_attempt: dict[int, list[tuple[float, int]]] = {}
     for n, ms in sorted(facts.metrics_by_attempt().items()):
-        times, steps = ms.col("time"), ms.steps
-        keep = np.isfinite(times) & (steps >= 0)
-        tx, ty, _ = thin((times[keep] - t0) / div, steps[keep].astype(np.float64))
+        b = ms.progress.result()  # (time, step): each line's, or each bucket's last
+        tx, ty = (b.last[:, 0] - t0) / div, b.last[:, 1]
         by_attempt[n] = list(zip(tx.tolist(), ty.astype(np.int64).tolist(), strict=True))
     previous_end: tuple[float, int] | None = None
     for n, pts in enumerate(p for p in by_attempt.values() if p):
@@ -243,21 +224,17 @@ def _progress_panel(ax: Any, facts: RunFacts) -> None:
 
 
 def _memory_panel(ax: Any, facts: RunFacts) -> None:
-    m = facts.metrics
-    eff = m.effective()
-    series = (("active_mb", "MLX active", "-"), ("peak_mb", "MLX peak", "--"),
-              ("rss_mb", "process RSS", ":"), ("cache_mb", "MLX cache", "-."),
-              ("footprint_mb", "physical footprint (macOS)", "-"))
+    # metrics_summary.SERIES columns 1..5; cache and footprint only where > 0 (0: not
+    # measured here; footprint: macOS)
+    series = (("MLX active", "-"), ("MLX peak", "--"), ("process RSS", ":"),
+              ("MLX cache", "-."), ("physical footprint (macOS)", "-"))
     highest, lowest = 0.0, math.inf
-    for key, label, style in series:
-        steps, values = _finite_pairs(m.steps[eff], m.col(key)[eff])
-        if key in ("cache_mb", "footprint_mb"):  # 0: not measured here (footprint: macOS)
-            steps, values = steps[values > 0], values[values > 0]
-        if len(steps):
-            xs, _, ys = thin(steps, values, "max")
+    for j, (label, style) in enumerate(series, start=1):
+        xs, ys, low = _memory_series(facts, j)
+        if len(xs):
             ax.plot(xs, ys, linestyle=style, linewidth=1.6, label=label)
             highest = max(highest, float(ys.max()))
-            lowest = min(lowest, max(float(values.min()), 1e-3))
+            lowest = min(lowest, max(low, 1e-3))
     if highest == 0.0:
         _empty(ax, "memory: no samples recorded")
         return
@@ -271,6 +248,22 @@ def _memory_panel(ax: Any, facts: RunFacts) -> None:
     ax.set_title("Memory (a steady climb is a leak)", loc="left", fontsize=11)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8, framealpha=0.9)
+
+
+def _memory_series(facts: RunFacts, j: int) -> tuple[npt.NDArray[Any],
+                                                      npt.NDArray[np.float64], float]:
+    """Column j of the step series as drawn: (steps, values, the lowest value): each step's
+    when every line is at hand, else each bucket's maximum at its last step."""
+    series = facts.metrics.series
+    if series.exact:
+        all_steps, all_values = series.raw()
+        eff = last_per_step(all_steps)
+        steps, values = _finite_pairs(all_steps[eff], all_values[eff, j])
+        return steps, values, float(values.min()) if len(values) else math.inf
+    assert series.buckets is not None
+    b = series.buckets.result()
+    has = b.count[:, j] > 0
+    return b.x_last[has], b.max[has, j], float(b.min[has, j].min()) if has.any() else math.inf
 
 
 def _empty(ax: Any, text: str) -> None:

@@ -19,6 +19,7 @@ The facts' types are supervisor/morning/facts.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -27,14 +28,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from shared import run_record, strictjson
 from shared.exitcodes import FailureClass
 from shared.faults import ENDS
 from shared.layout import RunDir
 from shared.run_record import Action, AttemptRecord, RunRecord, State
-from supervisor.morning import metrics_table
+from supervisor.morning import machine_night
+from supervisor.morning.eta_marks import EtaMarks
 from supervisor.morning.facts import (
     Attempt,
     Outcome,
@@ -45,7 +46,7 @@ from supervisor.morning.facts import (
     num,
     whole,
 )
-from supervisor.morning.metrics_table import MetricsTable
+from supervisor.morning.metrics_summary import MetricsSummary, Plan, Window, summarize
 from supervisor.morning.runlogs import parse_time, read_run_logs
 
 
@@ -115,17 +116,14 @@ class _Proc:
     injected: tuple[str, ...] = ()  # fault_injected events of this process
 
 
-def attempts_from_logs(procs: list[_Proc], metrics: MetricsTable,
+def attempts_from_logs(procs: list[_Proc], windows: list[Window],
                        now: float, complete: bool) -> list[Attempt]:
+    """The worker processes of a run without run.json as attempts; `windows`: each one's
+    metrics lines (metrics_summary.Window, same order)."""
     out = []
-    times = np.nan_to_num(metrics.col("time"), nan=0.0)
-    for i, p in enumerate(procs):
-        until = procs[i + 1].started if i + 1 < len(procs) else math.inf
-        mine = metrics.take((times >= p.started) & (times < until))
-        steps = mine.steps
+    for i, (p, mine) in enumerate(zip(procs, windows, strict=True)):
         s = p.stopping or {}
-        end_step = max(int(steps.max()) if len(steps) else 0, whole(s.get("step")),
-                       p.start_step)
+        end_step = max(mine.max_step if mine.n else 0, whole(s.get("step")), p.start_step)
         last = i + 1 == len(procs)
         outcome: Outcome
         if s:
@@ -140,28 +138,18 @@ def attempts_from_logs(procs: list[_Proc], metrics: MetricsTable,
             outcome = FailureClass.CRASH if p.crashed else Unclassified.KILLED
             detail = ("uncaught exception (see the worker log)" if p.crashed else
                       "ended without a stop message: killed, aborted or out of memory")
-        secs = _total(mine.col("step_seconds"))
-        toks = _total(mine.col("tokens"))
-        last_time = _total(mine.col("time"), np.max) if mine else p.last_seen
-        peak = _total(mine.col("peak_mb"), np.max) if mine else None
-        rss = _total(mine.col("rss_mb"), np.max) if mine else None
+        last_time = mine.max_time if mine.n else p.last_seen
         out.append(Attempt(
             number=i + 1, pid=p.pid, started=p.started,
             ended=None if outcome is Unclassified.RUNNING else max(p.last_seen, last_time),
             start_step=p.start_step, end_step=end_step, resumed_from=p.resumed_from,
             outcome=outcome, detail=detail, detected_by=None,
-            tokens_per_sec=toks / secs if secs > 0 else None,
-            peak_mlx_mb=peak, peak_rss_mb=rss,
+            tokens_per_sec=mine.tokens / mine.seconds if mine.seconds > 0 else None,
+            peak_mlx_mb=mine.peak_mb if mine.n else None,
+            peak_rss_mb=mine.rss_mb if mine.n else None,
             bad_data=str(s.get("data_lines") or ""), injected=p.injected,
         ))
     return out
-
-
-def _total(values: npt.NDArray[np.float64], how: Any = np.sum) -> float:
-    """`how` (sum, max) over the finite values, missing or NaN counting as 0 — as the
-    dict-based code read `num(m.get(key), 0.0) or 0.0`; 0.0 for none."""
-    return float(how(np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0))) \
-        if len(values) else 0.0
 
 
 def _aborting_fault(injected: tuple[str, ...]) -> str:
@@ -214,19 +202,23 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
         record = run_record.load(run.record)
     complete = _load_complete(run)
     read_logs = not (light and record is not None)
-    metrics = metrics_table.read(run.metrics_log) if read_logs else MetricsTable()
-    bad = metrics.unreadable
 
     procs: list[_Proc] = []
     evals: dict[int, float] = {}
     best: tuple[int, float] | None = None
-    progress: list[dict[str, Any]] = []
+    eta = EtaMarks()  # the progress events the ETA table reads (~100k a 1M-step night)
     skipped: dict[str, int] = {}
     data_files: dict[str, dict[str, Any]] = {}
     config: dict[str, Any] = dict(record.config) if record else {}
     first_seen = last_seen = math.nan
     eval_events = 0
     by_pid: dict[Any, _Proc] = {}
+
+    def total_steps() -> int:
+        said = record.total_steps if record else whole((complete or {}).get("total_steps"))
+        return said or whole(config.get("iters"))
+
+    eta.know_total(total_steps())
     if read_logs:
         for line in read_run_logs(run_dir, sources=("worker",)):
             d, t = line.data, line.time
@@ -257,28 +249,30 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
                 if num(d.get("best_val_loss")) is not None:
                     best = (whole(d.get("best_step")), float(d["best_val_loss"]))
             elif ev == "progress":
-                # what the ETA table needs, not the whole event (~100k of them a 1M-step night)
-                progress.append({"time": t, "step": d.get("step"), "eta_h": d.get("eta_h")})
+                eta.add({"time": t, "step": d.get("step"), "eta_h": d.get("eta_h")})
             elif ev in DATA_EVENTS and d.get("path"):
                 skipped[str(d["path"])] = whole(d.get("malformed"))
                 data_files[str(d["path"])] = d
             elif ev == "config_resolved" and not config and isinstance(d.get("config"), dict):
                 config = d["config"]
+                eta.know_total(total_steps())
 
+    attempts = attempts_from_record(record) if record is not None else []
+    metrics = summarize(run.metrics_log, _plan(run_dir, record, attempts, procs, evals)) \
+        if read_logs else MetricsSummary()
     state: RunState
     if record is not None:
-        attempts = attempts_from_record(record)
         state, reason = record.state, record.reason
         started = parse_time(record.created)
         ended = parse_time(record.ended) if record.ended else None
-        total = record.total_steps or whole(config.get("iters"))
+        total = total_steps()
         final = record.final_step
         bc = record.best_checkpoint
         if bc is not None and num(bc.val_loss) is not None:
             best = (bc.step, bc.val_loss)
         run_id = record.run_id or run_dir.name
     else:
-        attempts = attempts_from_logs(procs, metrics, now, complete is not None)
+        attempts = attempts_from_logs(procs, metrics.windows, now, complete is not None)
         last = attempts[-1] if attempts else None
         if complete is not None:
             state = (State.EARLY_STOPPED if complete.get("status") == "early_stopped"
@@ -293,8 +287,8 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
         ended = None if state is Unsupervised.RUNNING else last_seen
         if ended is not None and math.isnan(ended):
             ended = None
-        total = whole((complete or {}).get("total_steps")) or whole(config.get("iters"))
-        final = max([int(metrics.steps.max()) if metrics else 0,
+        total = total_steps()
+        final = max([metrics.max_step if metrics else 0,
                      *(a.end_step for a in attempts), whole((complete or {}).get("step"))])
         run_id = _run_id(run, metrics)
     if complete and num(complete.get("best_val_loss")) is not None and best is None:
@@ -304,15 +298,33 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
         run_dir=run_dir, run_id=run_id, supervised=record is not None, state=state,
         reason=reason, total_steps=total, final_step=final, started=started, ended=ended,
         attempts=attempts, config=config, record=record, metrics=metrics,
-        evals=sorted(evals.items()), best=best, progress=progress,
+        evals=sorted(evals.items()), best=best, progress=eta.events(total),
         data_skipped={k: v for k, v in skipped.items() if v}, data_files=data_files,
         checkpoints=_checkpoint_steps(run),
         quarantined=record.quarantined if record else (),
-        complete=complete, unreadable_lines=bad, eval_events=eval_events,
+        complete=complete, unreadable_lines=metrics.unreadable, eval_events=eval_events,
     )
 
 
-def _run_id(run: RunDir, metrics: MetricsTable) -> str:
+def _plan(run_dir: Path, record: RunRecord | None, attempts: list[Attempt],
+          procs: list[_Proc], evals: dict[int, float]) -> Plan:
+    """What the metrics summary must keep apart (metrics_summary.Plan): the attempts (by
+    field under a supervisor, by start time without), the steps each restart redid, the
+    throttled stretches, the evaluated steps."""
+    if record is not None:
+        pairs = list(itertools.pairwise(attempts))
+        periods = tuple((p.start, p.end) for p in
+                        machine_night.read_dir(run_dir, True, attempts).throttled)
+        return Plan(redo_after={a.number: b.resumed_from or 0 for a, b in pairs},
+                    periods=periods, evals=frozenset(evals))
+    starts = sorted(p.started for p in procs if not math.isnan(p.started))
+    return Plan(starts=np.array(starts, np.float64),
+                windows=tuple(p.started for p in procs),
+                redo_after={i + 1: b.resumed_from or 0 for i, b in enumerate(procs[1:])},
+                evals=frozenset(evals))
+
+
+def _run_id(run: RunDir, metrics: MetricsSummary) -> str:
     with contextlib.suppress(OSError):
         text = (run.root / "run_id").read_text().strip()
         if text:

@@ -142,6 +142,7 @@ def rotated_files(path: Path) -> list[Path]:
 
 
 SINCE_SLACK_S = 300.0
+DRAIN_BYTES = 256 << 10  # a live log is read this much at a time
 BISECT_STOP_BYTES = 64 << 10
 
 
@@ -182,8 +183,18 @@ def _offset_at(f: Any, since: float) -> int:
         return 0
 
 
-def _last_time(path: Path) -> float:
-    """The time of the last timed line of a (rotated, complete) log; inf when unknown."""
+def first_time(path: Path) -> float:
+    """The time of the first timed line (in its first 64 lines) of a log and its rotated
+    backups; inf when unknown."""
+    times = []
+    for p in rotated_files(path):
+        with contextlib.suppress(OSError, ValueError), open(p, "rb") as f:
+            times.append(_time_at(f, 0)[0])
+    return min(times, default=math.inf)
+
+
+def last_time(path: Path) -> float:
+    """The time of the last timed line (in its last 64 KiB) of a log; inf when unknown."""
     for raw in reversed(tail_lines(path, 65536)):
         obj = parse_line(raw.decode("utf-8", "replace"))
         t = parse_time(obj.get("timestamp")) if obj else math.nan
@@ -220,7 +231,7 @@ class Tail:
         and the part of the live file before it (found by bisection on the timestamps of
         the lines; SINCE_SLACK_S of slack for lines written out of order)."""
         for backup in rotated_files(self.path):
-            if backup != self.path and _last_time(backup) >= since - SINCE_SLACK_S:
+            if backup != self.path and last_time(backup) >= since - SINCE_SLACK_S:
                 yield from self._whole_file(backup)
         self._open()
         if self.handle is not None and since > -math.inf:
@@ -266,17 +277,22 @@ class Tail:
             yield from self._drain(final)
 
     def _drain(self, final: bool) -> Iterator[LogLine]:
-        data = self.partial + self.handle.read()
-        lines = data.split(b"\n")
-        self.partial = lines.pop()
-        if final and self.partial:
-            lines.append(self.partial)
-            self.partial = b""
-        for raw in lines:
-            self.lineno += 1
-            line = self._decode(raw, f"{self.path.name}:{self.lineno}")
-            if line is not None:
-                yield line
+        """The lines up to the end of the file, read DRAIN_BYTES at a time (a 1M-step
+        night's worker log is ~100 MB: its lines are never all in memory at once)."""
+        while True:
+            block = self.handle.read(DRAIN_BYTES)
+            lines = (self.partial + block).split(b"\n") if block else []
+            if lines:
+                self.partial = lines.pop()
+            elif final and self.partial:
+                lines, self.partial = [self.partial], b""
+            for raw in lines:
+                self.lineno += 1
+                line = self._decode(raw, f"{self.path.name}:{self.lineno}")
+                if line is not None:
+                    yield line
+            if not block:
+                return
 
     def _decode(self, raw: bytes, where: str) -> LogLine | None:
         with contextlib.suppress(orjson.JSONDecodeError):  # the common case, without decoding

@@ -14,8 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
-import numpy as np
-
 from supervisor.morning.facts import RunFacts, num
 
 WIDTH_IN, HEIGHT_IN, DPI = 13.0, 5.5, 100
@@ -23,13 +21,10 @@ WIDTH_IN, HEIGHT_IN, DPI = 13.0, 5.5, 100
 
 def eval_times(facts: RunFacts) -> list[tuple[datetime, float]]:
     """(local time, val loss) of each evaluation whose step has a metrics line."""
-    m = facts.metrics
-    eff = m.effective()
-    steps, times = m.steps[eff], m.col("time")[eff]  # steps ascending
+    times = facts.metrics.eval_times  # step -> the time of its last line (metrics_summary)
     out = []
     for step, val in facts.evals:
-        i = int(np.searchsorted(steps, step))
-        t = num(float(times[i])) if i < len(steps) and steps[i] == step else None
+        t = num(times.get(step))
         if t is not None and math.isfinite(val):
             out.append((datetime.fromtimestamp(t), val))
     return out

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from supervisor.morning.facts import RunFacts, whole
 
 MIN_STEPS = 2  # steps between first and last metrics line for a measurement
@@ -56,17 +54,14 @@ def measure(facts: RunFacts, source: str) -> Speed | None:
         lines = by_attempt.get(attempt.number)
         if lines is None:
             continue
-        times = lines.col("time")
-        keep = np.isfinite(times) & (lines.steps >= 0)
-        times, at = times[keep], lines.steps[keep]
-        if len(times) < 2:
-            continue
-        steps = int(at[-1]) - int(at[0])
+        if lines.timed < 2 or lines.first is None or lines.last is None:
+            continue  # its first and last lines with a time and a step (metrics_summary)
+        (t0, s0), (t1, s1) = lines.first, lines.last
+        steps = s1 - s0
         if steps < MIN_STEPS:
             continue
-        span = float(times[-1]) - float(times[0])
-        startup = float(times[0]) - attempt.started if not math.isnan(
-            attempt.started) else 0.0
+        span = t1 - t0
+        startup = t0 - attempt.started if not math.isnan(attempt.started) else 0.0
         return Speed(span / steps, max(0.0, startup), effective_batch(facts.config), source)
     return None
 
