@@ -67,6 +67,12 @@ def _worker_events(run: Path, name: str) -> list[dict[str, Any]]:
     return [e for e in map(json.loads, filter(None, lines)) if e["event"] == name]
 
 
+def _supervisor_events(run: Path, name: str) -> list[dict[str, Any]]:
+    path = run / "logs" / "supervisor.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [e for e in map(json.loads, filter(None, lines)) if e["event"] == name]
+
+
 def _wait(predicate: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -99,7 +105,11 @@ def night(tmp_path_factory, tiny_model, corpus) -> Night:
     first = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
-        _wait(lambda: [e for e in _worker_events(run, "worker_started") if e["attempt"] == 3],
+        # the third attempt: its worker adopted by the supervisor (a worker starts during the
+        # backoff and waits for its checkpoint choice: a stop before that abandons the start)
+        _wait(lambda: [e for e in _supervisor_events(run, "worker_spawned")
+                       if e["attempt"] == 3]
+              and [e for e in _worker_events(run, "worker_started") if e["attempt"] == 3],
               90, "the third attempt")
         live = _cli("status", str(run))
         _cli("stop", str(run))

@@ -147,8 +147,9 @@ class Session:
             self.reporter.stopping(msg)
         else:
             level = "info" if o.code in (ExitCode.COMPLETED, ExitCode.GRACEFUL_STOP) else "error"
-            getattr(log, level)(
-                "worker_stopping", reason=o.reason, exit_code=int(o.code), detail=o.detail
+            getattr(log, level)(  # the same fields as the reporter's worker_stopping
+                "worker_stopping", step=step, reason=o.reason, exit_code=int(o.code),
+                detail=o.detail, first_bad_step=o.first_bad_step,
             )
             if self.telemetry is not None:
                 self.telemetry.send(msg)
