@@ -216,11 +216,12 @@ MISSES: dict[str, str] = {
         "1% (~35 ms) difference, so this is run-to-run variation on a shared machine. The "
         "f32 row, whose batches differ (padding column), is where the tools really differ."),
     "memory": (
-        "**Peak RSS above mlx_lm's.** The worker imports more than mlx_lm does (structlog, "
-        "pyzmq, psutil; tensorboardX with protobuf, ~18 MB, when installed) and keeps the "
-        "tokenised training set and validation subset in memory for exact resume; MLX's own "
-        "peak (in parentheses) is the figure that grows with the model. Closing it: import "
-        "tensorboardX only when asked for (a config key), not whenever it is installed."),
+        "**Peak RSS above mlx_lm's.** The worker imports what mlx_lm imports plus structlog, "
+        "pyzmq, psutil and orjson (tensorboardX, wandb and swanlab only when `report_to` asks "
+        "for them) and keeps the tokenised training set and the validation subset in memory "
+        "for exact resume; MLX's own peak (in parentheses) is the figure that grows with the "
+        "model and is the same in both tools. A difference of a few MB on a 900 MB process is "
+        "within what one run to the next varies on this machine."),
     "telemetry": (
         "**Telemetry at ~1000 messages/s.** What is left (about 1-2% of a ~1 ms loop) is "
         "the deque append in `send()` plus the telemetry thread's ~20 wake-ups a second "
@@ -251,8 +252,14 @@ MISSES: dict[str, str] = {
         "step rate follows the machine's load (144 steps/s quiet, 40-54 at load 4-7): see "
         "the paced row for the rate held steady."),
     "recovery": (
-        "**Validation + start above 2 s.** Most of it is the new Python process importing "
-        "MLX and mlx_lm; see the breakdown row."),
+        "**Restart above model load + 2 s.** The next worker starts during the backoff "
+        "after a crash (and while the checkpoint is validated otherwise), so its imports and "
+        "model load overlap the policy's delay; what follows the backoff is the checkpoint "
+        "choice, the data load and restore, and the first step's compile (one `mx.compile` "
+        "trace per batch shape, 0.2-0.3 s CPU on SmolLM2). When the worker's start and "
+        "load (the `mlx_lm` import alone is ~2 s: transformers) take longer than the "
+        "backoff, the rest of them is on the path. What would close it: a "
+        "spare worker, imported ahead of a failure, that loads the model when one happens."),
 }
 
 
