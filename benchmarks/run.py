@@ -119,7 +119,9 @@ def part_throughput(ctx: Context, res: Results) -> None:
 
 def part_fixed_shapes(ctx: Context, res: Results) -> None:
     load0 = os.getloadavg()[0]
-    r = fixed_shapes.compare(ctx.work / "fixed", 3 if ctx.quick else 5, ctx.blas, ctx.log)
+    # full mode: 256 timed steps a run (a 5 s run's median step swings +-20% on this VM)
+    r = fixed_shapes.compare(ctx.work / "fixed", 3 if ctx.quick else 5, ctx.blas, ctx.log,
+                             n_train=256 if ctx.quick else 1024)
     fixed_shapes.rows(res, r, (load0, os.getloadavg()[0]))
 
 
