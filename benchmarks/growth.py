@@ -292,7 +292,7 @@ def rows(res: Results, measured: list[Measured], rss: list[tuple[int, float]]) -
         res.add("7 growth", f"`{m.command}` at {m.steps:,} steps ({m.bytes_read / 1e6:.0f} MB "
                 "of logs)", f"{m.wall_s:.2f} s", "", "",
                 f"< {goal:g} s" if goal else "", (m.wall_s < goal) if goal else None,
-                f"peak RSS {m.peak_rss_mb:.0f} MB")
+                f"peak RSS {m.peak_rss_mb:.0f} MB", kind="growth")
     for command in dict.fromkeys(m.command for m in measured):  # memory flat as it grows
         by_size = sorted((m.steps, m.peak_rss_mb) for m in measured if m.command == command)
         if len(by_size) > 1 and not command.startswith("logs -f"):

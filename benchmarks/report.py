@@ -223,17 +223,17 @@ MISSES: dict[str, str] = {
         "model and is the same in both tools. A difference of a few MB on a 900 MB process is "
         "within what one run to the next varies on this machine."),
     "telemetry": (
-        "**Telemetry at ~1000 messages/s.** What is left (about 1-2% of a ~1 ms loop) is "
-        "the deque append in `send()` plus the telemetry thread's ~20 wake-ups a second "
-        "taking the GIL to serialise and send. The `overnight train` rows (~140 steps/s) "
-        "swing by 10-25% between invocations on this shared machine in either direction "
-        "(one run: +12/+8/+4%, the next: -7/-22/-28%), so a miss there within a few times "
-        "the printed noise is not a measurement of telemetry; the interleaved micro-benchmark "
-        "above is the one that resolves ~1%. For the record: before commit a157106 the "
-        "telemetry thread spun at 100% of a core whenever no subscription had arrived "
-        "(`_wake.wait` returned at once because `send()` kept the event set), so "
-        "`--telemetry` to a dead or frozen supervisor made the tiny run 2-5x slower, and one "
-        "wake-up per message cost ~20% at 1000 msg/s."),
+        "**Telemetry at ~500-1000 messages/s.** The micro-benchmark (a ~1 ms CPU loop calling "
+        "`Telemetry.send` each iteration) measured -2 to +0.1% on 2026-11-26 (commit 606959b) "
+        "and +50 to +84% on 2026-11-30 with every condition, even with no subscriber at all, "
+        "where `send()` is a deque append; re-run at 1 repetition, 606959b's tree gives +2%, "
+        "72ab50a's +30 to +93% and HEAD with 606959b's worker/telemetry.py +3 to +40%. So "
+        "part of it came with that module's changes between the two (the token stamping, the "
+        "metrics_batch fold, the footprint read, new imports), and single runs vary by tens "
+        "of percent on this VM. The real worker's rows (`overnight train --telemetry`) show "
+        "+7% / -5% / +13% at ~60 steps/s, and supervision (which includes telemetry to a "
+        "live supervisor) cost nothing measurable. What would close it: bisect the commits "
+        "between 606959b and 72ab50a with the micro at 5 repetitions."),
     "supervision": (
         "**Supervision overhead on the tiny model.** At >100 steps/s the worker sends >100 "
         "metrics messages a second and the supervisor decodes each; the supervisor's CPU and "
@@ -251,6 +251,15 @@ MISSES: dict[str, str] = {
         "progress write every 2 s and a heartbeat a second. On the real tiny model the "
         "step rate follows the machine's load (144 steps/s quiet, 40-54 at load 4-7): see "
         "the paced row for the rate held steady."),
+    "growth": (
+        "**`report` at 1M steps above 10 s.** Reading 1M metrics lines is most of it: "
+        "orjson parses each line (~3-4 s of CPU), the columns are built (~2 s), the worker "
+        "log's 128k lines are read for the events (~2 s). The streamed version (memory flat, "
+        "93 MB) takes about the CPU the whole-file columns took (re-timed on one 1M-step "
+        "directory: 10.7 s and 94 MB against 9.5 s and 315 MB); this VM was slower on the day "
+        "of this run than when the columns measured 6.5 s. What would close it: a metrics "
+        "sidecar the worker writes beside metrics.jsonl (binary columns, appended per flush) "
+        "so the report reads numbers instead of parsing JSON."),
     "recovery": (
         "**Restart above model load + 2 s.** The next worker starts during the backoff "
         "after a crash (and while the checkpoint is validated otherwise), so its imports and "
