@@ -256,8 +256,8 @@ MISSES: dict[str, str] = {
         "orjson parses each line (~3-4 s of CPU), the columns are built (~2 s), the worker "
         "log's 128k lines are read for the events (~2 s). The streamed version (memory flat, "
         "93 MB) takes about the CPU the whole-file columns took (re-timed on one 1M-step "
-        "directory: 10.7 s and 94 MB against 9.5 s and 315 MB); this VM was slower on the day "
-        "of this run than when the columns measured 6.5 s. What would close it: a metrics "
+        "directory: 10.7 s and 94 MB against 9.5 s and 315 MB); this VM was slower during this "
+        "run than when the columns measured 6.5 s earlier. What would close it: a metrics "
         "sidecar the worker writes beside metrics.jsonl (binary columns, appended per flush) "
         "so the report reads numbers instead of parsing JSON."),
     "recovery": (
