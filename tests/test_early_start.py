@@ -159,20 +159,26 @@ def test_a_killed_supervisor_leaves_no_worker_waiting(tmp_path: Path) -> None:
     assert not (run.root / "logs" / "metrics.jsonl").exists()
 
 
-def test_after_a_crash_the_next_worker_loads_during_the_backoff(tmp_path: Path) -> None:
-    """The backoff's seconds hide the next worker's imports and model load: it starts when
-    the restart is scheduled, not when the backoff ends, and is told where to resume once
-    the backoff is over and the checkpoint validated."""
-    config = write_config(tmp_path, iters=20, inject="crash@15",
+def _night_with(tmp_path: Path, inject: str, env: dict[str, str]) -> tuple[RunDir, dict]:
+    """A 20-step run of the scripted worker with one injected fault and a 2 s backoff, to
+    its end; its run directory and run.json."""
+    config = write_config(tmp_path, iters=20, inject=inject,
                           supervisor={"backoff_initial": 2.0, "backoff_max": 2.0,
                                       "startup_timeout": 20.0})
     run = RunDir(tmp_path / "run")
-    sup = start_daemon(config, run.root, {"FAKE_STEP_SECONDS": "0.02", "FAKE_LOAD_SECONDS": "1"})
+    sup = start_daemon(config, run.root, {"FAKE_STEP_SECONDS": "0.02", **env})
     try:
         assert sup.wait(90) == 0, sup.stderr.read().decode()[-2000:] if sup.stderr else ""
     finally:
         sup.kill()
-    rec = record(run.root)
+    return run, record(run.root)
+
+
+def test_after_a_crash_the_next_worker_loads_during_the_backoff(tmp_path: Path) -> None:
+    """The backoff's seconds hide the next worker's imports and model load: it starts when
+    the restart is scheduled, not when the backoff ends, and is told where to resume once
+    the backoff is over and the checkpoint validated."""
+    run, rec = _night_with(tmp_path, "crash@15", {"FAKE_LOAD_SECONDS": "1"})
     assert [a["classification"] for a in rec["attempts"]] == ["crash", "completed"]
     scheduled = events(run.root, "restart_scheduled")
     assert len(scheduled) == 1 and scheduled[0]["delay_s"] >= 1.6  # 2 s +- 20 %
@@ -189,16 +195,7 @@ def test_after_a_crash_the_next_worker_loads_during_the_backoff(tmp_path: Path) 
 
 def test_after_an_oom_the_next_worker_waits_for_the_backoff_to_end(tmp_path: Path) -> None:
     """An OOM's backoff lets memory settle: no worker holds a model meanwhile."""
-    config = write_config(tmp_path, iters=20, inject="oom@15",
-                          supervisor={"backoff_initial": 2.0, "backoff_max": 2.0,
-                                      "startup_timeout": 20.0})
-    run = RunDir(tmp_path / "run")
-    sup = start_daemon(config, run.root, {"FAKE_STEP_SECONDS": "0.02"})
-    try:
-        assert sup.wait(90) == 0, sup.stderr.read().decode()[-2000:] if sup.stderr else ""
-    finally:
-        sup.kill()
-    rec = record(run.root)
+    run, rec = _night_with(tmp_path, "oom@15", {})
     assert [a["classification"] for a in rec["attempts"]] == ["oom", "completed"]
     scheduled = events(run.root, "restart_scheduled")
     assert len(scheduled) == 1
