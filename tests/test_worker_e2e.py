@@ -384,7 +384,9 @@ def test_malformed_lines_are_logged_with_a_count(tmp_path: Path, tiny_model: Pat
     assert result.returncode == 0, result.stderr
     skipped = events(run, "data_lines_skipped")
     assert skipped[0]["malformed"] == 1 and skipped[0]["first_problems"][0].startswith("line 4:")
-    assert events(run, "validation_skipped")  # no valid.jsonl: one line, not an error
+    # no valid.jsonl: not an error (mlx_lm refuses it), but a warning and one line on stderr
+    assert [e["level"] for e in events(run, "validation_skipped")] == ["warning"]
+    assert "no valid.jsonl or val.jsonl in" in result.stderr
 
 
 def test_missing_model_is_one_clear_line(tmp_path: Path, corpus: Path) -> None:

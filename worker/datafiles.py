@@ -113,8 +113,11 @@ def load_splits(files: DataFiles, tokenizer: Any, c: Config,
         log.warning("effective_batch_above_data", detail=note)
         print(f"overnight train: {note}", file=sys.stderr, flush=True)
     valid = None
-    if files.valid is None:
-        log.info("validation_skipped", reason=f"no valid.jsonl or val.jsonl in {files.directory}")
+    if files.valid is None:  # mlx_lm refuses this; we train on, but say so (a misnamed file?)
+        why = (f"no valid.jsonl or val.jsonl in {files.directory}: training without validation "
+               "(early stopping and the best checkpoint follow the smoothed training loss)")
+        log.warning("validation_skipped", reason=why)
+        print(f"overnight train: {why}", file=sys.stderr, flush=True)
     elif c.val_batches == 0:
         log.info("validation_skipped", reason="val_batches: 0")
     else:
