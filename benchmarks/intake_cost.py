@@ -98,7 +98,10 @@ def _supervisor(tmp: Path) -> Any:
     from supervisor.daemon.runner import AttemptRunner
     from supervisor.daemon.state import Begin
 
-    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
+    # Log calls cost what the loop's calls cost, but go nowhere: no processors (a previous
+    # configuration in this process, e.g. a test's, may name stdlib ones a ReturnLogger lacks).
+    structlog.configure(processors=[], logger_factory=structlog.ReturnLoggerFactory(),
+                        wrapper_class=structlog.BoundLogger, cache_logger_on_first_use=False)
     config = resolve({"model": "m", "data": "d", "iters": 10**9,
                       "supervisor": {"sample_interval": 1e9}})
     run = RunDir(tmp / "run")

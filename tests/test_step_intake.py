@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 import pytest
+import structlog
 
 from shared import step_columns
 from shared.protocol import StepMetrics, StepMetricsBatch
@@ -241,7 +242,11 @@ def test_the_intake_benchmark_measures_both_paths() -> None:
     and finds no rejection; at 50 steps a message the column path is the cheaper one."""
     from benchmarks import intake_cost
 
-    r = intake_cost.measure(messages=20, repeats=1)
+    before = structlog.get_config()
+    try:
+        r = intake_cost.measure(messages=20, repeats=1)
+    finally:  # the benchmark configures structlog for itself; the next test gets it back
+        structlog.configure(**before)
     assert sorted(r["rows"]) == [1, 7, 50]
     fifty = r["rows"][50]["whole_per_step"]
     assert 0 < fifty["after"] < fifty["before"]
