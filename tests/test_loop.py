@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import signal
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import structlog
@@ -286,14 +286,8 @@ def test_a_metrics_batch_is_believed_step_by_step(rig):
     assert sup.record.record.final_step == 21
 
 
-def test_a_wake_up_does_not_leave_the_loop_spinning(slow_rig):
-    """A background job's wake-up byte is read: the loop then sleeps in its poll (at most
-    MAX_POLL, 0.5 s) instead of ticking thousands of times a second, and a SIGTERM still
-    stops it."""
-    import os
-    import threading
-
-    sup, _, _, _ = slow_rig
+def count_ticks(sup: Any) -> list[int]:
+    """Count the loop's passes: [n], n growing each time `sup._tick` runs."""
     ticks = [0]
     tick = sup._tick
 
@@ -302,6 +296,18 @@ def test_a_wake_up_does_not_leave_the_loop_spinning(slow_rig):
         tick()
 
     sup._tick = counted
+    return ticks
+
+
+def test_a_wake_up_does_not_leave_the_loop_spinning(slow_rig):
+    """A background job's wake-up byte is read: the loop then sleeps in its poll (at most
+    MAX_POLL, 0.5 s) instead of ticking thousands of times a second, and a SIGTERM still
+    stops it."""
+    import os
+    import threading
+
+    sup, _, _, _ = slow_rig
+    ticks = count_ticks(sup)
     threading.Timer(0.1, lambda: sup.wake()).start()
     threading.Timer(1.1, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
     assert sup.run(Begin()) is State.STOPPED

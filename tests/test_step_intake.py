@@ -20,7 +20,7 @@ import structlog
 from shared import step_columns
 from shared.protocol import StepMetrics, StepMetricsBatch
 from supervisor.daemon.state import Begin, State
-from tests.test_loop import beat, rig, send  # noqa: F401  (rig: a fixture)
+from tests.test_loop import beat, count_ticks, rig, send  # noqa: F401  (rig: a fixture)
 from tests.test_telemetry_forgery import ListLog
 
 
@@ -204,14 +204,7 @@ def test_one_wake_up_takes_in_several_flushes(rig) -> None:  # noqa: F811
     import threading
 
     sup, _, _, pub = rig
-    ticks = [0]
-    tick = sup._tick
-
-    def counted() -> None:
-        ticks[0] += 1
-        tick()
-
-    sup._tick = counted
+    ticks = count_ticks(sup)
 
     def worker() -> None:
         while sup.runner.attempt is None:

@@ -164,13 +164,11 @@ class Supervisor:
                 self.restart_at = None
                 if self.runner.early is None:  # not already started during the backoff
                     try:  # the worker imports and loads while the checkpoint is validated
-                        token = self.runner.start_early()
+                        self._start_early()
                     except OSError as e:
                         self.log.error("worker_spawn_failed", error=str(e))
                         self.dispatch(SpawnFailed(str(e)))
                         return
-                    if token is not None:
-                        self.gate.expect(token)
                 self.log.info("checkpoint_validation_started")
                 self.choice = self.background(self.runner.chooser(), self.wake)
                 self._check_choice()
@@ -211,10 +209,14 @@ class Supervisor:
                 or last is None or last.classification not in EARLY_START_AFTER):
             return
         try:
-            token = self.runner.start_early()
+            self._start_early()
         except OSError as e:  # tried again, and reported, when the backoff ends
             self.log.warning("worker_early_start_failed", error=str(e))
-            return
+
+    def _start_early(self) -> None:
+        """Start the next attempt's worker before its checkpoint is chosen
+        (runner.start_early) and let the gate expect its telemetry. OSError: not started."""
+        token = self.runner.start_early()
         if token is not None:
             self.gate.expect(token)
 
