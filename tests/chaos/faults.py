@@ -240,27 +240,38 @@ def start_race(d: Driver, r: FaultResult, rng: random.Random, at_start: bool) ->
         return a.poll() is not None or b.poll() is not None
 
     wait_until(one_exited, RACE_WAIT_S, 0.05)
+    # The loser is whoever exited first: judged now, before the winner may finish a short run.
+    first = [p for p in (a, b) if p.poll() is not None]
+    if len(first) == 2:  # both within one poll: the refused one is the one that said so
+        first = [p for p in first if p.returncode == 78][:1] or first
+    loser = first[0] if len(first) == 1 else None
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         most = max(most, len(workers_of(d.run_dir)))
         time.sleep(0.05)
     r.facts["max_workers"] = most
-    exited = [p for p in (a, b) if p.poll() is not None]
-    running = [p for p in (a, b) if p.poll() is None]
-    if len(exited) == 1:
-        loser = exited[0]
+    if loser is not None:
         r.facts["refused_exit"] = loser.returncode
         r.facts["refused_output"] = d.output_tail(loser, 1)
+        winner = b if loser is a else a
+        if winner.poll() is not None:  # e.g. it finished the run's last steps meanwhile
+            r.facts["winner_exit"] = winner.returncode
+            r.facts["state_after"] = (d.obs.record() or {}).get("state")
     else:
         r.facts["refused_exit"] = None
-        r.facts["both"] = "exited" if len(exited) == 2 else "running"
+        r.facts["both"] = "exited" if len(first) == 2 else "running"
+    exited = [p for p in (a, b) if p.poll() is not None]
+    running = [p for p in (a, b) if p.poll() is None]
     if len(running) == 2:
         d.expect_exit = True
         kill(b.pid, signal.SIGTERM)
         b.wait()
         d.expect_exit = False
         running = [a]
-    d.sup = running[0] if running else (exited[-1] if exited else a)
+    if loser is not None:
+        d.sup = b if loser is a else a
+    else:
+        d.sup = running[0] if running else (exited[-1] if exited else a)
 
 
 def _disk_full(d: Driver, r: FaultResult, rng: random.Random) -> None:

@@ -139,8 +139,13 @@ def _classify(r: FaultResult, rec: dict[str, Any], worker_events: list[dict[str,
                       f"{f.get('max_workers')} worker(s) at once")
         if f.get("both"):
             r.observed += f"; both supervisors {f['both']}"
+        winner_ok = True
+        if "winner_exit" in f:
+            r.observed += (f"; the other exited {f['winner_exit']} with the run "
+                           f"{f.get('state_after')}")
+            winner_ok = f["winner_exit"] == 0 and f.get("state_after") == "finished"
         r.classified_ok = (f.get("refused_exit") == 78 and "in use" in out
-                           and (f.get("max_workers") or 0) <= 1)
+                           and (f.get("max_workers") or 0) <= 1 and winner_ok)
     else:
         r.observed = got
         if a and a.get("detail"):
