@@ -25,6 +25,7 @@ numpy computes it); extremes, counts and last values are exact at any size.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,11 +215,13 @@ class MetricsSummary:
         return self.newest_time
 
 
-def summarize(path: Path, plan: Plan) -> MetricsSummary:
-    """logs/metrics.jsonl at `path` summed up for `plan` (an absent file: empty)."""
+def summarize(path: Path, plan: Plan,
+              source: Iterable[metrics_table.Piece] | None = None) -> MetricsSummary:
+    """logs/metrics.jsonl at `path` summed up for `plan` (an absent file: empty). `source`:
+    its pieces in file order if read otherwise (metrics_split.Split.pieces: on two cores)."""
     out = MetricsSummary(windows=[Window() for _ in plan.windows],
                          slow={p: (Median(), Median()) for p in plan.periods})
-    for piece in metrics_table.pieces(path):
+    for piece in metrics_table.pieces(path) if source is None else source:
         out.unreadable += piece.unreadable
         if piece.run_id is not None:
             out.run_id = piece.run_id

@@ -156,27 +156,43 @@ class Piece:
     unreadable: int
     run_id: str | None
     lines_expected: int = 0
+    upto: int = 0  # the file offset this piece's lines end at
 
 
-def pieces(path: Path) -> Iterator[Piece]:
+def pieces(path: Path, start: int = 0, end: int | None = None) -> Iterator[Piece]:
     """logs/metrics.jsonl in CHUNK_BYTES pieces, cut at line ends, each parsed into columns
-    (module docstring): memory is one piece's, whatever the file's size. An absent or
+    (module docstring): memory is one piece's, whatever the file's size. `start`, `end`:
+    the byte range read (a line's start each; end None: to the end of the file, lines
+    appended meanwhile included) — metrics_split.py reads two ranges at once. An absent or
     unreadable file yields nothing; a read that fails midway ends the pieces there."""
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed below; reading stops at an OSError
-        size = os.fstat(f.fileno()).st_size
+        size = os.fstat(f.fileno()).st_size if end is None else end
+        size -= start
+        if start:
+            f.seek(start)
     except OSError:
         return
     with f:
         rest = b""
+        left = -1 if end is None else end - start
+        read = start  # the offset the lines parsed so far end at
+        read_bytes = 0
         while True:
             try:
-                block = f.read(CHUNK_BYTES)
+                # reads end at multiples of CHUNK_BYTES in the file, wherever they start:
+                # a range starting at a piece's end is cut into the same pieces as the file
+                want = CHUNK_BYTES - (start + read_bytes) % CHUNK_BYTES
+                block = f.read(want if left < 0 else min(want, left))
+                read_bytes += len(block)
             except OSError:
                 block = b""
+            if left >= 0:
+                left -= len(block)
             cut = 0
             if not block:
                 lines = [rest] if rest.strip() else []
+                read += len(rest)
                 rest = b""
             else:
                 block = rest + block
@@ -185,12 +201,13 @@ def pieces(path: Path) -> Iterator[Piece]:
                     rest = block
                     continue
                 lines, rest = block[:cut].split(b"\n"), block[cut + 1:]
+                read += cut + 1
             objs, unread = _parse(lines)
             if objs or unread:
                 rid = objs[-1].get("run_id") if objs else None
                 yield Piece(_columns(objs) if objs else {}, len(objs), unread,
                             rid if isinstance(rid, str) else None,
-                            int(size / max(1, cut + 1) * len(lines) * 1.02) + 16)
+                            int(size / max(1, cut + 1) * len(lines) * 1.02) + 16, read)
             if not block:
                 break
 

@@ -52,6 +52,7 @@ MARK: dict[RunState, str] = {State.FINISHED: "✅", State.EARLY_STOPPED: "✅", 
                              Unsupervised.INCOMPLETE: "❌", State.STOPPED: "⏹️"}
 DETAIL_CHARS = 90
 TAIL_LINES = 6
+MATPLOTLIB_IMPORT_S = 1.0  # matplotlib.pyplot's import on this machine (runfacts.gather)
 MATPLOTLIB_MISSING = ("matplotlib is not installed: the report has no pictures "
                       "(pip install 'mlx-overnight[report]')")
 
@@ -79,7 +80,7 @@ def main(args: argparse.Namespace) -> int:
         return main_queue(args.queue, args.format, args.output, _use_result,
                           MATPLOTLIB_MISSING)
     run_dir = resolve_run_dir(args.run_dir, "report")
-    facts = gather(run_dir)
+    facts = gather(run_dir, meanwhile=_import_matplotlib, meanwhile_s=MATPLOTLIB_IMPORT_S)
     out = args.output or run_dir / f"report.{args.format}"
     written = write_report(facts, out, args.format)
     if args.quiet:
@@ -91,6 +92,18 @@ def main(args: argparse.Namespace) -> int:
     print(f"report: {out}" + (f"  picture: {written.png}" if written.png and args.format == "md"
                               else ""), file=sys.stderr)
     return 0
+
+
+def _import_matplotlib() -> None:
+    """matplotlib's import (~1 s here), done while a helper parses the metrics' tail
+    (runfacts.gather's `meanwhile`); without matplotlib the report says so later."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # imported for its cost: report_plot uses it
+    except ImportError:
+        pass
 
 
 @dataclass(frozen=True)

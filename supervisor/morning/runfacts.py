@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -34,7 +35,7 @@ from shared.exitcodes import FailureClass
 from shared.faults import ENDS
 from shared.layout import RunDir
 from shared.run_record import Action, AttemptRecord, RunRecord, State
-from supervisor.morning import machine_night
+from supervisor.morning import machine_night, metrics_split
 from supervisor.morning.eta_marks import EtaMarks
 from supervisor.morning.facts import (
     Attempt,
@@ -188,13 +189,16 @@ def _checkpoint_steps(run: RunDir) -> list[int]:
 
 
 def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool = False,
-           now: float | None = None) -> RunFacts:
+           now: float | None = None, meanwhile: Callable[[], None] | None = None,
+           meanwhile_s: float = 0.0) -> RunFacts:
     """Everything known about the run in `run_dir`.
 
     `record`: the run record if the caller has it (None: the run has none); by default
     run.json is read (RecordError if it is not a run record). `light`: for a one-line
     verdict: with a record, read no logs or metrics; without one, read the worker log but not
-    the metrics.
+    the metrics. `meanwhile`: called once the worker log is read, while a helper process
+    parses the metrics' tail (metrics_split.py), taking about `meanwhile_s` seconds (report:
+    importing matplotlib).
     """
     now = time.time() if now is None else now
     run = RunDir(run_dir)
@@ -202,6 +206,24 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
         record = run_record.load(run.record)
     complete = _load_complete(run)
     read_logs = not (light and record is not None)
+    with contextlib.ExitStack() as stack:
+        split = stack.enter_context(metrics_split.start(
+            run.metrics_log, _bytes(run.logs.glob("worker*.jsonl*")), meanwhile_s)) \
+            if read_logs else None
+        return _gather(run_dir, run, record, complete, read_logs, now, split, meanwhile)
+
+
+def _bytes(paths: Iterable[Path]) -> int:
+    total = 0
+    for p in paths:
+        with contextlib.suppress(OSError):
+            total += p.stat().st_size
+    return total
+
+
+def _gather(run_dir: Path, run: RunDir, record: RunRecord | None, complete: dict[str, Any] | None,
+            read_logs: bool, now: float, split: metrics_split.Split | None,
+            meanwhile: Callable[[], None] | None) -> RunFacts:
 
     procs: list[_Proc] = []
     evals: dict[int, float] = {}
@@ -258,7 +280,10 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
                 eta.know_total(total_steps())
 
     attempts = attempts_from_record(record) if record is not None else []
-    metrics = summarize(run.metrics_log, _plan(run_dir, record, attempts, procs, evals)) \
+    if meanwhile is not None:
+        meanwhile()
+    metrics = summarize(run.metrics_log, _plan(run_dir, record, attempts, procs, evals),
+                        split.pieces() if split is not None else None) \
         if read_logs else MetricsSummary()
     state: RunState
     if record is not None:
