@@ -143,3 +143,17 @@ def test_small_files_and_one_core_stay_in_one_process(metrics: Path,
     monkeypatch.setattr(metrics_split.os, "cpu_count", lambda: 1)
     assert metrics_split.start(metrics, min_bytes=0).helper is None
     assert metrics_split.start(metrics.with_name("absent.jsonl"), min_bytes=0).helper is None
+
+
+def test_a_helper_that_hangs_is_stopped_and_its_part_parsed_here(
+        metrics: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = one_process(metrics)
+    monkeypatch.setattr(metrics_split, "HELPER_STALL_S", 0.5)
+    out = tmp_path / "helper.bin"
+    out.write_bytes(b"")
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    split_at = metrics_split._piece_start(metrics, 2 * CHUNK_BYTES)
+    with metrics_split.Split(metrics, split_at, hung, out) as split:
+        got = summarize(metrics, PLAN, split.pieces())
+        assert hung.poll() is not None, "the hung helper was left running"
+    same(expected, got)

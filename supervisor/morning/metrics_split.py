@@ -49,6 +49,7 @@ MIN_SPLIT_BYTES = 32 << 20  # below this one process (a 70k-step night)
 COST_PER_LOG_BYTE = 3.5
 HELPER_START_BYTES = 30 << 20  # the helper's start and imports (~0.3 s)
 POLL_S = 0.005
+HELPER_STALL_S = 30.0  # a helper that writes nothing this long is stopped (a piece: ~10 ms)
 _HEADER = struct.Struct("<I")
 MAX_HEADER = 1 << 20
 
@@ -167,12 +168,15 @@ def _line_start(path: Path, at: int) -> int:
 
 
 def _read_exact(f: IO[bytes], n: int, helper: subprocess.Popen[bytes]) -> bytes | None:
-    """n bytes from f, waiting while the helper is still writing; None if it ended first."""
+    """n bytes from f, waiting while the helper is still writing; None if it ended first or
+    wrote nothing for HELPER_STALL_S (then it is stopped: this process parses the rest)."""
     got = b""
+    waited_since = None
     while len(got) < n:
         chunk = f.read(n - len(got))
         if chunk:
             got += chunk
+            waited_since = None
             continue
         if helper.poll() is not None:
             chunk = f.read(n - len(got))  # what it wrote just before it ended
@@ -180,6 +184,12 @@ def _read_exact(f: IO[bytes], n: int, helper: subprocess.Popen[bytes]) -> bytes 
                 return None
             got += chunk
             continue
+        now = time.monotonic()
+        waited_since = now if waited_since is None else waited_since
+        if now - waited_since > HELPER_STALL_S:
+            helper.kill()
+            helper.wait()
+            return None
         time.sleep(POLL_S)
     return got
 
