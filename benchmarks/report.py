@@ -93,10 +93,18 @@ def telemetry_rows(res: Results, r: dict[str, Any]) -> None:
     names = {"live_sub": "live SUB", "no_sub": "no SUB bound", "stalled_sub":
              "SUB that never reads", "frozen_sub": "frozen SUB (stopped supervisor)"}
     bar = max(0.02, r["noise"])
+    share = r.get("cpu_share")
     for cond, label in names.items():
         slow = r["slowdown"][cond]
-        res.add("6 telemetry", f"~1 ms CPU loop + send() at {r['messages_per_s']:.0f} msg/s, "
-                f"{label}: slowdown", _pct(slow), "no telemetry", "",
+        where = f"~1 ms CPU loop + send() at {r['messages_per_s']:.0f} msg/s, {label}"
+        if share is not None:  # counted: what the goal is judged on
+            res.add("6 telemetry", f"{where}: CPU telemetry used", _pct(share[cond]),
+                    "the loop's wall time", "", "< 2%", share[cond] < 0.02,
+                    f"send() on the training thread + its thread + ZeroMQ's I/O threads; "
+                    f"wall-clock slowdown {_pct(slow)} (noise {r['noise']:.0%}); longest "
+                    f"send() {_ms(r['send_max_s'][cond])}", kind="telemetry")
+            continue
+        res.add("6 telemetry", f"{where}: slowdown", _pct(slow), "no telemetry", "",
                 "not measurable (< 2% or noise)", slow <= bar,
                 f"noise {r['noise']:.0%}; longest send() {_ms(r['send_max_s'][cond])}",
                 kind="telemetry")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -101,3 +102,25 @@ def test_a_metrics_batch_of_no_steps_or_too_many_is_refused() -> None:
     with pytest.raises(ProtocolError, match="loss"):
         p.decode(json.dumps({"type": "metrics_batch", "v": 1, "run_id": "r", "attempt": 1,
                              "steps": [{**row, "loss": "x"}]}))
+
+
+@pytest.mark.parametrize("token,rank", [("", 0), ("t" * 32, 0), ("u" * 32, 3)])
+def test_the_senders_batch_bytes_decode_to_the_steps_it_was_given(token: str, rank: int) -> None:
+    """StepMetricsBatch.encode (the worker's telemetry thread) skips the intermediate objects:
+    what it sends must decode to the very steps, stamped, non-finite values included, and
+    equal the bytes of the objects' own path."""
+    steps = [p.StepMetrics("r1", 2, s, 1.7e9 + s / 3, 2.25 + s / 7, math.nan if s == 8 else 0.5,
+                           1e-5, 128, 512.0 / 3, 0.25, 10.0, 20.0, math.inf if s == 9 else 30.0,
+                           data_position=s - 1, cache_mb=1.5, footprint_mb=2.5)
+             for s in (7, 8, 9)]
+    raw = p.StepMetricsBatch.encode(steps, token, rank)
+    stamped = [m.with_token(token, rank) for m in steps]
+    assert raw == p.StepMetricsBatch.fold(stamped).to_json()
+    got = p.decode_all(raw)
+    assert len(got) == 3 and json.loads(raw).get("rank", 0) == rank
+    for a, b in zip(got, stamped, strict=True):  # NaN != NaN: compare field by field
+        for f in dataclasses.fields(a):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            assert x == y or (math.isnan(x) and math.isnan(y)), f.name
+    with pytest.raises(ProtocolError, match=r"expected 1\.\.64 steps"):
+        p.StepMetricsBatch.encode([], token, rank)

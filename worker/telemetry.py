@@ -124,13 +124,16 @@ class Telemetry:
         )
 
     def _send_now(self, message: p._Message) -> None:
-        import zmq
-
         if isinstance(message, p._Telemetry) and (self.token or self.rank) \
                 and not message.token:
             message = message.with_token(self.token, self.rank)  # here, off the training thread
+        self._send_bytes(message.to_json())
+
+    def _send_bytes(self, data: bytes) -> None:
+        import zmq
+
         try:
-            self._sock.send(message.to_json(), zmq.NOBLOCK)
+            self._sock.send(data, zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
 
@@ -166,7 +169,11 @@ class Telemetry:
                        and len(steps) < p.MAX_BATCH_STEPS):
                     steps.append(self._queue.popleft())  # type: ignore[arg-type]
                 if len(steps) > 1:
-                    self._send_now(p.StepMetricsBatch.fold(steps))
+                    first = steps[0]  # stamped as _send_now stamps a message
+                    stamp = not first.token and bool(self.token or self.rank)
+                    self._send_bytes(p.StepMetricsBatch.encode(
+                        steps, self.token if stamp else first.token,
+                        self.rank if stamp else first.rank))
                     continue
             self._send_now(message)
 
