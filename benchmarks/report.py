@@ -232,17 +232,20 @@ MISSES: dict[str, str] = {
         "model and is the same in both tools. A difference of a few MB on a 900 MB process is "
         "within what one run to the next varies on this machine."),
     "telemetry": (
-        "**Telemetry at ~500-1000 messages/s.** The micro-benchmark (a ~1 ms CPU loop calling "
-        "`Telemetry.send` each iteration) measured -2 to +0.1% on 2026-11-26 (commit 606959b) "
-        "and +50 to +84% on 2026-11-30 with every condition, even with no subscriber at all, "
-        "where `send()` is a deque append; re-run at 1 repetition, 606959b's tree gives +2%, "
-        "72ab50a's +30 to +93% and HEAD with 606959b's worker/telemetry.py +3 to +40%. So "
-        "part of it came with that module's changes between the two (the token stamping, the "
-        "metrics_batch fold, the footprint read, new imports), and single runs vary by tens "
-        "of percent on this VM. The real worker's rows (`overnight train --telemetry`) show "
-        "+7% / -5% / +13% at ~60 steps/s, and supervision (which includes telemetry to a "
-        "live supervisor) cost nothing measurable. What would close it: bisect the commits "
-        "between 606959b and 72ab50a with the micro at 5 repetitions."),
+        "**Telemetry CPU at 1000 messages/s.** Counted (send() on the training thread, the "
+        "sender thread and ZeroMQ's I/O threads, Linux schedstat): ~5 us a message when "
+        "nobody reads (queued, then dropped uncoded), ~20-24 us when a subscriber takes them "
+        "(each flush's steps encoded as one `metrics_batch`, ~5-7 us a step with orjson "
+        "straight from the StepMetrics; the rest is the sender thread's GIL hand-offs with "
+        "a training thread that runs Python between matrix products, as this loop does — "
+        "the real worker's `mx.eval` releases the GIL). So 2.2-2.4 % of a core at 1000 "
+        "messages/s, 0.2 % at the 100 steps/s of the fastest real run here. The wall-clock "
+        "slowdown of the ~1 ms loop is not a measure of it: it moves by tens of percent with "
+        "whether another process exists that wakes up now and then (the SUB helper: +37 to "
+        "+78 % even for a frozen SUB whose telemetry costs 5 us a message, -2 % with no "
+        "helper), while `overnight train --telemetry` shows nothing measurable. What would "
+        "close it: a columnar `metrics_batch` (one list per field: ~1 us a step to encode, "
+        "and the supervisor reads columns already) and fewer GIL hand-offs per flush."),
     "supervision": (
         "**Supervision overhead on the tiny model.** At >100 steps/s the worker sends >100 "
         "metrics messages a second and the supervisor decodes each; the supervisor's CPU and "
@@ -262,13 +265,14 @@ MISSES: dict[str, str] = {
         "the paced row for the rate held steady."),
     "growth": (
         "**`report` at 1M steps above 10 s.** Reading 1M metrics lines is most of it: "
-        "orjson parses each line (~3-4 s of CPU), the columns are built (~2 s), the worker "
-        "log's 128k lines are read for the events (~2 s). The streamed version (memory flat, "
-        "93 MB) takes about the CPU the whole-file columns took (re-timed on one 1M-step "
-        "directory: 10.7 s and 94 MB against 9.5 s and 315 MB); this VM was slower during this "
-        "run than when the columns measured 6.5 s earlier. What would close it: a metrics "
-        "sidecar the worker writes beside metrics.jsonl (binary columns, appended per flush) "
-        "so the report reads numbers instead of parsing JSON."),
+        "orjson parses each line, the columns are built, the worker log's 128k lines are "
+        "read for the events (~2 s), matplotlib is imported and draws (~3 s at any size). "
+        "The metrics are parsed on two cores (a helper process parses the tail while the "
+        "report reads the worker log, imports matplotlib and parses the head: "
+        "supervisor/morning/metrics_split.py), so on one core, or a VM slower than the one "
+        "that measured 6 s, this can exceed 10 s. What would close it: a metrics sidecar the "
+        "worker writes beside metrics.jsonl (binary columns, appended per flush) so the "
+        "report reads numbers instead of parsing JSON."),
     "recovery": (
         "**Restart above model load + 2 s.** The next worker starts during the backoff "
         "after a crash (and while the checkpoint is validated otherwise), so its imports and "
