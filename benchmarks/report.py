@@ -233,19 +233,19 @@ MISSES: dict[str, str] = {
         "within what one run to the next varies on this machine."),
     "telemetry": (
         "**Telemetry CPU at 1000 messages/s.** Counted (send() on the training thread, the "
-        "sender thread and ZeroMQ's I/O threads, Linux schedstat): ~5 us a message when "
-        "nobody reads (queued, then dropped uncoded), ~20-24 us when a subscriber takes them "
-        "(each flush's steps encoded as one `metrics_batch`, ~5-7 us a step with orjson "
-        "straight from the StepMetrics; the rest is the sender thread's GIL hand-offs with "
-        "a training thread that runs Python between matrix products, as this loop does — "
-        "the real worker's `mx.eval` releases the GIL). So 2.2-2.4 % of a core at 1000 "
-        "messages/s, 0.2 % at the 100 steps/s of the fastest real run here. The wall-clock "
-        "slowdown of the ~1 ms loop is not a measure of it: it moves by tens of percent with "
-        "whether another process exists that wakes up now and then (the SUB helper: +37 to "
-        "+78 % even for a frozen SUB whose telemetry costs 5 us a message, -2 % with no "
-        "helper), while `overnight train --telemetry` shows nothing measurable. What would "
-        "close it: a columnar `metrics_batch` (one list per field: ~1 us a step to encode, "
-        "and the supervisor reads columns already) and fewer GIL hand-offs per flush."),
+        "sender thread and ZeroMQ's I/O threads, Linux schedstat): 4-6 us a message when "
+        "nobody reads (queued, then dropped uncoded), 14-24 us over runs when a subscriber "
+        "takes them: 1.4-2.4 % of a core at 1000 messages/s, 0.2 % at the ~100 steps/s of "
+        "the fastest real run here. Encoding is ~2.3 us a step on an idle thread (orjson "
+        "straight from the StepMetrics, one `metrics_batch` per 50 ms flush); the rest is the "
+        "sender thread sharing the GIL with a training thread that runs Python between matrix "
+        "products, as this loop does (the real worker's `mx.eval` releases the GIL). The "
+        "wall-clock slowdown of the ~1 ms loop is not a measure of it: it moves by tens of "
+        "percent in either direction from run to run (-43 to +78 % seen), for conditions "
+        "whose counted cost is 4 us a message as much as for the others, and `overnight train "
+        "--telemetry` shows nothing measurable. What would close it: fewer GIL hand-offs per "
+        "flush (one send per flush is already the case; the wake-up and the socket's "
+        "release and re-take of the GIL remain) or a sender outside the interpreter."),
     "supervision": (
         "**Supervision overhead on the tiny model.** At >100 steps/s the worker sends >100 "
         "metrics messages a second and the supervisor decodes each; the supervisor's CPU and "
