@@ -157,3 +157,17 @@ def test_a_helper_that_hangs_is_stopped_and_its_part_parsed_here(
         got = summarize(metrics, PLAN, split.pieces())
         assert hung.poll() is not None, "the hung helper was left running"
     same(expected, got)
+
+
+def test_the_busier_this_process_the_more_the_helper_parses(metrics: Path) -> None:
+    """The split balances the two sides: work this process does meanwhile (the worker log,
+    matplotlib's import) moves it towards the start; with enough, the helper takes it all
+    and the summary is still the one process's."""
+    size = metrics.stat().st_size
+    with metrics_split.start(metrics, min_bytes=0) as idle, \
+            metrics_split.start(metrics, other_bytes=size, min_bytes=0) as busy, \
+            metrics_split.start(metrics, other_seconds=60.0, min_bytes=0) as swamped:
+        assert idle.split > busy.split > 0 and swamped.split == 0
+        got = summarize(metrics, PLAN, swamped.pieces())
+        assert swamped.from_helper > 0
+    same(one_process(metrics), got)
