@@ -19,6 +19,9 @@ group's member (`rank`, left out when 0), on every message; the supervisor
 believes only messages of the running attempt with its token
 (supervisor/daemon/telemetry_gate.py). An empty token is left out of the JSON, so a worker
 started by hand (no supervisor, no token) sends exactly the version-1 messages it always did.
+
+Longer than 400 lines: it is the whole wire format, one dataclass per message type with its
+JSON example, and the one decoder that admits them; read in one place, both ends agree.
 """
 
 from __future__ import annotations
