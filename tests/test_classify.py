@@ -78,8 +78,13 @@ def test_details_carry_the_evidence():
 
 
 def test_bad_config_without_telemetry_takes_the_message_from_stderr():
+    """The same detail as the worker's telemetry would have carried: its error line without
+    the program's name (a lost WorkerStopping must not change the run's reason)."""
     c = classify(ExitFacts(78, stderr_tail="overnight train: c.yaml: data: dir not found\n"))
-    assert c.failure is F.BAD_CONFIG and c.detail == "overnight train: c.yaml: data: dir not found"
+    assert c.failure is F.BAD_CONFIG and c.detail == "c.yaml: data: dir not found"
+    told = classify(ExitFacts(78, stopping_detail="c.yaml: data: dir not found",
+                              stderr_tail="overnight train: c.yaml: data: dir not found\n"))
+    assert told.detail == c.detail
 
 
 @pytest.mark.parametrize("routine", [

@@ -46,6 +46,7 @@ DISK_FULL_PATTERN = re.compile(
     r"\[Errno 28\]|No space left on device|Disk quota exceeded|\[write\] Unable to write")
 # mlx_lm's import raising the hard open-file limit it may not (shared/openfile_limit.py).
 SYSTEM_LIMIT_PATTERN = re.compile(r"not allowed to raise maximum limit")
+WORKER_PREFIX = re.compile(r"^overnight [a-z-]+: ")  # how shared/cli.py starts an error line
 # The watchdogs that end long GPU work: "Impacting Interactivity" (the window server starved)
 # and the classic GPU timeout ("Caused GPU Timeout Error", kIOGPUCommandBufferCallbackErrorTimeout).
 GPU_WATCHDOG_PATTERN = re.compile(r"kIOGPUCommandBufferCallbackErrorImpactingInteractivity"
@@ -163,8 +164,9 @@ def classify(f: ExitFacts) -> Classification:
         if not detail and code in (ExitCode.BAD_CONFIG, ExitCode.DISK_FULL,
                                    ExitCode.SYSTEM_LIMIT, ExitCode.CHECKPOINT_REFUSED):
             # Telemetry sent right after connecting can be lost (PUB/SUB slow joiner); the
-            # worker's one-line error on stderr is the message then.
-            detail = _last_error_line(f.stderr_tail)
+            # worker's one-line error on stderr is the message then, without the program's
+            # name (shared/cli.py): the same reason whichever way it arrived.
+            detail = WORKER_PREFIX.sub("", _last_error_line(f.stderr_tail), count=1)
         detail = detail or status
         return result(EXIT_TO_CLASS[code], detail)
 
