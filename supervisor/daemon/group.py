@@ -160,7 +160,10 @@ class GroupProcess:
             if r not in self.ends:
                 rc = proc.poll()
                 if rc is not None:
-                    lost = rc not in NORMAL_ENDS and _lost_a_peer(self.outputs[r])
+                    # collateral: mlx said a peer was lost, or we had already stopped it
+                    # because another rank failed (our SIGTERM can beat mlx's ~20 ms)
+                    stopped = self._kill_at is not None and self.ending
+                    lost = rc not in NORMAL_ENDS and (stopped or _lost_a_peer(self.outputs[r]))
                     self.ends[r] = RankEnd(r, rc, now, lost)
                     if self.log is not None:
                         (self.log.info if rc in NORMAL_ENDS or lost else self.log.warning)(
