@@ -73,11 +73,11 @@ class Split:
             try:
                 with open(self.out, "rb") as f:
                     for piece in _records(f, self.helper):
+                        if piece is None:  # its end record: it covered the file to its end
+                            return
                         covered = piece.upto
                         self.from_helper += 1
                         yield piece
-                    if _ended(f, self.helper):
-                        return
             except OSError:
                 pass
         yield from pieces(self.path, covered)  # no helper, or it stopped short: here
@@ -195,9 +195,9 @@ def _read_exact(f: IO[bytes], n: int, helper: subprocess.Popen[bytes]) -> bytes 
     return got
 
 
-def _records(f: IO[bytes], helper: subprocess.Popen[bytes]) -> Iterator[Piece]:
-    """The helper's pieces and the offset each ends at, until its end record (or a torn or
-    missing one: then the iteration just stops; _ended tells which)."""
+def _records(f: IO[bytes], helper: subprocess.Popen[bytes]) -> Iterator[Piece | None]:
+    """The helper's pieces (each with the offset it ends at), then None for its end record;
+    a torn or missing record just stops the iteration (no None)."""
     while True:
         raw = _read_exact(f, _HEADER.size, helper)
         if raw is None:
@@ -213,7 +213,7 @@ def _records(f: IO[bytes], helper: subprocess.Popen[bytes]) -> Iterator[Piece]:
         except ValueError:
             return
         if head.get("end"):
-            f.seek(f.tell() - length - _HEADER.size)  # left for _ended to see
+            yield None
             return
         cols: dict[str, Any] = {}
         for name, dtype, nbytes in head["columns"]:
@@ -225,19 +225,6 @@ def _records(f: IO[bytes], helper: subprocess.Popen[bytes]) -> Iterator[Piece]:
         yield Piece(cols, int(head["n"]), int(head["unreadable"]),
                     rid if isinstance(rid, str) else None, int(head["lines_expected"]),
                     int(head["upto"]))
-
-
-def _ended(f: IO[bytes], helper: subprocess.Popen[bytes]) -> bool:
-    """Whether the helper wrote its end record (and so covered the file to its end)."""
-    raw = _read_exact(f, _HEADER.size, helper)
-    if raw is None:
-        return False
-    (length,) = _HEADER.unpack(raw)
-    body = _read_exact(f, min(length, MAX_HEADER), helper)
-    try:
-        return body is not None and json.loads(body).get("end") is True
-    except ValueError:
-        return False
 
 
 def _write(out: IO[bytes], head: dict[str, Any], arrays: list[np.ndarray[Any, Any]]) -> None:

@@ -175,20 +175,17 @@ def pieces(path: Path, start: int = 0, end: int | None = None) -> Iterator[Piece
         return
     with f:
         rest = b""
-        left = -1 if end is None else end - start
+        at = start  # the offset of the next read
         read = start  # the offset the lines parsed so far end at
-        read_bytes = 0
         while True:
+            # reads end at multiples of CHUNK_BYTES in the file, wherever they start: a
+            # range starting at a piece's end is cut into the same pieces as the file
+            want = CHUNK_BYTES - at % CHUNK_BYTES
             try:
-                # reads end at multiples of CHUNK_BYTES in the file, wherever they start:
-                # a range starting at a piece's end is cut into the same pieces as the file
-                want = CHUNK_BYTES - (start + read_bytes) % CHUNK_BYTES
-                block = f.read(want if left < 0 else min(want, left))
-                read_bytes += len(block)
+                block = f.read(want if end is None else min(want, end - at))
             except OSError:
                 block = b""
-            if left >= 0:
-                left -= len(block)
+            at += len(block)
             cut = 0
             if not block:
                 lines = [rest] if rest.strip() else []
