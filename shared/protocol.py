@@ -238,9 +238,7 @@ class StepMetricsBatch(_Telemetry):
         worker's telemetry thread sends ~100-1000 steps a second this way (~5 us a step
         against ~10, benchmarks/telemetry_cost.py). Raises ProtocolError for 0 or more than
         MAX_BATCH_STEPS steps."""
-        if not 1 <= len(metrics) <= MAX_BATCH_STEPS:
-            raise ProtocolError(f"metrics_batch: expected 1..{MAX_BATCH_STEPS} steps, got "
-                                f"{len(metrics)}")
+        _check_batch_steps(len(metrics))
         first = metrics[0]
         return orjson.dumps(_batch_dict(first.run_id, first.attempt, token, rank,
                                         [_row_values(m) for m in metrics]))
@@ -262,9 +260,13 @@ class StepMetricsBatch(_Telemetry):
         return orjson.dumps(self.to_dict())
 
     def __post_init__(self) -> None:
-        if not 1 <= len(self.steps) <= MAX_BATCH_STEPS:
-            raise ProtocolError(f"metrics_batch: expected 1..{MAX_BATCH_STEPS} steps, got "
-                                f"{len(self.steps)}")
+        _check_batch_steps(len(self.steps))
+
+
+def _check_batch_steps(n: int) -> None:
+    """ProtocolError unless a batch has 1..MAX_BATCH_STEPS steps."""
+    if not 1 <= n <= MAX_BATCH_STEPS:
+        raise ProtocolError(f"metrics_batch: expected 1..{MAX_BATCH_STEPS} steps, got {n}")
 
 
 def _batch_dict(run_id: str, attempt: int, token: str, rank: int,

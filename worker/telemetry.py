@@ -123,10 +123,18 @@ class Telemetry:
             rank=self.rank,
         )
 
+    def _stamp(self, message: p._Telemetry) -> tuple[str, int]:
+        """The token and rank `message` goes out with: this attempt's when it has none
+        (stamped here, off the training thread), else its own."""
+        if (self.token or self.rank) and not message.token:
+            return self.token, self.rank
+        return message.token, message.rank
+
     def _send_now(self, message: p._Message) -> None:
-        if isinstance(message, p._Telemetry) and (self.token or self.rank) \
-                and not message.token:
-            message = message.with_token(self.token, self.rank)  # here, off the training thread
+        if isinstance(message, p._Telemetry):
+            token, rank = self._stamp(message)
+            if (token, rank) != (message.token, message.rank):
+                message = message.with_token(token, rank)
         self._send_bytes(message.to_json())
 
     def _send_bytes(self, data: bytes) -> None:
@@ -173,11 +181,7 @@ class Telemetry:
                        and len(steps) < p.MAX_BATCH_STEPS):
                     steps.append(self._queue.popleft())  # type: ignore[arg-type]
                 if len(steps) > 1:
-                    first = steps[0]  # stamped as _send_now stamps a message
-                    stamp = not first.token and bool(self.token or self.rank)
-                    self._send_bytes(p.StepMetricsBatch.encode(
-                        steps, self.token if stamp else first.token,
-                        self.rank if stamp else first.rank))
+                    self._send_bytes(p.StepMetricsBatch.encode(steps, *self._stamp(steps[0])))
                     continue
             self._send_now(message)
 

@@ -98,10 +98,9 @@ def _import_matplotlib() -> None:
     """matplotlib's import (~1 s here), done while a helper parses the metrics' tail
     (runfacts.gather's `meanwhile`); without matplotlib the report says so later."""
     try:
-        import matplotlib
+        from supervisor.morning import report_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot  # imported for its cost: report_plot uses it
+        report_plot.pyplot()
     except ImportError:
         pass
 

@@ -74,13 +74,20 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def plot(facts: RunFacts, target: Path | BinaryIO) -> None:
-    """Draw the picture into a PNG file (or a binary stream)."""
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (PNG, no display); ImportError without
+    matplotlib (the `report` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(facts: RunFacts, target: Path | BinaryIO) -> None:
+    """Draw the picture into a PNG file (or a binary stream)."""
+    plt = pyplot()
     fig = plt.figure(figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI, layout="constrained")
     title = textwrap.fill(describe(facts), width=TITLE_CHARS, max_lines=3, placeholder=" …")
     fig.suptitle(title, fontsize=11, fontweight="bold", ha="left", x=0.01)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from supervisor.morning.facts import RunFacts, num
+from supervisor.morning.report_plot import pyplot
 
 WIDTH_IN, HEIGHT_IN, DPI = 13.0, 5.5, 100
 
@@ -32,11 +33,8 @@ def eval_times(facts: RunFacts) -> list[tuple[datetime, float]]:
 
 def plot(runs: list[tuple[str, RunFacts]], target: Path | BinaryIO) -> None:
     """Draw the two panels for `runs` ((name, facts), in order) into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    plt = pyplot()
     import matplotlib.dates as mdates
-    import matplotlib.pyplot as plt
 
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(WIDTH_IN, HEIGHT_IN), dpi=DPI,
                                            layout="constrained")

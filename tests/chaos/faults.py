@@ -245,15 +245,15 @@ def start_race(d: Driver, r: FaultResult, rng: random.Random, at_start: bool) ->
     if len(first) == 2:  # both within one poll: the refused one is the one that said so
         first = [p for p in first if p.returncode == 78][:1] or first
     loser = first[0] if len(first) == 1 else None
+    winner = None if loser is None else (b if loser is a else a)
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:
         most = max(most, len(workers_of(d.run_dir)))
         time.sleep(0.05)
     r.facts["max_workers"] = most
-    if loser is not None:
+    if loser is not None and winner is not None:
         r.facts["refused_exit"] = loser.returncode
         r.facts["refused_output"] = d.output_tail(loser, 1)
-        winner = b if loser is a else a
         if winner.poll() is not None:  # e.g. it finished the run's last steps meanwhile
             r.facts["winner_exit"] = winner.returncode
             r.facts["state_after"] = (d.obs.record() or {}).get("state")
@@ -268,8 +268,8 @@ def start_race(d: Driver, r: FaultResult, rng: random.Random, at_start: bool) ->
         b.wait()
         d.expect_exit = False
         running = [a]
-    if loser is not None:
-        d.sup = b if loser is a else a
+    if winner is not None:
+        d.sup = winner
     else:
         d.sup = running[0] if running else (exited[-1] if exited else a)
 
