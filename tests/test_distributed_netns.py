@@ -26,6 +26,8 @@ from tests.conftest import overnight, write_config
 from tests.supervisor_support import events, record, wait_for
 from tests.test_distributed_e2e import FAST, last_step, mixed_corpus, supervise
 
+ITERS = 40  # steps of the group run (see the test)
+
 WRAPPER = """\
 import json, os, sys
 r = int(os.environ["MLX_RANK"])
@@ -82,7 +84,9 @@ def test_a_pulled_link_is_a_stall_and_the_group_recovers(tmp_path, tiny_model, n
     wrapper = tmp_path / "netns_rank.py"
     wrapper.write_text(WRAPPER)
     data = mixed_corpus(tmp_path / "data")
-    config = write_config(tmp_path / "netns.yaml", tiny_model, data, iters=12, batch_size=4,
+    # enough steps that the run is still training when the link is pulled at step 5 (12
+    # steps finished in 2.1 s on a fast day: the link went down after the run had ended)
+    config = write_config(tmp_path / "netns.yaml", tiny_model, data, iters=ITERS, batch_size=4,
                           save_every=4, steps_per_eval=8, distributed={"processes": 2},
                           supervisor={**FAST, "stall_timeout": 5.0, "stop_timeout": 3.0,
                                       "worker_command": [sys.executable, str(wrapper)]})
@@ -111,5 +115,5 @@ def test_a_pulled_link_is_a_stall_and_the_group_recovers(tmp_path, tiny_model, n
         (a["classification"], a["detail"]) for a in attempts]
     assert attempts[0]["detected_by"] == "stall_timeout"
     assert attempts[0]["killed_after_stop_timeout"]  # blocked in a collective: SIGKILL
-    assert record(run_dir)["final_step"] == 12
+    assert record(run_dir)["final_step"] == ITERS
     assert Path(run_dir / "COMPLETE").exists()
