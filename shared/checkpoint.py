@@ -15,8 +15,9 @@ fails (a full disk) removes its temp directory before the error goes on.
 Deleting is renaming first: retention (and the replaced copy when a step is saved again)
 renames a checkpoint to `checkpoints/.deleting-step-0000250-<pid>/` and only then removes
 it, so a kill in the middle of a delete never leaves a half-deleted `step-*` directory.
-`clean_leftovers()`, run at start by the worker and the supervisor (both hold the run lock:
-no other writer exists), removes what a killed writer left: `.deleting-*` and `.tmp-*`
+`clean_leftovers()`, run at start by the worker and the supervisor, and by the supervisor
+when a worker has ended (each holds the run lock, or is the only one of its processes that
+runs: no other writer exists), removes what a killed writer left: `.deleting-*` and `.tmp-*`
 directories (a complete temp checkpoint whose step is missing is put in place instead: a
 kill between the two renames of a re-save).
 

@@ -160,6 +160,9 @@ class Fake:
 
         path = write_checkpoint(self.run_dir / "checkpoints", self.step, files,
                                 die if kill_before_manifest else None)
+        if self.fire("checkpoint_unrenamed"):  # killed between the manifest and the rename
+            os.replace(path, path.parent / f".tmp-{path.name}-{os.getpid()}")
+            die(path)
         self.send(CheckpointSaved(run_id="fake", attempt=self.attempt, step=self.step,
                                   path=str(path), seconds=time.time() - t0, bytes=100))
         self.phase = Phase.TRAINING

@@ -188,6 +188,25 @@ def test_each_corruption_damages_the_checkpoint_as_documented(tmp_path: Path,
         assert state["config"]["seed"] == 1 and state["config_hash"] != "0123456789abcdef"
 
 
+def test_a_checkpoint_complete_but_for_its_rename_is_found(tmp_path: Path) -> None:
+    """What a kill between a checkpoint's manifest and its rename leaves: the corruption
+    faults damage it (once in place), not the older `step-*` (CI: corrupt_bitflip damaged
+    step 20 while step 30 was put in place and chosen)."""
+    from tests.chaos.corrupt import unrenamed
+
+    older = _checkpoint(tmp_path)
+    ckpts = older.parent
+    done = ckpts / ".tmp-step-0000030-4242"
+    older.rename(done)
+    _checkpoint(tmp_path)
+    half = ckpts / ".tmp-step-0000040-4243"  # no manifest yet: removed, not put in place
+    half.mkdir()
+    resaved = ckpts / ".tmp-step-0000020-4244"  # its step exists: a re-save, not pending
+    resaved.mkdir()
+    (resaved / "manifest.json").write_text("{}")
+    assert unrenamed(ckpts) == [(done, ckpts / "step-0000030")]
+
+
 def test_max_abs_diff_reads_what_mlx_writes(tmp_path: Path) -> None:
     """Δ is computed without MLX: a file read and written back is identical (0.0), one value
     moved by 0.25 gives 0.25, a NaN gives NaN, another tensor set gives inf."""

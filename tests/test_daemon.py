@@ -133,6 +133,22 @@ def test_a_killed_checkpoint_write_restarts_from_the_previous_one(tmp_path, env)
     assert rec["attempts"][1]["resumed_from"]["step"] == 10
 
 
+def test_a_checkpoint_killed_before_its_rename_is_put_in_place_before_the_next_start(
+        tmp_path, env):
+    """A kill between the manifest and the rename leaves a complete `.tmp-step-N-PID`: the
+    supervisor puts it in place when the worker has ended, so the next attempt's checkpoint
+    choice sees step N (the fake worker, unlike the real one, never cleans up itself; the
+    chaos campaign's corrupt_bitflip damaged step 20 while a race made step 30 appear)."""
+    env.setenv("OVERNIGHT_INJECT", "checkpoint_unrenamed@20")
+    rec, run_dir = run_fake(tmp_path)
+    assert_finished(rec, ["crash", "completed"])
+    assert rec["attempts"][0]["signal_name"] == "SIGKILL"
+    assert rec["attempts"][1]["resumed_from"]["step"] == 20
+    restored = [e["names"] for e in events(run_dir, "checkpoint_leftovers_removed")]
+    assert restored == [[next(n for n in restored[0] if n.endswith("-> step-0000020"))]]
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
 def test_invalid_checkpoints_are_quarantined_never_deleted(tmp_path, env):
     run_dir = tmp_path / "run"
     bad = RunDir(run_dir).checkpoint_dir(30)

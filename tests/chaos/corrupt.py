@@ -39,6 +39,19 @@ def newest_complete(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def unrenamed(checkpoints: Path) -> list[tuple[Path, Path]]:
+    """(temp dir, its step dir) for each checkpoint complete but for its rename — a kill
+    between the manifest and the rename — whose step dir is missing: the supervisor puts
+    it in place before the next start (shared.checkpoint.clean_leftovers), so it, not the
+    newest `step-*` of the moment, is what the next checkpoint choice sees first."""
+    out = []
+    for tmp in sorted(checkpoints.glob(".tmp-step-*")):
+        final = checkpoints / tmp.name.removeprefix(".tmp-").rsplit("-", 1)[0]
+        if (tmp / MANIFEST).is_file() and not final.exists():
+            out.append((tmp, final))
+    return out
+
+
 def corrupt(path: Path, variant: str, rng: random.Random) -> str:
     """Damage the checkpoint directory `path`; returns what was done (one line)."""
     if variant == "no_manifest":

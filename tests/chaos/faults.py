@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from shared.layout import RunDir
@@ -166,6 +167,7 @@ def _corrupt(d: Driver, r: FaultResult, rng: random.Random) -> None:
         sup.wait()
         d.expect_exit = False
     wait_dead(r.worker_pid, 10)
+    _settle(d.run_dir / "checkpoints", r)
     target = corrupt.newest_complete(d.run_dir / "checkpoints")
     if target is None:
         r.notes.append("no complete checkpoint to damage: only the kill happened")
@@ -176,6 +178,22 @@ def _corrupt(d: Driver, r: FaultResult, rng: random.Random) -> None:
     r.t_fired = time.time()
     if r.variant == "offline":
         d.sup = d.start_supervisor()
+
+
+def _settle(checkpoints: Path, r: FaultResult) -> None:
+    """The kill landed between a checkpoint's manifest and its rename: damage what the next
+    checkpoint choice will see first, that checkpoint once in place. Offline, nobody runs:
+    put it in place as the supervisor will at its start; in the backoff, the supervisor does
+    it as soon as it has seen the worker end (supervisor/daemon/runner.py), wait for that."""
+    pending = corrupt.unrenamed(checkpoints)
+    if not pending:
+        return
+    r.facts["unrenamed"] = [tmp.name for tmp, _ in pending]
+    if r.variant == "offline":
+        for tmp, final in pending:
+            os.replace(tmp, final)
+    elif not wait_until(lambda: not corrupt.unrenamed(checkpoints), 10.0, 0.002):
+        r.notes.append("a checkpoint complete but for its rename stayed so for 10 s")
 
 
 def _garbage(d: Driver, r: FaultResult, rng: random.Random) -> None:
