@@ -4,6 +4,8 @@
 every byte: hashes and tensor values, seconds for a large checkpoint) and returns a `Choice`.
 It only reads; the loop applies the choice (supervisor/daemon/runner.py): it quarantines the
 invalid checkpoints and, after a rollback, sets aside those after the resume point.
+Before it, when a worker has ended, `clean_up_after()` puts in place or removes what that
+worker left half-written, so the choice sees the directory as no one is writing it.
 
 `ThreadJob` runs it in a thread, so the loop goes on answering control requests, reading
 telemetry and sending the systemd watchdog while a large checkpoint hashes; it calls `wake`
@@ -18,9 +20,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from shared.checkpoint import CheckpointInfo, Validation, list_checkpoints, newest_valid
+from shared.checkpoint import (
+    CheckpointInfo,
+    Validation,
+    clean_leftovers,
+    list_checkpoints,
+    newest_valid,
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,23 @@ def choose(checkpoints: Path, rollback_before: int | None) -> Choice:
                                         f"(step {keep}) and at or after the first bad step "
                                         f"{rollback_before}"))
     return Choice(found, tuple(invalid), tuple(set_aside), time.monotonic() - started)
+
+
+def clean_up_after(checkpoints: Path, log: Any) -> None:
+    """A worker has exited and the next one has not started: what it left half-done in
+    `checkpoints` is dealt with now, by the supervisor (shared.checkpoint.clean_leftovers:
+    a temp checkpoint complete but for its rename is put in place, other temp and
+    half-deleted directories are removed). Left to the next worker, that raced the choice
+    (which starts while the early worker loads): the choice could pass over a complete newer
+    checkpoint, or see it appear half-way. An OSError (a full disk) is logged; the next
+    worker tries again."""
+    try:
+        cleaned = clean_leftovers(checkpoints)
+    except OSError as e:
+        log.warning("checkpoint_leftovers_failed", error=str(e))
+        return
+    if cleaned:
+        log.info("checkpoint_leftovers_removed", names=cleaned)
 
 
 class Job(Protocol):

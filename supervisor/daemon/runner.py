@@ -19,13 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import strictjson
-from shared.checkpoint import (
-    CheckpointInfo,
-    clean_leftovers,
-    list_checkpoints,
-    quarantine,
-    validate,
-)
+from shared.checkpoint import CheckpointInfo, list_checkpoints, quarantine, validate
 from shared.config import Config
 from shared.exitcodes import FailureClass
 from shared.faults import fired_in, marker_dir
@@ -35,7 +29,7 @@ from shared.protocol import CheckpointSaved, EvalResult, Message, WorkerStopping
 from shared.run_record import AttemptRecord, BestCheckpoint, LatestCheckpoint, WorkerInfo
 from supervisor.daemon import ending
 from supervisor.daemon.attempt import Attempt
-from supervisor.daemon.checkpoint_choice import Choice, choose
+from supervisor.daemon.checkpoint_choice import Choice, choose, clean_up_after
 from supervisor.daemon.diskspace import POLL_SECONDS, WAITING_LOG_EVERY, SpaceWatch
 from supervisor.daemon.early_start import EarlyWorker, start_early
 from supervisor.daemon.group import GroupProcess, group_end, group_fields
@@ -197,21 +191,6 @@ class AttemptRunner:
         return dataclasses.replace(decision, rollback_before=before.rollback_before,
                                    bad_until=before.bad_until)
 
-    def _clean_leftovers(self) -> None:
-        """The worker has exited and the next one has not started: what it left half-done in
-        checkpoints/ is dealt with now, by the supervisor (shared.checkpoint.clean_leftovers:
-        a temp checkpoint complete but for its rename is put in place, other temp and
-        half-deleted directories are removed). Done later by the next worker, it raced the
-        checkpoint choice: the choice could pass over a complete newer checkpoint, or see
-        it appear half-way. Errors (a full disk) are logged; the next worker tries again."""
-        try:
-            cleaned = clean_leftovers(self.run.checkpoints)
-        except OSError as e:
-            self.log.warning("checkpoint_leftovers_failed", error=str(e))
-            return
-        if cleaned:
-            self.log.info("checkpoint_leftovers_removed", names=cleaned)
-
     def _quarantine(self, info: CheckpointInfo, reason: str) -> None:
         try:
             moved = quarantine(info, self.run.quarantine)
@@ -322,8 +301,8 @@ class AttemptRunner:
         group = attempt.proc if isinstance(attempt.proc, GroupProcess) else None
         if group is not None:  # the failed rank's output tells how it failed
             attempt.output = group.failed_output
-        else:
-            self._clean_leftovers()
+        else:  # what it left half-written, dealt with before the next checkpoint choice
+            clean_up_after(self.run.checkpoints, self.log)
         end = ending.read_end(attempt, rc, now, self.run.metrics_log, self.opts,
                               (free_space(self.run.root)[0], self.space.checkpoint_size()))
         if group is not None:

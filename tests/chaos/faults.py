@@ -18,7 +18,7 @@ from shared.layout import RunDir
 from tests.chaos import corrupt, diskfull, garbage
 from tests.chaos.inotify import Inotify
 from tests.chaos.kinds import CORRUPT_PREFIX, KINDS, SIGNALS
-from tests.chaos.observe import kill, wait_dead, wait_until, workers_of
+from tests.chaos.observe import freeze, kill, wait_dead, wait_until, workers_of
 from tests.chaos.results import FaultResult
 
 if TYPE_CHECKING:
@@ -153,47 +153,52 @@ def _stop_signal(d: Driver, r: FaultResult, rng: random.Random) -> None:
 
 
 def _corrupt(d: Driver, r: FaultResult, rng: random.Random) -> None:
-    """Damage the newest checkpoint while no worker uses it: with the supervisor down
-    ("offline": both SIGKILLed, started again after), or in its restart backoff ("backoff":
-    only the worker SIGKILLed; the supervisor validates after its backoff)."""
+    """Damage the newest checkpoint while nothing uses it: with the supervisor down
+    ("offline": both SIGKILLed, started again after), or frozen ("backoff": SIGSTOPped
+    while its worker is SIGKILLed and the checkpoint damaged, then let go: the same
+    process sees the end, backs off, validates). Frozen, it cannot begin validating before
+    the damage is done (its backoff is 0.3 s: under load the damage took longer, and the
+    worker trusts the supervisor's validation)."""
     sup = d.sup
     assert sup is not None
     r.facts["mode"] = r.variant
-    r.facts["t_kill"] = time.time()
-    kill(r.worker_pid)
-    if r.variant == "offline":
-        d.expect_exit = True
-        kill(sup.pid)
-        sup.wait()
-        d.expect_exit = False
-    wait_dead(r.worker_pid, 10)
-    _settle(d.run_dir / "checkpoints", r)
-    target = corrupt.newest_complete(d.run_dir / "checkpoints")
-    if target is None:
-        r.notes.append("no complete checkpoint to damage: only the kill happened")
-    else:
-        variant = r.kind.removeprefix(CORRUPT_PREFIX)
-        r.facts["corrupted"] = str(target)
-        r.facts["damage"] = corrupt.corrupt(target, variant, rng)
-    r.t_fired = time.time()
+    if r.variant == "backoff" and not freeze(sup.pid):
+        r.notes.append("the supervisor did not stop within 5 s of SIGSTOP")
+    try:
+        r.facts["t_kill"] = time.time()
+        kill(r.worker_pid)
+        if r.variant == "offline":
+            d.expect_exit = True
+            kill(sup.pid)
+            sup.wait()
+            d.expect_exit = False
+        wait_dead(r.worker_pid, 10)
+        _settle(d.run_dir / "checkpoints", r)
+        target = corrupt.newest_complete(d.run_dir / "checkpoints")
+        if target is None:
+            r.notes.append("no complete checkpoint to damage: only the kill happened")
+        else:
+            variant = r.kind.removeprefix(CORRUPT_PREFIX)
+            r.facts["corrupted"] = str(target)
+            r.facts["damage"] = corrupt.corrupt(target, variant, rng)
+        r.t_fired = time.time()
+    finally:
+        if r.variant == "backoff":
+            kill(sup.pid, signal.SIGCONT)
     if r.variant == "offline":
         d.sup = d.start_supervisor()
 
 
 def _settle(checkpoints: Path, r: FaultResult) -> None:
     """The kill landed between a checkpoint's manifest and its rename: damage what the next
-    checkpoint choice will see first, that checkpoint once in place. Offline, nobody runs:
-    put it in place as the supervisor will at its start; in the backoff, the supervisor does
-    it as soon as it has seen the worker end (supervisor/daemon/runner.py), wait for that."""
+    checkpoint choice sees first, that checkpoint, put in place as the supervisor would when
+    it sees the worker end (supervisor/daemon/runner.py) or at its start. Nothing else runs
+    here meanwhile (the supervisor is dead or frozen)."""
     pending = corrupt.unrenamed(checkpoints)
-    if not pending:
-        return
-    r.facts["unrenamed"] = [tmp.name for tmp, _ in pending]
-    if r.variant == "offline":
-        for tmp, final in pending:
-            os.replace(tmp, final)
-    elif not wait_until(lambda: not corrupt.unrenamed(checkpoints), 10.0, 0.002):
-        r.notes.append("a checkpoint complete but for its rename stayed so for 10 s")
+    if pending:
+        r.facts["unrenamed"] = [tmp.name for tmp, _ in pending]
+    for tmp, final in pending:
+        os.replace(tmp, final)
 
 
 def _garbage(d: Driver, r: FaultResult, rng: random.Random) -> None:

@@ -128,6 +128,19 @@ def alive(pid: int) -> bool:
         return False
 
 
+def freeze(pid: int, timeout: float = 5.0) -> bool:
+    """SIGSTOP `pid` and wait until it is stopped (a signal is delivered when the process
+    next runs: kill() returns before that). False: it did not stop within `timeout` s."""
+    kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_STOPPED
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return True  # gone: nothing of it runs either
+    return bool(wait_until(stopped, timeout, 0.001))
+
+
 def run_processes(run_dir: Path) -> list[psutil.Process]:
     """Processes whose command line names this run directory (supervisors, workers)."""
     found = []
