@@ -34,6 +34,10 @@ from shared.errors import RunDirError
 CHECKPOINT_PREFIX = "step-"
 
 
+# What `status`, `report`, `logs` and `checkpoints` say of a RUN_DIR that is not one.
+NOT_A_RUN = "not a run directory (expected run.json, logs/ or checkpoints/ in it)"
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -149,6 +153,13 @@ class RunDir:
         rid = f"{prefix}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(2)}"
         atomic_write_bytes(path, (rid + "\n").encode())
         return rid
+
+    @property
+    def looks_like_run(self) -> bool:
+        """Something a run leaves is here (run.json, logs/, checkpoints/ or COMPLETE): what
+        the commands that read a run (status, report, logs, checkpoints) ask of RUN_DIR."""
+        return any((self.root / name).exists() for name in ("run.json", "logs", "checkpoints",
+                                                            "COMPLETE"))
 
     @property
     def is_complete(self) -> bool:

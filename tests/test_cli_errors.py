@@ -226,3 +226,21 @@ def test_an_unknown_option_names_the_command_and_its_help(tmp_path, command):
     assert done.stderr.splitlines() == [
         f"overnight {command}: unrecognized arguments: --iters 5 "
         f"(see overnight {command} --help)"]
+
+
+# ---- a RUN_DIR that is not a run ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["status", "report", "logs", "checkpoints"])
+def test_every_reading_command_refuses_a_directory_that_is_not_a_run(tmp_path, command):
+    """One line, exit 78, the same words from each (checkpoints said "no checkpoints in
+    DIR/checkpoints" and exited 0, as if the run had simply saved none yet)."""
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("a directory, but nothing a run leaves\n")
+    done = cli(command, str(empty))
+    assert done.returncode == BAD_CONFIG, done.stdout + done.stderr
+    assert one_line(done.stderr) == (
+        f"overnight {command}: {empty}: not a run directory (expected run.json, logs/ or "
+        "checkpoints/ in it)")
+    assert done.stdout == ""

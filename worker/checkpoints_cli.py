@@ -9,7 +9,7 @@ from pathlib import Path
 
 from shared import checkpoint as ckpt
 from shared.errors import ConfigError
-from shared.layout import RunDir
+from shared.layout import NOT_A_RUN, RunDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +26,8 @@ def main(args: argparse.Namespace) -> int:
     run = RunDir(args.run_dir)
     if not run.root.is_dir():
         raise ConfigError(f"{args.run_dir}: no such run directory")
+    if not run.looks_like_run:
+        raise ConfigError(f"{args.run_dir}: {NOT_A_RUN}")
     infos = ckpt.list_checkpoints(run.checkpoints)
     if not infos:
         print(f"no checkpoints in {run.checkpoints}")

@@ -23,7 +23,7 @@ import orjson
 
 from shared import strictjson
 from shared.errors import ConfigError
-from shared.layout import RunDir
+from shared.layout import NOT_A_RUN, RunDir
 from shared.tail import tail_lines
 
 SOURCES = ("supervisor", "worker")
@@ -355,11 +355,6 @@ def tail_jsonl(path: Path, max_bytes: int = 512_000) -> list[dict[str, Any]]:
 # ---- choosing the run ------------------------------------------------------------------
 
 
-def looks_like_run(path: Path) -> bool:
-    return any((path / name).exists() for name in ("run.json", "logs", "checkpoints",
-                                                   "COMPLETE"))
-
-
 def _last_modified(path: Path) -> float:
     times = [path.stat().st_mtime]
     for p in (path / "run.json", path / "logs" / "worker.jsonl", path / "logs" /
@@ -377,12 +372,11 @@ def resolve_run_dir(given: Path | None, command: str, err: TextIO | None = None)
     if given is not None:
         if not given.is_dir():
             raise ConfigError(f"{given}: no such run directory")
-        if not looks_like_run(given):
-            raise ConfigError(f"{given}: not a run directory (expected run.json, logs/ or "
-                              "checkpoints/ in it)")
+        if not RunDir(given).looks_like_run:
+            raise ConfigError(f"{given}: {NOT_A_RUN}")
         return given.resolve()
     runs = Path("runs")
-    found = [p for p in runs.iterdir() if p.is_dir() and looks_like_run(p)] \
+    found = [p for p in runs.iterdir() if p.is_dir() and RunDir(p).looks_like_run] \
         if runs.is_dir() else []
     if not found:
         raise ConfigError("no RUN_DIR given and no run directory under ./runs/")
