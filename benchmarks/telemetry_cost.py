@@ -7,10 +7,12 @@ never blocks it.
   another process, with nothing bound at the endpoint, and with a SUB that never reads.
   Blocks of iterations per condition are interleaved; medians of per-iteration time.
   Wall-clock slowdown of a ~1 ms loop swings by tens of percent between runs on a shared
-  VM (the calibrated loop itself varies 0.4-1.4 ms), so the cost is also *counted*: the time
-  inside send() on the training thread plus the CPU the telemetry thread and ZeroMQ's
-  I/O threads used during the block (Linux: /proc/self/task/TID/schedstat, nanoseconds),
-  per message sent (`cpu_per_message_s`) and as the share of a core it takes at 1000
+  VM (the calibrated loop itself varies 0.4-1.4 ms), so the cost is also *counted*: the CPU
+  time inside send() on the training thread (its thread clock: its wall time would also
+  count its waits for the GIL while the sender thread runs, whose CPU is counted already)
+  plus the CPU the telemetry thread and ZeroMQ's I/O threads used during the block
+  (Linux: /proc/self/task/TID/schedstat, nanoseconds), per message sent
+  (`cpu_per_message_s`) and as the share of a core it takes at 1000
   messages/s (`cpu_share`, judged against 2 %: the loop's own speed, and so the rate, varies
   from run to run).
 - real: `overnight train` (tiny model) with --telemetry to an endpoint nobody binds and to a
@@ -168,7 +170,7 @@ def micro(work: Path, iterations: int, reps: int, log: Any = print) -> dict[str,
             tel = None if cond == "off" else Telemetry(endpoint, LiveStatus("bench", 1, 10**6))
             times = []
             worst = 0.0
-            in_send = 0.0
+            in_send = 0  # CPU ns of the training thread inside send() (not wall: above)
             tids = ([tel._thread.native_id] if tel is not None and tel._thread.native_id
                     else []) + _zmq_tids()
             cpu0 = _threads_cpu_ns(tids) if tel is not None else 0
@@ -184,17 +186,16 @@ def micro(work: Path, iterations: int, reps: int, log: Any = print) -> dict[str,
                                   tokens_per_sec=1e5, step_seconds=0.001, active_mb=100.0,
                                   peak_mb=120.0, rss_mb=300.0)
                 if tel is not None:
-                    t1 = time.perf_counter()
+                    t1, c1 = time.perf_counter(), time.thread_time_ns()
                     tel.send(m)
-                    took = time.perf_counter() - t1
-                    in_send += took
-                    worst = max(worst, took)
+                    in_send += time.thread_time_ns() - c1
+                    worst = max(worst, time.perf_counter() - t1)
                 times.append(time.perf_counter() - t0)
             cpu1 = _threads_cpu_ns(tids) if tel is not None else 0
             if cpu0 is None or cpu1 is None:
                 counted = False
             else:
-                spent_ns[cond] += cpu1 - cpu0 + int(in_send * 1e9)
+                spent_ns[cond] += cpu1 - cpu0 + in_send
             if tel is not None:
                 t1 = time.perf_counter()
                 tel.close()
