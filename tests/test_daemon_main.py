@@ -48,3 +48,40 @@ def test_a_run_finished_by_overnight_train_is_recorded_with_its_steps_and_best(
     assert f"step     {step} / 10" in status.stdout
     assert status.stdout.splitlines()[0].startswith(
         f"early-stopped at step {step}/10" if early else "finished 10/10 steps")
+
+
+def test_raising_iters_of_a_finished_run_says_how_to_train_on(
+        tmp_path: Path, tiny_model: Path, corpus: Path) -> None:
+    """`iters` raised after the night: `train` and `run` say the finished run is not extended
+    and how to go on (before: "already complete; nothing to do" / "finished at step 10 of
+    10", the new iters unmentioned), and the way they name works: a new run directory with
+    resume_adapter_file starts from the finished adapters."""
+    run = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", tiny_model, corpus, iters=10, save_every=100,
+                          supervisor={"caffeinate": False})
+    assert overnight("train", str(config), "--run-dir", str(run)).returncode == 0
+    more = write_config(tmp_path / "more.yaml", tiny_model, corpus, iters=25, save_every=100,
+                        supervisor={"caffeinate": False})
+    said = (f"the config now asks for iters: 25, the run finished its 10; a finished run is "
+            "not extended in place (its learning-rate schedule and data order were for 10 "
+            "steps): to train on, start a new run directory with resume_adapter_file: "
+            f"{run / 'adapters'}, or add --fresh to start this one over")
+    trained = overnight("train", str(more), "--run-dir", str(run))
+    assert trained.returncode == 0, trained.stderr
+    assert [ln for ln in trained.stderr.splitlines() if ln.startswith("overnight train:")] == [
+        f"overnight train: run in {run} is already complete; {said}"]
+    sup = overnight("run", str(more), "--run-dir", str(run))
+    assert sup.returncode == 0, sup.stderr
+    assert sup.stderr.strip().splitlines()[-1] == (
+        f"overnight run: finished: the run was already complete (finished at step 10 of 10); "
+        f"{said}")
+    same = overnight("run", str(config), "--run-dir", str(run))  # same iters: nothing more
+    assert same.stderr.strip().splitlines()[-1].endswith("(finished at step 10 of 10)")
+
+    on = write_config(tmp_path / "on.yaml", tiny_model, corpus, iters=3, save_every=100,
+                      resume_adapter_file=str(run / "adapters"),
+                      supervisor={"caffeinate": False})
+    went_on = overnight("train", str(on), "--run-dir", str(tmp_path / "run2"))
+    assert went_on.returncode == 0, went_on.stderr
+    assert f"adapter_weights_loaded         path={run / 'adapters' / 'adapters.safetensors'}" \
+        in went_on.stderr

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from shared import blas, mlx_lm_keys, openfile_limit
+from shared import blas, completion, mlx_lm_keys, openfile_limit
 from shared import protocol as p
 from shared.checkpoint import clean_leftovers
 from shared.config import Config
@@ -176,10 +176,12 @@ class Session:
             raise SystemLimitError(limit)
         skip_unrequested_reporters(c)  # before the first mlx_lm import
         if run.is_complete and not args.fresh:
-            log.info("run_already_complete", marker=str(run.complete_marker))
+            more = completion.more_iters_asked(completion.read_marker(run) or {}, c.iters, run)
+            log.info("run_already_complete", marker=str(run.complete_marker),
+                     **({"detail": more} if more else {}))
             print(
-                f"overnight train: run in {run.root} is already complete; nothing to do "
-                "(--fresh starts over)",
+                f"overnight train: run in {run.root} is already complete; "
+                + (more if more else "nothing to do (--fresh starts over)"),
                 file=sys.stderr,
             )
             return Outcome(ExitCode.COMPLETED, "completed", "run was already complete")

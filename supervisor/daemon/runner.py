@@ -10,7 +10,6 @@ and owns what outlives one attempt: the settings, the pending decision, the poli
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -18,8 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared import strictjson
 from shared.checkpoint import CheckpointInfo, list_checkpoints, quarantine, validate
+from shared.completion import more_iters_asked, read_marker
 from shared.config import Config
 from shared.exitcodes import FailureClass
 from shared.faults import fired_in, marker_dir
@@ -351,10 +350,7 @@ class AttemptRunner:
         checkpoint from COMPLETE (worker/finish.py) and the checkpoints — not "step 0 / 0" —
         and the event says whether it had finished or early-stopped."""
         r = self.record.record
-        done: dict[str, Any] = {}
-        with contextlib.suppress(OSError, ValueError):  # unreadable: what run.json knows
-            loaded = strictjson.loads(self.run.complete_marker.read_bytes())
-            done = loaded if isinstance(loaded, dict) else {}
+        done = read_marker(self.run) or {}  # unreadable: what run.json knows
         self._refresh_checkpoints()
         step, total = done.get("step"), done.get("total_steps")
         best_step, best_val = done.get("best_step"), done.get("best_val_loss")
@@ -371,8 +367,10 @@ class AttemptRunner:
         stopped = status == "early_stopped" if status else r.state is State.EARLY_STOPPED
         r = self.record.record
         how = "early-stopped" if stopped else "finished"
+        more = more_iters_asked(done, self.config.iters, self.run)
         return AlreadyComplete(stopped, f"the run was already complete ({how} at step "
-                                        f"{r.final_step} of {r.total_steps})")
+                                        f"{r.final_step} of {r.total_steps})"
+                                        + (f"; {more}" if more else ""))
 
     def _refresh_checkpoints(self) -> None:
         """latest/best checkpoint from disk (shallow validation: manifest, sizes, state)."""

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from shared import run_record, strictjson
+from shared import run_record
+from shared.completion import read_marker
 from shared.exitcodes import FailureClass
 from shared.faults import ENDS
 from shared.layout import RunDir
@@ -170,13 +171,6 @@ def _failure_class(reason: Any) -> Outcome:
         return Unclassified.UNKNOWN
 
 
-def _load_complete(run: RunDir) -> dict[str, Any] | None:
-    with contextlib.suppress(OSError, ValueError):
-        data = strictjson.loads(run.complete_marker.read_bytes())
-        return data if isinstance(data, dict) else {}
-    return {} if run.complete_marker.exists() else None
-
-
 def _checkpoint_steps(run: RunDir) -> list[int]:
     steps = []
     if run.checkpoints.is_dir():
@@ -204,7 +198,7 @@ def gather(run_dir: Path, record: RunRecord | _Read | None = READ, light: bool =
     run = RunDir(run_dir)
     if isinstance(record, _Read):
         record = run_record.load(run.record)
-    complete = _load_complete(run)
+    complete = read_marker(run)
     read_logs = not (light and record is not None)
     with contextlib.ExitStack() as stack:
         split = stack.enter_context(metrics_split.start(
