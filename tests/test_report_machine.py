@@ -45,6 +45,14 @@ def test_the_report_tells_the_machines_night_in_words(night):
     assert "panic(cpu 4 caller 0xfffffe0028a2f6ac): AGX firmware panic" in paragraphs[3]
     assert "| planned ends          | worker recycle ×1, battery pause ×1" in text
     assert (night / "report.png").stat().st_size > 10_000
+    # A recorded night has no adapters or checkpoints: not "no checkpoint was saved" under a
+    # heading that says it finished with a best value at step 400.
+    use = text.split("## Use the result")[1].split("##")[0].strip()
+    assert use == (
+        f"No adapters or checkpoints in `{night}`, but COMPLETE says the run finished at step "
+        "400 and run.json names its newest checkpoint, step 400 "
+        "(`/Users/ada/runs/mac-night/checkpoints/step-0000400`): this directory was moved or "
+        "copied without `adapters/` and `checkpoints/`, or they were deleted.")
 
 
 def test_the_picture_shades_heat_and_the_pause_and_marks_restart_and_recycle(night):

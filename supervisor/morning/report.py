@@ -192,7 +192,7 @@ def _use_result(facts: RunFacts) -> list[Block]:
                      f"{facts.checkpoints[-1]}) has usable adapters: `{latest}`.")
         use = latest
     else:
-        return [*blocks, Para("No adapters yet: no checkpoint was saved.")]
+        return [*blocks, Para(_no_adapters(facts))]
     if facts.best is not None:
         bstep, bval = facts.best
         final_step = (facts.complete or {}).get("step", facts.final_step)
@@ -217,6 +217,23 @@ def _use_result(facts: RunFacts) -> list[Block]:
 
 
 use_result = _use_result  # `overnight compare` names the best run's adapters with it
+
+
+def _no_adapters(facts: RunFacts) -> str:
+    """Why "Use the result" has nothing to show: none saved yet, or (a run directory moved
+    or copied without its adapters and checkpoints) saved where this directory has none."""
+    step = (facts.complete or {}).get("step")
+    named = [f"COMPLETE says the run {'finished' if facts.finished else 'ended'} at step "
+             f"{step}"] if isinstance(step, int) else []
+    latest = facts.record.latest_checkpoint if facts.record else None
+    if latest is not None:
+        named.append(f"run.json names its newest checkpoint, step {latest.step} "
+                     f"(`{latest.path}`)")
+    if not named:
+        return "No adapters yet: no checkpoint was saved."
+    return (f"No adapters or checkpoints in `{facts.layout.root}`, but {' and '.join(named)}: "
+            "this directory was moved or copied without `adapters/` and `checkpoints/`, or "
+            "they were deleted.")
 
 
 def _short(text: str, n: int = DETAIL_CHARS) -> str:
