@@ -389,6 +389,25 @@ def test_malformed_lines_are_logged_with_a_count(tmp_path: Path, tiny_model: Pat
     assert "no valid.jsonl or val.jsonl in" in result.stderr
 
 
+def test_a_hub_model_that_cannot_be_downloaded_is_one_clear_line(tmp_path: Path,
+                                                                 corpus: Path) -> None:
+    """Not in the cache, no network (HF_HUB_OFFLINE: the same LocalEntryNotFoundError as a
+    machine without one, deterministically): what to do, not huggingface_hub's first line
+    ("Cannot find an appropriate cached snapshot folder ...", offline "Got: ConnectError")."""
+    from tests.conftest import subprocess_env
+
+    model = "no-such-org/no-such-model-overnight-test"
+    config = write_config(tmp_path / "c.yaml", tmp_path / "x", corpus)
+    config.write_text(config.read_text().replace(str(tmp_path / "x"), model))
+    result = overnight("train", str(config), "--run-dir", str(tmp_path / "run"),
+                       env=subprocess_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf")))
+    assert result.returncode == ExitCode.BAD_CONFIG
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"overnight train: model: cannot load {model!r}: not in the Hugging Face cache, and it "
+        "cannot be downloaded (HF_HUB_OFFLINE is set); download it where there is a network "
+        f"(`hf download {model}`), or give a local model directory")
+
+
 def test_missing_model_is_one_clear_line(tmp_path: Path, corpus: Path) -> None:
     config = write_config(tmp_path / "c.yaml", tmp_path / "nope", corpus)
     result = overnight("train", str(config), "--run-dir", str(tmp_path / "run"))

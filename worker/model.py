@@ -52,8 +52,33 @@ def load_base(c: Config) -> tuple[Any, Any]:
             trust_remote_code=c.trust_remote_code,
         )
     except Exception as e:  # mlx_lm raises many kinds; the user needs one line
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = _hub_problem(e, c.model) or (str(e).splitlines()[0] if str(e)
+                                           else type(e).__name__)
         raise ConfigError(f"model: cannot load {c.model!r}: {msg}") from None
+
+
+def _hub_problem(e: Exception, model: str) -> str | None:
+    """What a Hugging Face Hub failure of mlx_lm's `load` means, in one line (the exception's
+    own first line is e.g. "Got: ConnectError: [Errno -2] Name or service not known"), or
+    None for any other error. Classes from huggingface_hub.errors (mlx_lm downloads with
+    `snapshot_download`)."""
+    from huggingface_hub import errors as hub
+
+    if isinstance(e, hub.GatedRepoError):
+        return (f"a gated model: accept its terms on https://huggingface.co/{model} and log in "
+                "(`hf auth login`)")
+    if isinstance(e, hub.RepositoryNotFoundError):
+        return ("no such model on the Hugging Face Hub, or a private one (log in: "
+                "`hf auth login`); a local model is a directory path")
+    if isinstance(e, hub.LocalEntryNotFoundError):
+        cause = e.__cause__ or e.__context__
+        why = ("HF_HUB_OFFLINE is set" if isinstance(cause, hub.OfflineModeIsEnabled)
+               else f"{type(cause).__name__}: {cause}" if cause is not None
+               else "the Hub could not be reached")
+        return (f"not in the Hugging Face cache, and it cannot be downloaded ({why}); "
+                f"download it where there is a network (`hf download {model}`), or give "
+                "a local model directory")
+    return None
 
 
 def make_trainable(model: Any, c: Config) -> None:
