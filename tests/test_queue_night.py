@@ -5,6 +5,7 @@ cannot finish; a stopped runner's job resumes; notifications per ended job."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -121,6 +122,24 @@ def test_a_job_that_cannot_finish_before_the_deadline_is_skipped_and_says_so(tmp
     assert note.startswith("skipped tonight: 3000 steps need") and "measured on a" in note
     assert "b: skipped tonight" in done.stderr
     assert not (q / "runs" / "b").exists()
+
+    # The listing the morning after: b's ETA is for a start now (no runner holds the queue);
+    # during a night (left open by a stopped runner) it is "not tonight" past the deadline.
+    lines = overnight("queue", "--queue", str(q)).stdout.splitlines()
+    assert lines[0] == f"{q}; no runner: the ETAs are for a start now"
+    row_b = lines[3].split()
+    assert row_b[:4] == ["2", "b", "queued", "0/3000"] and ":" in row_b[5]
+    now = datetime.now()
+    queue_file.update(q, lambda old: (dataclasses.replace(old, night=queue_file.Night(
+        started=now.isoformat(), until=(now + timedelta(seconds=60)).astimezone().isoformat(
+            timespec="seconds"))), None))
+    tonight = commands.listing(q, now=now.timestamp()).splitlines()
+    assert tonight[0] == (f"{q}; tonight until {(now + timedelta(seconds=60)):%a %H:%M}; no "
+                          "runner: the ETAs are for a start now")
+    assert "  not tonight  skipped tonight" in tonight[3]  # ~1.5 min of steps in 60 s
+    later = commands.listing(q, now=now.timestamp() + 120).splitlines()
+    assert later[0].startswith(f"{q}; tonight until {(now + timedelta(seconds=60)):%a %H:%M} "
+                               "(over); no runner")
 
 
 def test_a_stopped_runner_leaves_its_job_running_and_the_next_one_resumes_it(tmp_path):

@@ -23,7 +23,7 @@ from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
-from shared import queue_file
+from shared import queue_file, runlock
 from shared.errors import OvernightError
 from shared.queue_file import Job, JobState, Queue, QueueError
 from supervisor.morning.facts import whole
@@ -104,14 +104,17 @@ def _move(q: Queue, name: str, to: int) -> tuple[Queue, Job]:
 
 def listing(queue_dir: Path, now: float | None = None) -> str:
     """The queue as a table: place, name, state, progress, ETA (the end's clock time for a
-    running or waiting job, from the speed measured tonight: supervisor/queue/estimate.py),
-    and the reason or note."""
+    running or waiting job, from the speed measured tonight: supervisor/queue/estimate.py;
+    "not tonight" when it would end after the night's `until`), and the reason or note. With
+    no runner (`overnight run --queue`) holding the queue, the header says the ETAs are for a
+    start now."""
     from supervisor.morning.runfacts import gather
 
     now = time.time() if now is None else now
     q = queue_file.load(queue_dir)
     if not q.jobs:
         return f"{queue_dir}: no jobs (add one with `overnight queue add CONFIG.yaml`)"
+    until = queue_file.parse_iso(q.night.until) if q.night is not None else None
     rows = [["#", "job", "state", "progress", "ETA", "note"]]
     latest: estimate.Speed | None = None
     at = now
@@ -134,13 +137,16 @@ def listing(queue_dir: Path, now: float | None = None) -> str:
             guess = estimate.estimate(own, latest, config, max(0, total - step))
             if guess is not None and math.isfinite(guess[0]):
                 at += guess[0]
-                eta = datetime.fromtimestamp(at).strftime("%H:%M")
+                eta = ("not tonight" if until is not None and at > until
+                       else datetime.fromtimestamp(at).strftime("%H:%M"))
         note = job.note or job.reason
         rows.append([str(i), job.name, job.state.value, progress, eta, note])
     header = f"{queue_dir}" + (" (paused)" if q.paused else "")
-    until = queue_file.parse_iso(q.night.until) if q.night is not None else None
     if until is not None:
-        header += f"; tonight until {datetime.fromtimestamp(until).strftime('%a %H:%M')}"
+        header += (f"; tonight until {datetime.fromtimestamp(until).strftime('%a %H:%M')}"
+                   + (" (over)" if now > until else ""))
+    if any(row[4] for row in rows[1:]) and not runlock.is_locked(queue_dir / "runner.lock"):
+        header += "; no runner: the ETAs are for a start now"
     return header + "\n" + _table(rows)
 
 
