@@ -321,3 +321,19 @@ def test_a_killed_supervisor_restarted_resumes_without_a_second_worker(tmp_path)
     assert rec["attempts"][1]["resumed_from"]["step"] >= 20
     spans = sorted(worker_intervals(run_dir), key=lambda s: s[1])
     assert len(spans) == 2 and spans[0][2] <= spans[1][1], spans
+
+
+def test_the_report_of_a_finished_run_without_its_adapters_names_the_newest_checkpoint(
+        tmp_path, env):
+    """The fake worker writes checkpoints but no adapters/ (like a run whose adapters/ was
+    deleted): the report said "The run did not finish" under "finished 40/40 steps"."""
+    from tests.conftest import overnight
+
+    rec, run_dir = run_fake(tmp_path)
+    assert_finished(rec, ["completed"])
+    done = overnight("report", str(run_dir), "--quiet")
+    assert done.returncode == 0, done.stderr
+    use = (run_dir / "report.md").read_text().split("## Use the result")[1].split("```")[0]
+    assert use.strip().startswith(
+        f"No final adapters in `{run_dir / 'adapters'}`: the newest checkpoint (step 40) has "
+        f"usable adapters: `{run_dir / 'checkpoints' / 'step-0000040'}`.")

@@ -188,8 +188,10 @@ def _use_result(facts: RunFacts) -> list[Block]:
         lines.append(f"Final adapters (step {step}): `{final}`.")
         use = final
     elif latest is not None:
-        lines.append(f"The run did not finish: the newest checkpoint (step "
-                     f"{facts.checkpoints[-1]}) has usable adapters: `{latest}`.")
+        lines.append((f"No final adapters in `{run.adapters}`" if facts.finished else
+                      "The run did not finish")
+                     + f": the newest checkpoint (step {facts.checkpoints[-1]}) has usable "
+                     f"adapters: `{latest}`.")
         use = latest
     else:
         return [*blocks, Para(_no_adapters(facts))]
