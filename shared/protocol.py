@@ -361,12 +361,17 @@ class WorkerStopping(_Telemetry):
 class ControlRequest(_Message):
     """CLI -> supervisor. {"type":"control","v":1,"command":"status"}
 
-    Commands: "status", "stop", "checkpoint".
+    Commands: "status", "stop", "checkpoint". A stop may say why, in at most
+    MAX_REASON_CHARS printable characters: {"type":"control","v":1,"command":"stop",
+    "reason":"the queue's deadline 07:00 came"} (`overnight stop --reason`, the queue runner
+    at its deadline); the run's record and report then say it.
     """
 
     TYPE: ClassVar[str] = "control"
     COMMANDS: ClassVar[tuple[str, ...]] = ("status", "stop", "checkpoint")
+    MAX_REASON_CHARS: ClassVar[int] = 200
     command: str
+    reason: str = ""
 
     def __post_init__(self) -> None:
         if self.command not in self.COMMANDS:
@@ -374,6 +379,17 @@ class ControlRequest(_Message):
                 f"control: expected command in {list(self.COMMANDS)}, got "
                 f"{records.short(self.command)}"
             )
+        if len(self.reason) > self.MAX_REASON_CHARS or not self.reason.isprintable():
+            raise ProtocolError(f"control: reason must be at most {self.MAX_REASON_CHARS} "
+                                f"printable characters, got {records.short(self.reason)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Without an empty `reason`: a supervisor started before `reason` existed refuses
+        unknown fields, and `overnight status` must still reach it."""
+        d = super().to_dict()
+        if not self.reason:
+            del d["reason"]
+        return d
 
 
 @dataclass(frozen=True)

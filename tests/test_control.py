@@ -36,8 +36,8 @@ class FakeTarget:
         self.calls.append("status")
         return STATUS
 
-    def request_stop(self, source):
-        self.calls.append(f"stop:{source}")
+    def request_stop(self, source, reason=""):
+        self.calls.append(f"stop:{source}" + (f":{reason}" if reason else ""))
         return {"state": "stopping", "supervisor_pid": 1, "stop_timeout": 3.0}
 
     def request_checkpoint(self, source):
@@ -107,7 +107,7 @@ def test_the_client_talks_to_a_live_server_over_ipc(tmp_path, capsys):
         assert req.poll(2000)
         assert not decode(req.recv()).ok
         req.close()
-        args = argparse.Namespace(run_dir=run.root, json=False, timeout=2.0, wait=False)
+        args = argparse.Namespace(run_dir=run.root, json=False, timeout=2.0, wait=False, reason="")
         assert control_client.main_stop(args) == 0
         t.join(5)
     server.close()
@@ -135,7 +135,7 @@ def test_status_without_a_supervisor_reads_the_record(tmp_path, capsys):
 def test_stop_without_a_supervisor_fails_cleanly(tmp_path, capsys):
     run = RunDir(tmp_path / "run")
     run.create()
-    args = argparse.Namespace(run_dir=run.root, json=False, timeout=0.5, wait=False)
+    args = argparse.Namespace(run_dir=run.root, json=False, timeout=0.5, wait=False, reason="")
     assert control_client.main_stop(args) == 1
     assert "no supervisor is running" in capsys.readouterr().err
 
@@ -207,3 +207,18 @@ def test_bad_requests_are_each_answered_but_logged_once_a_minute(tmp_path):
         ctx.destroy(linger=0)
     assert [e for e, _ in lines] == ["control_request_bad", "control_request"]
     assert server.bad_requests == 5 and lines[0][1]["count"] == 1
+
+
+def test_a_stop_says_why_when_asked_and_a_bad_reason_is_refused():
+    t = FakeTarget()
+    reply = handle(b'{"type":"control","v":1,"command":"stop","reason":"the GPU is needed"}', t)
+    assert reply.ok and t.calls == ["stop:control:the GPU is needed"]
+    for bad in ('"a\\nb"', '"' + "x" * 201 + '"', "5"):
+        reply = handle(b'{"type":"control","v":1,"command":"stop","reason":' + bad.encode()
+                       + b"}", t)
+        assert not reply.ok and reply.error.startswith("bad request:"), reply.error
+    assert t.calls == ["stop:control:the GPU is needed"]
+    # a request without a reason carries no "reason" field (an older supervisor refuses it)
+    from shared.protocol import ControlRequest
+
+    assert ControlRequest("status").to_json() == b'{"command":"status","type":"control","v":1}'

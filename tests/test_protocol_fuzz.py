@@ -174,7 +174,7 @@ class Target:
     def status(self):  # type: ignore[no-untyped-def]
         return STATUS
 
-    def request_stop(self, source: str) -> dict[str, Any]:
+    def request_stop(self, source: str, reason: str = "") -> dict[str, Any]:
         return {"state": "stopping", "supervisor_pid": 1, "stop_timeout": 3.0}
 
     def request_checkpoint(self, source: str) -> dict[str, Any]:

@@ -96,6 +96,16 @@ def test_the_deadline_stops_job_2_cleanly_leaves_job_3_queued_and_next_night_res
     assert record.totals.failures == 0  # a deadline is no failure
     assert record.latest_checkpoint is not None  # saved on the way out: nothing lost
     assert record.latest_checkpoint.step == record.final_step
+    # asked over its control socket, saying why: the job's own record and report say it
+    at = datetime.fromisoformat(until)
+    deadline = f"the queue's deadline {at:%H:%M:%S} came" if at.second else \
+        f"the queue's deadline {at:%H:%M} came"
+    assert record.reason.startswith(f"stopped on request: {deadline} (")
+    assert record.attempts[-1].action == "stop"
+    report = overnight("report", str(q / "runs" / "b"), "--quiet")
+    assert report.returncode == 0, report.stderr
+    planned = (q / "runs" / "b" / "report.md").read_text().split("## Planned ends")[1]
+    assert f"The supervisor chose **stop**: stopped on request: {deadline}." in planned
     stopped_at = record.final_step
     assert queue_file.load(q).night is None
 

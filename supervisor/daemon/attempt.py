@@ -59,6 +59,7 @@ class Attempt:
         self.stopping = StopEscalation(opts.stop_timeout)
         self.stop_reason: StopReason | None = None  # the first reason we asked it to stop
         self.user_stop = False  # a person (or a signal to the supervisor) asked to stop
+        self.stop_note = ""  # and why, when the control request said (`overnight stop --reason`)
         self.noticed: Noticed | None = None
 
     @property

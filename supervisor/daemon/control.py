@@ -88,7 +88,7 @@ class Target(Protocol):
 
     def status(self) -> RunStatus: ...
 
-    def request_stop(self, source: str) -> dict[str, Any]: ...
+    def request_stop(self, source: str, reason: str = "") -> dict[str, Any]: ...
 
     def request_checkpoint(self, source: str) -> dict[str, Any]: ...
 
@@ -96,7 +96,7 @@ class Target(Protocol):
 class Command:
     name: ClassVar[str] = ""
 
-    def execute(self, target: Target) -> dict[str, Any]:
+    def execute(self, target: Target, request: ControlRequest) -> dict[str, Any]:
         raise NotImplementedError
 
 
@@ -114,22 +114,24 @@ class Status(Command):
 
     name = "status"
 
-    def execute(self, target: Target) -> dict[str, Any]:
+    def execute(self, target: Target, request: ControlRequest) -> dict[str, Any]:
         return target.status().to_dict()
 
 
 class Stop(Command):
-    """Stop the run: the worker saves a checkpoint and exits; the supervisor ends `stopped`.
+    """Stop the run: the worker saves a checkpoint and exits; the supervisor ends `stopped`
+    (with the request's `reason`, if any, in its record: "stopped on request: REASON").
 
     -> {"type":"control","v":1,"command":"stop"}
+    -> {"type":"control","v":1,"command":"stop","reason":"the queue's deadline 07:00 came"}
     <- {"type":"reply","v":1,"ok":true,"error":"","data":{"state":"stopping",
         "supervisor_pid":123,"stop_timeout":120.0}}
     """
 
     name = "stop"
 
-    def execute(self, target: Target) -> dict[str, Any]:
-        return target.request_stop("control")
+    def execute(self, target: Target, request: ControlRequest) -> dict[str, Any]:
+        return target.request_stop("control", request.reason)
 
 
 class Checkpoint(Command):
@@ -143,7 +145,7 @@ class Checkpoint(Command):
 
     name = "checkpoint"
 
-    def execute(self, target: Target) -> dict[str, Any]:
+    def execute(self, target: Target, request: ControlRequest) -> dict[str, Any]:
         return target.request_checkpoint("control")
 
 
@@ -162,7 +164,7 @@ def handle(raw: bytes, target: Target, log: Any = None) -> ControlReply:
         return ControlReply(ok=False, error=f"bad request: expected a control message, got "
                                             f"{type(msg).__name__}")
     try:
-        return ControlReply(ok=True, data=COMMANDS[msg.command]().execute(target))
+        return ControlReply(ok=True, data=COMMANDS[msg.command]().execute(target, msg))
     except ControlError as e:
         return ControlReply(ok=False, error=str(e))
     except Exception as e:  # the outermost boundary of a command: the loop must go on

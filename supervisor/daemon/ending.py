@@ -82,7 +82,7 @@ def outcome(attempt: Attempt, ending: Ending) -> Outcome:
                    c.first_bad_step, attempt.user_stop, attempt.lr_scale, c.data_position,
                    c.data_batch, c.data_lines,
                    first_bad_position=stopping.first_bad_position if stopping else -1,
-                   signal=c.signal)
+                   signal=c.signal, stop_note=attempt.stop_note)
 
 
 def end_fields(attempt: Attempt, ending: Ending, decision: Decision,

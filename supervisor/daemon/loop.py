@@ -451,10 +451,16 @@ class Supervisor:
             if attempt is not None and attempt.group is not None else (),
         )
 
-    def request_stop(self, source: str) -> dict[str, Any]:
-        self.log.info("stop_requested", source=source, state=self.state.value)
+    def request_stop(self, source: str, reason: str = "") -> dict[str, Any]:
+        """A stop from the control socket ("control", with the requester's `reason`, "" for
+        none) or a signal; the reason goes into the attempt's end and the run's reason."""
+        self.log.info("stop_requested", source=source, state=self.state.value,
+                      **({"reason": reason} if reason else {}))
         self.notifier.stopping()  # the service manager should now wait up to stop_timeout
-        self.dispatch(StopRequested(source, worker_running=self.runner.attempt is not None))
+        attempt = self.runner.attempt
+        if attempt is not None and reason and not attempt.stop_note:
+            attempt.stop_note = reason
+        self.dispatch(StopRequested(source, worker_running=attempt is not None, reason=reason))
         return {"state": self.state.value, "supervisor_pid": self.runner.supervisor_pid,
                 "stop_timeout": self.opts.stop_timeout}
 
@@ -540,8 +546,8 @@ def _reason(event: Event) -> str:
             return f"no heartbeat for {s:.1f} s"
         case Stalled(seconds_without_step=s):
             return f"no step for {s:.1f} s"
-        case StopRequested(source=source):
-            return f"stop requested ({source})"
+        case StopRequested(source=source, reason=why):
+            return f"stop requested ({source}{': ' + why if why else ''})"
         case Spawned(attempt=attempt, pid=pid):
             return f"attempt {attempt} started (pid {pid})"
         case Progressed(step=step):

@@ -168,6 +168,7 @@ class Outcome:
     data_lines: str = ""  # and its file lines, e.g. "train.jsonl:3,8-11"
     first_bad_position: int = -1  # a spike: the data position of its window's first step
     signal: int | None = None  # the signal that ended it (Popen's -N), None: it exited
+    stop_note: str = ""  # why the stop was requested, when the requester said
 
     @property
     def failed_at(self) -> int:
@@ -226,7 +227,8 @@ class Policy:
         if f is FailureClass.EARLY_STOPPED:
             return Decision(Verdict.EARLY_STOP, "early_stop", f"early stopping: {o.detail}")
         if o.stop_requested:
-            return Decision(Verdict.STOP, "stop", f"stopped on request ({o.detail})")
+            why = f": {o.stop_note}" if o.stop_note else ""
+            return Decision(Verdict.STOP, "stop", f"stopped on request{why} ({o.detail})")
         if f is FailureClass.GRACEFUL_STOP:
             return Decision(Verdict.STOP, "stop", f"worker stopped gracefully ({o.detail})")
         if f is FailureClass.BAD_CONFIG:

@@ -129,6 +129,7 @@ class MemoryHigh:
 class StopRequested:
     source: str  # "control", "signal"
     worker_running: bool = True  # False while the first attempt's checkpoint is validated
+    reason: str = ""  # the requester's, from the control socket ("" for none)
 
 
 @dataclass(frozen=True)
@@ -227,8 +228,9 @@ def transition(state: State, event: Event) -> tuple[State, tuple[Action, ...]]:
             return State.STOPPING, (Terminate(why),)
         case StopRequested(worker_running=True) if state.has_worker:
             return State.STOPPING, (Terminate(StopReason.USER),)
-        case StopRequested() if state in _WAITING or state is State.STARTING:
-            return State.STOPPED, (Finish("stop requested while no worker was running"),)
+        case StopRequested(reason=why) if state in _WAITING or state is State.STARTING:
+            return State.STOPPED, (Finish("stop requested while no worker was running"
+                                          + (f": {why}" if why else "")),)
         case StopTimedOut() if state is State.STOPPING:
             return State.STOPPING, (Kill(),)
         case CheckpointRequested() if state in _STARTED:

@@ -16,7 +16,7 @@ from pathlib import Path
 import zmq
 
 from shared import run_record
-from shared.errors import OvernightError, ProtocolError, RunDirError
+from shared.errors import ConfigError, OvernightError, ProtocolError, RunDirError
 from shared.layout import RunDir, unsafe_directory
 from shared.protocol import ControlReply, ControlRequest, decode
 from shared.run_record import RunRecord
@@ -45,15 +45,20 @@ def add_stop_arguments(parser: argparse.ArgumentParser) -> None:
     add_status_arguments(parser)
     parser.add_argument("--wait", action="store_true",
                         help="wait until the supervisor has stopped")
+    parser.add_argument("--reason", default="", metavar="TEXT",
+                        help="why (at most 200 printable characters): the run's record and "
+                             "report say 'stopped on request: TEXT'")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # the registry's fallback
     add_status_arguments(parser)
 
 
-def request(run: RunDir, command: str, timeout: float = TIMEOUT) -> ControlReply:
-    """One request/reply on the control socket; NoSupervisor if nobody answers in time,
-    RunDirError (one line) if the socket directory is not this user's alone (mode 0700)."""
+def request(run: RunDir, command: str, timeout: float = TIMEOUT,
+            reason: str = "") -> ControlReply:
+    """One request/reply on the control socket (`reason`: a stop's, "" for none);
+    NoSupervisor if nobody answers in time, RunDirError (one line) if the socket directory is
+    not this user's alone (mode 0700), ProtocolError for a reason the request refuses."""
     path = Path(run.control_endpoint.removeprefix("ipc://"))
     holder = read(run.lock)
     if not path.exists() or not is_locked(run.lock) or (
@@ -65,12 +70,13 @@ def request(run: RunDir, command: str, timeout: float = TIMEOUT) -> ControlReply
     if problem is not None:
         raise RunDirError(f"{run.sockets}: refusing to talk to the supervisor through this "
                           f"socket directory: {problem}")
+    message = ControlRequest(command=command, reason=reason).to_json()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(run.control_endpoint)
-        sock.send(ControlRequest(command=command).to_json())
+        sock.send(message)
         if not sock.poll(int(timeout * 1000), zmq.POLLIN):
             raise NoSupervisor(f"{run.root}: the supervisor did not answer within {timeout:g} s")
         reply = decode(sock.recv())
@@ -116,7 +122,11 @@ def main_status(args: argparse.Namespace) -> int:
 def main_stop(args: argparse.Namespace) -> int:
     run = RunDir(resolve_run_dir(args.run_dir, "stop"))
     try:
-        reply = request(run, "stop", args.timeout)
+        ControlRequest(command="stop", reason=args.reason)
+    except ProtocolError as e:  # before a supervisor is looked for
+        raise ConfigError(f"--reason: {str(e).removeprefix('control: reason ')}") from None
+    try:
+        reply = request(run, "stop", args.timeout, args.reason)
     except NoSupervisor as e:
         print(f"overnight stop: {e}", file=sys.stderr)
         return 1

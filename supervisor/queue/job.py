@@ -39,6 +39,7 @@ FAILURE_CHECK_EVERY = 2.0  # seconds between reads of the job's run.json for fai
 SUPERVISOR_RETRIES = 3
 SUPERVISOR_BACKOFF = 2.0  # seconds before a failed job supervisor is started again
 STOP_MARGIN = 60.0  # seconds beyond the job's stop_timeout for its supervisor to stop
+DEADLINE_ASK_S = 5.0  # seconds the job's supervisor has to answer the deadline's stop request
 SUPERVISOR_RUN = [sys.executable, "-m", "supervisor.cli", "run"]
 
 
@@ -139,9 +140,9 @@ class JobRunner:
                     self.log.info("job_stop_requested", job=job.name, why=why)
                 elif not why and self._past_deadline():
                     why = "deadline"
-                    popen.send_signal(signal.SIGTERM)
+                    how = self._stop_for_deadline(job, popen)
                     self.log.info("job_stop_requested", job=job.name, why=why,
-                                  until=self.until_text)
+                                  until=self.until_text, how=how)
                     self._say(f"{job.name}: the deadline ({clock(self.until)}) has come: "
                               "checkpoint and stop")
                 if time.monotonic() >= next_check:
@@ -154,6 +155,23 @@ class JobRunner:
             self.child = None
         self._report_failures(job, failures_seen)
         return popen.returncode, why
+
+    def _stop_for_deadline(self, job: Job, popen: subprocess.Popen[bytes]) -> str:
+        """Ask the job's supervisor to stop over its control socket, saying it is the
+        deadline (its run.json and report then say "stopped on request: the queue's
+        deadline 07:00 came", not a bare "stop on request"); SIGTERM when it cannot be
+        asked (still starting, or not answering within DEADLINE_ASK_S). Returns how."""
+        from supervisor.morning.status import request
+
+        try:
+            reply = request(RunDir(Path(job.run_dir)), "stop", DEADLINE_ASK_S,
+                            f"the queue's deadline {clock(self.until)} came")
+            if reply.ok:
+                return "control"
+        except (OvernightError, OSError) as e:
+            self.log.info("job_stop_by_signal", job=job.name, error=str(e))
+        popen.send_signal(signal.SIGTERM)
+        return "SIGTERM"
 
     def _ending(self, job: Job, rc: int, why: str) -> tuple[JobState | None, str]:
         """How the job ended, from its run.json: (state, reason); (None, reason) when it did
