@@ -439,3 +439,22 @@ def test_an_injected_fault_is_called_injected_and_a_real_one_is_not(tmp_path):
     assert "What the supervisor saw: killed by SIGABRT: Metal command buffer abort" in text
     assert "**Attempt 2: crash at step 90.** crash detail." in text
     assert "| **crash** (injected: `crash@41`): killed by SIGABRT" in text
+
+
+def test_a_run_with_evaluations_but_no_training_loss_draws(tmp_path):
+    """metrics.jsonl absent, empty, every loss NaN, or a directory, while the worker log has
+    evaluations: before, `overnight report` ended in a traceback ("zero-size array to
+    reduction operation minimum") from the loss panel's y range."""
+    from supervisor.morning.report import render_png
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "worker.jsonl").write_text(json.dumps(
+        {"step": 20, "val_loss": 4.0, "best_val_loss": 4.0, "best_step": 20,
+         "event": "evaluated", "source": "worker", "run_id": "r", "attempt": 1,
+         "level": "info", "timestamp": "2026-11-30T20:56:32.501067Z"}) + "\n")
+    (tmp_path / "logs" / "metrics.jsonl").write_text(json.dumps(
+        {"run_id": "r", "attempt": 1, "step": 1, "time": 1.0, "loss": None}) + "\n")
+    facts = gather(tmp_path)
+    assert facts.evals == [(20, 4.0)]
+    png = render_png(facts)
+    assert png is None or png[:8] == PNG_MAGIC
