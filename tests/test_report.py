@@ -458,3 +458,16 @@ def test_a_run_with_evaluations_but_no_training_loss_draws(tmp_path):
     assert facts.evals == [(20, 4.0)]
     png = render_png(facts)
     assert png is None or png[:8] == PNG_MAGIC
+
+
+def test_the_eta_table_names_the_end_it_measured_against_without_metrics(tmp_path):
+    """Without metrics.jsonl the ETA table measures against the record's end; its heading
+    said "against the actual end (00:00:00)" (the epoch, from `last_time() or 0.0`)."""
+    from supervisor.morning.report import build
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "run-before-11"
+    run = copy_run(fixture, tmp_path / "run")
+    (run / "logs" / "metrics.jsonl").unlink()
+    text = to_markdown(build(gather(run), None))
+    assert "### ETA accuracy" in text
+    assert "actual end (00:00:00)" not in text

@@ -123,13 +123,18 @@ def _lines_named(name: str, problems: object, total: int) -> str:
                                                         else "")
 
 
+def actual_end(facts: RunFacts) -> float | None:
+    """When the run ended, as the ETA table measures it: the newest metrics line's time, else
+    the record's end (no metrics.jsonl); None if neither is known."""
+    actual = facts.metrics.last_time()
+    return facts.ended if actual is None else actual
+
+
 def eta_accuracy(facts: RunFacts) -> list[list[str]]:
     """At 10/25/50/75/90 % of the steps: what the ETA said, and when it actually finished."""
     if not facts.finished or not facts.progress or not facts.total_steps:
         return []
-    actual = facts.metrics.last_time()
-    if actual is None:
-        actual = facts.ended
+    actual = actual_end(facts)
     if actual is None:
         return []
     rows = []
@@ -231,7 +236,7 @@ def numbers(facts: RunFacts) -> list[Block]:
     if eta:
         blocks += [Heading("ETA accuracy", 3),
                    Para("What the progress line's ETA predicted, against the actual end "
-                        f"({clock(facts.metrics.last_time() or 0.0)}); it does not "
+                        f"({clock(actual_end(facts) or 0.0)}); it does not "
                         "foresee failures."),
                    Table(["at", "ETA said", "actual end"], eta, "lrl")]
     return blocks
