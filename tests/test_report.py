@@ -471,3 +471,15 @@ def test_the_eta_table_names_the_end_it_measured_against_without_metrics(tmp_pat
     text = to_markdown(build(gather(run), None))
     assert "### ETA accuracy" in text
     assert "actual end (00:00:00)" not in text
+
+
+def test_a_live_status_between_attempts_has_no_none_in_it():
+    """While the supervisor restarts the worker there is no worker: status printed
+    "worker   pid None  attempt 1  phase None  heartbeat None s ago  - tok/s  rss - MB"."""
+    from supervisor.morning.status import format_live
+
+    rec = record([attempt(1, "hang", 0, 40, "restart")], state="restarting")
+    text = format_live(_live(rec, state=State.RESTARTING, worker_pid=None, phase=None,
+                             last_heartbeat_s=None, failures=1))
+    assert "None" not in text, text
+    assert "worker   none: between attempts (attempt 1 ended)" in text
