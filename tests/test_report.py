@@ -483,3 +483,23 @@ def test_a_live_status_between_attempts_has_no_none_in_it():
                              last_heartbeat_s=None, failures=1))
     assert "None" not in text, text
     assert "worker   none: between attempts (attempt 1 ended)" in text
+
+
+@pytest.mark.parametrize("damage", ["absent", "directory", "empty"])
+def test_a_run_whose_metrics_cannot_be_read_says_so(tmp_path, damage):
+    """The report of a run that trained but whose logs/metrics.jsonl is absent, a directory
+    or empty dropped throughput and step times without a word."""
+    from supervisor.morning.report import build
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "run-before-11"
+    run = copy_run(fixture, tmp_path / "run")
+    metrics = run / "logs" / "metrics.jsonl"
+    metrics.unlink()
+    if damage == "directory":
+        metrics.mkdir()
+    elif damage == "empty":
+        metrics.write_bytes(b"")
+    text = to_markdown(build(gather(run), None))
+    row = next(r for r in text.splitlines() if r.startswith("| metrics"))
+    want = {"absent": "absent", "directory": "not a file", "empty": "empty"}[damage]
+    assert f"logs/metrics.jsonl {want}: no throughput" in row, row

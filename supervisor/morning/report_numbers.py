@@ -155,6 +155,22 @@ def eta_accuracy(facts: RunFacts) -> list[list[str]]:
     return rows
 
 
+def _no_metrics(path: Path) -> str:
+    """Why a run that made steps has no metrics line to show (the rows they feed are left
+    out: throughput, step times, the training loss)."""
+    try:
+        with open(path, "rb") as f:
+            why = "empty" if not f.read(1) else "without a readable line"
+    except FileNotFoundError:
+        why = "absent"
+    except IsADirectoryError:
+        why = "not a file"
+    except OSError as e:
+        why = f"unreadable ({e.strerror})"
+    return (f"logs/metrics.jsonl {why}: no throughput, step times or training loss "
+            "(the validation losses come from the worker log)")
+
+
 def numbers(facts: RunFacts) -> list[Block]:
     """The report's Numbers section: the table, by attempt, ETA accuracy."""
     rows: list[list[str]] = []
@@ -223,6 +239,8 @@ def numbers(facts: RunFacts) -> list[Block]:
                                              else "")])
     if facts.unreadable_lines:
         rows.append(["metrics", f"{facts.unreadable_lines} unreadable line(s) skipped"])
+    elif not len(facts.metrics) and facts.final_step > 0:
+        rows.append(["metrics", _no_metrics(facts.layout.metrics_log)])
     blocks: list[Block] = [Heading("Numbers", 2), Table(["", ""], rows, "ll")]
     if len(keys) > 1:
         arows = [[str(k), f"{per[k]['tok_s']:,.0f}", f"{per[k]['s_step']:.3f}",
