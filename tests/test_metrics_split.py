@@ -145,6 +145,16 @@ def test_small_files_and_one_core_stay_in_one_process(metrics: Path,
     assert metrics_split.start(metrics.with_name("absent.jsonl"), min_bytes=0).helper is None
 
 
+def test_one_core_by_affinity_stays_in_one_process(metrics: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`taskset -c 0`, a container's cpuset: os.cpu_count() still says 2 (it ignores the
+    affinity), and the helper competed with this process for the one core (slower)."""
+    monkeypatch.delenv("OVERNIGHT_METRICS_SPLIT", raising=False)
+    monkeypatch.setattr(metrics_split.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(metrics_split.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert metrics_split.start(metrics, min_bytes=0).helper is None
+
+
 def test_a_helper_that_hangs_is_stopped_and_its_part_parsed_here(
         metrics: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     expected = one_process(metrics)
