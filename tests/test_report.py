@@ -503,3 +503,17 @@ def test_a_run_whose_metrics_cannot_be_read_says_so(tmp_path, damage):
     row = next(r for r in text.splitlines() if r.startswith("| metrics"))
     want = {"absent": "absent", "directory": "not a file", "empty": "empty"}[damage]
     assert f"logs/metrics.jsonl {want}: no throughput" in row, row
+
+
+def test_a_live_status_shows_no_progress_line_of_an_attempt_that_ended(tmp_path):
+    """Right after a restart, status printed the killed attempt's "Training: 41% | step
+    116/280" under the new attempt's "step 101 / 280": the progress line is the live
+    attempt's or none."""
+    (tmp_path / "logs").mkdir()
+    with open(tmp_path / "logs" / "metrics.jsonl", "w") as f:
+        for step in range(1, 117):
+            f.write(json.dumps({"attempt": 1, "step": step, "loss": 2.0, "lr": 1e-3,
+                                "tokens": 100, "step_seconds": 0.1, "active_mb": 1.0}) + "\n")
+    assert "step 116/280" in (progress_line(tmp_path, 280, attempt=1) or "")
+    assert progress_line(tmp_path, 280, attempt=2) is None
+    assert "step 116/280" in (progress_line(tmp_path, 280) or "")  # the report's: the newest

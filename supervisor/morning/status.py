@@ -104,7 +104,7 @@ def main_status(args: argparse.Namespace) -> int:
     if live is not None:
         print(format_live(live))
         if line := progress_line(run.root, live.total_steps, live.latest_checkpoint,
-                                 live.best_checkpoint):
+                                 live.best_checkpoint, attempt=live.attempt or None):
             print(line)
     elif record is not None:
         print(format_record(record, gone=gone is not None))
