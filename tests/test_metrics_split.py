@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -181,3 +182,25 @@ def test_the_busier_this_process_the_more_the_helper_parses(metrics: Path) -> No
         got = summarize(metrics, PLAN, swamped.pieces())
         assert swamped.from_helper > 0
     same(one_process(metrics), got)
+
+
+def test_a_metrics_path_that_is_a_fifo_is_no_metrics_not_a_hang(tmp_path: Path) -> None:
+    """`overnight report` opened logs/metrics.jsonl for reading; a FIFO there (no writer)
+    blocked it forever. A path that is not a regular file holds no metrics."""
+    import threading
+
+    from supervisor.morning.metrics_table import pieces
+    from supervisor.morning.report_numbers import _no_metrics
+
+    fifo = tmp_path / "metrics.jsonl"
+    os.mkfifo(fifo)
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(
+        (list(pieces(fifo)), _no_metrics(fifo))), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # unblock the reader so that the test process can end
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("reading a FIFO blocked")
+    assert got[0][0] == [] and "not a file" in got[0][1]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -166,6 +167,8 @@ def pieces(path: Path, start: int = 0, end: int | None = None) -> Iterator[Piece
     appended meanwhile included) — metrics_split.py reads two ranges at once. An absent or
     unreadable file yields nothing; a read that fails midway ends the pieces there."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            return
         f = open(path, "rb")  # noqa: SIM115 - closed below; reading stops at an OSError
         size = os.fstat(f.fileno()).st_size if end is None else end
         size -= start

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -159,6 +160,8 @@ def _no_metrics(path: Path) -> str:
     """Why a run that made steps has no metrics line to show (the rows they feed are left
     out: throughput, step times, the training loss)."""
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a directory, a FIFO (never opened)
+            raise IsADirectoryError
         with open(path, "rb") as f:
             why = "empty" if not f.read(1) else "without a readable line"
     except FileNotFoundError:
