@@ -136,6 +136,21 @@ def test_a_key_given_twice_is_one_line_naming_its_line(tmp_path: Path) -> None:
     assert yamlfile.load_yaml(path)["lora_parameters"] == {"rank": 4}  # a merge overridden
 
 
+def test_a_bad_value_from_the_command_line_is_not_blamed_on_the_file() -> None:
+    """`overnight train run.yaml --set iters=abc` said "run.yaml: iters: expected an
+    integer" (and --set lerning_rate=1 "run.yaml: lerning_rate: unknown key"): the user
+    looked in a file that does not hold the key."""
+    for overrides, key in (({"iters": "abc"}, "iters"), ({"lerning_rate": 1}, "lerning_rate"),
+                           ({"iters": -3}, "iters"), ({"lora_parameters.rank": "x"},
+                                                      "lora_parameters.rank")):
+        with pytest.raises(ConfigError) as e:
+            cfg.resolve({"model": "m", "data": "d"}, overrides, source="run.yaml")
+        assert str(e.value).startswith(f"run.yaml (overridden on the command line): {key}:"), \
+            str(e.value)
+    with pytest.raises(ConfigError, match=r"^run.yaml: iters: expected"):  # the file's own
+        cfg.resolve({"model": "m", "data": "d", "iters": "x"}, {"seed": 1}, source="run.yaml")
+
+
 def test_config_hash_ignores_what_may_change_between_attempts() -> None:
     a = cfg.resolve({"model": "m", "data": "d"})
     b = cfg.resolve({"model": "m", "data": "d", "batch_size": 1, "grad_accumulation_steps": 4,
