@@ -285,7 +285,9 @@ def _columns(objs: list[dict[str, Any]]) -> dict[str, npt.NDArray[Any]]:
     names = [n for n in COLUMNS if n in objs[0]]
     out: dict[str, npt.NDArray[Any]] = {}
     try:
-        if names[:2] == ["step", "attempt"]:
+        # lines of one shape (the worker's): a line with more keys than the first (a newer
+        # version's, after a resume) would lose the columns the first lacks
+        if names[:2] == ["step", "attempt"] and len(set(map(len, objs))) == 1:
             grid = np.array(list(map(itemgetter(*names), objs)), np.float64)
             ids = grid[:, :2]
             if np.isfinite(ids).all() and (ids == np.floor(ids)).all():
