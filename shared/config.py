@@ -273,8 +273,21 @@ def resolve(
     """Merge command line > file > defaults, validate every key, return a frozen Config.
 
     `overrides` maps dotted keys ("lora_parameters.rank") to values from the command line
-    (`--set` values already read as YAML: shared/overrides.py).
+    (`--set` values already read as YAML: shared/overrides.py). A mistake in a key the
+    command line set is said to come from there, not from the file.
     """
+    try:
+        return _resolve(file_values, overrides, source)
+    except ConfigError as e:
+        text, prefix = str(e), f"{source}: "
+        rest = text[len(prefix):] if text.startswith(prefix) else ""
+        if overrides and rest.split(":", 1)[0] in overrides:
+            raise ConfigError(f"{source} (overridden on the command line): {rest}") from None
+        raise
+
+
+def _resolve(file_values: dict[str, Any] | None, overrides: dict[str, Any] | None,
+             source: str) -> Config:
     merged: dict[str, Any] = json.loads(json.dumps(file_values or {}, default=str))
     for key in list(merged):
         if key in MLX_LM_KEYS and merged[key] is None:

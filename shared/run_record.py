@@ -330,11 +330,16 @@ def load_with_json(path: Path) -> tuple[RunRecord, dict[str, Any]] | None:
     """The record in `path` and the JSON object it was decoded from (`overnight status
     --json` prints the file as written); None when there is none; RecordError otherwise."""
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return None
     except OSError as e:
         raise RecordError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{path}: not valid JSON (not UTF-8: byte {raw[e.start]:#04x} at "
+                          f"offset {e.start})") from None
     try:
         obj = strictjson.loads(text)  # bounded: never RecursionError (shared/strictjson.py)
     except ValueError as e:

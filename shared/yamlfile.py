@@ -19,14 +19,23 @@ from shared.errors import ConfigError
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#04x}); "
+                          "save the config as UTF-8") from None
+    try:
         # mlx_lm's loader also reads 1e-5 as a float (plain YAML 1.1 reads it as a string).
         data = yaml.load(text, Loader=_Loader)
+    except _GivenTwice as e:
+        raise ConfigError(f"{path}:{e.line}: {e.key}: given twice (YAML would keep only "
+                          "the last)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -50,8 +59,25 @@ def parse_value(text: str, where: str) -> Any:
         ) from None
 
 
+class _GivenTwice(yaml.YAMLError):
+    def __init__(self, key: str, line: int) -> None:
+        super().__init__(f"{key}: given twice")
+        self.key, self.line = key, line
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """A mapping whose key appears twice is refused: plain YAML keeps the last value and
+        drops the first without a word (merge keys, `<<`, may still be overridden)."""
+        seen: set[tuple[str, str]] = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue
+            key = (key_node.tag, key_node.value)
+            if key in seen:
+                raise _GivenTwice(key_node.value, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
 
 
 _Loader.add_implicit_resolver(

@@ -113,6 +113,44 @@ def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
         cfg.load(path)
 
 
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    """A config saved as UTF-16 or Latin-1: before, a UnicodeDecodeError traceback (exit 1)."""
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"model: m\ndata: d\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin.yaml:3: not UTF-8 text"):
+        cfg.load(path)
+
+
+def test_a_key_given_twice_is_one_line_naming_its_line(tmp_path: Path) -> None:
+    """YAML keeps the last of two equal keys without a word: `iters: 5` then `iters: 6`
+    trained 6 steps ("none is silently ignored")."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("model: m\ndata: d\niters: 5\nsupervisor: {backoff_max: 1}\niters: 6\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:5: iters: given twice"):
+        cfg.load(path)
+    path.write_text("model: m\ndata: d\nsupervisor:\n  backoff_max: 1\n  backoff_max: 2\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml:5: backoff_max: given twice"):
+        cfg.load(path)
+    path.write_text("base: &b {rank: 8}\nmodel: m\ndata: d\n"
+                    "lora_parameters: {<<: *b, rank: 4}\n")
+    assert yamlfile.load_yaml(path)["lora_parameters"] == {"rank": 4}  # a merge overridden
+
+
+def test_a_bad_value_from_the_command_line_is_not_blamed_on_the_file() -> None:
+    """`overnight train run.yaml --set iters=abc` said "run.yaml: iters: expected an
+    integer" (and --set lerning_rate=1 "run.yaml: lerning_rate: unknown key"): the user
+    looked in a file that does not hold the key."""
+    for overrides, key in (({"iters": "abc"}, "iters"), ({"lerning_rate": 1}, "lerning_rate"),
+                           ({"iters": -3}, "iters"), ({"lora_parameters.rank": "x"},
+                                                      "lora_parameters.rank")):
+        with pytest.raises(ConfigError) as e:
+            cfg.resolve({"model": "m", "data": "d"}, overrides, source="run.yaml")
+        assert str(e.value).startswith(f"run.yaml (overridden on the command line): {key}:"), \
+            str(e.value)
+    with pytest.raises(ConfigError, match=r"^run.yaml: iters: expected"):  # the file's own
+        cfg.resolve({"model": "m", "data": "d", "iters": "x"}, {"seed": 1}, source="run.yaml")
+
+
 def test_config_hash_ignores_what_may_change_between_attempts() -> None:
     a = cfg.resolve({"model": "m", "data": "d"})
     b = cfg.resolve({"model": "m", "data": "d", "batch_size": 1, "grad_accumulation_steps": 4,

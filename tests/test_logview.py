@@ -288,3 +288,20 @@ def test_since_on_a_long_log_seeks_and_shows_exactly_what_a_full_read_shows(tmp_
     tail.close()
     assert first.data["step"] > 2000 + 14900 - 1000  # slack + one bisection block (64 KiB)
     assert shown("--since", (T0 + dt.timedelta(seconds=99999)).isoformat()) == []
+
+
+def test_a_skipped_line_is_named_by_its_true_line_number_with_since(tmp_path: Path) -> None:
+    """`--since` seeks into the file; the line counter then started at -1, so a torn last
+    line was "worker.jsonl:34" with --since and "worker.jsonl:35" without. A line number is
+    given only when it is known."""
+    from supervisor.morning import runlogs
+
+    log = tmp_path / "worker.jsonl"
+    lines = [json.dumps({"event": "e", "n": i, "timestamp": f"2026-11-30T20:{i // 60:02d}:"
+                         f"{i % 60:02d}Z", "pad": "x" * 200}) for i in range(1200)]
+    log.write_text("\n".join(lines) + "\n" + '{"event": "torn", "timestamp": "2026-11-30T2')
+    for since, where in ((0.0, f"worker.jsonl:{len(lines) + 1}"),
+                         (runlogs.parse_time("2026-11-30T20:19:00Z"), "worker.jsonl")):
+        problems = Problems()
+        got = list(Tail(log, "worker", problems).initial(since=since))
+        assert got and problems.skipped == [where], (since, problems.skipped)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -145,6 +146,16 @@ def test_small_files_and_one_core_stay_in_one_process(metrics: Path,
     assert metrics_split.start(metrics.with_name("absent.jsonl"), min_bytes=0).helper is None
 
 
+def test_one_core_by_affinity_stays_in_one_process(metrics: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`taskset -c 0`, a container's cpuset: os.cpu_count() still says 2 (it ignores the
+    affinity), and the helper competed with this process for the one core (slower)."""
+    monkeypatch.delenv("OVERNIGHT_METRICS_SPLIT", raising=False)
+    monkeypatch.setattr(metrics_split.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(metrics_split.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert metrics_split.start(metrics, min_bytes=0).helper is None
+
+
 def test_a_helper_that_hangs_is_stopped_and_its_part_parsed_here(
         metrics: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     expected = one_process(metrics)
@@ -171,3 +182,25 @@ def test_the_busier_this_process_the_more_the_helper_parses(metrics: Path) -> No
         got = summarize(metrics, PLAN, swamped.pieces())
         assert swamped.from_helper > 0
     same(one_process(metrics), got)
+
+
+def test_a_metrics_path_that_is_a_fifo_is_no_metrics_not_a_hang(tmp_path: Path) -> None:
+    """`overnight report` opened logs/metrics.jsonl for reading; a FIFO there (no writer)
+    blocked it forever. A path that is not a regular file holds no metrics."""
+    import threading
+
+    from supervisor.morning.metrics_table import pieces
+    from supervisor.morning.report_numbers import _no_metrics
+
+    fifo = tmp_path / "metrics.jsonl"
+    os.mkfifo(fifo)
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(
+        (list(pieces(fifo)), _no_metrics(fifo))), daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # unblock the reader so that the test process can end
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("reading a FIFO blocked")
+    assert got[0][0] == [] and "not a file" in got[0][1]

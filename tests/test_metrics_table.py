@@ -69,3 +69,18 @@ def test_no_file_and_an_empty_file_give_an_empty_table(tmp_path: Path) -> None:
     for table in (mt.read(tmp_path / "absent.jsonl"), mt.read(tmp_path / "empty.jsonl")):
         assert len(table) == 0 and not table and table.unreadable == 0
         assert len(table.effective()) == 0 and len(table.col("loss")) == 0
+
+
+def test_a_column_the_first_line_of_a_piece_lacks_is_kept_from_the_others(
+        tmp_path: Path) -> None:
+    """A run resumed by a newer version: its first line (older, no cache_mb) decided the
+    piece's columns in the one-pass path, and every later line's cache_mb became NaN."""
+    from supervisor.morning.metrics_table import read
+
+    path = tmp_path / "metrics.jsonl"
+    old = {"step": 1, "attempt": 1, "time": 1.0, "loss": 2.0}
+    new = [{"step": s, "attempt": 2, "time": float(s), "loss": 2.0, "cache_mb": 5.0}
+           for s in range(2, 6)]
+    path.write_text("".join(json.dumps(o) + "\n" for o in [old, *new]))
+    cache = read(path).col("cache_mb")
+    assert math.isnan(cache[0]) and list(cache[1:]) == [5.0] * 4

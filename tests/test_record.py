@@ -139,3 +139,12 @@ def test_an_unreadable_record_is_moved_aside_and_a_newer_one_is_left_alone(tmp_p
     with pytest.raises(RecordError, match="schema_version"):
         RecordKeeper.open(tmp_path / "run.json", "r3", tmp_path, tmp_path / "c.yaml", {}, "h")
     assert json.loads((tmp_path / "run.json").read_text()) == {"schema_version": 99}
+
+
+def test_a_record_with_bytes_that_are_not_utf8_is_a_record_error(tmp_path: Path) -> None:
+    """A run.json damaged on disk (a power cut mid-write, garbage bytes): `overnight status`
+    and `report` ended in a UnicodeDecodeError traceback instead of one line."""
+    bad = tmp_path / "run.json"
+    bad.write_bytes(b'\xff\xfe{"schema_version": 1}')
+    with pytest.raises(RecordError, match=r"run.json: not valid JSON \(not UTF-8"):
+        run_record.load(bad)

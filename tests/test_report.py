@@ -439,3 +439,81 @@ def test_an_injected_fault_is_called_injected_and_a_real_one_is_not(tmp_path):
     assert "What the supervisor saw: killed by SIGABRT: Metal command buffer abort" in text
     assert "**Attempt 2: crash at step 90.** crash detail." in text
     assert "| **crash** (injected: `crash@41`): killed by SIGABRT" in text
+
+
+def test_a_run_with_evaluations_but_no_training_loss_draws(tmp_path):
+    """metrics.jsonl absent, empty, every loss NaN, or a directory, while the worker log has
+    evaluations: before, `overnight report` ended in a traceback ("zero-size array to
+    reduction operation minimum") from the loss panel's y range."""
+    from supervisor.morning.report import render_png
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "worker.jsonl").write_text(json.dumps(
+        {"step": 20, "val_loss": 4.0, "best_val_loss": 4.0, "best_step": 20,
+         "event": "evaluated", "source": "worker", "run_id": "r", "attempt": 1,
+         "level": "info", "timestamp": "2026-11-30T20:56:32.501067Z"}) + "\n")
+    (tmp_path / "logs" / "metrics.jsonl").write_text(json.dumps(
+        {"run_id": "r", "attempt": 1, "step": 1, "time": 1.0, "loss": None}) + "\n")
+    facts = gather(tmp_path)
+    assert facts.evals == [(20, 4.0)]
+    png = render_png(facts)
+    assert png is None or png[:8] == PNG_MAGIC
+
+
+def test_the_eta_table_names_the_end_it_measured_against_without_metrics(tmp_path):
+    """Without metrics.jsonl the ETA table measures against the record's end; its heading
+    said "against the actual end (00:00:00)" (the epoch, from `last_time() or 0.0`)."""
+    from supervisor.morning.report import build
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "run-before-11"
+    run = copy_run(fixture, tmp_path / "run")
+    (run / "logs" / "metrics.jsonl").unlink()
+    text = to_markdown(build(gather(run), None))
+    assert "### ETA accuracy" in text
+    assert "actual end (00:00:00)" not in text
+
+
+def test_a_live_status_between_attempts_has_no_none_in_it():
+    """While the supervisor restarts the worker there is no worker: status printed
+    "worker   pid None  attempt 1  phase None  heartbeat None s ago  - tok/s  rss - MB"."""
+    from supervisor.morning.status import format_live
+
+    rec = record([attempt(1, "hang", 0, 40, "restart")], state="restarting")
+    text = format_live(_live(rec, state=State.RESTARTING, worker_pid=None, phase=None,
+                             last_heartbeat_s=None, failures=1))
+    assert "None" not in text, text
+    assert "worker   none: between attempts (attempt 1 ended)" in text
+
+
+@pytest.mark.parametrize("damage", ["absent", "directory", "empty"])
+def test_a_run_whose_metrics_cannot_be_read_says_so(tmp_path, damage):
+    """The report of a run that trained but whose logs/metrics.jsonl is absent, a directory
+    or empty dropped throughput and step times without a word."""
+    from supervisor.morning.report import build
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "run-before-11"
+    run = copy_run(fixture, tmp_path / "run")
+    metrics = run / "logs" / "metrics.jsonl"
+    metrics.unlink()
+    if damage == "directory":
+        metrics.mkdir()
+    elif damage == "empty":
+        metrics.write_bytes(b"")
+    text = to_markdown(build(gather(run), None))
+    row = next(r for r in text.splitlines() if r.startswith("| metrics"))
+    want = {"absent": "absent", "directory": "not a file", "empty": "empty"}[damage]
+    assert f"logs/metrics.jsonl {want}: no throughput" in row, row
+
+
+def test_a_live_status_shows_no_progress_line_of_an_attempt_that_ended(tmp_path):
+    """Right after a restart, status printed the killed attempt's "Training: 41% | step
+    116/280" under the new attempt's "step 101 / 280": the progress line is the live
+    attempt's or none."""
+    (tmp_path / "logs").mkdir()
+    with open(tmp_path / "logs" / "metrics.jsonl", "w") as f:
+        for step in range(1, 117):
+            f.write(json.dumps({"attempt": 1, "step": step, "loss": 2.0, "lr": 1e-3,
+                                "tokens": 100, "step_seconds": 0.1, "active_mb": 1.0}) + "\n")
+    assert "step 116/280" in (progress_line(tmp_path, 280, attempt=1) or "")
+    assert progress_line(tmp_path, 280, attempt=2) is None
+    assert "step 116/280" in (progress_line(tmp_path, 280) or "")  # the report's: the newest

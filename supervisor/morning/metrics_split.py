@@ -108,7 +108,7 @@ def start(path: Path, other_bytes: int = 0, other_seconds: float = 0.0,
         size = path.stat().st_size
     except OSError:
         return Split(path, 0, None, None)
-    if (size < min_bytes or (os.cpu_count() or 1) < 2
+    if (size < min_bytes or _cores() < 2
             or os.environ.get("OVERNIGHT_METRICS_SPLIT") == "0"):
         return Split(path, 0, None, None)
     busy = other_bytes * COST_PER_LOG_BYTE + other_seconds * PARSE_BYTES_PER_S
@@ -129,6 +129,15 @@ def start(path: Path, other_bytes: int = 0, other_seconds: float = 0.0,
             out.unlink()
         return Split(path, 0, None, None)
     return Split(path, split, helper, out)
+
+
+def _cores() -> int:
+    """The cores this process may run on: os.cpu_count() counts the machine's, also under
+    `taskset` or a container's cpuset, where a helper would share this process's core."""
+    cores = os.cpu_count() or 1
+    with contextlib.suppress(AttributeError, OSError):  # no sched_getaffinity on macOS
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    return cores
 
 
 def _root_path() -> str:

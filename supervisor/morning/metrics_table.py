@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -166,6 +167,8 @@ def pieces(path: Path, start: int = 0, end: int | None = None) -> Iterator[Piece
     appended meanwhile included) — metrics_split.py reads two ranges at once. An absent or
     unreadable file yields nothing; a read that fails midway ends the pieces there."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the open forever
+            return
         f = open(path, "rb")  # noqa: SIM115 - closed below; reading stops at an OSError
         size = os.fstat(f.fileno()).st_size if end is None else end
         size -= start
@@ -282,7 +285,9 @@ def _columns(objs: list[dict[str, Any]]) -> dict[str, npt.NDArray[Any]]:
     names = [n for n in COLUMNS if n in objs[0]]
     out: dict[str, npt.NDArray[Any]] = {}
     try:
-        if names[:2] == ["step", "attempt"]:
+        # lines of one shape (the worker's): a line with more keys than the first (a newer
+        # version's, after a resume) would lose the columns the first lacks
+        if names[:2] == ["step", "attempt"] and len(set(map(len, objs))) == 1:
             grid = np.array(list(map(itemgetter(*names), objs)), np.float64)
             ids = grid[:, :2]
             if np.isfinite(ids).all() and (ids == np.floor(ids)).all():

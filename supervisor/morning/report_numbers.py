@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -123,13 +124,18 @@ def _lines_named(name: str, problems: object, total: int) -> str:
                                                         else "")
 
 
+def actual_end(facts: RunFacts) -> float | None:
+    """When the run ended, as the ETA table measures it: the newest metrics line's time, else
+    the record's end (no metrics.jsonl); None if neither is known."""
+    actual = facts.metrics.last_time()
+    return facts.ended if actual is None else actual
+
+
 def eta_accuracy(facts: RunFacts) -> list[list[str]]:
     """At 10/25/50/75/90 % of the steps: what the ETA said, and when it actually finished."""
     if not facts.finished or not facts.progress or not facts.total_steps:
         return []
-    actual = facts.metrics.last_time()
-    if actual is None:
-        actual = facts.ended
+    actual = actual_end(facts)
     if actual is None:
         return []
     rows = []
@@ -148,6 +154,24 @@ def eta_accuracy(facts: RunFacts) -> list[list[str]]:
         rows.append([f"{frac:.0%} (step {ev['step']})", clock(said),
                      f"{duration(abs(error))} {late}{pct}"])
     return rows
+
+
+def _no_metrics(path: Path) -> str:
+    """Why a run that made steps has no metrics line to show (the rows they feed are left
+    out: throughput, step times, the training loss)."""
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a directory, a FIFO (never opened)
+            raise IsADirectoryError
+        with open(path, "rb") as f:
+            why = "empty" if not f.read(1) else "without a readable line"
+    except FileNotFoundError:
+        why = "absent"
+    except IsADirectoryError:
+        why = "not a file"
+    except OSError as e:
+        why = f"unreadable ({e.strerror})"
+    return (f"logs/metrics.jsonl {why}: no throughput, step times or training loss "
+            "(the validation losses come from the worker log)")
 
 
 def numbers(facts: RunFacts) -> list[Block]:
@@ -218,6 +242,8 @@ def numbers(facts: RunFacts) -> list[Block]:
                                              else "")])
     if facts.unreadable_lines:
         rows.append(["metrics", f"{facts.unreadable_lines} unreadable line(s) skipped"])
+    elif not len(facts.metrics) and facts.final_step > 0:
+        rows.append(["metrics", _no_metrics(facts.layout.metrics_log)])
     blocks: list[Block] = [Heading("Numbers", 2), Table(["", ""], rows, "ll")]
     if len(keys) > 1:
         arows = [[str(k), f"{per[k]['tok_s']:,.0f}", f"{per[k]['s_step']:.3f}",
@@ -231,7 +257,7 @@ def numbers(facts: RunFacts) -> list[Block]:
     if eta:
         blocks += [Heading("ETA accuracy", 3),
                    Para("What the progress line's ETA predicted, against the actual end "
-                        f"({clock(facts.metrics.last_time() or 0.0)}); it does not "
+                        f"({clock(actual_end(facts) or 0.0)}); it does not "
                         "foresee failures."),
                    Table(["at", "ETA said", "actual end"], eta, "lrl")]
     return blocks

@@ -160,8 +160,8 @@ def _loss_panel(ax: Any, facts: RunFacts) -> None:
     total = facts.total_steps or (int(steps.max()) if len(steps) else 1)
     ax.set_xlim(0, total * 1.01)
     if top:
-        lows: list[float] = [float(losses.min()), *(v for _, v in facts.evals)]
-        low = min(lows) if len(steps) else 0.0
+        # no finite training loss (none logged, all NaN): 0, as before any step
+        low = min([float(losses.min()), *(v for _, v in facts.evals)]) if len(steps) else 0.0
         ax.set_ylim(max(0.0, low - 0.05 * (max(top) - low)), max(top) * 1.05)
     ax.set_title(f"Loss — {facts.run_id}", loc="left", fontsize=11)
     ax.grid(alpha=0.3)

@@ -222,7 +222,7 @@ class Tail:
         self.handle: Any = None
         self.inode: int | None = None
         self.partial = b""
-        self.lineno = 0
+        self.lineno: int | None = 0
 
     def initial(self, final: bool = True, since: float = -math.inf) -> Iterator[LogLine]:
         """Every line so far: the backups, then the live file (left open for `follow`;
@@ -235,8 +235,10 @@ class Tail:
                 yield from self._whole_file(backup)
         self._open()
         if self.handle is not None and since > -math.inf:
-            self.handle.seek(_offset_at(self.handle, since - SINCE_SLACK_S))
-            self.lineno = -1  # line numbers are unknown after a seek (for notes only)
+            offset = _offset_at(self.handle, since - SINCE_SLACK_S)
+            self.handle.seek(offset)
+            if offset:
+                self.lineno = None  # unknown after a seek: a note names the file alone
         yield from self.new_lines(final=final)
 
     def _whole_file(self, path: Path) -> Iterator[LogLine]:
@@ -287,8 +289,10 @@ class Tail:
             elif final and self.partial:
                 lines, self.partial = [self.partial], b""
             for raw in lines:
-                self.lineno += 1
-                line = self._decode(raw, f"{self.path.name}:{self.lineno}")
+                if self.lineno is not None:
+                    self.lineno += 1
+                line = self._decode(raw, self.path.name if self.lineno is None
+                                    else f"{self.path.name}:{self.lineno}")
                 if line is not None:
                     yield line
             if not block:

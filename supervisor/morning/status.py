@@ -110,7 +110,7 @@ def main_status(args: argparse.Namespace) -> int:
     if live is not None:
         print(format_live(live))
         if line := progress_line(run.root, live.total_steps, live.latest_checkpoint,
-                                 live.best_checkpoint):
+                                 live.best_checkpoint, attempt=live.attempt or None):
             print(line)
     elif record is not None:
         print(format_record(record, gone=gone is not None))
@@ -152,10 +152,15 @@ def format_live(s: RunStatus) -> str:
         f"run      {s.run_id}  [live]",
         f"state    {s.state.value}" + (f"  ({s.reason})" if s.reason else ""),
         f"step     {s.step} / {s.total_steps}",
-        f"worker   pid {s.worker_pid}  attempt {s.attempt}  "
-        f"phase {s.phase.value if s.phase else None}  heartbeat {s.last_heartbeat_s} s ago  "
-        f"{s.tokens_per_sec or '-'} tok/s  rss {s.rss_mb or '-'} MB",
     ]
+    if s.worker_pid is None:  # backing off, restarting, waiting for disk space: no worker
+        lines.append(f"worker   none: between attempts (attempt {s.attempt} ended)"
+                     if s.attempt else "worker   none yet")
+    else:
+        heartbeat = ("-" if s.last_heartbeat_s is None else f"{s.last_heartbeat_s}")
+        lines.append(f"worker   pid {s.worker_pid}  attempt {s.attempt}  "
+                     f"phase {s.phase.value if s.phase else '-'}  heartbeat {heartbeat} s ago  "
+                     f"{s.tokens_per_sec or '-'} tok/s  rss {s.rss_mb or '-'} MB")
     for r in s.ranks:  # a data-parallel group (supervisor/daemon/group.py)
         lines.append(f"rank {r.rank}   pid {r.pid or 'remote'}  phase {r.phase.value}  "
                      f"step {r.step}  heartbeat {r.last_heartbeat_s} s ago")

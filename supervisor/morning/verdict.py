@@ -225,12 +225,13 @@ def verdict(run_dir: Path, record: RunRecord | None, live: RunStatus | None = No
 
 def progress_line(run_dir: Path, total_steps: int | None = None,
                   latest: LatestCheckpoint | None = None,
-                  best: BestCheckpoint | None = None) -> str | None:
-    """The worker's progress line for the newest steps in logs/metrics.jsonl (see above)."""
+                  best: BestCheckpoint | None = None, attempt: int | None = None) -> str | None:
+    """The worker's progress line for the newest steps in logs/metrics.jsonl (see above);
+    `attempt` (a live status's): None if that attempt has written no step yet."""
     run_dir = Path(run_dir)
     tail = [m for m in tail_jsonl(run_dir / "logs" / "metrics.jsonl", METRICS_TAIL_BYTES)
             if "step" in m]
-    if not tail:
+    if not tail or (attempt is not None and tail[-1].get("attempt") != attempt):
         return None
     attempt = tail[-1].get("attempt")
     tail = [m for m in tail if m.get("attempt") == attempt]
