@@ -77,7 +77,7 @@ class _Loader(yaml.SafeLoader):
             if key in seen:
                 raise _GivenTwice(key_node.value, key_node.start_mark.line + 1)
             seen.add(key)
-        return super().construct_mapping(node, deep)  # type: ignore[no-any-return]
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
