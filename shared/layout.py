@@ -29,13 +29,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.errors import RunDirError
+from shared.errors import ConfigError, RunDirError
 
 CHECKPOINT_PREFIX = "step-"
 
 
-# What `status`, `report`, `logs` and `checkpoints` say of a RUN_DIR that is not one.
-NOT_A_RUN = "not a run directory (expected run.json, logs/ or checkpoints/ in it)"
 
 
 @dataclass(frozen=True)
@@ -225,3 +223,14 @@ def creation_problem(root: Path) -> str | None:
     else:
         return None
     return f"{root}: cannot create the run directory: {why}"
+
+
+def require_run(given: Path) -> None:
+    """The check `status`, `report`, `logs`, `stop` and `checkpoints` make of a RUN_DIR given
+    to them: ConfigError (one line, exit 78) when it is missing or holds nothing a run
+    leaves (RunDir.looks_like_run)."""
+    if not given.is_dir():
+        raise ConfigError(f"{given}: no such run directory")
+    if not RunDir(given).looks_like_run:
+        raise ConfigError(f"{given}: not a run directory (expected run.json, logs/ or "
+                          "checkpoints/ in it)")

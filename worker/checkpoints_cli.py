@@ -8,8 +8,7 @@ import time
 from pathlib import Path
 
 from shared import checkpoint as ckpt
-from shared.errors import ConfigError
-from shared.layout import NOT_A_RUN, RunDir
+from shared.layout import RunDir, require_run
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    require_run(args.run_dir)
     run = RunDir(args.run_dir)
-    if not run.root.is_dir():
-        raise ConfigError(f"{args.run_dir}: no such run directory")
-    if not run.looks_like_run:
-        raise ConfigError(f"{args.run_dir}: {NOT_A_RUN}")
     infos = ckpt.list_checkpoints(run.checkpoints)
     if not infos:
         print(f"no checkpoints in {run.checkpoints}")

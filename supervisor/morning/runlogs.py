@@ -23,7 +23,7 @@ import orjson
 
 from shared import strictjson
 from shared.errors import ConfigError
-from shared.layout import NOT_A_RUN, RunDir
+from shared.layout import RunDir, require_run
 from shared.tail import tail_lines
 
 SOURCES = ("supervisor", "worker")
@@ -374,10 +374,7 @@ def resolve_run_dir(given: Path | None, command: str, err: TextIO | None = None)
     ConfigError (one line, exit 78) when it is missing or is not a run directory.
     """
     if given is not None:
-        if not given.is_dir():
-            raise ConfigError(f"{given}: no such run directory")
-        if not RunDir(given).looks_like_run:
-            raise ConfigError(f"{given}: {NOT_A_RUN}")
+        require_run(given)
         return given.resolve()
     runs = Path("runs")
     found = [p for p in runs.iterdir() if p.is_dir() and RunDir(p).looks_like_run] \
